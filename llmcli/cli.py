@@ -1,0 +1,54 @@
+"""The `llm` command: a Typer app whose subcommands live in `llmcli.commands`, one module each.
+
+Command modules only parse, call library functions and print; they import torch, tiktoken and
+diffusers inside the function bodies, so `llm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from llmcli import __version__
+from llmcli.console import settings
+
+app = typer.Typer(
+    name="llm",
+    help="Build a GPT-style language model from scratch: fetch a corpus, tokenize it, pretrain, "
+    "fine-tune, count parameters, generate text, make an image, plan with scaling laws.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print results only, no progress."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    settings["quiet"] = quiet
+    settings["debug"] = debug
+
+
+def _register() -> None:
+    from llmcli.commands import REGISTERED
+
+    for name, func in REGISTERED:
+        app.command(name)(func)
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,96 @@
+"""The rich consoles, progress bars and the user-error convention shared by every command.
+
+Progress and logs go to stderr, results to stdout, so `llm ... > file` captures only results.
+Without a terminal (CI, pipes) rich prints plain text: no colours, no live bars.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+# Set by the CLI's global options; library code reads them through the helpers below.
+settings: dict[str, bool] = {"quiet": False, "debug": False}
+
+T = TypeVar("T")
+
+EXIT_USAGE = 2  # bad input: recipe, arguments, files
+EXIT_FAILURE = 1  # the job itself failed (network, non-finite loss, ...)
+EXIT_INTERRUPTED = 130  # Ctrl-C, after saving
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line (what, where, how to fix), no traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail(message: str, exit_code: int = EXIT_USAGE) -> NoReturn:
+    raise UserError(message, exit_code)
+
+
+def info(message: str) -> None:
+    """A progress or log line on stderr, silenced by --quiet."""
+    if not settings["quiet"]:
+        err.print(message)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def is_interactive() -> bool:
+    return err.is_terminal and not settings["quiet"]
+
+
+def progress(*extra_columns: Any, transient: bool = False) -> Progress:
+    """A progress bar on stderr; disabled (prints nothing) without a terminal or with --quiet."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=err, transient=transient, disable=not is_interactive())
+
+
+def run_guarded(func: Callable[[], T]) -> T:
+    """Run a command body, turning user errors (and, without --debug, any error) into one line."""
+    try:
+        return func()
+    except UserError as exc:
+        if settings["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        if settings["debug"]:
+            raise
+        err.print("[yellow]interrupted[/yellow]")
+        sys.exit(EXIT_INTERRUPTED)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if settings["debug"]:
+            raise
+        name = type(exc).__name__
+        err.print(f"[red]error:[/red] {name}: {exc} (rerun with --debug for the traceback)",
+                  soft_wrap=True)
+        sys.exit(EXIT_FAILURE)

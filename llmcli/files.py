@@ -1,0 +1,68 @@
+"""The one way every output file is written: to a temporary sibling, fsynced, then renamed.
+
+A run killed at any instant leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it replaces `target` atomically.
+
+    For writers that want a file name (safetensors, matplotlib). On error the temporary file
+    is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file for writing; it becomes `target` only if the block succeeds."""
+    if "w" not in mode:
+        raise ValueError("atomic_open is for writing ('w' or 'wb')")
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
+        fh.flush()
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> None:
+    with atomic_open(target, "w") as fh:
+        fh.write(text)
+
+
+def write_json(target: str | os.PathLike[str], data: Any) -> None:
+    write_text(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a directory be opened.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

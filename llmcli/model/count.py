@@ -1,0 +1,104 @@
+"""Counting a model: parameters by part, memory for training, FLOPs per token.
+
+Everything here works on a model built on the `meta` device, so counting a billion-parameter
+recipe takes no memory and no time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmcli.recipe import ModelConfig
+
+
+@dataclass
+class Part:
+    name: str
+    params: int
+    repeat: int = 1  # shown once with "x repeat" (the blocks)
+    children: list[Part] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.params * self.repeat
+
+
+def unique_parameters(named: Any) -> dict[str, Any]:
+    """name -> tensor with shared (tied) tensors counted once."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in named:
+        key = id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def breakdown(model: Any) -> list[Part]:
+    """The model's parameters by part, in the order data flows through them."""
+    params = unique_parameters(model.named_parameters())
+
+    def total(prefix: str) -> int:
+        return sum(p.numel() for n, p in params.items() if n.startswith(prefix))
+
+    cfg: ModelConfig = model.cfg
+    parts = [Part("token embedding", total("tok_emb."))]
+    pos = total("pos_emb.")
+    parts.append(Part(f"positions ({cfg.positions})", pos))
+    block = Part("transformer block", total("blocks.0."), repeat=cfg.num_blocks, children=[
+        Part("attention (qkv + output)", total("blocks.0.attn.")),
+        Part("feed-forward", total("blocks.0.ffn.")),
+        Part("norms", total("blocks.0.norm1.") + total("blocks.0.norm2.")),
+    ])
+    parts.append(block)
+    parts.append(Part("final norm", total("norm.")))
+    head = total("lm_head.")
+    parts.append(Part("output layer" + (" (tied to embedding)" if cfg.tie_embeddings else ""),
+                      head))
+    return parts
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(total, trainable), each shared tensor counted once."""
+    params = unique_parameters(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    return total, trainable
+
+
+def flops_per_token(model: Any, context_length: int | None = None) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus the attention term 12·L·d·T.
+
+    N excludes the embedding lookup (no multiply) but includes the output layer; this is the
+    PaLM/nanoGPT convention used for model FLOPs utilisation.
+    """
+    cfg: ModelConfig = model.cfg
+    n = matmul_parameters(model)
+    T = context_length or cfg.context_length
+    return 6.0 * n + 12.0 * cfg.num_blocks * cfg.d_model * T
+
+
+def matmul_parameters(model: Any) -> int:
+    """Parameters that take part in a matrix multiply (weights of Linear layers)."""
+    import torch
+
+    params = unique_parameters(
+        (f"{mod_name}.{n}", p)
+        for mod_name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+        for n, p in module.named_parameters(recurse=False) if n == "weight"
+    )
+    return sum(p.numel() for p in params.values())
+
+
+def training_memory(total: int, trainable: int) -> dict[str, dict[str, int]]:
+    """Bytes for weights, gradients and AdamW's two moments, in fp32 and bf16 (activations aside).
+
+    bf16 here means bf16 weights and gradients with fp32 optimizer moments, the usual setup.
+    """
+    return {
+        "fp32": {"weights": 4 * total, "gradients": 4 * trainable, "adamw": 8 * trainable},
+        "bf16": {"weights": 2 * total, "gradients": 2 * trainable, "adamw": 8 * trainable},
+    }

@@ -1,0 +1,268 @@
+"""The decoder-only transformer, in the recipe's terms.
+
+The defaults are the seed's architecture exactly (pre-norm blocks, Q/K/V without bias, output
+projection and FFN with bias, ReLU FFN 4x, final LayerNorm, untied output layer with bias,
+sinusoidal positions, dropout on attention weights, attention output and FFN output); the recipe
+switches on the modern variants (RoPE, learned positions, RMSNorm, GELU/SwiGLU, tying, no bias).
+
+Q, K and V live in one fused Linear(d, 3d): the same parameters as the seed's three bias-free
+projections, one matmul instead of three (or of the seed's per-head loops). Attention goes through
+`scaled_dot_product_attention`, so GPUs get fused kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcli.recipe import ModelConfig
+
+IGNORE_INDEX = -100  # targets with this id add nothing to the loss (prompt tokens, padding)
+
+
+def resolved_ffn_hidden(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden != "auto":
+        return int(cfg.ffn_hidden)
+    if cfg.activation == "swiglu":  # same parameter count as a 4x two-matrix FFN, as Llama does
+        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    return 4 * cfg.d_model
+
+
+def check_resolved(cfg: ModelConfig) -> ModelConfig:
+    if cfg.vocab_size == "auto":
+        raise ValueError("model.vocab_size is 'auto': resolve it from the corpus before building")
+    return cfg
+
+
+class KVCache:
+    """Keys and values of every block for the tokens seen so far, preallocated to max_len.
+
+    `length` counts cached positions; the model advances it after each forward. Beam search
+    calls `reorder` to follow the surviving beams.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        max_len = max_len or cfg.context_length
+        head_dim = cfg.d_model // cfg.num_heads
+        shape = (cfg.num_blocks, batch_size, cfg.num_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    def crop(self, length: int) -> None:
+        """Forget positions from `length` on (they will be overwritten)."""
+        self.length = min(self.length, length)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.d_model // cfg.num_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.k[layer, :, :, past:past + T] = k
+            cache.v[layer, :, :, past:past + T] = v
+            k = cache.k[layer, :, :, :past + T]
+            v = cache.v[layer, :, :, :past + T]
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # several new tokens after a cached prefix: causal within the new block
+            rows = torch.arange(T, device=x.device).unsqueeze(1) + past
+            mask = torch.arange(past + T, device=x.device).unsqueeze(0) <= rows
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = resolved_ffn_hidden(cfg)
+        self.swiglu = cfg.activation == "swiglu"
+        self.fc_in = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        if self.swiglu:
+            self.fc_gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(approximate="tanh"),
+                    "swiglu": nn.SiLU()}[cfg.activation]
+        self.fc_out = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = self.act(self.fc_gate(x)) * self.fc_in(x)
+        else:
+            h = self.act(self.fc_in(x))
+        return self.dropout(self.fc_out(h))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, cache, layer)
+        return x + self.ffn(self.norm2(x))
+
+
+def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), the seed's table."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div[: d_model // 2])
+    return table
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by the position's angle; cos/sin are (T, head_dim/2)."""
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = check_resolved(cfg)
+        vocab = int(cfg.vocab_size)
+        self.tok_emb = nn.Embedding(vocab, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.context_length, cfg.d_model),
+                                 persistent=False)
+        else:
+            cos, sin = rope_tables(cfg.context_length, cfg.d_model // cfg.num_heads,
+                                   cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, vocab, bias=cfg.bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's init: N(0, init_std) everywhere, residual projections scaled by 1/sqrt(2L)."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.cfg.num_blocks)
+                residual = name.endswith(("attn.proj", "ffn.fc_out"))
+                nn.init.normal_(module.weight, 0.0, std * scale if residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for each position (or only the last), and the mean loss when given targets.
+
+        With a cache, `idx` holds only the new tokens; their positions continue from
+        `cache.length`, and the cache advances by `idx.shape[1]`.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds context_length "
+                             f"{self.cfg.context_length}")
+        x = self.tok_emb(idx)
+        rope = None
+        if self.cfg.positions == "sinusoidal":
+            x = x + self.pos_table[start:start + T].to(x.dtype)
+        elif self.cfg.positions == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.length = start + T
+        x = self.norm(x)
+        if last_only and targets is None:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(
+            p.device.type) else p.dtype
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=dtype)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> GPT:
+    """Build on any device, `meta` included (instant and memory-free, for counting)."""
+    with torch.device(device):
+        return GPT(check_resolved(cfg))
+
+
+def with_vocab(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    return dataclasses.replace(cfg, vocab_size=vocab_size)

@@ -1,0 +1,460 @@
+"""Recipes: YAML files turned into typed, validated configuration objects.
+
+A recipe has sections (`data`, `model`, `train`, `finetune`, `lora`, `generate`); every key has a
+default documented beside it below, so `llm pretrain --dry-run` can say where each value came
+from: the default, the file, or a `section.key=value` override on the command line.
+Pure Python: importing this module must stay cheap (no torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from llmcli.console import fail
+
+Auto = Literal["auto"]
+
+
+def _doc(default: Any, doc: str, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc}, **kwargs)
+    return field(default=default, metadata={"doc": doc}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    source: str = _doc(
+        "builtin",
+        "corpus: a .txt file, a directory of .txt files, Alpaca .json/.jsonl, a token file "
+        "from `llm tokenize` (.tokens), or a `llm fetch` preset name (builtin, sales-textbook, ...)",
+    )
+    tokenizer: Literal["cl100k_base", "bytes"] = _doc(
+        "cl100k_base", "cl100k_base (tiktoken, the seed's) or bytes (256 ids)"
+    )
+    vocab: Literal["full", "compact"] = _doc(
+        "full", "full: token ids as the tokenizer gives them; compact: the corpus's distinct ids "
+        "mapped to a dense range (a much smaller embedding for small corpora)"
+    )
+    val_fraction: float = _doc(0.1, "fraction of the corpus held out for validation (seed: 0.1)")
+    records: str | None = _doc(
+        None, "instruction records to use, as a Python slice 'start:stop' (seed: '1000:5001')"
+    )
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int | Auto = _doc(
+        100256, "output vocabulary; 'auto' = largest token id in the corpus + 1 (compact: its size)"
+    )
+    context_length: int = _doc(128, "tokens the model sees at once")
+    d_model: int = _doc(512, "width of the residual stream")
+    num_blocks: int = _doc(12, "transformer blocks")
+    num_heads: int = _doc(8, "attention heads per block; must divide d_model")
+    dropout: float = _doc(0.1, "dropout after attention weights, attention output and FFN")
+    positions: Literal["sinusoidal", "learned", "rope"] = _doc(
+        "sinusoidal", "position information: the seed's sinusoidal table, a learned table, or RoPE"
+    )
+    norm: Literal["layernorm", "rmsnorm"] = _doc("layernorm", "normalisation layer")
+    activation: Literal["relu", "gelu", "swiglu"] = _doc("relu", "feed-forward non-linearity")
+    ffn_hidden: int | Auto = _doc(
+        "auto", "feed-forward hidden width; auto = 4·d_model (swiglu: 8/3·d_model rounded to 64)"
+    )
+    bias: bool = _doc(True, "bias in the attention output, feed-forward, norms and output layer")
+    qkv_bias: bool = _doc(False, "bias in the query/key/value projections (seed: none)")
+    tie_embeddings: bool = _doc(False, "share the token embedding with the output layer")
+    norm_eps: float = _doc(1e-5, "epsilon of the norm layers")
+    rope_theta: float = _doc(10000.0, "RoPE base frequency")
+    init_std: float = _doc(0.02, "std of the normal init; residual projections are scaled down")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _doc(12, "sequences per optimizer micro-step")
+    grad_accum: int = _doc(1, "micro-steps accumulated per optimizer step")
+    max_iters: int = _doc(20000, "optimizer steps")
+    max_tokens: int | None = _doc(None, "stop after this many training tokens (optional)")
+    max_time: float | None = _doc(None, "stop after this many seconds (optional)")
+    lr: float = _doc(1e-3, "peak learning rate (AdamW)")
+    lr_schedule: Literal["constant", "cosine"] = _doc(
+        "constant", "constant (the seed's) or linear warmup + cosine decay to min_lr"
+    )
+    warmup_iters: int = _doc(0, "linear warmup steps")
+    min_lr: float = _doc(0.0, "floor of the cosine schedule")
+    weight_decay: float = _doc(0.01, "decoupled weight decay, applied to matrices only")
+    beta1: float = _doc(0.9, "AdamW beta1")
+    beta2: float = _doc(0.999, "AdamW beta2")
+    grad_clip: float = _doc(1.0, "clip the gradient norm to this (0 = off)")
+    eval_interval: int = _doc(50, "evaluate every this many steps")
+    eval_iters: int = _doc(20, "batches per split averaged at each evaluation")
+    log_interval: int = _doc(10, "record training metrics every this many steps")
+    checkpoint_interval: int = _doc(1000, "save a checkpoint every this many steps")
+    keep_last: int = _doc(3, "step checkpoints kept (the best by validation loss is kept too)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _doc(
+        "auto", "auto = bf16 autocast on CUDA, fp32 elsewhere"
+    )
+    compile: bool = _doc(False, "wrap the model in torch.compile")
+    seed: int = _doc(1337, "random seed (the seed's)")
+    tracker: Literal["none", "tensorboard"] = _doc("none", "extra metrics logger")
+
+
+@dataclass
+class FinetuneConfig:
+    init: str | None = _doc(None, "checkpoint file or run directory to start from")
+    template: str = _doc(
+        "alpaca", "prompt template: 'alpaca' or a string with {instruction} and {input}"
+    )
+    train_on_prompt: bool = _doc(False, "also train on prompt tokens (default: answers only)")
+    packing: bool = _doc(False, "pack several records into one context instead of padding")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _doc(0, "LoRA rank; 0 = full fine-tuning")
+    alpha: float = _doc(16.0, "LoRA scaling numerator (scale = alpha / rank)")
+    dropout: float = _doc(0.05, "dropout on the LoRA input")
+    targets: list[str] = _doc(
+        ["qkv", "proj"], "layers to adapt: qkv, proj (attention output), ffn_in, ffn_out"
+    )
+
+
+@dataclass
+class GenerateConfig:
+    strategy: Literal["greedy", "sample", "beam"] = _doc("sample", "decoding strategy")
+    max_new_tokens: int = _doc(100, "tokens to generate")
+    temperature: float = _doc(1.0, "softmax temperature (0 = greedy)")
+    top_k: int | None = _doc(None, "keep the k most likely tokens")
+    top_p: float | None = _doc(None, "keep the smallest set with this total probability")
+    min_p: float | None = _doc(None, "drop tokens below min_p × the top probability")
+    repetition_penalty: float = _doc(1.0, "divide logits of seen tokens (>1 discourages repeats)")
+    num_beams: int = _doc(4, "beams for beam search")
+    length_penalty: float = _doc(1.0, "beam score = sum log p / length^length_penalty")
+    no_repeat_ngram_size: int = _doc(0, "forbid repeating n-grams of this size (0 = off)")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "finetune": FinetuneConfig,
+    "lora": LoraConfig,
+    "generate": GenerateConfig,
+}
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    path: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # "section.key" -> "default" | "file" | "override"
+    provenance: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved values, section by section (stored in every checkpoint)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, **self.to_dict()}, sort_keys=True)
+
+    def rows(self) -> list[tuple[str, Any, str]]:
+        """(section.key, value, where it came from) for every key, for --dry-run tables."""
+        table = []
+        for section in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                dotted = f"{section}.{key}"
+                table.append((dotted, value, self.provenance.get(dotted, "default")))
+        return table
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(section.key, default, documentation) for every recipe key."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section}.{f.name}", default, f.metadata.get("doc", "")))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate; exit 2 on bad input."""
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        fail(f"{where}: recipe file not found; give the path of a YAML recipe such as "
+             "recipes/tiny.yaml")
+    if path.is_dir():
+        fail(f"{where}: is a directory, not a recipe; give a YAML file such as recipes/tiny.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"{where}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        fail(f"{where}:{line}: YAML syntax error: {problem}; fix the YAML at that line")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        fail(f"{where}: a recipe is a mapping of sections (data:, model:, train:), "
+             f"not a {type(raw).__name__}")
+    return build_recipe(raw, overrides, name=path.stem, where=where, path=str(path))
+
+
+def build_recipe(
+    raw: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    name: str = "recipe",
+    where: str = "recipe",
+    path: str | None = None,
+) -> Recipe:
+    """Build a validated Recipe from nested dicts (a YAML file or a checkpoint's metadata)."""
+    recipe = Recipe(name=str(raw.get("name", name)), path=path)
+    for section, values in raw.items():
+        if section == "name":
+            continue
+        if section not in SECTIONS:
+            fail(f"{where}: unknown section '{section}'{_suggest(section, SECTIONS)}; "
+                 f"sections are {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            fail(f"{where}: section '{section}' must be a mapping of key: value, "
+                 f"not {type(values).__name__}")
+        for key, value in values.items():
+            _set(recipe, section, str(key), value, where, "file")
+    for item in overrides:
+        section, key, value = parse_override(item)
+        _set(recipe, section, key, value, f"override '{item}'", "override")
+    validate(recipe, where)
+    return recipe
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`model.dropout=0` -> ("model", "dropout", 0); the value is read as YAML."""
+    dotted, sep, text = item.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not sep or not dot or not key:
+        fail(f"override '{item}': expected section.key=value, e.g. train.max_iters=100")
+    if section not in SECTIONS:
+        fail(f"override '{item}': unknown section '{section}'{_suggest(section, SECTIONS)}; "
+             f"sections are {', '.join(SECTIONS)}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return section, key, value
+
+
+def _set(recipe: Recipe, section: str, key: str, value: Any, where: str, origin: str) -> None:
+    obj = getattr(recipe, section)
+    hints = _hints(type(obj))
+    if key not in hints:
+        fail(f"{where}: unknown key '{section}.{key}'{_suggest(key, hints)}; "
+             f"run `llm pretrain --keys` to list the keys")
+    setattr(obj, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+    recipe.provenance[f"{section}.{key}"] = origin
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    try:
+        return _coerce_to(value, tp)
+    except _NoMatch:
+        fail(f"{where}: expected {_type_name(tp)}, got {value!r}; fix the value")
+
+
+def _coerce_to(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce_to(value, arg)
+            except _NoMatch:
+                continue
+        raise _NoMatch
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _NoMatch
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise _NoMatch
+        return [_coerce_to(v, item_type) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _NoMatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _NoMatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:  # "1e6" and "100_000" are how people write big counts
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise _NoMatch from None
+            if number.is_integer():
+                return int(number)
+        raise _NoMatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _NoMatch from None
+        raise _NoMatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _NoMatch
+    raise _NoMatch
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: impossible values, named with the fix
+
+
+def validate(recipe: Recipe, where: str = "recipe") -> None:
+    def bad(key: str, problem: str) -> None:
+        fail(f"{where}: {key}: {problem}")
+
+    def positive(section: str, *keys: str) -> None:
+        obj = getattr(recipe, section)
+        for key in keys:
+            value = getattr(obj, key)
+            if value is not None and value != "auto" and value <= 0:
+                bad(f"{section}.{key}", f"must be positive, got {value}")
+
+    def non_negative(section: str, *keys: str) -> None:
+        obj = getattr(recipe, section)
+        for key in keys:
+            value = getattr(obj, key)
+            if value is not None and value < 0:
+                bad(f"{section}.{key}", f"must be zero or more, got {value}")
+
+    def unit_interval(section: str, key: str) -> None:
+        value = getattr(getattr(recipe, section), key)
+        if not 0 <= value < 1:
+            bad(f"{section}.{key}", f"must be in [0, 1), got {value}")
+
+    m, t, d = recipe.model, recipe.train, recipe.data
+    positive("model", "vocab_size", "context_length", "d_model", "num_blocks", "num_heads",
+             "ffn_hidden", "norm_eps", "rope_theta", "init_std")
+    unit_interval("model", "dropout")
+    if m.d_model % m.num_heads:
+        divisors = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 64]
+        hint = min(divisors, key=lambda h: abs(h - m.num_heads))
+        bad("model.num_heads", f"d_model {m.d_model} is not divisible by num_heads "
+            f"{m.num_heads}; use a divisor of d_model such as {hint}")
+    if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
+        bad("model.positions", f"rope needs an even head size, d_model/num_heads = "
+            f"{m.d_model // m.num_heads}; change d_model or num_heads")
+
+    positive("train", "batch_size", "grad_accum", "max_iters", "max_tokens", "max_time", "lr",
+             "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_last")
+    non_negative("train", "warmup_iters", "min_lr", "weight_decay", "grad_clip")
+    for key in ("beta1", "beta2"):
+        unit_interval("train", key)
+    if t.min_lr > t.lr:
+        bad("train.min_lr", f"{t.min_lr} is above train.lr {t.lr}; lower it")
+
+    unit_interval("data", "val_fraction")
+    if d.records is not None:
+        parse_records(d.records, where)
+
+    lo = recipe.lora
+    non_negative("lora", "rank")
+    positive("lora", "alpha")
+    unit_interval("lora", "dropout")
+    known = ("qkv", "proj", "ffn_in", "ffn_out")
+    for target in lo.targets:
+        if target not in known:
+            bad("lora.targets", f"unknown target '{target}'{_suggest(target, known)}; "
+                f"choose from {', '.join(known)}")
+
+    g = recipe.generate
+    positive("generate", "max_new_tokens", "num_beams")
+    non_negative("generate", "temperature", "top_k", "no_repeat_ngram_size")
+    if g.top_p is not None and not 0 < g.top_p <= 1:
+        bad("generate.top_p", f"must be in (0, 1], got {g.top_p}")
+    if g.min_p is not None and not 0 <= g.min_p <= 1:
+        bad("generate.min_p", f"must be in [0, 1], got {g.min_p}")
+    positive("generate", "repetition_penalty")
+
+
+def parse_records(spec: str, where: str = "recipe") -> slice:
+    """'1000:5001' -> slice(1000, 5001); the seed's record range, as a Python slice."""
+    parts = str(spec).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        fail(f"{where}: data.records: expected 'start:stop' such as '1000:5001', got {spec!r}")
+    return slice(start, stop)
+
+
+def find_default_recipe() -> Path:
+    return Path("recipes") / "scifi.yaml"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class DataConfig:
     source: str = _doc(
         "builtin",
         "corpus: a .txt file, a directory of .txt files, Alpaca .json/.jsonl, a token file "
-        "from `llm tokenize` (.tokens), or a `llm fetch` preset name (builtin, sales-textbook, ...)",
+        "from `llm tokenize` (.tokens), or a `llm fetch` preset (builtin, sales-textbook, ...)",
     )
     tokenizer: Literal["cl100k_base", "bytes"] = _doc(
         "cl100k_base", "cl100k_base (tiktoken, the seed's) or bytes (256 ids)"
@@ -74,6 +75,15 @@ class ModelConfig:
     norm_eps: float = _doc(1e-5, "epsilon of the norm layers")
     rope_theta: float = _doc(10000.0, "RoPE base frequency")
     init_std: float = _doc(0.02, "std of the normal init; residual projections are scaled down")
+
+    @property
+    def ffn_width(self) -> int:
+        """The feed-forward hidden width that `ffn_hidden: auto` stands for."""
+        if self.ffn_hidden != "auto":
+            return int(self.ffn_hidden)
+        if self.activation == "swiglu":  # same parameters as a 4x two-matrix FFN, as Llama does
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
 
 
 @dataclass

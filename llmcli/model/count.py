@@ -93,6 +93,26 @@ def matmul_parameters(model: Any) -> int:
     return sum(p.numel() for p in params.values())
 
 
+def formula_parameters(cfg: ModelConfig, vocab_size: int | None = None) -> int:
+    """The parameter count from the recipe alone, in pure Python (no torch: `llm scaling`).
+
+    Mirrors `GPT`'s layers one for one; tests check it against the built model for every option.
+    """
+    V = int(vocab_size if vocab_size is not None else cfg.vocab_size)
+    d, L = cfg.d_model, cfg.num_blocks
+    b = 1 if cfg.bias else 0
+    norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    attn = 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + b * d
+    mats = 3 if cfg.activation == "swiglu" else 2
+    hidden = cfg.ffn_width
+    ffn = mats * d * hidden + b * ((mats - 1) * hidden + d)
+    block = attn + ffn + 2 * norm
+    emb = V * d
+    pos = cfg.context_length * d if cfg.positions == "learned" else 0
+    head = (0 if cfg.tie_embeddings else V * d) + b * V
+    return emb + pos + L * block + norm + head
+
+
 def training_memory(total: int, trainable: int) -> dict[str, dict[str, int]]:
     """Bytes for weights, gradients and AdamW's two moments, in fp32 and bf16 (activations aside).
 

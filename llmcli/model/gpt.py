@@ -24,14 +24,6 @@ from llmcli.recipe import ModelConfig
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (prompt tokens, padding)
 
 
-def resolved_ffn_hidden(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden != "auto":
-        return int(cfg.ffn_hidden)
-    if cfg.activation == "swiglu":  # same parameter count as a 4x two-matrix FFN, as Llama does
-        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
-    return 4 * cfg.d_model
-
-
 def check_resolved(cfg: ModelConfig) -> ModelConfig:
     if cfg.vocab_size == "auto":
         raise ValueError("model.vocab_size is 'auto': resolve it from the corpus before building")
@@ -110,7 +102,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = resolved_ffn_hidden(cfg)
+        hidden = cfg.ffn_width
         self.swiglu = cfg.activation == "swiglu"
         self.fc_in = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         if self.swiglu:
@@ -121,10 +113,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            h = self.act(self.fc_gate(x)) * self.fc_in(x)
-        else:
-            h = self.act(self.fc_in(x))
+        h = self.act(self.fc_gate(x)) * self.fc_in(x) if self.swiglu else self.act(self.fc_in(x))
         return self.dropout(self.fc_out(h))
 
 
@@ -151,7 +140,8 @@ class Block(nn.Module):
 def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), the seed's table."""
     position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    even = torch.arange(0, d_model, 2, dtype=torch.float32)
+    div = torch.exp(even * (-math.log(10000.0) / d_model))
     table = torch.zeros(length, d_model)
     table[:, 0::2] = torch.sin(position * div)
     table[:, 1::2] = torch.cos(position * div[: d_model // 2])

@@ -37,27 +37,41 @@ def unique_parameters(named: Any) -> dict[str, Any]:
     return out
 
 
-def breakdown(model: Any) -> list[Part]:
-    """The model's parameters by part, in the order data flows through them."""
-    params = unique_parameters(model.named_parameters())
+def named_counts(model: Any) -> dict[str, int]:
+    """Parameter name -> element count, tied tensors once (works on the meta device)."""
+    return {n: p.numel() for n, p in unique_parameters(model.named_parameters()).items()}
+
+
+def breakdown(cfg: ModelConfig, counts: dict[str, int]) -> list[Part]:
+    """Parameters by part, in the order data flows through them.
+
+    `counts` maps tensor names to sizes: from a model (`named_counts`) or from the tensors
+    stored in a checkpoint, which is how `llm params CHECKPOINT` counts what is really there.
+    """
 
     def total(prefix: str) -> int:
-        return sum(p.numel() for n, p in params.items() if n.startswith(prefix))
+        return sum(n for name, n in counts.items() if name.startswith(prefix))
 
-    cfg: ModelConfig = model.cfg
-    parts = [Part("token embedding", total("tok_emb."))]
-    pos = total("pos_emb.")
-    parts.append(Part(f"positions ({cfg.positions})", pos))
-    block = Part("transformer block", total("blocks.0."), repeat=cfg.num_blocks, children=[
+    blocks = [Part(f"block {i}", total(f"blocks.{i}.")) for i in range(cfg.num_blocks)]
+    per_block = blocks[0].params if blocks else 0
+    uniform = all(b.params == per_block for b in blocks)
+    block = Part("transformer block", per_block, repeat=cfg.num_blocks, children=[
         Part("attention (qkv + output)", total("blocks.0.attn.")),
         Part("feed-forward", total("blocks.0.ffn.")),
         Part("norms", total("blocks.0.norm1.") + total("blocks.0.norm2.")),
-    ])
-    parts.append(block)
-    parts.append(Part("final norm", total("norm.")))
-    head = total("lm_head.")
-    parts.append(Part("output layer" + (" (tied to embedding)" if cfg.tie_embeddings else ""),
-                      head))
+    ]) if uniform else Part("transformer blocks", total("blocks."), children=blocks)
+    head = "output layer" + (" (tied to the embedding)" if cfg.tie_embeddings else "")
+    parts = [
+        Part("token embedding", total("tok_emb.")),
+        Part(f"positions ({cfg.positions})", total("pos_emb.")),
+        block,
+        Part("final norm", total("norm.")),
+        Part(head, total("lm_head.")),
+    ]
+    known = sum(p.total for p in parts)
+    other = sum(counts.values()) - known
+    if other:  # adapters or tensors this version does not know about: shown, never hidden
+        parts.append(Part("other tensors", other))
     return parts
 
 

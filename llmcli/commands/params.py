@@ -1,0 +1,85 @@
+"""`llm params`: the parameter count of a recipe or checkpoint, part by part."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from llmcli.console import info, out, run_guarded
+
+
+def command(
+    target: str = typer.Argument(
+        None, help="Recipe YAML, checkpoint file or run directory (default: the newest run, "
+        "else recipes/scifi.yaml).", show_default=False,
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="Recipe overrides section.key=value, e.g. model.num_blocks=24.",
+        show_default=False,
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Count parameters (total, trainable, per part), training memory and FLOPs per token."""
+
+    def body() -> None:
+        from llmcli.params import count_target, pick_target
+
+        path, why = pick_target(target)
+        if why:
+            info(why)
+        report = count_target(path, tuple(overrides or ()))
+        if json_out:
+            out.print_json(json.dumps(report))
+        else:
+            print_report(report)
+
+    run_guarded(body)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    total = report["total"]
+    table = Table(title=f"{report['name']} ({report['kind']}: {report['source']})",
+                  title_justify="left")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    table.add_column("share", justify="right")
+    for part in report["parts"]:
+        repeat = f" × {part['repeat']}" if part["repeat"] > 1 else ""
+        table.add_row(part["name"] + repeat, f"{part['total']:,}", _share(part["total"], total))
+        for child in part["children"]:
+            each = f"{child['params']:,}" + (repeat and " each")
+            table.add_row(f"  {child['name']}", each, "")
+    table.add_section()
+    table.add_row("[bold]total", f"[bold]{total:,}", "100.0%")
+    table.add_row("trainable", f"{report['trainable']:,}", _share(report["trainable"], total))
+    out.print(table)
+
+    memory = Table(title="training memory (weights, gradients, AdamW; activations not included)",
+                   title_justify="left")
+    for column in ("precision", "weights", "gradients", "AdamW state", "total"):
+        memory.add_column(column, justify="right" if column != "precision" else "left")
+    for precision, parts in report["memory_bytes"].items():
+        memory.add_row(precision, *(_bytes(v) for v in parts.values()),
+                       _bytes(sum(parts.values())))
+    out.print(memory)
+    flops = report["flops_per_token"]
+    out.print(f"training FLOPs per token: {flops:.4g} (6N + attention at context "
+              f"{report['context_length']})")
+    for note in report["notes"]:
+        out.print(f"note: {note}")
+
+
+def _share(part: int, total: int) -> str:
+    return f"{100 * part / total:.1f}%" if total else "-"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

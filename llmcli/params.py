@@ -1,0 +1,112 @@
+"""`llm params`: what a recipe or a checkpoint holds, counted without allocating a single weight.
+
+Recipes are built on the `meta` device (instant even for billions of parameters); checkpoints are
+counted from the tensor shapes stored in the file, which is what is really there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from llmcli.console import fail
+from llmcli.model.count import Part, breakdown, flops_per_token, named_counts, training_memory
+from llmcli.recipe import Recipe, load_recipe
+from llmcli.train.checkpoint import (
+    latest_run,
+    read_metadata,
+    recipe_from_metadata,
+    resolve_checkpoint,
+)
+
+DEFAULT_RECIPE = Path("recipes") / "scifi.yaml"
+TOKENIZER_VOCAB = {"cl100k_base": 100277, "bytes": 257}
+
+
+def pick_target(target: str | None) -> tuple[Path, str]:
+    """What `llm params` with no argument counts: the newest run, else the seed's scifi recipe."""
+    if target:
+        return Path(target), ""
+    run = latest_run()
+    if run is not None:
+        return run, f"no target given: counting the newest run, {run}"
+    if DEFAULT_RECIPE.exists():
+        return DEFAULT_RECIPE, f"no target given and no run under checkpoints/: counting " \
+                               f"{DEFAULT_RECIPE}"
+    fail("no target given, no run under checkpoints/ and no recipes/scifi.yaml here; "
+         "pass a recipe or a checkpoint: llm params RECIPE.yaml")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.suffix == ".safetensors" or path.is_dir()
+
+
+def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """The full report for a recipe file or a checkpoint (file or run directory)."""
+    from llmcli.model.gpt import build_model
+
+    notes: list[str] = []
+    if is_checkpoint(target):
+        if overrides:
+            fail(f"{target}: overrides apply to recipes, not checkpoints; drop "
+                 f"'{overrides[0]}' or count the recipe instead")
+        path = resolve_checkpoint(target)
+        meta = read_metadata(path)
+        recipe = recipe_from_metadata(meta, str(path))
+        counts = stored_counts(path)
+        source, kind = str(path), "checkpoint"
+    else:
+        recipe = load_recipe(target, overrides)
+        source, kind = str(target), "recipe"
+        recipe = resolve_vocab_for_counting(recipe, notes)
+        counts = None
+    model = build_model(recipe.model, device="meta")
+    if counts is None:
+        counts = named_counts(model)
+    total = sum(counts.values())
+    trainable = total
+    if kind == "recipe":
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = breakdown(recipe.model, counts)
+    flops = flops_per_token(model)
+    return {
+        "source": source,
+        "kind": kind,
+        "name": recipe.name,
+        "total": total,
+        "trainable": trainable,
+        "parts": [_part_dict(p) for p in parts],
+        "memory_bytes": training_memory(total, trainable),
+        "flops_per_token": flops,
+        "context_length": recipe.model.context_length,
+        "notes": notes,
+    }
+
+
+def resolve_vocab_for_counting(recipe: Recipe, notes: list[str]) -> Recipe:
+    """`vocab_size: auto` depends on the corpus; count with the tokenizer's full vocabulary."""
+    if recipe.model.vocab_size != "auto":
+        return recipe
+    vocab = TOKENIZER_VOCAB[recipe.data.tokenizer]
+    notes.append(f"model.vocab_size is 'auto' (set by the corpus at training time): counted "
+                 f"with the {recipe.data.tokenizer} vocabulary of {vocab:,}")
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=vocab))
+
+
+def stored_counts(path: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    counts = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            size = 1
+            for dim in fh.get_slice(name).get_shape():
+                size *= dim
+            counts[name] = size
+    return counts
+
+
+def _part_dict(part: Part) -> dict[str, Any]:
+    return {"name": part.name, "params": part.params, "repeat": part.repeat,
+            "total": part.total, "children": [_part_dict(c) for c in part.children]}

@@ -1,0 +1,112 @@
+"""`llm params`: recipes and checkpoints, the breakdown, JSON, the no-argument default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmcli.cli import app
+from llmcli.model.gpt import GPT
+from llmcli.params import count_target
+from llmcli.recipe import build_recipe
+from llmcli.train.checkpoint import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def parts_total(report: dict) -> int:
+    return sum(part["total"] for part in report["parts"])
+
+
+def test_scifi_recipe_prints_140_573_600():
+    result = runner.invoke(app, ["params", str(ROOT / "recipes" / "scifi.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "140,573,600" in result.output
+    assert "× 12" in result.output
+
+
+def test_breakdown_adds_up_and_json_is_complete():
+    result = runner.invoke(app, ["params", str(ROOT / "recipes" / "scifi.yaml"), "--json"])
+    report = json.loads(result.stdout)
+    assert report["total"] == 140_573_600 == parts_total(report)
+    names = [part["name"] for part in report["parts"]]
+    assert names[0] == "token embedding" and names[-1] == "output layer"
+    block = next(p for p in report["parts"] if p["repeat"] == 12)
+    assert sum(c["params"] for c in block["children"]) == block["params"] == 3_150_848
+    fp32 = report["memory_bytes"]["fp32"]
+    assert fp32 == {"weights": 4 * 140_573_600, "gradients": 4 * 140_573_600,
+                    "adamw": 8 * 140_573_600}
+    # 6N over the matmul weights (everything but the embedding and the biases) + 12·L·d·T
+    matmul = 12 * (3 * 512 * 512 + 512 * 512 + 2 * 512 * 2048) + 512 * 100256
+    assert report["flops_per_token"] == 6 * matmul + 12 * 12 * 512 * 128
+
+
+def test_overrides_and_auto_vocab_note():
+    report = count_target(ROOT / "recipes" / "scifi.yaml", ["model.num_blocks=24"])
+    assert report["total"] == 140_573_600 + 12 * 3_150_848
+    sales = count_target(ROOT / "recipes" / "sales.yaml")
+    assert sales["notes"] and "auto" in sales["notes"][0]
+    assert sales["total"] == parts_total(sales)
+
+
+def test_billion_parameter_recipe_is_counted_on_meta(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("model:\n  d_model: 4096\n  num_heads: 32\n  num_blocks: 32\n"
+                    "  context_length: 4096\n", encoding="utf-8")
+    report = count_target(path)
+    assert report["total"] > 6_000_000_000
+
+
+def test_checkpoint_counts_the_stored_tensors(tmp_path, tiny_model_cfg):
+    recipe = build_recipe({"model": {"vocab_size": 64, "context_length": 16, "d_model": 32,
+                                     "num_blocks": 2, "num_heads": 4, "tie_embeddings": True}})
+    model = GPT(recipe.model)
+    run = tmp_path / "run"
+    save_model(run / "step-00000005.safetensors", model, recipe, step=5, tokenizer="bytes")
+    expected = sum(p.numel() for p in model.parameters())  # tied weight once
+    for target in (run, run / "step-00000005.safetensors"):
+        report = count_target(target)
+        assert report["kind"] == "checkpoint"
+        assert report["total"] == expected == parts_total(report)
+
+
+def test_no_argument_uses_newest_run_else_scifi(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "scifi.yaml").write_text(
+        (ROOT / "recipes" / "scifi.yaml").read_text(), encoding="utf-8")
+    result = runner.invoke(app, ["params", "--json"])
+    assert json.loads(result.stdout)["total"] == 140_573_600
+    assert "recipes/scifi.yaml" in result.stderr
+    recipe = build_recipe({"model": {"vocab_size": 10, "context_length": 8, "d_model": 16,
+                                     "num_blocks": 1, "num_heads": 2}})
+    save_model(tmp_path / "checkpoints" / "small" / "step-00000001.safetensors",
+               GPT(recipe.model), recipe, step=1)
+    result = runner.invoke(app, ["params", "--json"])
+    assert json.loads(result.stdout)["kind"] == "checkpoint"
+    assert "checkpoints/small" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["params", "nope.yaml"], "recipe file not found"),
+    (["params", "missing.safetensors"], "checkpoint not found"),
+])
+def test_bad_targets(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    result = runner.invoke(app, ["params", str(path)])
+    assert result.exit_code == 2 and "not an llm checkpoint" in result.output

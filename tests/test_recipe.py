@@ -1,0 +1,148 @@
+"""Recipes: defaults, files, overrides, provenance and every kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmcli.cli import app
+from llmcli.console import UserError
+from llmcli.recipe import Recipe, build_recipe, describe_keys, load_recipe, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(UserError) as info:
+        load_recipe(path, overrides)
+    assert info.value.exit_code == 2
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_shipped_recipes_load_with_the_seeds_values():
+    scifi = load_recipe(ROOT / "recipes" / "scifi.yaml")
+    m, t = scifi.model, scifi.train
+    assert (m.vocab_size, m.context_length, m.d_model, m.num_blocks, m.num_heads) == (
+        100256, 128, 512, 12, 8)
+    assert (m.dropout, t.batch_size, t.lr, t.max_iters) == (0.1, 12, 1e-3, 20000)
+    assert (t.eval_interval, t.eval_iters, t.seed) == (50, 20, 1337)
+    sales = load_recipe(ROOT / "recipes" / "sales.yaml")
+    assert sales.model.vocab_size == "auto"
+    assert (sales.model.context_length, sales.model.d_model, sales.model.num_blocks) == (16, 64, 8)
+    assert (sales.model.num_heads, sales.train.batch_size, sales.train.max_iters) == (4, 4, 5000)
+    fine = load_recipe(ROOT / "recipes" / "scifi-finetune.yaml")
+    assert (fine.train.batch_size, fine.model.context_length) == (8, 128)
+    assert fine.train.max_iters == 1000
+    assert (fine.train.lr, fine.train.eval_interval, fine.train.eval_iters) == (1e-4, 10, 10)
+    for path in (ROOT / "recipes").glob("*.yaml"):
+        assert isinstance(load_recipe(path), Recipe), path
+
+
+def test_every_key_has_a_default_and_a_doc():
+    rows = describe_keys()
+    assert len(rows) > 40
+    for key, _default, doc in rows:
+        assert doc, f"{key} has no documentation"
+
+
+def test_defaults_and_provenance(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model:\n  d_model: 256\n"), ["train.max_iters=7"])
+    assert recipe.model.d_model == 256 and recipe.train.max_iters == 7
+    assert recipe.model.num_blocks == 12  # default
+    origins = {key: origin for key, _, origin in recipe.rows()}
+    assert origins["model.d_model"] == "file"
+    assert origins["train.max_iters"] == "override"
+    assert origins["model.num_blocks"] == "default"
+    assert recipe.name == "r"
+
+
+def test_overrides_are_yaml_typed(tmp_path):
+    recipe = load_recipe(write(tmp_path, ""), [
+        "train.max_iters=100", "model.dropout=0", "train.lr=3e-4", "model.tie_embeddings=true",
+        "data.records=1000:5001", "lora.targets=[qkv, ffn_out]", "train.max_time=null",
+        "model.vocab_size=auto",
+    ])
+    assert recipe.train.max_iters == 100
+    assert recipe.model.dropout == 0.0 and isinstance(recipe.model.dropout, float)
+    assert recipe.train.lr == pytest.approx(3e-4)
+    assert recipe.model.tie_embeddings is True
+    assert recipe.data.records == "1000:5001"
+    assert recipe.lora.targets == ["qkv", "ffn_out"]
+    assert recipe.model.vocab_size == "auto"
+
+
+def test_yaml_1e_notation_in_files_is_a_number(tmp_path):
+    recipe = load_recipe(write(tmp_path, "train:\n  lr: 1e-3\n  max_tokens: 1e6\n"))
+    assert recipe.train.lr == 1e-3 and recipe.train.max_tokens == 1_000_000
+
+
+@pytest.mark.parametrize(("text", "overrides", "expected"), [
+    ("model:\n  d_modle: 64\n", (), "unknown key 'model.d_modle' (did you mean 'd_model'?)"),
+    ("modle:\n  d_model: 64\n", (), "unknown section 'modle' (did you mean 'model'?)"),
+    ("", ("train.lerning_rate=1",), "unknown key 'train.lerning_rate'"),
+    ("", ("train.lr",), "expected section.key=value"),
+    ("model:\n  d_model: big\n", (), "model.d_model: expected an integer, got 'big'"),
+    ("model:\n  dropout: [1]\n", (), "model.dropout: expected a number"),
+    ("model:\n  tie_embeddings: 3\n", (), "expected true/false"),
+    ("model:\n  positions: absolute\n", (), "'sinusoidal' or 'learned' or 'rope'"),
+    ("model:\n  num_heads: 7\n", (), "d_model 512 is not divisible by num_heads 7"),
+    ("model:\n  d_model: 0\n", (), "model.d_model: must be positive, got 0"),
+    ("model:\n  num_blocks: -2\n", (), "model.num_blocks: must be positive"),
+    ("model:\n  dropout: 1.0\n", (), "model.dropout: must be in [0, 1), got 1.0"),
+    ("model:\n  dropout: -0.1\n", (), "model.dropout: must be in [0, 1)"),
+    ("train:\n  batch_size: 0\n", (), "train.batch_size: must be positive"),
+    ("data:\n  val_fraction: 1.5\n", (), "data.val_fraction: must be in [0, 1)"),
+    ("data:\n  records: 'abc'\n", (), "data.records: expected 'start:stop'"),
+    ("generate:\n  top_p: 1.5\n", (), "generate.top_p: must be in (0, 1]"),
+    ("lora:\n  targets: [qvk]\n", (), "unknown target 'qvk' (did you mean 'qkv'?)"),
+    ("model:\n  positions: rope\n  d_model: 24\n  num_heads: 8\n", (), "rope needs an even"),
+    ("- just\n- a list\n", (), "a recipe is a mapping of sections"),
+    ("model: 5\n", (), "section 'model' must be a mapping"),
+])
+def test_bad_recipes_give_one_line_naming_file_key_and_fix(tmp_path, text, overrides, expected):
+    path = write(tmp_path, text)
+    message = error_of(path, overrides)
+    assert expected in message
+    assert message.startswith(str(path)) or message.startswith("override")
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "model:\n  d_model: 64\n  num_heads: [4\ntrain:\n  lr: 1\n")
+    message = error_of(path)
+    assert "YAML syntax error" in message and "line " in message
+    assert message.startswith(f"{path}: line 4")
+
+
+def test_missing_file_and_directory(tmp_path):
+    assert "recipe file not found" in error_of(tmp_path / "absent.yaml")
+    assert "is a directory" in error_of(tmp_path)
+
+
+def test_parse_override_reads_yaml():
+    assert parse_override("model.dropout=0") == ("model", "dropout", 0)
+    assert parse_override("generate.top_k=null") == ("generate", "top_k", None)
+
+
+def test_build_recipe_round_trips_through_to_dict():
+    recipe = build_recipe({"model": {"d_model": 64, "num_heads": 4}}, ["train.max_iters=3"])
+    again = build_recipe({"name": recipe.name, **recipe.to_dict()})
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_cli_reports_recipe_errors_in_one_line_with_exit_2(tmp_path):
+    path = write(tmp_path, "model:\n  num_heads: 7\n")
+    result = CliRunner().invoke(app, ["params", str(path)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not divisible by num_heads 7" in lines[0]

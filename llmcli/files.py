@@ -25,6 +25,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -56,6 +57,38 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 
 def write_json(target: str | os.PathLike[str], data: Any) -> None:
     write_text(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def append_line(target: str | os.PathLike[str], line: str) -> None:
+    """Append one whole line (logs such as metrics.jsonl) in a single write.
+
+    A crash leaves at worst one partial last line, which readers skip; rewriting the whole log
+    atomically at every step would cost O(n^2).
+    """
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def publish(staged: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Make a finished staging file (a resumable download's `.part`) appear as `target`.
+
+    For files that must outlive a crash before they are complete, so `atomic_path`'s
+    throw-away temporary does not fit: fsync, rename over `target`, fsync the directory.
+    """
+    with open(staged, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(staged, target)
+    _fsync_dir(Path(target).parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,174 @@
+"""`llm scaling`: Chinchilla planning (model size, tokens, compute, loss, wall-clock), no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from llmcli.console import fail, info, out, run_guarded
+
+
+def command(
+    overrides: list[str] = typer.Argument(
+        None, help="Recipe overrides section.key=value (with --recipe), e.g. "
+        "train.max_iters=100000.", show_default=False,
+    ),
+    params: str = typer.Option(
+        None, "--params", "-n", help="Model size N: 140M, 1.4e8, 7B.", show_default=False
+    ),
+    tokens: str = typer.Option(
+        None, "--tokens", "-d", help="Training tokens D: 2.8B, 1.5T.", show_default=False
+    ),
+    flops: str = typer.Option(
+        None, "--flops", "-c", help="Compute budget C in FLOPs: 1e21, 5.76e23.",
+        show_default=False,
+    ),
+    recipe: Path = typer.Option(
+        None, "--recipe", "-r", help="A recipe: its N (from the model section) and its planned "
+        "tokens (iterations × batch × grad_accum × context).", show_default=False,
+    ),
+    fit: str = typer.Option(
+        "chinchilla", "--fit", help="Loss law: chinchilla (Hoffmann et al. 2022, approach 3) or "
+        "epoch (Besiroglu et al. 2024 refit).",
+    ),
+    gpu: str = typer.Option(
+        None, "--gpu", help="GPU for the wall-clock estimate (h100, h200, a100, l40s, a10g, v100, "
+        "rtx4090, ...; see --list-gpus). Default: h100.", show_default=False,
+    ),
+    num_gpus: str = typer.Option("1", "--num-gpus", help="GPUs training together."),
+    mfu: str = typer.Option(
+        "40%", "--mfu", help="Assumed model FLOPs utilisation of the GPU's dense peak."
+    ),
+    tokens_per_second: str = typer.Option(
+        None, "--tokens-per-second", help="Measured training throughput per GPU, for the model "
+        "of --params/--recipe (replaces the GPU peak × MFU estimate).", show_default=False,
+    ),
+    plot: Path = typer.Option(
+        None, "--plot", help="Write the iso-FLOP view (loss vs model size at five compute "
+        "budgets, optima marked) to FILE.png.", show_default=False,
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    list_gpus: bool = typer.Option(False, "--list-gpus", help="List the known GPUs and exit."),
+) -> None:
+    """Plan a training run with the Chinchilla scaling laws: N, D, C = 6ND, loss, time.
+
+    Give one of --params, --tokens, --flops (or two, for a specific plan), or --recipe.
+    Examples: llm scaling --params 140M; llm scaling --flops 1e21 --gpu a100 --num-gpus 8;
+    llm scaling --recipe recipes/scifi.yaml --plot isoflop.png
+    """
+
+    def body() -> None:
+        from llmcli.scaling import analyse, parse_fraction, parse_number, plot_isoflops
+
+        if list_gpus:
+            print_gpus(json_out)
+            return
+        gpus = parse_number(num_gpus, "--num-gpus")
+        if gpus != int(gpus):
+            fail(f"--num-gpus {num_gpus!r}: must be a whole number of GPUs")
+        report = analyse(
+            params=parse_number(params, "--params") if params else None,
+            tokens=parse_number(tokens, "--tokens") if tokens else None,
+            flops=parse_number(flops, "--flops") if flops else None,
+            recipe=recipe,
+            overrides=tuple(overrides or ()),
+            fit=fit,
+            gpu=gpu,
+            num_gpus=int(gpus),
+            mfu=parse_fraction(mfu, "--mfu"),
+            tokens_per_second=(parse_number(tokens_per_second, "--tokens-per-second")
+                               if tokens_per_second else None),
+        )
+        if plot is not None:
+            report["plot"] = str(plot_isoflops(plot, report))
+            info(f"wrote {plot}")
+        if json_out:
+            out.print_json(json.dumps(report))
+        else:
+            print_report(report)
+
+    run_guarded(body)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from llmcli.scaling import format_count, format_duration, format_flops
+
+    fit = report["fit"]
+    if "recipe" in report:
+        print_recipe(report["recipe"])
+    plans = report["plans"]
+    table = Table(title=f"Chinchilla plan ({fit['title']})", title_justify="left")
+    table.add_column("")
+    for plan in plans.values():
+        table.add_column(plan["label"], justify="right")
+    rows = [
+        ("N parameters", lambda p: format_count(p["params"])),
+        ("D tokens", lambda p: format_count(p["tokens"])),
+        ("D / N", lambda p: f"{p['tokens_per_param']:.3g}"),
+        ("C = 6ND FLOPs", lambda p: format_flops(p["flops"])),
+        ("loss L(N, D)", lambda p: f"{p['loss']:.3f}"),
+        ("wall-clock", lambda p: format_duration(p["seconds"])),
+    ]
+    for name, cell in rows:
+        table.add_row(name, *(cell(p) for p in plans.values()))
+    out.print(table)
+    if "verdict" in report:
+        out.print(f"verdict: {report['verdict']}")
+    out.print(f"law: L(N, D) = {fit['E']:g} + {fit['A']:g}/N^{fit['alpha']:g} + "
+              f"{fit['B']:g}/D^{fit['beta']:g} (fitted on the paper's data and tokenizer: other "
+              f"corpora shift the loss, not the trade-off)")
+    out.print(f"wall-clock: {report['hardware']['label']}")
+
+
+def print_recipe(facts: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from llmcli.scaling import format_count
+
+    table = Table(title=f"recipe {facts['name']} ({facts['path']})", title_justify="left",
+                  show_header=False)
+    table.add_column("")
+    table.add_column("")
+    table.add_row("parameters", f"{facts['params']:,} ({format_count(facts['params'])})")
+    from_recipe = facts["vocab_note"] == "from the recipe"
+    table.add_row("vocabulary", f"{facts['vocab_size']:,}" + (" (from the recipe)" if from_recipe
+                                                              else " (model.vocab_size: auto)"))
+    table.add_row("planned tokens", f"{facts['planned_tokens']:,} "
+                  f"({format_count(facts['planned_tokens'])})")
+    table.add_row("  = iters × batch × accum × context", f"{facts['max_iters']:,} × "
+                  f"{facts['batch_size']} × {facts['grad_accum']} × {facts['context_length']}")
+    if facts["planned_tokens"] < facts["step_tokens"]:
+        table.add_row("  capped", f"by train.max_tokens {facts['max_tokens']:,}")
+    if facts.get("corpus_tokens"):
+        table.add_row("corpus", f"{format_count(facts['corpus_tokens'])} training tokens in "
+                      f"{facts['corpus']}: {facts['epochs']:.2g} epochs")
+    out.print(table)
+    if not from_recipe:
+        out.print(f"note: vocabulary {facts['vocab_note']}")
+
+
+def print_gpus(json_out: bool) -> None:
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from llmcli.scaling import GPUS
+
+    if json_out:
+        out.print_json(json.dumps([asdict(g) for g in GPUS.values()]))
+        return
+    table = Table(title="dense tensor-core peaks (no sparsity), the denominator of MFU",
+                  title_justify="left")
+    for column in ("--gpu", "name", "TFLOPS", "dtype"):
+        table.add_column(column, justify="right" if column == "TFLOPS" else "left")
+    for g in GPUS.values():
+        table.add_row(g.key, g.name, f"{g.tflops:g}", g.dtype)
+    out.print(table)
+    out.print("sources:")
+    for g in GPUS.values():
+        out.print(f"  {g.key}: {g.source}")

@@ -1,0 +1,632 @@
+"""Chinchilla scaling maths: how big a model, how many tokens, how much compute, how long.
+
+Pure Python on purpose (no torch, no numpy): `llm scaling` has to answer in well under a second.
+
+N is the parameter count, D the training tokens, C = 6·N·D the training FLOPs (forward 2ND,
+backward 4ND). Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", fit the
+final loss as L(N, D) = E + A/N^α + B/D^β (approach 3). Minimising L under a fixed C gives the
+closed form
+
+    N_opt = G·(C/6)^a,  D_opt = (C/6)^b / G,  G = (αA / (βB))^(1/(α+β)),  a = β/(α+β),  b = α/(α+β)
+
+Their Table 3 (approach 1) is the "about 20 tokens per parameter" rule. Besiroglu et al. 2024
+("Chinchilla Scaling: A replication attempt") refit approach 3 on the paper's own data and found
+the published coefficients inconsistent with approaches 1 and 2; their fit lands near 20 tokens
+per parameter again. Both fits are offered (`--fit chinchilla|epoch`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmcli.console import fail
+
+TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: 400M -> 8.0B tokens, 1B -> 20.2B, ...
+DEFAULT_MFU = 0.4  # a well-tuned dense transformer on modern GPUs reaches about 35-50 %
+MAX_VALUE = 1e30  # beyond any training run; also keeps the power laws inside float range
+
+
+def chinchilla_tokens(n: float) -> float:
+    """Compute-optimal training tokens for n parameters by the ~20 tokens-per-parameter rule."""
+    return TOKENS_PER_PARAM * n
+
+
+def training_flops(n: float, d: float) -> float:
+    """Training compute C = 6ND (2ND forward, 4ND backward; attention's extra term left out)."""
+    return 6.0 * n * d
+
+
+# ---------------------------------------------------------------------------------------------
+# The fitted loss law
+
+
+@dataclass(frozen=True)
+class Fit:
+    name: str
+    title: str
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    def loss(self, n: float, d: float) -> float:
+        """Predicted final training loss (nats per token) of n parameters trained on d tokens."""
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+    @property
+    def G(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
+    @property
+    def a(self) -> float:
+        """N_opt grows as C^a."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        """D_opt grows as C^b."""
+        return self.alpha / (self.alpha + self.beta)
+
+    def optimal(self, flops: float) -> tuple[float, float]:
+        """(N, D) with the lowest predicted loss for a compute budget of `flops` (C = 6ND)."""
+        x = flops / 6.0
+        return self.G * x**self.a, x**self.b / self.G
+
+    def tokens_for_params(self, n: float) -> float:
+        """The D that makes n parameters compute-optimal: the budget whose N_opt is n."""
+        x = (n / self.G) ** (1.0 / self.a)
+        return x**self.b / self.G
+
+    def params_for_tokens(self, d: float) -> float:
+        """The model size that d tokens serve best: the budget whose D_opt is d."""
+        x = (d * self.G) ** (1.0 / self.b)
+        return self.G * x**self.a
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "title": self.title, "E": self.E, "A": self.A, "B": self.B,
+                "alpha": self.alpha, "beta": self.beta, "G": self.G, "a": self.a, "b": self.b}
+
+
+FITS: dict[str, Fit] = {
+    "chinchilla": Fit("chinchilla", "Hoffmann et al. 2022, approach 3",
+                      E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28),
+    "epoch": Fit("epoch", "Besiroglu et al. 2024 (Epoch AI) refit",
+                 E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658),
+}
+FIT_ALIASES = {"hoffmann": "chinchilla", "besiroglu": "epoch"}
+
+
+def get_fit(name: str) -> Fit:
+    key = FIT_ALIASES.get(name.lower(), name.lower())
+    if key not in FITS:
+        fail(f"--fit {name!r}: unknown fit{_suggest(key, FITS)}; choose {' or '.join(FITS)}")
+    return FITS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware: dense (no 2:4 sparsity) tensor-core peaks, the denominator of MFU
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str
+    name: str
+    tflops: float  # dense peak for the dtype below
+    dtype: str
+    source: str
+
+
+GPUS: dict[str, GPU] = {g.key: g for g in [
+    GPU("h100", "NVIDIA H100 SXM", 989.4, "bf16",
+        "NVIDIA H100 datasheet: 1,979 TFLOPS bf16 with sparsity, half dense"),
+    GPU("h100-pcie", "NVIDIA H100 PCIe", 756.0, "bf16",
+        "NVIDIA H100 datasheet: 1,513 TFLOPS bf16 with sparsity, half dense"),
+    GPU("h200", "NVIDIA H200 SXM", 989.4, "bf16",
+        "NVIDIA H200 datasheet: 1,979 TFLOPS bf16 with sparsity (same compute as H100 SXM)"),
+    GPU("a100", "NVIDIA A100 (SXM or PCIe)", 312.0, "bf16",
+        "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense (624 with sparsity)"),
+    GPU("l40s", "NVIDIA L40S", 362.05, "bf16",
+        "NVIDIA L40S datasheet: 362.05 TFLOPS bf16 dense (733 with sparsity)"),
+    GPU("l4", "NVIDIA L4", 121.0, "bf16",
+        "NVIDIA L4 datasheet: 242 TFLOPS bf16 with sparsity, half dense"),
+    GPU("a10g", "NVIDIA A10 / A10G", 125.0, "bf16",
+        "NVIDIA A10 datasheet: 125 TFLOPS bf16 dense; AWS's A10G has no sheet of its own, "
+        "so this is an upper bound for it"),
+    GPU("v100", "NVIDIA V100 SXM2", 125.0, "fp16",
+        "NVIDIA V100 datasheet: 125 TFLOPS tensor (fp16; no bf16 on Volta; PCIe: 112)"),
+    GPU("t4", "NVIDIA T4", 65.0, "fp16",
+        "NVIDIA T4 datasheet: 65 TFLOPS mixed fp16/fp32 (no bf16 on Turing)"),
+    GPU("rtx4090", "NVIDIA GeForce RTX 4090", 165.2, "bf16",
+        "NVIDIA Ada Lovelace architecture whitepaper: 165.2 TFLOPS bf16 with fp32 accumulate"),
+    GPU("rtx3090", "NVIDIA GeForce RTX 3090", 71.0, "bf16",
+        "NVIDIA Ampere GA102 whitepaper: 71 TFLOPS bf16 with fp32 accumulate"),
+    GPU("mi300x", "AMD Instinct MI300X", 1307.4, "bf16",
+        "AMD Instinct MI300X datasheet: 1,307.4 TFLOPS bf16 dense"),
+]}
+GPU_ALIASES = {"a10": "a10g", "4090": "rtx4090", "3090": "rtx3090", "h100sxm": "h100",
+               "h200sxm": "h200", "a100sxm": "a100", "a100pcie": "a100", "v100sxm2": "v100"}
+
+
+def _gpu_key(name: str) -> str:
+    """'NVIDIA GeForce RTX 4090' -> 'rtx4090', 'H100-SXM' -> 'h100sxm'."""
+    return re.sub(r"[\s_\-]+|nvidia|amd|geforce|instinct", "", name.lower())
+
+
+def get_gpu(name: str) -> GPU:
+    key = _gpu_key(name)
+    by_key = {_gpu_key(k): g for k, g in GPUS.items()}
+    key = _gpu_key(GPU_ALIASES.get(key, key))
+    if key not in by_key:
+        fail(f"--gpu {name!r}: unknown GPU{_suggest(name.lower(), GPUS)}; known: "
+             f"{', '.join(GPUS)} (or give a measured --tokens-per-second)")
+    return by_key[key]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """How fast training runs: a GPU's peak at an assumed MFU, or a measured throughput."""
+
+    label: str
+    flops_per_second: float  # sustained model FLOPs per second, all GPUs together
+    gpu: GPU | None
+    num_gpus: int
+    mfu: float | None
+    tokens_per_second: float | None  # measured, per GPU
+
+    def seconds(self, flops: float) -> float:
+        return flops / self.flops_per_second
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "gpu": self.gpu.key if self.gpu else None,
+                "gpu_name": self.gpu.name if self.gpu else None,
+                "peak_flops": self.gpu.tflops * 1e12 if self.gpu else None,
+                "peak_source": self.gpu.source if self.gpu else None,
+                "num_gpus": self.num_gpus, "mfu": self.mfu,
+                "tokens_per_second": self.tokens_per_second,
+                "flops_per_second": self.flops_per_second}
+
+
+def make_hardware(
+    gpu: str | None = None,
+    num_gpus: int = 1,
+    mfu: float = DEFAULT_MFU,
+    tokens_per_second: float | None = None,
+    measured_params: float | None = None,
+) -> Hardware:
+    """The throughput behind wall-clock estimates.
+
+    A measured tokens/s belongs to one model size (`measured_params`); it is turned into model
+    FLOPs per second (6N per token) so that plans with other sizes can be timed with it too.
+    Without a GPU or a measurement the estimate assumes one H100, and says so.
+    """
+    if num_gpus < 1:
+        fail(f"--num-gpus {num_gpus}: must be 1 or more")
+    if not 0 < mfu <= 1:
+        fail(f"--mfu {mfu:g}: utilisation is a fraction in (0, 1], e.g. 0.4 or 40%")
+    card = get_gpu(gpu) if gpu else None
+    gpus = f"{num_gpus}× " if num_gpus > 1 else ""
+    if tokens_per_second is not None:
+        if measured_params is None:
+            fail("--tokens-per-second: a measured throughput belongs to one model size; add "
+                 "--params N (the model you measured) or --recipe")
+        sustained = tokens_per_second * num_gpus * training_flops(measured_params, 1.0)
+        label = f"measured {format_count(tokens_per_second)} tokens/s per GPU"
+        implied = None
+        if card is not None:
+            implied = sustained / (num_gpus * card.tflops * 1e12)
+            label += f" on {gpus}{card.name} ({implied:.1%} MFU)"
+        elif num_gpus > 1:
+            label += f" × {num_gpus} GPUs"
+        return Hardware(label, sustained, card, num_gpus, implied, tokens_per_second)
+    card = card or GPUS["h100"]
+    label = f"{gpus}{card.name} at {mfu:.0%} MFU ({card.tflops:g} TFLOPS {card.dtype} peak)"
+    if gpu is None:
+        label += "; pick yours with --gpu"
+    return Hardware(label, num_gpus * card.tflops * 1e12 * mfu, card, num_gpus, mfu, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: (N, D) pairs compared side by side
+
+
+@dataclass(frozen=True)
+class Plan:
+    label: str
+    params: float
+    tokens: float
+
+    @property
+    def flops(self) -> float:
+        return training_flops(self.params, self.tokens)
+
+    def describe(self, fit: Fit, hardware: Hardware) -> dict[str, Any]:
+        return {"label": self.label, "params": self.params, "tokens": self.tokens,
+                "tokens_per_param": self.tokens / self.params, "flops": self.flops,
+                "loss": fit.loss(self.params, self.tokens),
+                "seconds": hardware.seconds(self.flops)}
+
+
+def plans_for(
+    fit: Fit, params: float | None = None, tokens: float | None = None, flops: float | None = None
+) -> tuple[str, dict[str, Plan]]:
+    """The mode and the plans to compare, from any one or two of N, D and C.
+
+    One quantity: the 20-tokens-per-parameter rule beside the fitted law's optimum.
+    Two: the plan as given, the rule for the same N, and the fit's optimum for the same compute.
+    """
+    given = [k for k, v in (("params", params), ("tokens", tokens), ("flops", flops)) if v]
+    if not given:
+        fail("nothing to plan: give --params, --tokens, --flops or --recipe, e.g. "
+             "llm scaling --params 140M")
+    if len(given) == 3:
+        fail("--params, --tokens and --flops together over-determine the plan (C = 6ND); "
+             "give any two of them")
+    rule = f"{TOKENS_PER_PARAM:g} tokens/param"
+    law = f"{fit.name} optimum"
+    if given == ["params"]:
+        assert params is not None
+        return "params", {"rule": Plan(rule, params, chinchilla_tokens(params)),
+                          "optimal": Plan(law, params, fit.tokens_for_params(params))}
+    if given == ["tokens"]:
+        assert tokens is not None
+        return "tokens", {"rule": Plan(rule, tokens / TOKENS_PER_PARAM, tokens),
+                          "optimal": Plan(law, fit.params_for_tokens(tokens), tokens)}
+    if given == ["flops"]:
+        assert flops is not None
+        n_rule = math.sqrt(flops / (6.0 * TOKENS_PER_PARAM))
+        return "flops", {"rule": Plan(rule, n_rule, chinchilla_tokens(n_rule)),
+                         "optimal": Plan(law, *fit.optimal(flops))}
+    if params is None:
+        assert tokens is not None and flops is not None
+        params = flops / (6.0 * tokens)
+    elif tokens is None:
+        assert flops is not None
+        tokens = flops / (6.0 * params)
+    return "plan", given_plans(fit, params, tokens)
+
+
+def given_plans(fit: Fit, params: float, tokens: float, label: str = "this plan") -> dict:
+    plan = Plan(label, params, tokens)
+    return {"given": plan,
+            "rule": Plan(f"{TOKENS_PER_PARAM:g} D/N, same N", params,
+                         chinchilla_tokens(params)),
+            "optimal": Plan("optimum, same C", *fit.optimal(plan.flops))}
+
+
+def verdict(fit: Fit, plans: dict[str, Plan]) -> str:
+    """A plain sentence on a given plan: under-trained, about right, or trained past optimal."""
+    given, optimal = plans["given"], plans["optimal"]
+    n, d = given.params, given.tokens
+    target = chinchilla_tokens(n)
+    ratio = d / target
+    head = (f"{format_count(d)} tokens for {format_count(n)} parameters "
+            f"({d / n:.3g} tokens per parameter)")
+    same_compute = (f"the same compute ({format_flops(given.flops)} FLOPs) is best spent, by the "
+                    f"{fit.name} law, on {format_count(optimal.params)} parameters and "
+                    f"{format_count(optimal.tokens)} tokens: predicted loss "
+                    f"{fit.loss(optimal.params, optimal.tokens):.3f} instead of "
+                    f"{fit.loss(n, d):.3f}")
+    if ratio < 0.5:
+        return (f"under-trained: {head} is about {_about(1 / ratio)}× fewer tokens than "
+                f"Chinchilla-optimal ({format_count(target)}); {same_compute}.")
+    if ratio <= 2:
+        return (f"about compute-optimal: {head}, near the {TOKENS_PER_PARAM:g} per parameter "
+                f"of Chinchilla ({format_count(target)}).")
+    return (f"trained past Chinchilla-optimal: {head} is about {_about(ratio)}× more tokens than "
+            f"{format_count(target)}; for the loss alone {same_compute}, but the smaller model "
+            f"is cheaper to run (the trade-off Llama makes).")
+
+
+def analyse(
+    *,
+    params: float | None = None,
+    tokens: float | None = None,
+    flops: float | None = None,
+    recipe: str | Path | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    fit: str = "chinchilla",
+    gpu: str | None = None,
+    num_gpus: int = 1,
+    mfu: float = DEFAULT_MFU,
+    tokens_per_second: float | None = None,
+) -> dict[str, Any]:
+    """Everything `llm scaling` prints, as one JSON-ready dict (also the `--json` output)."""
+    law = get_fit(fit)
+    report: dict[str, Any] = {"fit": law.to_dict()}
+    if recipe is not None:
+        if params or tokens or flops:
+            fail("--recipe gives the parameters and tokens itself; drop --params/--tokens/"
+                 "--flops, or override the recipe (e.g. train.max_iters=100000)")
+        facts = recipe_facts(recipe, overrides)
+        mode = "recipe"
+        plans = given_plans(law, facts["params"], facts["planned_tokens"], "recipe")
+        report["recipe"] = facts
+    else:
+        if overrides:
+            fail(f"'{overrides[0]}': section.key=value overrides need --recipe")
+        mode, plans = plans_for(law, params, tokens, flops)
+    reference = plans["given"].params if "given" in plans else params
+    hardware = make_hardware(gpu, num_gpus, mfu, tokens_per_second, reference)
+    report["mode"] = mode
+    report["inputs"] = {"params": params, "tokens": tokens, "flops": flops,
+                        "recipe": str(recipe) if recipe is not None else None}
+    report["hardware"] = hardware.to_dict()
+    report["plans"] = {key: plan.describe(law, hardware) for key, plan in plans.items()}
+    if "given" in plans:
+        report["verdict"] = verdict(law, plans)
+        if recipe is not None and report["recipe"]["finetune_init"]:
+            report["verdict"] = (
+                f"a fine-tuning recipe (from {report['recipe']['finetune_init']}): the "
+                f"Chinchilla trade-off is about pretraining from scratch, and fine-tuning needs "
+                f"far fewer tokens; as if pretraining, {report['verdict']}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: N from the formula (no torch), D from the training plan
+
+
+def recipe_facts(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """N, planned tokens and where the vocabulary size came from, for one recipe."""
+    from llmcli.model.count import formula_parameters
+    from llmcli.recipe import load_recipe
+
+    recipe = load_recipe(path, list(overrides))
+    sidecar = find_sidecar(recipe.data.source, recipe.data.tokenizer)
+    vocab, vocab_note = recipe_vocab(recipe, sidecar)
+    t, m = recipe.train, recipe.model
+    steps = t.max_iters * t.batch_size * t.grad_accum * m.context_length
+    planned = min(steps, t.max_tokens) if t.max_tokens else steps
+    facts: dict[str, Any] = {
+        "name": recipe.name, "path": str(path),
+        "params": formula_parameters(m, vocab), "vocab_size": vocab, "vocab_note": vocab_note,
+        "max_iters": t.max_iters, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+        "context_length": m.context_length, "max_tokens": t.max_tokens,
+        "step_tokens": steps, "planned_tokens": planned, "corpus_tokens": None, "epochs": None,
+        "finetune_init": recipe.finetune.init,
+    }
+    if sidecar is not None:
+        train_tokens = int(sidecar[1].get("val_start") or sidecar[1].get("num_tokens") or 0)
+        if train_tokens > 0:
+            facts["corpus"] = str(sidecar[0])
+            facts["corpus_tokens"] = train_tokens
+            facts["epochs"] = planned / train_tokens
+    return facts
+
+
+def recipe_vocab(recipe: Any, sidecar: tuple[Path, dict] | None) -> tuple[int, str]:
+    """The vocabulary N is counted with, and a note saying where it came from."""
+    from llmcli.params import TOKENIZER_VOCAB
+
+    vocab_size = recipe.model.vocab_size
+    if vocab_size != "auto":
+        return int(vocab_size), "from the recipe"
+    compact = recipe.data.vocab == "compact"
+    if sidecar is not None:
+        path, meta = sidecar
+        if compact and meta.get("distinct_ids"):
+            return int(meta["distinct_ids"]) + 1, (
+                f"auto: {meta['distinct_ids']:,} distinct ids in {path} + 1 for unknown ids")
+        if not compact and meta.get("max_id") is not None:
+            return int(meta["max_id"]) + 1, f"auto: largest id in {path} + 1"
+    name = recipe.data.tokenizer
+    vocab = TOKENIZER_VOCAB[name]
+    why = (f"auto, and data '{recipe.data.source}' is not tokenized yet: counted with the full "
+           f"{name} vocabulary of {vocab:,}")
+    if compact:
+        why += " (an upper bound: a compact vocabulary keeps only the corpus's ids)"
+    return vocab, why + "; run `llm tokenize` first for the exact figure"
+
+
+def find_sidecar(
+    source: str, tokenizer: str, data_dir: Path = Path("data")
+) -> tuple[Path, dict] | None:
+    """The sidecar of an existing token file for a recipe's data, without tokenizing anything.
+
+    A `.tokens` source names its own sidecar. A local text source (or a `llm fetch` preset
+    already fetched into `data_dir`) counts as tokenized when a sidecar in `data_dir` (where
+    training caches token files) or beside the source lists every file of it, with the same
+    sizes, tokenized with the recipe's tokenizer. Read as plain JSON so that `llm scaling`
+    stays free of numpy; nothing is downloaded or written.
+    """
+    from llmcli.data.fetch import PRESETS
+
+    src = Path(source)
+    if source in PRESETS and not src.exists():
+        src = data_dir / PRESETS[source].filename
+    if src.suffix == ".tokens":
+        if not src.exists():
+            return None
+        sidecar = src.with_name(src.name + ".json")
+        meta = _read_json(sidecar)
+        if meta is None:
+            fail(f"{source}: token file without a readable sidecar {sidecar}; "
+                 f"re-run `llm tokenize` to rebuild it")
+        return sidecar, meta
+    if not src.exists():
+        return None
+    files = sorted(p for p in src.rglob("*.txt")) if src.is_dir() else [src]
+    wanted = {str(p.resolve()): p.stat().st_size for p in files}
+    if not wanted:
+        return None
+    candidates = {*data_dir.glob("*.tokens.json"), *src.resolve().parent.glob("*.tokens.json")}
+    for sidecar in sorted(candidates):
+        meta = _read_json(sidecar)
+        if not meta or meta.get("tokenizer") != tokenizer:
+            continue
+        recorded = {}
+        for entry in meta.get("sources") or []:
+            if isinstance(entry, dict) and "path" in entry:
+                recorded[str(Path(entry["path"]).resolve())] = entry.get("bytes")
+        if recorded == wanted:
+            return sidecar, meta
+    return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Human numbers: 140M, 1.4e8, 7B, 1.5T in; 140.6M, 2.8B, 1.5T out
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+_NUMBER = re.compile(r"^(?:\d+(?:_\d+)*|\d{1,3}(?:,\d{3})+)?(?:\.\d+)?(?:e[+-]?\d+)?$")
+
+
+def parse_number(text: str, option: str = "value") -> float:
+    """'140M' -> 1.4e8; also 1.4e8, 7B, 1.5T, 12k, 100_000, 1,000,000. One-line error else."""
+    raw = str(text).strip()
+    body = raw.lower()
+    scale = 1.0
+    if body and body[-1] in _SUFFIXES:
+        scale = _SUFFIXES[body[-1]]
+        body = body[:-1].strip()
+    negative = body.startswith("-")
+    body = body.lstrip("-+").strip() if negative or body.startswith("+") else body
+    if not body or not any(c.isdigit() for c in body) or not _NUMBER.match(body):
+        fail(f"{option} {raw!r}: not a number; write it like 140M, 1.4e8, 7B or 1.5T")
+    value = float(body.replace("_", "").replace(",", "")) * scale
+    if negative or not value > 0:
+        fail(f"{option} {raw!r}: must be positive")
+    if value > MAX_VALUE:
+        fail(f"{option} {raw!r}: larger than {MAX_VALUE:.0e}, beyond any training run")
+    return value
+
+
+def parse_fraction(text: str, option: str = "--mfu") -> float:
+    """'40%' or '0.4' -> 0.4."""
+    raw = str(text).strip()
+    percent = raw.endswith("%")
+    try:
+        value = float(raw.rstrip("%").strip()) / (100.0 if percent else 1.0)
+    except ValueError:
+        fail(f"{option} {raw!r}: not a fraction; write it like 0.4 or 40%")
+    if not 0 < value <= 1:
+        fail(f"{option} {raw!r}: must be in (0, 1] (a fraction like 0.4, or a percentage "
+             f"like 40%)")
+    return value
+
+
+def format_count(x: float) -> str:
+    """1.406e8 -> '140.6M', 2.8e9 -> '2.8B', 8e9 -> '8.0B' (the paper's style), 512 -> '512'."""
+    if x >= 1e15:
+        return format_flops(x)
+    units = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+    for i, (unit, suffix) in enumerate(units):
+        if x >= unit:
+            text = f"{x / unit:.1f}"
+            if float(text) >= 1000 and i > 0:  # 999.96M rounds to 1.0B, not 1000.0M
+                bigger, big_suffix = units[i - 1]
+                return f"{x / bigger:.1f}{big_suffix}"
+            return text + suffix
+    return f"{x:.0f}" if x == int(x) or x >= 100 else f"{x:.3g}"
+
+
+def format_flops(x: float) -> str:
+    """2.37e18 rather than 2.37e+18."""
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    if seconds < 365.25 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / (365.25 * 86400):.1f} years"
+
+
+def _about(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:.2g}" if x < 100 else f"{round(x, -1):,.0f}"
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The iso-FLOP plot
+
+
+def plot_isoflops(path: str | Path, report: dict[str, Any]) -> Path:
+    """Loss against model size at five compute budgets (the paper's Figure 3 view), optima marked.
+
+    The budgets are 1/100×, 1/10×, 1×, 10× and 100× the compute of the report's first plan (the
+    one given, or the 20 tokens-per-parameter rule), which is starred on the middle curve.
+    """
+    target = Path(path)
+    fmt = target.suffix.lower().lstrip(".")
+    if fmt not in ("png", "svg", "pdf"):
+        fail(f"--plot {target}: the file must end in .png, .svg or .pdf")
+    if target.is_dir():
+        fail(f"--plot {target}: is a directory; give a file name such as {target / 'isoflop.png'}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmcli.files import atomic_path
+    fit = FITS[report["fit"]["name"]]
+    first = next(iter(report["plans"].values()))  # the given plan, else the 20 D/N rule
+    centre = first["flops"]
+    marks = [first]
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    frontier = []
+    for k in (-2, -1, 0, 1, 2):
+        budget = centre * 10.0**k
+        n_opt, d_opt = fit.optimal(budget)
+        low, high = n_opt / 30, n_opt * 30
+        if k == 0:  # stretch the middle curve to reach the marked plans
+            on_curve = [m["params"] for m in marks if math.isclose(m["flops"], budget)]
+            low = min([low, *(n / 2 for n in on_curve)])
+            high = max([high, *(n * 2 for n in on_curve)])
+        sizes = [low * (high / low) ** (i / 199) for i in range(200)]
+        losses = [fit.loss(n, budget / (6 * n)) for n in sizes]
+        (line,) = ax.plot(sizes, losses, label=f"C = {format_flops(budget)} FLOPs",
+                          linewidth=2.2 if k == 0 else 1.2)
+        ax.plot([n_opt], [fit.loss(n_opt, d_opt)], "o", color=line.get_color())
+        frontier.append((n_opt, fit.loss(n_opt, d_opt)))
+    ax.plot([n for n, _ in frontier], [loss for _, loss in frontier], "--", color="grey",
+            linewidth=1, label=f"optimum (N ∝ C^{fit.a:.2f}, D ∝ C^{fit.b:.2f})")
+    for mark in marks:
+        ax.plot([mark["params"]], [mark["loss"]], "*", markersize=13, color="black")
+        ax.annotate(f"{mark['label']}: {format_count(mark['params'])} params, "
+                    f"{format_count(mark['tokens'])} tokens",
+                    (mark["params"], mark["loss"]), textcoords="offset points",
+                    xytext=(8, 8), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("predicted loss L(N, D = C / 6N)")
+    ax.set_title(f"iso-FLOP curves, {fit.title}\n"
+                 f"L = {fit.E:g} + {fit.A:g}/N^{fit.alpha:g} + {fit.B:g}/D^{fit.beta:g}",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120)
+    finally:
+        plt.close(fig)
+    return target

@@ -1,0 +1,518 @@
+"""Text-to-image with a diffusers pipeline: the seed's sdxl-turbo step, done as a tool.
+
+The pipeline is loaded once (safetensors only, no remote code) and reused for every image. Each
+image `i` is drawn from its own CPU generator seeded `seed + i`, so any one of them can be redrawn
+alone with `--seed seed+i`, and the same seed gives the same noise on every device. The settings
+that made an image travel with it as PNG text chunks.
+
+A Hugging Face model id is looked up in the local cache first; when it is not there and the Hub
+cannot be reached (or HF_HUB_OFFLINE is set), the run stops at once with one line saying how to
+get the model, instead of hanging in network retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import re
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmcli.console import EXIT_FAILURE, fail, info, is_interactive, progress, settings, warn
+from llmcli.train.checkpoint import CHECKPOINTS_DIR
+
+DEFAULT_MODEL = "stabilityai/sdxl-turbo"
+IMAGES_DIR = CHECKPOINTS_DIR / "images"
+MAX_SIDE = 4096
+MAX_SEED = 2**63 - 1
+HUB_PROBE_SECONDS = 8.0
+DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What to draw; the same fields end up in each PNG's metadata."""
+
+    prompt: str
+    negative: str | None = None
+    steps: int = 1
+    guidance: float = 0.0
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    num_images: int = 1
+
+    def validate(self) -> None:
+        if not self.prompt.strip():
+            fail("PROMPT is empty; describe the image, e.g. llm imagine \"a calm sea at dawn\"")
+        if self.steps < 1:
+            fail(f"--steps {self.steps}: must be at least 1 (turbo models need 1 to 4)")
+        if not self.guidance >= 0.0:
+            fail(f"--guidance {self.guidance}: must be 0 or more (0 for turbo models, 5-8 others)")
+        for name, value in (("--width", self.width), ("--height", self.height)):
+            if value < 8 or value > MAX_SIDE or value % 8:
+                fail(f"{name} {value}: must be a multiple of 8 from 8 to {MAX_SIDE} "
+                     f"(e.g. {max(8, min(MAX_SIDE, round(value / 8) * 8))})")
+        if self.num_images < 1:
+            fail(f"--num-images {self.num_images}: must be at least 1")
+        if self.seed < 0 or self.seed + self.num_images - 1 > MAX_SEED:
+            fail(f"--seed {self.seed}: must be from 0 to {MAX_SEED - self.num_images + 1}")
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline ready on its device, with how it was loaded (for the report and metadata)."""
+
+    pipe: Any
+    model: str
+    device: Any
+    dtype: Any
+    variant: str | None
+    seconds: float
+    sdpa: bool
+
+
+@dataclass
+class SavedImage:
+    path: Path
+    seed: int
+    seconds: float
+
+
+@dataclass
+class ImagineResult:
+    loaded: LoadedPipeline
+    request: ImageRequest
+    images: list[SavedImage] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        loaded, request = self.loaded, self.request
+        return {
+            "model": loaded.model,
+            "pipeline": type(loaded.pipe).__name__,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "variant": loaded.variant,
+            "sdpa": loaded.sdpa,
+            "load_seconds": round(loaded.seconds, 3),
+            "prompt": request.prompt,
+            "negative": request.negative,
+            "steps": request.steps,
+            "guidance": request.guidance,
+            "width": request.width,
+            "height": request.height,
+            "images": [{"path": str(img.path), "seed": img.seed,
+                        "seconds": round(img.seconds, 3)} for img in self.images],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and files
+
+
+def random_seed() -> int:
+    """A seed short enough to type back in."""
+    return secrets.randbelow(2**32)
+
+
+def slug(prompt: str, max_len: int = 48) -> str:
+    """A file-name stem from the prompt; keeps letters of any script (画一个大海 stays readable)."""
+    text = re.sub(r"[^\w]+", "-", prompt.lower()).strip("-_")
+    return text[:max_len].rstrip("-_") or "image"
+
+
+def output_paths(out: Path | None, prompt: str, seed: int, count: int) -> list[Path]:
+    """Where the images go: `out`, or checkpoints/images/<prompt>-<seed>.png; numbered if several.
+
+    `out` may be a directory (existing, or written with a trailing slash) for the default names.
+    """
+    default_name = f"{slug(prompt)}-{seed}.png"
+    if out is None:
+        base = IMAGES_DIR / default_name
+    elif out.is_dir() or str(out).endswith(("/", "\\")):
+        base = out / default_name
+    else:
+        base = out
+        if base.suffix.lower() != ".png":
+            fail(f"-o {out}: images are saved as PNG (their prompt and seed go in the PNG "
+                 f"metadata); use a name ending in .png, e.g. -o {out.with_suffix('.png')}")
+    _check_writable(base.parent)
+    if count == 1:
+        return [base]
+    width = len(str(count))
+    return [base.with_name(f"{base.stem}-{k:0{width}d}{base.suffix}") for k in range(1, count + 1)]
+
+
+def _check_writable(directory: Path) -> None:
+    """Catch an unwritable output place before the slow model load, not after it."""
+    import os
+
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            return
+        probe = probe.parent
+    if not probe.is_dir():
+        fail(f"-o: {probe} is a file, so {directory} cannot be a folder for images; "
+             "choose another output path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"-o: cannot write in {probe} (permission denied); choose another output path")
+
+
+def png_metadata(request: ImageRequest, seed: int, model: str) -> dict[str, str]:
+    """The text chunks written into each PNG (readable with `PIL.Image.open(p).text`)."""
+    from llmcli import __version__
+
+    return {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative or "",
+        "seed": str(seed),
+        "steps": str(request.steps),
+        "guidance": f"{request.guidance:g}",
+        "model": model,
+        "size": f"{request.width}x{request.height}",
+        "software": f"llm imagine (llmcli {__version__})",
+    }
+
+
+def save_png(image: Any, path: Path, metadata: dict[str, str]) -> None:
+    """Write atomically: an interrupted run never leaves half a PNG behind."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from llmcli.files import atomic_path
+
+    chunks = PngInfo()
+    for key, value in metadata.items():
+        chunks.add_text(key, value)  # non-Latin-1 text (a Chinese prompt) becomes an iTXt chunk
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained should look: a directory, or a hub id (cached or to download)."""
+
+    name: str  # what from_pretrained gets
+    is_dir: bool
+    cached: bool  # a hub id whose model_index.json is in the local cache
+
+
+def locate_model(model: str) -> ModelSource:
+    """A local pipeline directory, or a Hugging Face model id (the repository may be remote)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_file():
+            fail(f"--model {model}: is a file; give a pipeline folder saved with "
+                 "save_pretrained (it holds model_index.json) or a Hugging Face model id")
+        if not (path / "model_index.json").is_file():
+            fail(f"--model {model}: no model_index.json in this folder, so it is not a diffusers "
+                 "pipeline; give the folder `hf download <id> --local-dir DIR` or "
+                 "save_pretrained wrote")
+        return ModelSource(str(path), is_dir=True, cached=False)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model:
+        fail(f"--model {model}: no such folder, and not a Hugging Face model id (owner/name, "
+             f"e.g. {DEFAULT_MODEL})")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    return ModelSource(model, is_dir=False, cached=cached)
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def how_to_get(model: str) -> str:
+    return (f"on a connected machine run `hf download {model} --local-dir DIR` (older "
+            f"huggingface_hub: `huggingface-cli download {model} --local-dir DIR`), copy DIR "
+            f"here and pass --model DIR, or fill the Hugging Face cache ({_hub_cache_dir()})")
+
+
+def probe_hub(model: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """None when the Hub answers for `model`; otherwise why it cannot be used.
+
+    Runs in a daemon thread with a deadline, because a stalled DNS lookup ignores HTTP timeouts.
+    A missing or gated repository is the user's to fix, so it fails here with its own message.
+    """
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    outcome: dict[str, Exception | None] = {}
+
+    def ask() -> None:
+        try:
+            model_info(model, timeout=timeout)
+            outcome["error"] = None
+        except Exception as exc:  # reported to the caller below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if "error" not in outcome:
+        return f"no answer within {timeout:g} s"
+    error = outcome["error"]
+    if error is None:
+        return None
+    if isinstance(error, GatedRepoError):
+        fail(f"--model {model}: this model is gated; accept its licence on "
+             f"https://huggingface.co/{model} and log in with `hf auth login`", EXIT_FAILURE)
+    if isinstance(error, RepositoryNotFoundError):
+        fail(f"--model {model}: no such model on the Hugging Face Hub (or it is private: log in "
+             f"with `hf auth login`); check the id, e.g. {DEFAULT_MODEL}")
+    return _first_line(error) or type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_dtype(name: str, device: Any) -> Any:
+    """'auto' is fp16 on CUDA (half the memory, tensor cores) and fp32 elsewhere."""
+    import torch
+
+    from llmcli.device import dtype_from_name
+
+    name = name.strip().lower()
+    if name not in DTYPE_NAMES:
+        fail(f"--dtype {name}: use {', '.join(DTYPE_NAMES)}")
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return dtype_from_name(name)
+
+
+def _variants(dtype: Any) -> tuple[str | None, ...]:
+    """Weight variants to try, best first: the fp16 files for fp16, else the full ones.
+
+    The other choice is the fallback: a repository with no fp16 files still loads in fp16 (cast
+    on load), and a folder holding only fp16 files still loads in fp32.
+    """
+    import torch
+
+    return ("fp16", None) if dtype == torch.float16 else (None, "fp16")
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """diffusers/transformers chatter (progress bars, deprecations) would break the one-line
+    output; --debug shows it all."""
+    if settings["debug"]:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    diffusers_logging.disable_progress_bar()
+    if not is_interactive():
+        disable_progress_bars()  # downloads keep their bars on a terminal
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _from_pretrained(name: str, dtype: Any, variants: tuple[str | None, ...],
+                     local_only: bool) -> tuple[Any, str | None]:
+    """Try each weight variant; raise the first failure if none loads."""
+    from diffusers import AutoPipelineForText2Image
+
+    first: Exception | None = None
+    for variant in variants:
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                name, dtype=dtype, variant=variant, use_safetensors=True,
+                local_files_only=local_only)
+            return pipe, variant
+        except (OSError, ValueError) as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def _folder_error(folder: str, exc: Exception) -> str:
+    """One line for a pipeline folder that would not load, with the likely fix."""
+    for part in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        names = [f.name for f in part.iterdir() if f.suffix in WEIGHT_SUFFIXES]
+        if names and not any(n.endswith(".safetensors") for n in names):
+            return (f"--model {folder}: {part.name}/ has only pickled weights ({names[0]}) and "
+                    "llm loads safetensors only; re-save the pipeline with "
+                    "save_pretrained(DIR, safe_serialization=True)")
+    return f"--model {folder}: cannot load this pipeline: {_first_line(exc)}"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _use_sdpa(pipe: Any) -> bool:
+    """Put PyTorch's fused attention (scaled_dot_product_attention) on the UNet and VAE where
+    they still have the plain processor; True when all their attention runs through it.
+
+    Custom processors (IP-Adapter, transformer pipelines' own) are left as they are.
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    fused = True
+    for name in ("unet", "vae"):
+        processors = getattr(getattr(pipe, name, None), "attn_processors", None) or {}
+        if processors and all(type(p) is AttnProcessor for p in processors.values()):
+            getattr(pipe, name).set_attn_processor(AttnProcessor2_0())
+            processors = getattr(pipe, name).attn_processors
+        fused = fused and all(type(p) is AttnProcessor2_0 for p in processors.values())
+    return fused and hasattr(pipe, "unet")
+
+
+def _require_hub(model: str, partly_cached: bool) -> None:
+    """Fail at once, in one line, when the model must come from a Hub that cannot be used."""
+    state = "is only partly" if partly_cached else "is not"
+    if _hub_offline():
+        fail(f"--model {model}: {state} in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+             f"{how_to_get(model)}", EXIT_FAILURE)
+    info(f"looking up {model} on the Hugging Face Hub")
+    reason = probe_hub(model)
+    if reason is not None:
+        fail(f"--model {model}: {state} on this machine and the Hugging Face Hub cannot be "
+             f"reached ({reason}); {how_to_get(model)}", EXIT_FAILURE)
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
+                  dtype: str = "auto") -> LoadedPipeline:
+    """Find, load and place a text-to-image pipeline; fails fast (one line) when offline.
+
+    A folder or a cached hub id loads without touching the network; only what is missing is
+    fetched, and only after the Hub has answered.
+    """
+    from llmcli.device import resolve_device
+
+    if isinstance(device, str):
+        device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    source = locate_model(model)
+    if not source.is_dir and not source.cached:
+        _require_hub(model, partly_cached=False)  # before the slow diffusers import
+    variants = _variants(torch_dtype)
+    with _quiet_libraries():
+        from diffusers import AutoPipelineForText2Image  # noqa: F401 - import time is not load time
+
+        start = time.perf_counter()
+        pipe = variant = local_error = None
+        if source.is_dir or source.cached:
+            try:
+                pipe, variant = _from_pretrained(source.name, torch_dtype, variants, True)
+            except (OSError, ValueError) as exc:
+                if source.is_dir:
+                    fail(_folder_error(source.name, exc))
+                local_error = exc
+        if pipe is None:
+            if source.cached:
+                _require_hub(model, partly_cached=True)
+            try:
+                pipe, variant = _from_pretrained(source.name, torch_dtype, variants, False)
+            except (OSError, ValueError) as exc:
+                cached = f" (cached copy: {_first_line(local_error)})" if local_error else ""
+                fail(f"--model {model}: download or load failed: {_first_line(exc)}{cached}",
+                     EXIT_FAILURE)
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)  # our own bar follows the steps
+        sdpa = _use_sdpa(pipe)
+    return LoadedPipeline(pipe=pipe, model=model, device=device, dtype=torch_dtype,
+                          variant=variant, seconds=time.perf_counter() - start, sdpa=sdpa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+def draw(loaded: LoadedPipeline, request: ImageRequest, seed: int,
+         on_step: StepCallback | None = None) -> Any:
+    """One image (a PIL image) for `request`, from noise seeded with `seed`."""
+    import torch
+
+    pipe = loaded.pipe
+    accepted = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = {
+        "prompt": request.prompt,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "width": request.width,
+        "height": request.height,
+        "generator": torch.Generator("cpu").manual_seed(seed),
+    }
+    if request.negative:
+        if "negative_prompt" not in accepted:
+            fail(f"--negative: {type(pipe).__name__} takes no negative prompt; drop --negative")
+        kwargs["negative_prompt"] = request.negative
+    if on_step is not None and "callback_on_step_end" in accepted:
+        def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            on_step(step + 1, int(getattr(pipeline, "num_timesteps", request.steps)))
+            return tensors
+
+        kwargs["callback_on_step_end"] = step_end
+    with _quiet_libraries(), torch.inference_mode():
+        result = pipe(**kwargs)
+    return result.images[0]
+
+
+def imagine(request: ImageRequest, out: Path | None = None, model: str = DEFAULT_MODEL,
+            device: str = "auto", dtype: str = "auto",
+            on_saved: Callable[[SavedImage], None] | None = None) -> ImagineResult:
+    """Load once, then draw and save `request.num_images` images (seeds seed, seed+1, ...)."""
+    request.validate()
+    paths = output_paths(out, request.prompt, request.seed, request.num_images)
+    if request.negative and request.guidance <= 1.0:
+        warn("--negative needs --guidance above 1; it has no effect now")
+    info(f"loading {model}")
+    loaded = load_pipeline(model, device, dtype)
+    weights = f" ({loaded.variant} weights)" if loaded.variant else ""
+    attention = ", SDPA attention" if loaded.sdpa else ""
+    info(f"loaded {type(loaded.pipe).__name__} in {loaded.seconds:.2f} s")
+    info(f"on {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}{weights}{attention}")
+    result = ImagineResult(loaded=loaded, request=request)
+    with progress() as bar:
+        for index, path in enumerate(paths):
+            seed = request.seed + index
+            label = f"image {index + 1}/{len(paths)}" if len(paths) > 1 else "denoising"
+            task = bar.add_task(label, total=request.steps)
+
+            def on_step(done: int, total: int, task: Any = task) -> None:
+                bar.update(task, completed=done, total=total)
+
+            start = time.perf_counter()
+            image = draw(loaded, request, seed, on_step)
+            if loaded.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(loaded.device)
+            seconds = time.perf_counter() - start
+            save_png(image, path, png_metadata(request, seed, model))
+            saved = SavedImage(path=path, seed=seed, seconds=seconds)
+            result.images.append(saved)
+            if on_saved is not None:
+                on_saved(saved)
+    return result

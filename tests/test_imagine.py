@@ -1,0 +1,306 @@
+"""`llm imagine` on tiny Stable Diffusion and SDXL pipelines built from configs (no download).
+
+The pictures are noise, but every path a real sdxl-turbo run takes is exercised: two text
+encoders, the VAE, the scheduler, the step callback, PNG metadata, seeding, weight variants,
+the Hugging Face cache and the offline error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_imagine import build_tiny_sd, build_tiny_sdxl
+from PIL import Image
+from typer.testing import CliRunner
+
+from llmcli.cli import app
+
+runner = CliRunner()
+TINY_SIDE = ("--width", "40", "--height", "24")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny pipelines, built once per session
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions gain nothing from threads, and on a busy 2-core box threads spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+def _imagine(*args: str):
+    return runner.invoke(app, ["imagine", "--device", "cpu", *args])
+
+
+def _pixels(path: Path) -> bytes:
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing with both pipeline shapes
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd", "tiny_sdxl"])
+def test_png_has_size_metadata_and_same_seed_gives_same_pixels(kind, request, tmp_path):
+    model = str(request.getfixturevalue(kind))
+    first = _imagine("画一个大海", "--model", model, "--steps", "2", *TINY_SIDE, "--seed", "7",
+                     "-n", "2", "-o", str(tmp_path / "sea.png"))
+    assert first.exit_code == 0, first.output + first.stderr
+    one, two = tmp_path / "sea-1.png", tmp_path / "sea-2.png"
+    assert f"{one}  seed 7" in first.stdout and f"{two}  seed 8" in first.stdout
+    assert "model load" in first.stdout
+    with Image.open(one) as image:
+        assert image.format == "PNG" and image.size == (40, 24)
+        assert image.text == {
+            "prompt": "画一个大海", "negative_prompt": "", "seed": "7", "steps": "2",
+            "guidance": "0", "model": model, "size": "40x24",
+            "software": image.text["software"]}
+    with Image.open(two) as image:
+        assert image.text["seed"] == "8"
+
+    again = _imagine("画一个大海", "--model", model, "--steps", "2", *TINY_SIDE, "--seed", "7",
+                     "-o", str(tmp_path / "again.png"))
+    assert again.exit_code == 0, again.output + again.stderr
+    assert _pixels(tmp_path / "again.png") == _pixels(one)  # a fresh load, the same picture
+    assert _pixels(two) != _pixels(one)  # seed + 1 is another picture
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_sdxl_json_report(tiny_sdxl, tmp_path):
+    result = _imagine("a sea", "--model", str(tiny_sdxl), "--steps", "1", "--width", "32",
+                      "--height", "32", "--seed", "3", "-o", f"{tmp_path}/", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    assert report["pipeline"] == "StableDiffusionXLPipeline"
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["sdpa"] is True and report["load_seconds"] > 0
+    [image] = report["images"]
+    assert image["path"] == str(tmp_path / "a-sea-3.png") and image["seed"] == 3
+    assert image["seconds"] > 0
+    with Image.open(image["path"]) as png:
+        assert png.size == (32, 32) and png.text["model"] == str(tiny_sdxl)
+
+
+def test_negative_prompt_steers_with_guidance(tiny_sd, tmp_path):
+    common = ("a sea", "--model", str(tiny_sd), "--steps", "2", *TINY_SIDE, "--seed", "1",
+              "--guidance", "7.5")
+    plain = _imagine(*common, "-o", str(tmp_path / "plain.png"))
+    steered = _imagine(*common, "--negative", "the sea", "-o", str(tmp_path / "neg.png"))
+    assert plain.exit_code == 0 and steered.exit_code == 0, plain.stderr + steered.stderr
+    assert _pixels(tmp_path / "plain.png") != _pixels(tmp_path / "neg.png")
+    with Image.open(tmp_path / "neg.png") as image:
+        assert image.text["negative_prompt"] == "the sea" and image.text["guidance"] == "7.5"
+    quiet = _imagine(*common[:-1], "0", "--negative", "x", "-o", str(tmp_path / "q.png"))
+    assert quiet.exit_code == 0 and "--negative needs --guidance above 1" in quiet.stderr
+
+
+def test_default_output_goes_under_checkpoints_images(tiny_sd, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _imagine("A calm sea!", "--model", str(tiny_sd), "--steps", "1", *TINY_SIDE,
+                      "--seed", "42")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert (tmp_path / "checkpoints" / "images" / "a-calm-sea-42.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The library: loading, callback, attention, variants
+
+
+def test_callback_drives_progress_and_attention_is_sdpa(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from llmcli.imagine import ImageRequest, draw, load_pipeline
+
+    loaded = load_pipeline(str(tiny_sd), "cpu", "auto")
+    assert loaded.variant is None and str(loaded.dtype) == "torch.float32"
+    assert loaded.sdpa
+    assert all(isinstance(p, AttnProcessor2_0) for p in loaded.pipe.unet.attn_processors.values())
+    steps: list[tuple[int, int]] = []
+    image = draw(loaded, ImageRequest("a sea", steps=3, width=32, height=40), seed=0,
+                 on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert image.size == (32, 40)
+
+
+def test_fp16_variant_is_used_and_missing_variant_falls_back(tiny_sd, tmp_path):
+    import torch
+
+    from llmcli.imagine import load_pipeline
+
+    loaded = load_pipeline(str(tiny_sd), "cpu", "fp16")  # no fp16 files: cast the full weights
+    assert loaded.variant is None and loaded.pipe.unet.dtype == torch.float16
+    loaded.pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    half = load_pipeline(str(tmp_path / "fp16"), "cpu", "fp16")
+    assert half.variant == "fp16" and half.pipe.unet.dtype == torch.float16
+    full = load_pipeline(str(tmp_path / "fp16"), "cpu", "fp32")  # only fp16 files: upcast them
+    assert full.variant == "fp16" and full.pipe.unet.dtype == torch.float32
+
+
+def test_pickled_weights_are_refused(tiny_sd, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_sd, model)
+    shutil.rmtree(model / "unet")
+    UNet2DConditionModel.from_pretrained(tiny_sd / "unet").save_pretrained(
+        model / "unet", safe_serialization=False)
+    assert (model / "unet" / "diffusion_pytorch_model.bin").is_file()
+    result = _imagine("a sea", "--model", str(model), "--steps", "1", "-o", str(tmp_path / "x.png"))
+    assert result.exit_code == 2
+    assert "unet/ has only pickled weights" in _one_error_line(result)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_output_names_and_slugs(tmp_path):
+    from llmcli.imagine import IMAGES_DIR, output_paths, slug
+
+    assert slug("画一个大海") == "画一个大海"
+    assert slug("  A calm sea, at DAWN!! ") == "a-calm-sea-at-dawn"
+    assert slug("!!!") == "image"
+    assert len(slug("word " * 40)) <= 48
+    assert output_paths(None, "a sea", 5, 1) == [IMAGES_DIR / "a-sea-5.png"]
+    assert output_paths(tmp_path, "a sea", 5, 1) == [tmp_path / "a-sea-5.png"]
+    names = [p.name for p in output_paths(tmp_path / "x.PNG", "p", 0, 10)]
+    assert names[0] == "x-01.PNG" and names[-1] == "x-10.PNG" and len(set(names)) == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before any model is loaded
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--width", "100"], "--width 100: must be a multiple of 8"),
+    (["--height", "0"], "--height 0: must be a multiple of 8"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--guidance", "-1"], "--guidance -1.0: must be 0 or more"),
+    (["-n", "0"], "--num-images 0: must be at least 1"),
+    (["--seed", "-3"], "--seed -3: must be from 0"),
+    (["-o", "out.jpg"], "use a name ending in .png"),
+    (["--dtype", "fp8"], "--dtype fp8: use auto, fp32, fp16, bf16"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--model", "./no/such/dir"], "no such folder, and not a Hugging Face model id"),
+])
+def test_bad_input_is_one_line_exit_2(args, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _imagine("a sea", "--model", "./no/such/dir", *args)
+    assert result.exit_code == 2, result.output + result.stderr
+    assert expected in _one_error_line(result)
+    assert not any(tmp_path.rglob("*.png"))
+
+
+def test_empty_prompt_and_non_pipeline_folders(tmp_path):
+    assert "PROMPT is empty" in _one_error_line(_imagine("   "))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    for model, expected in ((tmp_path, "no model_index.json"),
+                            (tmp_path / "weights.safetensors", "is a file")):
+        result = _imagine("a sea", "--model", str(model), "-o", str(tmp_path / "x.png"))
+        assert result.exit_code == 2 and expected in _one_error_line(result)
+
+
+def test_output_under_a_file_fails_before_loading(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    result = _imagine("a sea", "--model", "./no/such/dir", "-o", str(tmp_path / "taken/a.png"))
+    assert result.exit_code == 2 and "is a file" in _one_error_line(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face cache and the offline error (fresh processes: the hub reads its env at import)
+
+
+def _run_llm(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    environ.update(HF_HOME=str(home), OMP_NUM_THREADS="1", **env)
+    return subprocess.run([sys.executable, "-m", "llmcli", "imagine", "--device", "cpu", *args],
+                          capture_output=True, text=True, env=environ, timeout=120)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_offline_and_not_cached_says_how_to_get_the_model(tmp_path):
+    home = tmp_path / "empty-hf-home"
+    proc = _run_llm(["画一个大海", "-o", str(tmp_path / "sea.png")], home, HF_HUB_OFFLINE="1")
+    assert proc.returncode == 1
+    line = _error_line(proc)
+    assert "stabilityai/sdxl-turbo" in line and "HF_HUB_OFFLINE" in line
+    assert "hf download stabilityai/sdxl-turbo" in line and "huggingface-cli download" in line
+    assert "--model DIR" in line and str(home / "hub") in line
+    assert not (tmp_path / "sea.png").exists()
+
+
+def test_unreachable_hub_fails_fast_with_the_same_advice(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on: connection refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = _run_llm(["a sea", "--model", "someone/tiny-turbo", "-o", str(tmp_path / "a.png")],
+                    tmp_path / "hf", HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert proc.returncode == 1
+    line = _error_line(proc)
+    assert "the Hugging Face Hub cannot be reached" in line
+    assert "hf download someone/tiny-turbo" in line
+
+
+def test_cached_hub_model_loads_offline(tiny_sdxl, tmp_path):
+    home = tmp_path / "hf"
+    repo = home / "hub" / "models--someone--tiny-turbo"
+    commit = "0" * 40
+    shutil.copytree(tiny_sdxl, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    proc = _run_llm(["a sea", "--model", "someone/tiny-turbo", "--width", "32", "--height", "32",
+                     "--seed", "9", "-o", str(tmp_path / "a.png")], home, HF_HUB_OFFLINE="1")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.text["model"] == "someone/tiny-turbo" and image.text["steps"] == "1"
+
+
+def test_partly_cached_model_offline_is_one_line(tiny_sd, tmp_path, monkeypatch):
+    import llmcli.imagine as imagine
+
+    partial = tmp_path / "snapshot"
+    shutil.copytree(tiny_sd, partial)
+    (partial / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    monkeypatch.setattr(imagine, "locate_model",
+                        lambda model: imagine.ModelSource(str(partial), False, True))
+    monkeypatch.setattr(imagine, "_hub_offline", lambda: True)
+    result = _imagine("a sea", "--model", "someone/tiny-turbo", "-o", str(tmp_path / "a.png"))
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert "someone/tiny-turbo: is only partly in the Hugging Face cache" in line
+    assert "hf download someone/tiny-turbo" in line

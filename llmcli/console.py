@@ -73,6 +73,21 @@ def progress(*extra_columns: Any, transient: bool = False) -> Progress:
     return Progress(*columns, console=err, transient=transient, disable=not is_interactive())
 
 
+def byte_progress(transient: bool = False) -> Progress:
+    """A progress bar counting bytes (downloads, tokenizing): size done/total, rate and ETA."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=err, transient=transient, disable=not is_interactive())
+
+
 def run_guarded(func: Callable[[], T]) -> T:
     """Run a command body, turning user errors (and, without --debug, any error) into one line."""
     try:

@@ -29,10 +29,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        publish(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

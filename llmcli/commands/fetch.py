@@ -1,0 +1,60 @@
+"""`llm fetch`: bring a corpus into data/: presets, URLs, Hugging Face files; resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmcli.console import fail, out, run_guarded
+
+
+def command(
+    source: str = typer.Argument(
+        None, help="A preset (see --list), an http(s):// URL, hf://datasets/OWNER/NAME/PATH, "
+        "or a local path.", show_default=False,
+    ),
+    output_dir: Path = typer.Option(
+        Path("data"), "--output-dir", "-o", help="Directory to download into."
+    ),
+    sha256: str = typer.Option(
+        None, "--sha256", help="Expected SHA-256 of the file (presets may carry their own).",
+        show_default=False,
+    ),
+    force: bool = typer.Option(False, "--force", help="Download again even if the file exists."),
+    list_presets: bool = typer.Option(False, "--list", help="List the presets and exit."),
+    retries: int = typer.Option(5, "--retries", help="Retries of a failing download."),
+) -> None:
+    """Download a corpus (or write the built-in one) into data/, ready for `llm tokenize`.
+
+    Downloads stream to NAME.part, resume with HTTP Range after an interruption, retry with
+    backoff, are checked against a SHA-256 when one is known, and get their final name only
+    when complete. An existing file is not downloaded again. hf:// addresses honour HF_ENDPOINT
+    and HF_TOKEN. The file's path is printed on stdout.
+    Examples: llm fetch builtin; llm fetch sales-textbook; llm fetch https://host/corpus.txt
+    """
+
+    def body() -> None:
+        from llmcli.data.fetch import PRESETS, fetch
+
+        if list_presets:
+            _print_presets(PRESETS)
+            return
+        if not source:
+            fail("give a SOURCE to fetch (a preset, URL, hf:// address or path); "
+                 "`llm fetch --list` shows the presets")
+        if retries < 0:
+            fail(f"--retries {retries}: must be zero or more")
+        path = fetch(source, output_dir, sha256=sha256, force=force, retries=retries)
+        out.print(str(path))
+
+    run_guarded(body)
+
+
+def _print_presets(presets: dict) -> None:
+    for preset in presets.values():
+        out.print(f"[bold]{preset.name}[/bold]  {preset.description}")
+        out.print(f"    file:   {preset.filename}")
+        out.print(f"    from:   {preset.source or '(written offline from the standard library)'}")
+        if preset.sha256:
+            out.print(f"    sha256: {preset.sha256}")

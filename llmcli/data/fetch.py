@@ -1,0 +1,396 @@
+"""Downloads that survive bad networks: `.part` files, HTTP Range resume, retries, SHA-256.
+
+A source is an http(s) URL, a Hugging Face dataset file (`hf://datasets/OWNER/NAME/PATH`, or
+`NAME@REVISION`), a local path, or a preset name (`PRESETS`). A download streams into
+`DIR/NAME.part`; after a dropped connection the next attempt (or the next run) asks the server
+for the remaining bytes only. The file appears under its final name, by an atomic rename, only
+once it is complete and its checksum (when one is known) matches; a mismatching file is moved
+aside to `NAME.bad` and never presented as good. Standard library only (urllib).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmcli import __version__
+from llmcli.console import EXIT_FAILURE, UserError, byte_progress, fail, info, warn
+from llmcli.data.corpus import FILENAME as BUILTIN_FILENAME
+from llmcli.data.corpus import write_builtin
+from llmcli.files import publish
+
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+SCHEMES = ("http", "https", "hf")
+BLOCK = 1 << 20
+RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    source: str  # URL or hf:// address; empty for the built-in corpus
+    filename: str
+    sha256: str | None
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("builtin", "", BUILTIN_FILENAME, None,
+               "Python's language reference topics, written from the standard library "
+               "(pydoc_data); no network"),
+        Preset("sales-textbook",
+               "hf://datasets/goendalf666/sales-textbook_for_convincing_and_selling/"
+               "sales_textbook.txt",
+               "sales_textbook.txt", None,
+               "the seed's pretraining corpus, an English sales textbook (~460 KB)"),
+        Preset("tinyshakespeare",
+               "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+               "tinyshakespeare/input.txt",
+               "tinyshakespeare.txt",
+               "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+               "Karpathy's char-rnn Shakespeare corpus (1.1 MB, MIT)"),
+        Preset("webnovel-cn", "hf://datasets/zxbsmk/webnovel_cn/novel_cn_token512_50k.json",
+               "novel_cn_token512_50k.json", None,
+               "the seed's fine-tuning set: 50K Chinese web-novel instruction records"),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources -> local paths
+
+
+def resolve_source(source: str, data_dir: Path = Path("data")) -> Path:
+    """A recipe's `data.source` as a local path, downloading or writing it when needed.
+
+    An existing local path is returned as is; `builtin` is written offline; other presets,
+    URLs and hf:// addresses are downloaded into `data_dir` unless a complete copy is there.
+    """
+    local = Path(source).expanduser()
+    if local.exists():
+        return local
+    return fetch(source, data_dir)
+
+
+def fetch(
+    source: str,
+    data_dir: Path = Path("data"),
+    *,
+    sha256: str | None = None,
+    force: bool = False,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+) -> Path:
+    """Bring `source` (preset, URL, hf:// address or local path) into `data_dir`; its path."""
+    data_dir = Path(data_dir)
+    expected = _check_sha256(sha256) if sha256 else None
+    preset = PRESETS.get(source)
+    if preset is not None and not preset.source:
+        return write_builtin(data_dir)
+    if preset is not None:
+        url, filename = preset.source, preset.filename
+        expected = expected or preset.sha256
+    elif "://" in source:
+        url, filename = source, None
+    else:
+        local = Path(source).expanduser()
+        if local.exists():
+            if expected:
+                actual = sha256_file(local)
+                if actual != expected:
+                    fail(f"{local}: SHA-256 is {actual}, expected {expected}; "
+                         "check the file or the --sha256 value")
+            return local
+        fail(_unknown_source_message(source))
+    address, headers = resolve_url(url)
+    target = data_dir / safe_filename(filename or _url_filename(address, source), data_dir)
+    return download(address, target, sha256=expected, force=force, headers=headers,
+                    retries=retries, backoff=backoff, timeout=timeout)
+
+
+def _unknown_source_message(source: str) -> str:
+    names = ", ".join(PRESETS)
+    if "/" in source or "\\" in source or Path(source).suffix:
+        return (f"{source}: no such file; check the path, or give a preset ({names}), "
+                "an http(s):// URL or hf://datasets/OWNER/NAME/PATH")
+    return (f"unknown data source '{source}': it is not a preset ({names}) nor an existing "
+            "file; to use your own text pass its path, e.g. data.source=path/to/corpus.txt")
+
+
+def resolve_url(source: str) -> tuple[str, dict[str, str]]:
+    """(download URL, extra headers) for an http(s) URL or an hf:// address; refuses others."""
+    scheme = source.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        fail(f"{source}: unsupported URL scheme '{scheme}'; use http(s)://, "
+             "hf://datasets/OWNER/NAME/PATH or a local path")
+    if scheme != "hf":
+        if not urllib.parse.urlsplit(source).netloc:
+            fail(f"{source}: the URL has no host; write it as {scheme}://HOST/PATH")
+        return source, {}
+    return _hf_url(source)
+
+
+def _hf_url(source: str) -> tuple[str, dict[str, str]]:
+    parts = source[len("hf://"):].split("/")
+    if len(parts) < 4 or parts[0] != "datasets" or not all(parts[1:]):
+        fail(f"{source}: expected hf://datasets/OWNER/NAME/PATH (a file of a Hugging Face "
+             "dataset), e.g. hf://datasets/zxbsmk/webnovel_cn/novel_cn_token512_50k.json")
+    owner, name, path = parts[1], parts[2], "/".join(parts[3:])
+    name, _, revision = name.partition("@")
+    endpoint = (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+    if urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
+        fail(f"HF_ENDPOINT={endpoint}: must be an http(s):// URL such as {HF_DEFAULT_ENDPOINT}")
+    quote = urllib.parse.quote
+    url = (f"{endpoint}/datasets/{quote(owner)}/{quote(name)}/resolve/"
+           f"{quote(revision or 'main', safe='')}/{quote(path)}")
+    token = os.environ.get("HF_TOKEN")
+    return url, ({"Authorization": f"Bearer {token}"} if token else {})
+
+
+def _url_filename(url: str, source: str) -> str:
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    if not name:
+        fail(f"{source}: cannot tell a file name from this URL (it ends with '/'); "
+             "give the URL of a file")
+    return name
+
+
+def safe_filename(name: str, data_dir: Path) -> str:
+    """`name` if it names a file directly inside `data_dir`; refuses anything that escapes."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+            or Path(name).is_absolute()
+            or (Path(data_dir) / name).resolve().parent != Path(data_dir).resolve()):
+        fail(f"refusing file name {name!r}: it would be written outside {data_dir}/; "
+             "download from a URL whose last part is a plain file name")
+    return name
+
+
+def _check_sha256(value: str) -> str:
+    value = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        fail(f"--sha256 {value!r}: expected 64 hexadecimal digits (as `sha256sum` prints)")
+    return value
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading
+
+
+class _Retry(Exception):
+    """A transient failure: try again after a pause, resuming from the .part file."""
+
+
+class _Restart(Exception):
+    """The .part file cannot be continued (server ignored Range, or it changed): start over."""
+
+
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib would also follow ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            fail(f"{req.full_url}: redirected to {newurl}, which is not http(s); refusing")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SafeRedirects)
+
+
+def download(
+    url: str,
+    target: Path,
+    *,
+    sha256: str | None = None,
+    force: bool = False,
+    headers: dict[str, str] | None = None,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+) -> Path:
+    """Download `url` to `target` (resuming `target.part`); the complete file's path.
+
+    An existing `target` is kept (verified when `sha256` is given) unless `force`.
+    `Authorization` headers are never forwarded to the hosts a redirect leads to.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    with _locked(target):
+        if target.exists() and not force:
+            if sha256:
+                actual = sha256_file(target)
+                if actual != sha256:
+                    fail(f"{target} exists but its SHA-256 is {actual}, expected {sha256}; "
+                         "delete it or pass --force to download it again")
+            info(f"{target} is already complete; not downloading it again (--force to redo)")
+            return target
+        if force:
+            part.unlink(missing_ok=True)
+        started = time.monotonic()
+        _transfer(url, part, headers or {}, retries, backoff, timeout, target.name)
+        actual = sha256_file(part)
+        if sha256 and actual != sha256:
+            bad = target.with_name(target.name + ".bad")
+            os.replace(part, bad)
+            fail(f"{url}: SHA-256 mismatch (expected {sha256}, got {actual}); the download was "
+                 f"not installed and is kept aside as {bad}; check the checksum or retry with "
+                 "--force", exit_code=EXIT_FAILURE)
+        size = part.stat().st_size
+        publish(part, target)
+    seconds = max(time.monotonic() - started, 1e-9)
+    info(f"downloaded {_human(size)} in {seconds:.1f} s to {target} (sha256 {actual})")
+    return target
+
+
+def _transfer(url: str, part: Path, headers: dict[str, str], retries: int, backoff: float,
+              timeout: float, label: str) -> None:
+    failures = 0
+    with byte_progress() as bar:
+        task = bar.add_task(label, total=None)
+        while True:
+            offset = part.stat().st_size if part.exists() else 0
+            before = offset
+            try:
+                _attempt(url, part, offset, headers, timeout, bar, task)
+                return
+            except _Restart as exc:
+                warn(f"{label}: {exc}; starting the download again")
+                part.unlink(missing_ok=True)
+                failures += 1
+                reason = str(exc)
+            except _Retry as exc:
+                reason = str(exc)
+                progressed = part.exists() and part.stat().st_size > before
+                failures = 0 if progressed else failures + 1
+            if failures > retries:
+                fail(f"could not download {url}: {reason} (gave up after {retries + 1} "
+                     "attempts); check the network, or fetch the file another way and pass its "
+                     "local path (e.g. data.source=path/to/file)", exit_code=EXIT_FAILURE)
+            delay = min(60.0, backoff * 2 ** max(failures - 1, 0)) * random.uniform(0.8, 1.2)
+            warn(f"{label}: {reason}; retrying in {delay:.1f} s")
+            time.sleep(delay)
+
+
+def _attempt(url: str, part: Path, offset: int, headers: dict[str, str], timeout: float,
+             bar, task) -> None:  # noqa: ANN001 (rich progress objects)
+    request = urllib.request.Request(url, headers={"User-Agent": f"llmcli/{__version__}"})
+    for key, value in headers.items():
+        request.add_unredirected_header(key, value)  # not sent on to redirect targets
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = _OPENER.open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            _http_error(url, exc, offset)
+        return  # 416 on a complete .part
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise _Retry(_describe(exc)) from None
+    with response:
+        total = _expected_total(response, offset)
+        bar.update(task, total=total, completed=offset)
+        size = offset
+        try:
+            with open(part, "ab" if offset else "wb") as fh:
+                while block := response.read(BLOCK):
+                    fh.write(block)
+                    size += len(block)
+                    bar.update(task, completed=size)
+        except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None and not _is_network(exc):
+                raise  # disk full, permissions: not a network problem
+            raise _Retry(f"connection lost after {_human(size)} ({_describe(exc)})") from None
+    if total is not None and size < total:
+        raise _Retry(f"connection closed after {_human(size)} of {_human(total)}")
+    if total is not None and size > total:
+        raise _Restart(f"received {_human(size)}, more than the announced {_human(total)}")
+
+
+def _expected_total(response: http.client.HTTPResponse, offset: int) -> int | None:
+    length = response.headers.get("Content-Length")
+    if response.status == 206:
+        match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != offset:
+            raise _Restart("the server resumed at a different position")
+        return int(match.group(3)) if match.group(3) != "*" else None
+    if offset:
+        raise _Restart("the server does not support resuming (HTTP Range)")
+    return int(length) if length and length.isdigit() else None
+
+
+def _http_error(url: str, exc: urllib.error.HTTPError, offset: int) -> None:
+    code = exc.code
+    if code == 416 and offset:
+        match = re.match(r"bytes \*/(\d+)", exc.headers.get("Content-Range", ""))
+        if match and int(match.group(1)) == offset:
+            return  # the .part file already holds everything
+        raise _Restart("the partial file no longer fits the remote file")
+    if code in RETRYABLE_STATUS:
+        raise _Retry(f"HTTP {code} {exc.reason}")
+    hint = "check the URL"
+    if code in (401, 403):
+        hint = ("for a gated or private Hugging Face dataset, accept its terms and set HF_TOKEN"
+                if "/resolve/" in url else "the server refused access")
+    elif code == 404:
+        hint = "check the URL (for hf:// the owner, dataset name and file path)"
+    raise UserError(f"could not download {url}: HTTP {code} {exc.reason}; {hint}")
+
+
+def _is_network(exc: OSError) -> bool:
+    import errno
+
+    return exc.errno in {errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
+                         errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return f"{exc.reason}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """One download per file at a time (two training ranks may ask for the same corpus)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; a lone download is the common case
+        yield
+        return
+    lock_path = target.with_name(f".{target.name}.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"

@@ -1,0 +1,373 @@
+"""`llm fetch` against a local HTTP server: resume, retries, checksums, refusals, hf://, presets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmcli.console import EXIT_FAILURE, EXIT_USAGE, UserError
+from llmcli.data import fetch as fetch_mod
+from llmcli.data.fetch import PRESETS, download, fetch, resolve_source, resolve_url, safe_filename
+
+BODY = bytes(range(256)) * 400  # 100 KB, every byte value
+
+
+class Server:
+    """Files over HTTP with Range support and scripted failures."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.drop_after: dict[str, int] = {}  # send this many body bytes, then cut (once)
+        self.fail_times: dict[str, int] = {}  # answer 503 this many times first
+        self.status: dict[str, int] = {}  # always answer with this status
+        self.no_range: set[str] = set()  # ignore Range headers
+        self.redirects: dict[str, str] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path
+                server.requests.append((path, dict(self.headers.items())))
+                if path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if path in server.status:
+                    self.send_error(server.status[path])
+                    return
+                if server.fail_times.get(path, 0) > 0:
+                    server.fail_times[path] -= 1
+                    self.send_error(503)
+                    return
+                if path not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[path]
+                start = 0
+                header = self.headers.get("Range")
+                if header and path not in server.no_range:
+                    start = int(header.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range",
+                                     f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                cut = server.drop_after.pop(path, None)
+                if cut is not None:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,),
+                                       daemon=True)
+
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.requests]
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    srv.thread.start()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_download_then_no_redownload(server: Server, tmp_path: Path) -> None:
+    server.files["/corpus.txt"] = BODY
+    path = fetch(f"{server.url}/corpus.txt", tmp_path, backoff=0)
+    assert path == tmp_path / "corpus.txt"
+    assert path.read_bytes() == BODY
+    assert not (tmp_path / "corpus.txt.part").exists()
+    again = fetch(f"{server.url}/corpus.txt", tmp_path, sha256=sha(BODY), backoff=0)
+    assert again == path
+    assert server.paths() == ["/corpus.txt"]  # the second call asked the server nothing
+    fetch(f"{server.url}/corpus.txt", tmp_path, force=True, backoff=0)
+    assert server.paths() == ["/corpus.txt", "/corpus.txt"]
+
+
+def test_resume_after_dropped_connection(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    server.drop_after["/big.bin"] = 30_000
+    path = fetch(f"{server.url}/big.bin", tmp_path, sha256=sha(BODY), backoff=0)
+    assert path.read_bytes() == BODY
+    assert len(server.requests) == 2
+    assert "Range" not in server.requests[0][1]
+    assert server.requests[1][1]["Range"] == "bytes=30000-"
+
+
+def test_resume_a_previous_runs_part_file(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    (tmp_path / "big.bin.part").write_bytes(BODY[:12_345])
+    path = fetch(f"{server.url}/big.bin", tmp_path, backoff=0)
+    assert path.read_bytes() == BODY
+    assert server.requests[0][1]["Range"] == "bytes=12345-"
+
+
+def test_complete_part_file_is_finished_without_a_body(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    (tmp_path / "big.bin.part").write_bytes(BODY)
+    assert fetch(f"{server.url}/big.bin", tmp_path, backoff=0).read_bytes() == BODY
+
+
+def test_server_without_range_support_starts_over(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    server.no_range.add("/big.bin")
+    (tmp_path / "big.bin.part").write_bytes(b"stale bytes from another file")
+    assert fetch(f"{server.url}/big.bin", tmp_path, backoff=0).read_bytes() == BODY
+
+
+def test_transient_errors_are_retried(server: Server, tmp_path: Path) -> None:
+    server.files["/flaky.txt"] = b"worth the wait\n"
+    server.fail_times["/flaky.txt"] = 2
+    path = fetch(f"{server.url}/flaky.txt", tmp_path, backoff=0)
+    assert path.read_bytes() == b"worth the wait\n"
+    assert len(server.requests) == 3
+
+
+def test_gives_up_with_a_one_line_hint(server: Server, tmp_path: Path) -> None:
+    server.status["/down.txt"] = 503
+    with pytest.raises(UserError) as info:
+        fetch(f"{server.url}/down.txt", tmp_path, retries=2, backoff=0)
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_FAILURE
+    assert "503" in message and "3 attempts" in message and "local path" in message
+    assert "\n" not in message
+    assert len(server.requests) == 3
+    assert not (tmp_path / "down.txt").exists()
+
+
+def test_unreachable_host_says_what_failed(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError) as info:
+        fetch(f"http://127.0.0.1:{port}/x.txt", tmp_path, retries=1, backoff=0)
+    assert "could not download" in str(info.value) and "data.source" in str(info.value)
+
+
+def test_not_found_is_bad_input(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info:
+        fetch(f"{server.url}/missing.txt", tmp_path, backoff=0)
+    assert info.value.exit_code == EXIT_USAGE
+    assert "404" in str(info.value)
+    assert len(server.requests) == 1  # not retried
+
+
+def test_checksum_mismatch_is_kept_aside(server: Server, tmp_path: Path) -> None:
+    server.files["/corpus.txt"] = BODY
+    with pytest.raises(UserError) as info:
+        fetch(f"{server.url}/corpus.txt", tmp_path, sha256="0" * 64, backoff=0)
+    assert "SHA-256 mismatch" in str(info.value)
+    assert not (tmp_path / "corpus.txt").exists()
+    assert not (tmp_path / "corpus.txt.part").exists()
+    assert (tmp_path / "corpus.txt.bad").read_bytes() == BODY
+
+
+def test_existing_file_with_wrong_checksum_is_refused(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_bytes(b"something else")
+    with pytest.raises(UserError, match="--force"):
+        fetch(f"{server.url}/corpus.txt", tmp_path, sha256=sha(BODY), backoff=0)
+    assert server.requests == []
+
+
+def test_bad_checksum_argument(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="64 hexadecimal"):
+        fetch("http://127.0.0.1/x.txt", tmp_path, sha256="abc")
+
+
+@pytest.mark.parametrize("source", ["ftp://example.com/a.txt", "file:///etc/passwd",
+                                    "s3://bucket/key.txt", "javascript://x"])
+def test_other_schemes_are_refused(source: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unsupported URL scheme"):
+        fetch(source, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "../evil.txt", "a/b.txt", "..\\evil.txt",
+                                  "/etc/passwd"])
+def test_escaping_names_are_refused(name: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="refusing file name"):
+        safe_filename(name, tmp_path)
+
+
+def test_escaping_url_names_are_refused(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="refusing file name"):
+        fetch(f"{server.url}/files/..%2F..%2Fevil.txt", tmp_path / "data")
+    with pytest.raises(UserError, match="ends with '/'"):
+        fetch(f"{server.url}/files/", tmp_path)
+    assert server.requests == []
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_redirect_to_other_scheme_is_refused(server: Server, tmp_path: Path) -> None:
+    server.redirects["/r.txt"] = "ftp://example.com/r.txt"
+    with pytest.raises(UserError, match="not http"):
+        fetch(f"{server.url}/r.txt", tmp_path, backoff=0)
+
+
+def test_hf_address_endpoint_token_and_revision(server: Server, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", server.url + "/")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    server.files["/datasets/owner/name/resolve/main/sub/dir/train.txt"] = b"hello hf\n"
+    server.files["/datasets/owner/name/resolve/v1.0/train.txt"] = b"old\n"
+    path = fetch("hf://datasets/owner/name/sub/dir/train.txt", tmp_path, backoff=0)
+    assert path == tmp_path / "train.txt" and path.read_bytes() == b"hello hf\n"
+    assert server.requests[0][1]["Authorization"] == "Bearer hf_secret"
+    path = fetch("hf://datasets/owner/name@v1.0/train.txt", tmp_path / "v1", backoff=0)
+    assert path.read_bytes() == b"old\n"
+
+
+def test_hf_token_is_not_sent_to_redirect_targets(server: Server, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    server.redirects["/datasets/o/n/resolve/main/f.txt"] = f"{server.url}/cdn/f.txt"
+    server.files["/cdn/f.txt"] = BODY
+    server.drop_after["/cdn/f.txt"] = 5000  # the resumed request is redirected too
+    assert fetch("hf://datasets/o/n/f.txt", tmp_path, backoff=0).read_bytes() == BODY
+    hf = [h for p, h in server.requests if p.startswith("/datasets/")]
+    cdn = [h for p, h in server.requests if p.startswith("/cdn/")]
+    assert all(h.get("Authorization") == "Bearer hf_secret" for h in hf)
+    assert cdn and not any("Authorization" in h for h in cdn)
+    assert cdn[-1]["Range"] == "bytes=5000-"
+
+
+@pytest.mark.parametrize("bad", ["hf://models/o/n/f.txt", "hf://datasets/o/n", "hf://datasets//n/f"])
+def test_malformed_hf_addresses(bad: str) -> None:
+    with pytest.raises(UserError, match="hf://datasets/OWNER/NAME/PATH"):
+        resolve_url(bad)
+
+
+def test_gated_hf_file_mentions_token(server: Server, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    server.status["/datasets/o/n/resolve/main/f.txt"] = 401
+    with pytest.raises(UserError, match="HF_TOKEN"):
+        fetch("hf://datasets/o/n/f.txt", tmp_path, backoff=0)
+
+
+def test_preset_downloads_from_hf_endpoint(server: Server, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.files["/datasets/goendalf666/sales-textbook_for_convincing_and_selling/resolve/main/"
+                 "sales_textbook.txt"] = b"Chapter 1: Building Rapport\n"
+    path = resolve_source("sales-textbook", tmp_path)
+    assert path == tmp_path / "sales_textbook.txt"
+    assert path.read_bytes().startswith(b"Chapter 1")
+    assert resolve_source("sales-textbook", tmp_path) == path
+    assert len(server.requests) == 1
+
+
+def test_preset_checksum_is_enforced(server: Server, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    preset = PRESETS["tinyshakespeare"]
+    assert preset.sha256 and len(preset.sha256) == 64
+    fake = fetch_mod.Preset("fake", f"{server.url}/input.txt", "shakespeare.txt",
+                            preset.sha256, "test")
+    monkeypatch.setitem(PRESETS, "fake", fake)
+    server.files["/input.txt"] = b"not shakespeare"
+    with pytest.raises(UserError, match="SHA-256 mismatch"):
+        fetch("fake", tmp_path, backoff=0)
+    assert not (tmp_path / "shakespeare.txt").exists()
+
+
+def test_tinyshakespeare_preset_matches_the_shared_copy(shared_data: Path) -> None:
+    data = (shared_data / "tinyshakespeare.txt").read_bytes()
+    assert sha(data) == PRESETS["tinyshakespeare"].sha256
+
+
+def test_resolve_source_local_builtin_and_unknown(tmp_path: Path) -> None:
+    local = tmp_path / "mine.txt"
+    local.write_text("text\n")
+    assert resolve_source(str(local), tmp_path / "data") == local
+    builtin = resolve_source("builtin", tmp_path / "data")
+    assert builtin.parent == tmp_path / "data" and builtin.stat().st_size > 300_000
+    mtime = builtin.stat().st_mtime_ns
+    assert resolve_source("builtin", tmp_path / "data").stat().st_mtime_ns == mtime
+    with pytest.raises(UserError) as info:
+        resolve_source("sales-texbook", tmp_path / "data")
+    message = str(info.value)
+    assert "builtin" in message and "tinyshakespeare" in message and "path" in message
+    with pytest.raises(UserError, match="no such file"):
+        resolve_source("corpora/missing.txt", tmp_path / "data")
+
+
+def test_download_keeps_nothing_half_written_on_failure(server: Server, tmp_path: Path) -> None:
+    server.status["/never.bin"] = 500
+    with pytest.raises(UserError):
+        download(f"{server.url}/never.bin", tmp_path / "never.bin", retries=0, backoff=0)
+    assert not (tmp_path / "never.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_cli(*args: str) -> object:
+    from llmcli.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_fetch_builtin_prints_the_path(tmp_path: Path) -> None:
+    result = run_cli("fetch", "builtin", "-o", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "python-reference.txt")
+
+
+def test_cli_fetch_list_and_errors(tmp_path: Path) -> None:
+    listing = run_cli("fetch", "--list")
+    assert listing.exit_code == 0
+    for name in ("builtin", "sales-textbook", "tinyshakespeare", "webnovel-cn"):
+        assert name in listing.stdout
+    bad = run_cli("fetch", "ftp://example.com/x.txt", "-o", str(tmp_path))
+    assert bad.exit_code == EXIT_USAGE
+    assert bad.stderr.count("\n") == 1 and "unsupported URL scheme" in bad.stderr
+    assert "Traceback" not in bad.output
+    none = run_cli("fetch")
+    assert none.exit_code == EXIT_USAGE and "--list" in none.stderr
+
+
+def test_cli_fetch_url(server: Server, tmp_path: Path) -> None:
+    server.files["/c.txt"] = b"abc\n"
+    result = run_cli("fetch", f"{server.url}/c.txt", "-o", str(tmp_path),
+                     "--sha256", sha(b"abc\n"))
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.strip()).read_bytes() == b"abc\n"
+    assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == ["c.txt"]

@@ -132,7 +132,8 @@ class LoraConfig:
     alpha: float = _doc(16.0, "LoRA scaling numerator (scale = alpha / rank)")
     dropout: float = _doc(0.05, "dropout on the LoRA input")
     targets: list[str] = _doc(
-        ["qkv", "proj"], "layers to adapt: qkv, proj (attention output), ffn_in, ffn_out"
+        ["qkv", "proj"], "layers to adapt: qkv, proj (attention output), ffn_in, ffn_out, "
+        "head (the output layer)"
     )
 
 
@@ -438,7 +439,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     non_negative("lora", "rank")
     positive("lora", "alpha")
     unit_interval("lora", "dropout")
-    known = ("qkv", "proj", "ffn_in", "ffn_out")
+    known = ("qkv", "proj", "ffn_in", "ffn_out", "head")
     for target in lo.targets:
         if target not in known:
             bad("lora.targets", f"unknown target '{target}'{_suggest(target, known)}; "

@@ -208,11 +208,14 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for each position (or only the last), and the mean loss when given targets.
 
         With a cache, `idx` holds only the new tokens; their positions continue from
-        `cache.length`, and the cache advances by `idx.shape[1]`.
+        `cache.length`, and the cache advances by `idx.shape[1]`. `return_logits=False` with
+        targets (training) may skip materialising the logits: the output layer and the loss are
+        then fused (`llmcli.model.loss`) and the logits come back as None.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -234,12 +237,23 @@ class GPT(nn.Module):
         x = self.norm(x)
         if last_only and targets is None:
             x = x[:, -1:]
+        if targets is not None and not return_logits and self._can_fuse_loss(x):
+            from llmcli.model.loss import linear_cross_entropy
+
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight,
+                                        self.lm_head.bias, targets.reshape(-1))
+            return None, loss
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
+
+    def _can_fuse_loss(self, x: torch.Tensor) -> bool:
+        # The fused path is fp32 (no autocast) and needs the plain Linear output layer.
+        return (type(self.lm_head) is nn.Linear and x.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())

@@ -1,0 +1,86 @@
+"""`llm finetune`: turn a pretrained completer into an assistant on instruction records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmcli import console
+from llmcli.commands.pretrain import _relaunch as relaunch_under_torchrun
+from llmcli.commands.pretrain import split_resume
+from llmcli.console import fail, run_guarded
+from llmcli.device import DEVICE_HELP
+
+
+def command(
+    recipe: Path = typer.Argument(
+        ..., help="Fine-tuning recipe (YAML); with --merge alone, a LoRA adapter file or run "
+        "directory to merge into its base."),
+    overrides: list[str] = typer.Argument(
+        None, help="Recipe overrides section.key=value, e.g. finetune.init=checkpoints/tiny "
+        "lora.rank=8 train.max_iters=200"),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory (default checkpoints/<recipe name>); with "
+        "--merge ADAPTER, the merged .safetensors file."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run exactly from its latest checkpoint; put a "
+        "checkpoint file or run directory after it to resume from that one."),
+    merge: bool = typer.Option(
+        False, "--merge", help="After a LoRA run, also write merged.safetensors (base + "
+        "adapter); `llm finetune --merge ADAPTER` merges an existing adapter."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Refuse malformed records instead of skipping them."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (DDP via torchrun)."),
+) -> None:
+    """Fine-tune a checkpoint on Alpaca-style records, fully or with LoRA adapters.
+
+    The loss covers the answers only; the prompt template is stored for `llm generate
+    --instruct`. Examples: `llm finetune recipes/tiny-lora.yaml --merge`, `llm finetune
+    recipes/tiny-finetune.yaml train.max_iters=50 --resume`, `llm finetune --merge
+    checkpoints/tiny-lora`.
+    """
+
+    def body() -> None:
+        from llmcli.recipe import load_recipe
+
+        stdout = console.out
+
+        if merge and (recipe.suffix == ".safetensors" or recipe.is_dir()):
+            if overrides or resume or nproc > 1:
+                fail("--merge ADAPTER takes no overrides or --resume; to train and merge, give "
+                     "a recipe: llm finetune RECIPE --merge")
+            from llmcli.finetune import merge_adapter
+
+            stdout.print(f"merged checkpoint: {merge_adapter(recipe, out)}")
+            return
+        if recipe.suffix == ".safetensors":
+            fail(f"{recipe}: a checkpoint, not a recipe; add --merge to merge a LoRA adapter, "
+                 "or give a recipe such as recipes/tiny-lora.yaml")
+        items, resume_spec = split_resume(list(overrides or []), resume)
+        if nproc > 1:
+            relaunch_under_torchrun(nproc)
+        loaded = load_recipe(recipe, items)
+        from llmcli.finetune import finetune
+        from llmcli.train.distributed import from_env
+
+        run = finetune(loaded, run_dir=out, device=device, resume=resume_spec, strict=strict,
+                       merge=merge)
+        if not from_env().is_main:
+            return
+        r = run.result
+        stdout.print(f"fine-tuned to step {r.step}: train loss {_fmt(r.train_loss)}, "
+                     f"validation loss {_fmt(r.val_loss)} (best {_fmt(r.best_val)} at step "
+                     f"{r.best_step}); trained {run.trainable:,} of {run.total:,} parameters")
+        if r.checkpoint is not None:
+            kind = "adapter" if run.lora else "checkpoint"
+            stdout.print(f"{kind}: {r.checkpoint}")
+        if run.merged is not None:
+            stdout.print(f"merged checkpoint: {run.merged}")
+
+    run_guarded(body)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,185 @@
+"""`llm pretrain`: train a GPT from a recipe, on CPU, one GPU or several; resumable."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from llmcli.console import fail, out, run_guarded
+from llmcli.device import DEVICE_HELP
+
+
+def command(
+    recipe: Path | None = typer.Argument(
+        None, help="Recipe YAML, e.g. recipes/tiny.yaml.", show_default=False),
+    overrides: list[str] | None = typer.Argument(
+        None, help="section.key=value overrides, e.g. train.max_iters=100 model.dropout=0.",
+        show_default=False),
+    out_dir: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory (default: checkpoints/<recipe name>/)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run exactly from its latest checkpoint; put a "
+        "checkpoint file or run directory after it to resume from that one."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + "."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Processes to train with (DDP via torchrun; one per GPU)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved recipe, size, memory, token budget and an "
+        "ETA from a couple of measured steps, then exit."),
+    keys: bool = typer.Option(False, "--keys", help="List every recipe key with its default."),
+    json_out: bool = typer.Option(False, "--json", help="With --dry-run or --keys: JSON."),
+) -> None:
+    """Pretrain a model from a recipe; checkpoints, metrics.jsonl and loss.png in the run dir.
+
+    Examples: `llm pretrain recipes/tiny.yaml`, `llm pretrain recipes/sales.yaml
+    data.source=../shared/data/sales_textbook.txt train.max_iters=500`, `llm pretrain
+    recipes/tiny.yaml --resume`, `llm pretrain recipes/scifi.yaml --nproc 2`.
+    """
+
+    def body() -> None:
+        if keys:
+            _print_keys(json_out)
+            return
+        if recipe is None:
+            fail("missing RECIPE: give a recipe file such as recipes/tiny.yaml "
+                 "(`llm pretrain --keys` lists what a recipe can set)")
+        items, resume_spec = split_resume(list(overrides or []), resume)
+        if nproc > 1:
+            _relaunch(nproc)
+        from llmcli.recipe import load_recipe
+
+        loaded = load_recipe(recipe, items)
+        if dry_run:
+            from llmcli.pretrain import dry_run as do_dry_run
+
+            _print_dry_run(do_dry_run(loaded, device=device), json_out)
+            return
+        from llmcli.pretrain import pretrain
+
+        result = pretrain(loaded, run_dir=out_dir, resume=resume_spec, device=device)
+        _print_result(result)
+
+    run_guarded(body)
+
+
+def split_resume(items: list[str], resume: bool) -> tuple[list[str], Any]:
+    """With --resume, a positional argument without '=' is the checkpoint to resume from."""
+    paths = [item for item in items if "=" not in item]
+    rest = [item for item in items if "=" in item]
+    if paths and not resume:
+        fail(f"'{paths[0]}': overrides look like section.key=value (e.g. train.max_iters=100); "
+             "to resume from a checkpoint use --resume PATH")
+    if len(paths) > 1:
+        fail(f"--resume takes one checkpoint, got {', '.join(paths)}")
+    if not resume:
+        return rest, None
+    return rest, (paths[0] if paths else True)
+
+
+def _relaunch(nproc: int) -> None:
+    """Run this same command under torchrun with `nproc` workers, then exit with its code."""
+    from llmcli.train.distributed import from_env, relaunch
+
+    if from_env().enabled:
+        fail("--nproc is for launching; under torchrun already, drop --nproc")
+    argv = sys.argv[1:]
+    cleaned, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        cleaned.append(arg)
+    sys.exit(relaunch(nproc, cleaned))
+
+
+def _print_keys(json_out: bool) -> None:
+    from llmcli.recipe import describe_keys
+
+    rows = describe_keys()
+    if json_out:
+        import json
+
+        out.print(json.dumps([{"key": k, "default": d, "doc": doc} for k, d, doc in rows],
+                             indent=2), markup=False)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    table.add_column("key")
+    table.add_column("default")
+    table.add_column("meaning")
+    for key, default, doc in rows:
+        table.add_row(key, repr(default) if isinstance(default, str) else str(default), doc)
+    out.print(table)
+
+
+def _print_dry_run(report: Any, json_out: bool) -> None:
+    if json_out:
+        import json
+
+        out.print(json.dumps(report.to_dict(), indent=2, default=str), markup=False)
+        return
+    from rich.table import Table
+
+    from llmcli.scaling import format_count, format_duration
+
+    table = Table(title="resolved recipe", box=None, pad_edge=False, header_style="bold")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("from", overflow="fold")
+    for key, value, origin in report.rows:
+        if key.split(".")[0] in ("finetune", "lora", "generate") and origin == "default":
+            continue  # not used by pretraining; `--keys` lists them
+        table.add_row(key, str(value), origin)
+    out.print(table)
+    mem = report.memory
+    gib = 1024**3
+
+    def memory(kind: str) -> str:
+        parts = mem[kind]
+        return (f"{sum(parts.values()) / gib:.2f} GiB ({kind}: weights "
+                f"{parts['weights'] / gib:.2f} + gradients {parts['gradients'] / gib:.2f} + "
+                f"AdamW {parts['adamw'] / gib:.2f}; activations extra)")
+
+    ratio = report.total_tokens / report.chinchilla_tokens if report.chinchilla_tokens else 0
+    lines = [
+        f"parameters      {report.params:,} ({format_count(report.params)}), "
+        f"trainable {report.trainable:,}",
+        f"memory          {memory('fp32')}",
+        f"                {memory('bf16')}",
+        f"tokens/step     {report.tokens_per_step:,}",
+        f"total tokens    {report.total_tokens:,} over {report.steps:,} steps "
+        f"({report.total_tokens / max(1, report.corpus_tokens):.1f} epochs of "
+        f"{report.corpus_tokens:,} training tokens)",
+        f"Chinchilla      {format_count(report.chinchilla_tokens)} tokens (20 per parameter): "
+        f"this run is {ratio:.2%} of it",
+    ]
+    if report.step_seconds is not None:
+        lines.append(f"ETA             {format_duration(report.eta_seconds)} on {report.device} "
+                     f"({report.step_seconds:.3f} s/step measured, "
+                     f"{report.tokens_per_step / report.step_seconds:,.0f} tokens/s)")
+    for line in lines:
+        out.print(line)
+
+
+def _print_result(result: Any) -> None:
+    parts = [f"step {result.step}"]
+    if result.train_loss is not None:
+        parts.append(f"train loss {result.train_loss:.4f}")
+    if result.val_loss is not None:
+        parts.append(f"val loss {result.val_loss:.4f}")
+    if result.best_val is not None:
+        parts.append(f"best val {result.best_val:.4f} (step {result.best_step})")
+    from llmcli.train.distributed import from_env
+
+    if from_env().is_main:
+        out.print(", ".join(parts) + (f"; checkpoint {result.checkpoint}"
+                                      if result.checkpoint else ""))

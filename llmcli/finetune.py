@@ -1,0 +1,273 @@
+"""Fine-tuning: recipe → base checkpoint → instruction data → LoRA or full → the shared loop.
+
+The fine-tuned model keeps its base's shape, tokenizer and vocabulary (a recipe that says
+otherwise is refused, key by key); only the data (Alpaca records, see `train/instruct.py`) and
+the trainable parameters differ from pretraining. Checkpoints carry the prompt template
+("template") so `llm generate --instruct` asks questions the way training did. LoRA runs write
+small adapter files (metadata "lora" and "base"); `merge_adapter` turns one into a full
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcli.console import fail, info, warn
+from llmcli.pretrain import default_run_dir, resolve_resume
+from llmcli.recipe import ModelConfig, Recipe, parse_records
+from llmcli.train import distributed
+from llmcli.train.checkpoint import (
+    load_model,
+    read_metadata,
+    resolve_checkpoint,
+    save_adapter,
+    save_model,
+    step_checkpoints,
+)
+from llmcli.train.instruct import (
+    InstructBatches,
+    ModelVocab,
+    answer_end,
+    build_rows,
+    encode_records,
+    resolve_template,
+    split_examples,
+)
+from llmcli.train.loop import TrainResult, train
+
+RECORD_SUFFIXES = (".json", ".jsonl")
+MERGED_NAME = "merged.safetensors"
+
+
+@dataclass
+class FinetuneRun:
+    """What a fine-tuning run did, for the command to print."""
+
+    result: TrainResult
+    run_dir: Path
+    base: Path
+    trainable: int
+    total: int
+    lora: bool
+    merged: Path | None = None
+
+
+@dataclass
+class Prepared:
+    """Everything set up before the loop starts (also what the tests inspect)."""
+
+    recipe: Recipe
+    model: torch.nn.Module
+    batches: InstructBatches
+    base: Path
+    extra_meta: dict[str, Any]
+    lora: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def reconcile(recipe: Recipe, base: Recipe, base_meta: dict[str, Any], where: str) -> Recipe:
+    """The fine-tune recipe with the base's model section, tokenizer and vocabulary.
+
+    Keys the recipe leaves at their defaults are taken from the base; keys it sets must agree
+    with the base (model.dropout may change: it shapes no weight).
+    """
+    explicit = {f.name: getattr(recipe.model, f.name) for f in dataclasses.fields(ModelConfig)
+                if recipe.provenance.get(f"model.{f.name}", "default") != "default"}
+    if explicit.get("vocab_size") == "auto":  # 'from the data' means the base's here
+        del explicit["vocab_size"]
+    wanted = dataclasses.replace(base.model, **explicit)
+    for f in dataclasses.fields(ModelConfig):
+        mine, theirs = getattr(wanted, f.name), getattr(base.model, f.name)
+        if f.name == "ffn_hidden":
+            mine, theirs = wanted.ffn_width, base.model.ffn_width
+        if f.name != "dropout" and mine != theirs:
+            origin = recipe.provenance.get(f"model.{f.name}")
+            fail(f"model.{f.name}: {mine!r} ({'override' if origin == 'override' else where}) "
+                 f"conflicts with the base checkpoint's {theirs!r}; fine-tuning keeps the base "
+                 f"model's shape: remove the key or set it to {theirs!r}")
+    tokenizer = base_meta.get("tokenizer") or base.data.tokenizer
+    vocab = "compact" if base_meta.get("vocab_map") is not None else "full"
+    for key, theirs in (("tokenizer", tokenizer), ("vocab", vocab)):
+        mine = getattr(recipe.data, key)
+        if recipe.provenance.get(f"data.{key}", "default") != "default" and mine != theirs:
+            fail(f"data.{key}: {mine!r} conflicts with the base checkpoint's {theirs!r}; a "
+                 "fine-tune uses its base's vocabulary: remove the key or set it to "
+                 f"{theirs!r}")
+    out = dataclasses.replace(recipe, model=wanted,
+                              data=dataclasses.replace(recipe.data, tokenizer=tokenizer,
+                                                       vocab=vocab))
+    out.provenance = dict(recipe.provenance)
+    return out
+
+
+def records_path(recipe: Recipe) -> Path:
+    """data.source as a local Alpaca .json/.jsonl file (downloaded first when it is a preset)."""
+    from llmcli.data.fetch import resolve_source
+
+    path = Path(resolve_source(recipe.data.source))
+    if path.is_dir() or path.suffix.lower() not in RECORD_SUFFIXES:
+        fail(f"data.source: {path} is not instruction records; fine-tuning reads an Alpaca-style "
+             ".json array or .jsonl file of {instruction, input, output} records, e.g. "
+             "data.source=../shared/data/alpaca_en_demo.json")
+    return path
+
+
+def base_checkpoint(recipe: Recipe, resume: Path | None) -> Path:
+    """The checkpoint fine-tuning starts from (a LoRA resume keeps the base it started on)."""
+    if resume is not None:
+        stored = read_metadata(resume).get("base")
+        if stored:
+            return resolve_checkpoint(stored)
+    if not recipe.finetune.init:
+        fail("finetune.init: no base checkpoint; set it in the recipe or on the command line, "
+             "e.g. finetune.init=checkpoints/tiny")
+    return resolve_checkpoint(recipe.finetune.init)
+
+
+def prepare(recipe: Recipe, *, resume: Path | None = None, strict: bool = False,
+            rank: int = 0, main: bool = True) -> Prepared:
+    """Load the base, encode the records, build the batches and set the trainable parameters."""
+    from llmcli.data.records import read_records
+    from llmcli.data.tokenizer import get_tokenizer
+    from llmcli.model.gpt import build_model
+    from llmcli.model.lora import apply_lora, lora_meta
+
+    say = info if main else _quiet
+    base_path = base_checkpoint(recipe, resume)
+    model, base_recipe, base_meta, _ = load_model(base_path, "cpu")
+    recipe = reconcile(recipe, base_recipe, base_meta, recipe.path or "recipe")
+    if recipe.model.dropout != base_recipe.model.dropout:  # same weights, new dropout modules
+        weights = model.state_dict()
+        model = build_model(recipe.model)
+        model.load_state_dict(weights)
+    model.requires_grad_(True)  # an adapter loaded as a base comes back frozen
+    template = resolve_template(recipe.finetune.template)
+
+    tokenizer = get_tokenizer(recipe.data.tokenizer)
+    vocab = ModelVocab(int(recipe.model.vocab_size), base_meta.get("vocab_map"))
+    _, stop = answer_end(tokenizer, vocab)
+    if stop and main:
+        fix = ("a corpus of several documents puts it in a compact vocabulary"
+               if vocab.compact is not None else
+               f"pretrain with model.vocab_size={tokenizer.n_vocab} to have it")
+        warn(f"the base model's vocabulary ({vocab.vocab_size:,} ids) has no end-of-text token "
+             f"(id {tokenizer.eot_id:,}): answers end with the text {stop!r} instead, stored "
+             f"as the checkpoint's stop string ({fix})")
+
+    source = records_path(recipe)
+    records = read_records(source)
+    span = parse_records(recipe.data.records) if recipe.data.records else None
+    ctx = recipe.model.context_length
+    examples, report = encode_records(
+        records, tokenizer, vocab, template=template, context_length=ctx, records_range=span,
+        train_on_prompt=recipe.finetune.train_on_prompt, strict=strict)
+    say(f"{source}: {report.summary()}")
+    for line in report.warnings(ctx) if main else []:
+        warn(line)
+    if report.unknown_tokens > 0.5 * max(report.tokens, 1):
+        fail(f"{source}: most tokens ({report.unknown_tokens:,} of {report.tokens:,}) are not in "
+             f"the base model's compact vocabulary, so there is little to learn; fine-tune a "
+             "base pretrained on similar text, with data.vocab=full or data.tokenizer=bytes")
+    train_ex, val_ex = split_examples(examples, recipe.data.val_fraction, recipe.train.seed)
+    packing = recipe.finetune.packing
+    splits = {"train": build_rows(train_ex, ctx, packing), "val": build_rows(val_ex, ctx, packing)}
+    batches = InstructBatches(splits, recipe.train.batch_size, seed=recipe.train.seed, rank=rank)
+    say(f"{len(train_ex):,} training and {len(val_ex):,} held-out records → "
+        f"{batches.rows('train'):,} + {batches.rows('val'):,} rows of {ctx} tokens "
+        f"({'packed' if packing else 'padded'}); {report.target_tokens:,} answer tokens")
+
+    extra_meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer, "template": template,
+                                  "base": str(base_path.resolve())}
+    if base_meta.get("vocab_map") is not None:
+        extra_meta["vocab_map"] = base_meta["vocab_map"]
+    if stop:
+        extra_meta["stop"] = [stop]
+    lora = recipe.lora.rank > 0
+    if lora:
+        torch.manual_seed(recipe.train.seed)  # the adapters' A matrices start the same each run
+        try:
+            apply_lora(model, recipe.lora)
+        except ValueError as exc:
+            fail(f"lora: {exc}")
+        extra_meta["lora"] = lora_meta(recipe.lora)
+    return Prepared(recipe, model, batches, base_path, extra_meta, lora)
+
+
+def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto",
+             resume: str | Path | bool | None = None, strict: bool = False,
+             merge: bool = False) -> FinetuneRun:
+    """Fine-tune as the recipe says; returns what happened (see FinetuneRun)."""
+    from llmcli.device import resolve_device
+    from llmcli.model.count import count_parameters
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
+    dist, dev = distributed.setup(resolve_device(device))
+    try:
+        resume_path = resolve_resume(resume, run_dir)
+        if resume_path is None and step_checkpoints(run_dir):
+            fail(f"{run_dir} already holds checkpoints of an earlier run; continue it with "
+                 "--resume or write this run elsewhere with -o DIR")
+        prep = prepare(recipe, resume=resume_path, strict=strict, rank=dist.rank,
+                       main=dist.is_main)
+        total, trainable = count_parameters(prep.model)
+        if dist.is_main:
+            kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
+            info(f"{kind}: training {trainable:,} of {total:,} parameters "
+                 f"({trainable / total:.2%}) from {prep.base}; run directory {run_dir}")
+            if resume_path is not None:
+                info(f"resuming from {resume_path}")
+
+        save_weights = None
+        if prep.lora:
+            def save_weights(path: Path, model: Any, meta: dict) -> None:
+                save_adapter(path, model, prep.recipe, **meta)
+
+        result = train(prep.recipe, prep.model, prep.batches, run_dir, device=dev,
+                       resume=resume_path, save_weights=save_weights,
+                       extra_meta=prep.extra_meta)
+        run = FinetuneRun(result, run_dir, prep.base, trainable, total, prep.lora)
+        if merge and dist.is_main:
+            if not prep.lora:
+                info("--merge: a full fine-tune's checkpoints are already complete models")
+            elif result.checkpoint is not None:
+                run.merged = merge_adapter(result.checkpoint, run_dir / MERGED_NAME)
+        return run
+    finally:
+        distributed.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+
+
+def merge_adapter(adapter: str | Path, out: str | Path | None = None) -> Path:
+    """Write base + adapter as one full checkpoint (default: merged.safetensors beside it)."""
+    path = resolve_checkpoint(adapter)
+    meta = read_metadata(path)
+    if "lora" not in meta:
+        fail(f"{path}: not a LoRA adapter (no 'lora' metadata); only adapter files are merged, "
+             "full checkpoints already hold every weight")
+    target = Path(out) if out is not None else path.parent / MERGED_NAME
+    if target.is_dir():
+        target = target / MERGED_NAME
+    if target.suffix != ".safetensors":
+        fail(f"-o {target}: the merged checkpoint is a .safetensors file; give a name ending in "
+             ".safetensors or a directory")
+    model, recipe, meta, _ = load_model(path, "cpu")
+    kept = {k: v for k, v in meta.items() if k not in ("format", "recipe", "lora")}
+    kept["merged_from"] = str(path.resolve())
+    recipe = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, rank=0))
+    save_model(target, model, recipe, **kept)
+    return target
+
+
+def _quiet(message: str) -> None:
+    pass

@@ -1,0 +1,342 @@
+"""Pretraining set-up: recipe -> corpus -> vocabulary -> model -> the shared training loop.
+
+`pretrain()` is what `llm pretrain` runs and `dry_run()` what `llm pretrain --dry-run` prints;
+both are plain functions so tests and notebooks call them directly. Everything recipe-specific
+(resolving `model.vocab_size: auto`, the compact vocabulary, batch sampling) happens here so
+`llmcli/train/loop.py` stays one loop for pretraining and fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmcli.console import fail, info
+from llmcli.data.batches import TokenWindows, dense_lookup
+from llmcli.data.vocab import CompactVocab
+from llmcli.recipe import Recipe
+from llmcli.train import distributed
+from llmcli.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    read_metadata,
+    resumable_checkpoints,
+    step_checkpoints,
+    trainer_path,
+)
+from llmcli.train.loop import TrainResult, train
+
+DATA_DIR = Path("data")
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus ready for sampling, and how the model's vocabulary maps onto it."""
+
+    path: Path  # the .tokens file
+    sidecar: dict[str, Any]
+    tokens: np.ndarray  # read-only uint32 memmap
+    val_start: int
+    vocab: CompactVocab | None  # compact vocabulary, or None for the tokenizer's ids
+    lookup: np.ndarray | None  # tokenizer id -> model id (compact only)
+    unknown_val: int = 0  # validation tokens unseen in training (compact only)
+
+    @property
+    def train_tokens(self) -> int:
+        return self.val_start
+
+    @property
+    def val_tokens(self) -> int:
+        return len(self.tokens) - self.val_start
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return CHECKPOINTS_DIR / recipe.name
+
+
+def load_corpus(recipe: Recipe, *, data_dir: Path = DATA_DIR,
+                vocab_map: list[int] | None = None) -> tuple[Recipe, Corpus]:
+    """Fetch/tokenize `data.source` as needed; return the recipe with vocab_size resolved.
+
+    `vocab_map` (from a checkpoint being resumed) fixes the compact vocabulary instead of
+    recomputing it from the corpus.
+    """
+    from llmcli.data.fetch import resolve_source
+    from llmcli.data.tokenize import ensure_tokens, open_tokens, read_sidecar
+
+    d = recipe.data
+    source = resolve_source(d.source, data_dir)
+    path = ensure_tokens(source, d.tokenizer, d.val_fraction, cache_dir=data_dir)
+    sidecar = read_sidecar(path)
+    if sidecar.get("tokenizer") != d.tokenizer:
+        fail(f"{path}: tokenized with {sidecar.get('tokenizer')}, but data.tokenizer is "
+             f"{d.tokenizer}; set data.tokenizer={sidecar.get('tokenizer')} or re-tokenize")
+    tokens = open_tokens(path)
+    val_start = int(sidecar.get("val_start", len(tokens)))
+    corpus = Corpus(path, sidecar, tokens, val_start, None, None)
+    if d.vocab == "compact":
+        recipe = _resolve_compact(recipe, corpus, vocab_map)
+    else:
+        recipe = _resolve_full(recipe, corpus)
+    return recipe, corpus
+
+
+def _resolve_full(recipe: Recipe, corpus: Corpus) -> Recipe:
+    max_id = int(corpus.sidecar["max_id"])
+    size = recipe.model.vocab_size
+    if size == "auto":
+        return _with_vocab(recipe, max_id + 1)
+    if max_id >= size:
+        fail(f"{corpus.path}: token id {max_id}{_describe_id(max_id, recipe)} is outside "
+             f"model.vocab_size {size} (ids 0 to {size - 1}); set model.vocab_size=auto "
+             f"(= {max_id + 1}), model.vocab_size={max(max_id + 1, _n_vocab(recipe))} for every "
+             f"{recipe.data.tokenizer} id, or data.vocab=compact")
+    return recipe
+
+
+def _resolve_compact(recipe: Recipe, corpus: Corpus, vocab_map: list[int] | None) -> Recipe:
+    if vocab_map is not None:
+        vocab = CompactVocab(vocab_map)
+    else:  # ids seen in the training part only: validation measures what unseen ids cost
+        vocab = CompactVocab.from_tokens(corpus.tokens[:corpus.val_start])
+    size = recipe.model.vocab_size
+    if size == "auto":
+        recipe = _with_vocab(recipe, vocab.size)
+    elif size < vocab.size:
+        fail(f"model.vocab_size {size} is smaller than the compact vocabulary of "
+             f"{corpus.path} ({vocab.size} ids: {len(vocab.ids)} distinct + 1 unknown); "
+             "set model.vocab_size=auto")
+    corpus.vocab = vocab
+    corpus.lookup = dense_lookup(vocab.ids, vocab.unknown_id, int(corpus.sidecar["max_id"]))
+    corpus.unknown_val = count_unknown(corpus.tokens, corpus.lookup, vocab.unknown_id,
+                                       corpus.val_start)
+    return recipe
+
+
+def count_unknown(tokens: np.ndarray, lookup: np.ndarray, unknown_id: int, start: int = 0,
+                  chunk: int = 1 << 22) -> int:
+    """How many tokens from `start` on map to the unknown id (in chunks: RSS stays flat)."""
+    total = 0
+    for lo in range(start, len(tokens), chunk):
+        total += int(np.count_nonzero(lookup[tokens[lo:lo + chunk]] == unknown_id))
+    return total
+
+
+def _with_vocab(recipe: Recipe, size: int) -> Recipe:
+    resolved = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model,
+                                                                     vocab_size=size))
+    resolved.provenance = dict(recipe.provenance)
+    if recipe.model.vocab_size == "auto":
+        resolved.provenance["model.vocab_size"] = (
+            f"{recipe.provenance.get('model.vocab_size', 'default')}: auto from the corpus")
+    return resolved
+
+
+def _n_vocab(recipe: Recipe) -> int:
+    from llmcli.data.tokenizer import get_tokenizer
+
+    return int(get_tokenizer(recipe.data.tokenizer).n_vocab)
+
+
+def _describe_id(token_id: int, recipe: Recipe) -> str:
+    from llmcli.data.tokenizer import get_tokenizer
+
+    try:
+        if token_id == get_tokenizer(recipe.data.tokenizer).eot_id:
+            return " (the end-of-text token between documents)"
+    except Exception:  # the message is still right without the name
+        return ""
+    return ""
+
+
+def make_batches(recipe: Recipe, corpus: Corpus, rank: int = 0) -> TokenWindows:
+    t, m = recipe.train, recipe.model
+    try:
+        return TokenWindows(corpus.tokens, corpus.val_start, t.batch_size, m.context_length,
+                            seed=t.seed, rank=rank, lookup=corpus.lookup)
+    except ValueError as exc:
+        fail(f"{corpus.path}: {exc}")
+
+
+def extra_meta(recipe: Recipe, corpus: Corpus) -> dict[str, Any]:
+    meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer}
+    if corpus.vocab is not None:
+        meta["vocab_map"] = corpus.vocab.to_list()
+    return meta
+
+
+def resolve_resume(spec: str | Path | bool | None, run_dir: Path) -> Path | None:
+    """The step checkpoint to resume: `True`/"latest" = newest resumable one in `run_dir`."""
+    if spec in (None, False):
+        return None
+    latest = spec in (True, "latest")
+    where = run_dir if latest else Path(spec)
+    if where.is_dir() or latest:
+        found = resumable_checkpoints(where) if where.is_dir() else []
+        if not found:
+            hint = (" (step checkpoints there lack their .trainer.safetensors)"
+                    if step_checkpoints(where) else "")
+            fail(f"--resume: no resumable checkpoint in {where}{hint}; start without --resume "
+                 "or give a step-*.safetensors file")
+        return found[-1][1]
+    if not where.exists():
+        fail(f"--resume {where}: not found; give a run directory or a step-*.safetensors file")
+    if where.suffix != ".safetensors" or where.name.endswith(".trainer.safetensors"):
+        fail(f"--resume {where}: expected a step-*.safetensors checkpoint or a run directory")
+    if not trainer_path(where).exists():
+        fail(f"--resume {where}: its trainer state {trainer_path(where).name} is missing, so "
+             "the run cannot continue exactly; use another checkpoint of the run")
+    return where
+
+
+def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
+            data_dir: Path = DATA_DIR) -> tuple[Recipe, Corpus]:
+    """Corpus and resolved recipe; rank 0 tokenizes first so ranks never write the same file."""
+    vocab_map = None
+    if resume is not None:
+        vocab_map = read_metadata(resume).get("vocab_map")
+    if dist.is_main:
+        result = load_corpus(recipe, data_dir=data_dir, vocab_map=vocab_map)
+    distributed.barrier(dist)
+    if not dist.is_main:
+        result = load_corpus(recipe, data_dir=data_dir, vocab_map=vocab_map)
+    return result
+
+
+def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path | bool | None =
+             None, device: str = "auto", data_dir: Path = DATA_DIR) -> TrainResult:
+    """Train the recipe's model on its corpus; checkpoints go to `run_dir`."""
+    from llmcli.device import resolve_device
+    from llmcli.model.count import count_parameters
+    from llmcli.model.gpt import build_model
+    from llmcli.train.state import seed_everything
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
+    dist, dev = distributed.setup(resolve_device(device))
+    try:
+        resume_path = resolve_resume(resume, run_dir)
+        recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
+        seed_everything(recipe.train.seed)
+        model = build_model(recipe.model, dev)
+        batches = make_batches(recipe, corpus, dist.rank)
+        if dist.is_main:
+            total, _ = count_parameters(model)
+            describe_run(recipe, corpus, total, batches.tokens_per_batch * recipe.train.grad_accum
+                         * dist.world_size, run_dir, dev, dist, resume_path)
+        return train(recipe, model, batches, run_dir, device=dev, resume=resume_path,
+                     extra_meta=extra_meta(recipe, corpus))
+    finally:
+        distributed.cleanup()
+
+
+def describe_run(recipe: Recipe, corpus: Corpus, params: int, tokens_per_step: int,
+                 run_dir: Path, device: torch.device, dist: distributed.Dist,
+                 resume: Path | None) -> None:
+    vocab = f"vocabulary {recipe.model.vocab_size:,}"
+    if corpus.vocab is not None:
+        vocab += f" (compact: {len(corpus.vocab.ids):,} distinct ids + unknown)"
+    procs = f" x {dist.world_size} processes" if dist.enabled else ""
+    info(f"{recipe.name}: {params / 1e6:.2f}M parameters, {vocab}; corpus {corpus.path} "
+         f"({corpus.train_tokens:,} train / {corpus.val_tokens:,} validation tokens); "
+         f"{tokens_per_step:,} tokens/step on {device}{procs}; run directory {run_dir}")
+    if corpus.unknown_val:
+        share = corpus.unknown_val / max(1, corpus.val_tokens)
+        info(f"validation: {corpus.unknown_val:,} tokens ({share:.2%}) never occur in the "
+             "training part and map to the unknown id")
+    if resume is not None:
+        info(f"resuming from {resume}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run
+
+
+@dataclass
+class DryRun:
+    rows: list[tuple[str, Any, str]]  # (key, value, where it came from)
+    params: int
+    trainable: int
+    memory: dict[str, dict[str, int]]
+    tokens_per_step: int
+    steps: int
+    total_tokens: int
+    chinchilla_tokens: float
+    corpus_tokens: int
+    step_seconds: float | None
+    device: str
+
+    @property
+    def eta_seconds(self) -> float | None:
+        return None if self.step_seconds is None else self.step_seconds * self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rows"] = [{"key": k, "value": v, "origin": o} for k, v, o in self.rows]
+        out["eta_seconds"] = self.eta_seconds
+        return out
+
+
+def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
+            measure_steps: int = 2) -> DryRun:
+    """Resolve everything a run would use and time a couple of steps, without writing a run."""
+    from llmcli.device import resolve_device
+    from llmcli.model.count import count_parameters, training_memory
+    from llmcli.model.gpt import build_model
+    from llmcli.scaling import chinchilla_tokens
+    from llmcli.train.loop import total_steps
+    from llmcli.train.state import seed_everything
+
+    dev = resolve_device(device)
+    recipe, corpus = load_corpus(recipe, data_dir=data_dir)
+    seed_everything(recipe.train.seed)
+    model = build_model(recipe.model, dev)
+    total, trainable = count_parameters(model)
+    batches = make_batches(recipe, corpus)
+    tokens_per_step = batches.tokens_per_batch * recipe.train.grad_accum
+    steps = total_steps(recipe.train, tokens_per_step)
+    seconds = measure_step_time(recipe, model, batches, dev, measure_steps)
+    return DryRun(
+        rows=recipe.rows(), params=total, trainable=trainable,
+        memory=training_memory(total, trainable), tokens_per_step=tokens_per_step, steps=steps,
+        total_tokens=steps * tokens_per_step, chinchilla_tokens=chinchilla_tokens(total),
+        corpus_tokens=corpus.train_tokens, step_seconds=seconds, device=str(dev))
+
+
+def measure_step_time(recipe: Recipe, model: torch.nn.Module, batches: TokenWindows,
+                      device: torch.device, steps: int) -> float | None:
+    """Seconds per optimizer step: one warm-up step, then the mean of `steps` timed ones."""
+    if steps <= 0:
+        return None
+    from llmcli.train.loop import Trainer
+
+    with _scratch_dir() as scratch:
+        trainer = Trainer(recipe, model, batches, scratch, device, None, None)
+        trainer.metrics.enabled = False
+        model.train()
+        trainer.train_step(model)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(model)
+        _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _scratch_dir() -> Any:
+    import tempfile
+
+    class _Dir(tempfile.TemporaryDirectory):
+        def __enter__(self) -> Path:  # type: ignore[override]
+            return Path(super().__enter__())
+
+    return _Dir(prefix="llm-dry-run-")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,558 @@
+"""One training loop for pretraining and fine-tuning.
+
+Interface (stable: `llm pretrain` and `llm finetune` both build on it):
+
+    train(recipe, model, batches, run_dir, *, device, resume=None, save_weights=None,
+          extra_meta=None) -> TrainResult
+
+- `batches`: a `llmcli.data.batches.BatchSource`: `get_batch(split) -> (x, y)` int64 CPU
+  tensors (B, T), y = IGNORE_INDEX (-100) where no loss is wanted; `state_dict()` and
+  `load_state_dict(state)` (tensors) for exact resume; `tokens_per_batch`.
+- Trains only parameters with `requires_grad` (LoRA freezes the rest); AdamW's decoupled weight
+  decay applies to parameters with 2 or more dimensions only.
+- Checkpoints (`step-N.safetensors` + `step-N.trainer.safetensors`, `best.safetensors`) go
+  through `save_weights(path, model, meta)` when given (LoRA: adapters only), else
+  `save_model(path, model, recipe, **meta)`; `meta` holds `extra_meta` ("tokenizer",
+  "vocab_map", "template", ...) plus "step", "train_loss" and "val_loss".
+- `resume`: a step checkpoint with its trainer state beside it. Without `save_weights` the
+  weights come from the checkpoint; with it, the trainable parameters come from the trainer
+  state (which then stores them), so LoRA runs resume over the same frozen base.
+- Ctrl-C finishes the step, saves and raises `TrainingInterrupted` (exit 130); a non-finite loss
+  raises a `UserError` (exit 1) without touching the checkpoints already written.
+- Under torchrun (see `distributed.py`) the model is wrapped in DDP; only rank 0 prints and
+  writes.
+
+Per-step data access, model building and recipe-specific set-up stay in the callers
+(`llmcli/pretrain.py`, `llmcli/finetune.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcli.console import EXIT_FAILURE, EXIT_INTERRUPTED, UserError, err, fail, info
+from llmcli.data.batches import BatchSource
+from llmcli.recipe import Recipe, TrainConfig
+from llmcli.train import distributed, state
+from llmcli.train.checkpoint import (
+    best_path,
+    first_line,
+    load_trainer_state,
+    prune_checkpoints,
+    save_model,
+    save_trainer_state,
+    step_path,
+    trainer_path,
+    unwrap,
+)
+from llmcli.train.metrics import Metrics
+from llmcli.train.precision import Precision, enable_fast_matmul, peak_flops, resolve_precision
+from llmcli.train.schedule import lr_at
+
+IGNORE_INDEX = -100
+SaveWeights = Callable[[Path, Any, dict], None]
+
+
+@dataclass
+class TrainResult:
+    step: int  # the last optimizer step completed
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss (this call)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", "train", "val"}
+    best_val: float | None = None
+    best_step: int | None = None
+    checkpoint: Path | None = None  # the last step checkpoint written
+    tokens: int = 0  # training tokens seen (all ranks, resumed runs included)
+    elapsed: float = 0.0  # training seconds (resumed runs included)
+    stopped_by: str = "max_iters"  # max_iters | max_tokens | max_time | interrupted
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.evals[-1]["val"] if self.evals else None
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.evals[-1]["train"] if self.evals else None
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C: the step finished and the checkpoint was saved; the command exits with 130."""
+
+    def __init__(self, message: str, result: TrainResult) -> None:
+        super().__init__(message, EXIT_INTERRUPTED)
+        self.result = result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; weight decay on matrices (not biases, norms)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        fail("nothing to train: every parameter is frozen (check the lora section)")
+    decay = [p for _, p in named if p.dim() >= 2]
+    rest = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    # fused: one kernel per step on CUDA and a vectorised loop on CPU (torch >= 2.4).
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
+    steps = cfg.max_iters
+    if cfg.max_tokens:
+        steps = min(steps, math.ceil(cfg.max_tokens / tokens_per_step))
+    return steps
+
+
+class _StopFlag:
+    """First Ctrl-C (or SIGTERM, as schedulers and torchrun send): finish the step and save.
+
+    Another one a second later aborts at once; within that second it is the same keypress
+    reaching us twice (from the terminal and from torchrun), so it is ignored.
+    """
+
+    def __init__(self) -> None:
+        self.requested_at: float | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.requested_at is not None and now - self.requested_at > 1.0:
+            raise KeyboardInterrupt
+        if self.requested_at is None:
+            self.requested_at = now
+            err.print("\n[yellow]stopping after this step to save a checkpoint "
+                      "(Ctrl-C again to abort without saving)[/yellow]")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handle)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class Trainer:
+    """The state of one run; `train()` below is the public entry point."""
+
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, batches: BatchSource,
+                 run_dir: Path, device: torch.device, save_weights: SaveWeights | None,
+                 extra_meta: dict | None) -> None:
+        self.recipe = recipe
+        self.cfg = recipe.train
+        self.batches = batches
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device)
+        self.save_weights = save_weights
+        self.extra_meta = dict(extra_meta or {})
+        self.dist = distributed.current()
+        self.main = self.dist.is_main
+
+        self.raw = unwrap(model).to(self.device)
+        enable_fast_matmul(self.device)
+        self.precision: Precision = resolve_precision(self.cfg.precision, self.device)
+        self.scaler = self.precision.scaler()
+        self.optimizer = build_optimizer(self.raw, self.cfg, self.device)
+        self.trainable = [p for p in self.raw.parameters() if p.requires_grad]
+        # Models that can fuse the output layer with the loss skip the logits when training.
+        self.fused_loss = "return_logits" in inspect.signature(self.raw.forward).parameters
+
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.last_val: float | None = None
+        self.last_eval_train: float | None = None
+        self.result = TrainResult(step=0)
+        self.metrics = Metrics(self.run_dir, enabled=self.main, tracker=self.cfg.tracker)
+        self.tokens_per_step = batches.tokens_per_batch * self.cfg.grad_accum * self.dist.world_size
+        self.total = total_steps(self.cfg, self.tokens_per_step)
+        self.flops_per_token = _flops_per_token(self.raw, recipe)
+        self.peak = peak_flops(self.device, self.precision.name) if self.main else None
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def restore(self, resume: Path) -> None:
+        where = str(resume)
+        tensors, meta = load_trainer_state(trainer_path(resume))
+        if self.save_weights is None:
+            load_weights_checked(self.raw, resume)
+        else:
+            params = state.unprefixed(tensors, "param.")
+            load_params_checked(self.raw, params, where)
+        state.load_optimizer_state(self.optimizer, tensors, meta["optimizer"], where)
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        rank_prefix = f"rank{self.dist.rank}."
+        ranked = state.unprefixed(tensors, rank_prefix)
+        if ranked:
+            state.set_rng_state(ranked, meta["rng"][str(self.dist.rank)])
+            self.batches.load_state_dict(state.unprefixed(ranked, "batches."))
+        else:  # a different number of processes than the saved run: fresh streams per rank
+            if self.main:
+                info(f"note: {where} was saved by {meta.get('world_size')} process(es); rank "
+                     f"{self.dist.rank} continues with a new random stream")
+            state.seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * meta["step"])
+        self.step = int(meta["step"])
+        self.tokens = int(meta.get("tokens", 0))
+        self.elapsed = float(meta.get("elapsed", 0.0))
+        self.best_val = meta.get("best_val")
+        self.best_step = meta.get("best_step")
+        self.last_val = meta.get("val_loss")
+        self.last_eval_train = meta.get("train_loss")
+        self.result.evals = list(meta.get("evals", []))
+        if self.step >= self.total and self.main:
+            info(f"{where} is already at step {self.step} of {self.total}; raise "
+                 "train.max_iters to train further")
+
+    # -- one step -------------------------------------------------------------------------
+
+    def train_step(self, model: torch.nn.Module) -> torch.Tensor:
+        lr = lr_at(self.step, self.cfg, self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr = lr
+        accum = self.cfg.grad_accum
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.batches.get_batch("train")
+            has_targets = bool((y != IGNORE_INDEX).any())
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    if self.fused_loss:
+                        logits, loss = model(x, y, return_logits=False)
+                    else:
+                        logits, loss = model(x, y)
+                if not has_targets and logits is not None:
+                    loss = logits.float().sum() * 0.0  # not NaN: a zero that keeps DDP in step
+                loss = loss / accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach().float()
+        if self.cfg.grad_clip > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip, foreach=True)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split, averaged across ranks."""
+        model.eval()
+        means = []
+        for split in ("train", "val"):
+            total, count = 0.0, 0
+            for _ in range(self.cfg.eval_iters):
+                x, y = self.batches.get_batch(split)
+                if not bool((y != IGNORE_INDEX).any()):
+                    continue
+                with self.precision.autocast():
+                    _, loss = model(x.to(self.device), y.to(self.device))
+                total += float(loss)
+                count += 1
+            means.append(total / count if count else float("nan"))
+        model.train()
+        reduced = distributed.mean_across(torch.tensor(means, dtype=torch.float64), self.dist)
+        return {"train": float(reduced[0]), "val": float(reduced[1])}
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def weights_meta(self) -> dict[str, Any]:
+        return {**self.extra_meta, "step": self.step, "train_loss": self.last_eval_train,
+                "val_loss": self.last_val}
+
+    def write_weights(self, path: Path) -> None:
+        meta = self.weights_meta()
+        if self.save_weights is not None:
+            self.save_weights(path, self.raw, meta)
+        else:
+            save_model(path, self.raw, self.recipe, **meta)
+
+    def save(self) -> Path:
+        """Trainer state first, then the weights: a step file always has its state beside it."""
+        path = step_path(self.run_dir, self.step)
+        rng_tensors, rng_meta = state.rng_state()
+        ranked = {**rng_tensors, **state.prefixed(self.batches.state_dict(), "batches.")}
+        gathered = distributed.gather_objects((ranked, rng_meta), self.dist)
+        if self.main:
+            tensors, opt_meta = state.optimizer_state(self.optimizer)
+            for rank, (rank_tensors, _) in enumerate(gathered):
+                tensors.update(state.prefixed(rank_tensors, f"rank{rank}."))
+            if self.save_weights is not None:
+                named = dict(self.raw.named_parameters())
+                tensors.update({f"param.{n}": p for n, p in named.items() if p.requires_grad})
+            meta = {
+                "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                "best_val": self.best_val, "best_step": self.best_step,
+                "val_loss": self.last_val, "train_loss": self.last_eval_train,
+                "evals": self.result.evals, "world_size": self.dist.world_size,
+                "optimizer": opt_meta, "rng": {str(r): m for r, (_, m) in enumerate(gathered)},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "recipe": {"name": self.recipe.name, **self.recipe.to_dict()},
+            }
+            save_trainer_state(trainer_path(path), tensors, meta)
+            self.write_weights(path)
+            prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        distributed.barrier(self.dist)
+        self.result.checkpoint = path
+        return path
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, resume: Path | None) -> TrainResult:
+        if resume is not None:
+            self.restore(Path(resume))
+        else:
+            state.seed_everything(self.cfg.seed + self.dist.rank)
+        start = self.step
+        self.metrics.start(start)
+        net = torch.compile(self.raw) if self.cfg.compile else self.raw
+        model = distributed.wrap(net, self.dist, self.device)
+        model.train()
+        stop = _StopFlag()
+        view = _View(self)
+        stopped_by = None
+        interrupted = False
+        window_time, window_tokens = 0.0, 0
+        try:
+            with stop.installed(), view:
+                while True:
+                    # Order at each step: evaluate, checkpoint, stop or train. A resumed run
+                    # restarts here and skips what the saved run already did at this step.
+                    stopped_by = self.stop_reason()
+                    done = stopped_by is not None
+                    evaluated = {e["step"] for e in self.result.evals}
+                    if (self.step % self.cfg.eval_interval == 0 or done) \
+                            and self.step not in evaluated:
+                        self.record_eval(net, view)
+                    if self.step > start and (
+                            self.step % self.cfg.checkpoint_interval == 0 or done or interrupted):
+                        self.save()
+                    if done or interrupted:
+                        break
+
+                    t0 = time.perf_counter()
+                    loss_t = self.train_step(model)
+                    flags = torch.stack([loss_t.float().cpu(),
+                                         torch.tensor(float(stop.requested))])
+                    flags = distributed.mean_across(flags, self.dist)
+                    loss = float(flags[0])
+                    dt = time.perf_counter() - t0
+                    self.step += 1
+                    self.tokens += self.tokens_per_step
+                    self.elapsed += dt
+                    window_time += dt
+                    window_tokens += self.tokens_per_step
+                    if not math.isfinite(loss):
+                        self.non_finite(loss)
+                    self.result.losses[self.step] = loss
+                    view.step(loss)
+                    if self.step % self.cfg.log_interval == 0:
+                        rate = window_tokens / window_time if window_time else 0.0
+                        self.metrics.log({
+                            "kind": "train", "step": self.step, "train_loss": loss,
+                            "lr": self.lr, "tokens": self.tokens, "tokens_per_s": rate,
+                            "mfu": self.mfu(rate), "elapsed": round(self.elapsed, 3)})
+                        view.rate(rate, self.mfu(rate))
+                        window_time, window_tokens = 0.0, 0
+                    interrupted = float(flags[1]) > 0
+        finally:
+            self.metrics.close()
+        self.result.step = self.step
+        self.result.tokens = self.tokens
+        self.result.elapsed = self.elapsed
+        self.result.best_val = self.best_val
+        self.result.best_step = self.best_step
+        self.result.stopped_by = "interrupted" if interrupted else stopped_by
+        if interrupted:
+            raise TrainingInterrupted(
+                f"interrupted at step {self.step}: saved {self.result.checkpoint}; continue "
+                "with the same command plus --resume", self.result)
+        return self.result
+
+    def stop_reason(self) -> str | None:
+        if self.step >= self.total:
+            return "max_tokens" if self.total < self.cfg.max_iters else "max_iters"
+        if self.cfg.max_time and self.elapsed >= self.cfg.max_time:
+            return "max_time"
+        return None
+
+    def record_eval(self, net: torch.nn.Module, view: _View) -> None:
+        losses = self.evaluate(net)
+        self.last_eval_train, self.last_val = losses["train"], losses["val"]
+        self.result.evals.append({"step": self.step, **losses})
+        self.metrics.log({"kind": "eval", "step": self.step, **losses})
+        view.evaluated(self.step, losses)
+        if math.isfinite(losses["val"]) and (self.best_val is None
+                                             or losses["val"] < self.best_val):
+            self.best_val, self.best_step = losses["val"], self.step
+            if self.main and self.step > 0:
+                self.write_weights(best_path(self.run_dir))
+        self.metrics.plot()
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if not self.peak or not self.flops_per_token:
+            return None
+        per_device = tokens_per_s / self.dist.world_size
+        return per_device * self.flops_per_token / self.peak
+
+    def non_finite(self, loss: float) -> None:
+        saved = self.result.checkpoint
+        last = (f"last good checkpoint: {saved}" if saved else
+                "no checkpoint was written in this run")
+        fail(f"training loss became {loss} at step {self.step}; stopped without saving "
+             f"({last}); likely causes: a learning rate too high (train.lr={self.cfg.lr}), "
+             f"no gradient clipping (train.grad_clip), or fp16 overflow "
+             f"(train.precision={self.precision.name}: try bf16 or fp32)", EXIT_FAILURE)
+
+
+def _flops_per_token(model: torch.nn.Module, recipe: Recipe) -> float | None:
+    from llmcli.model.count import flops_per_token
+
+    try:
+        return flops_per_token(model, recipe.model.context_length)
+    except (AttributeError, TypeError):
+        return None
+
+
+def load_weights_checked(model: torch.nn.Module, path: Path) -> None:
+    """Load a weights file strictly; a mismatch names the differing keys."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    load_params_checked(model, tensors, str(path), strict=True)
+
+
+def load_params_checked(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
+                        strict: bool = False) -> None:
+    expected = model.state_dict()
+    problems = []
+    for name, want in expected.items():  # in the model's order: embeddings first
+        if name not in tensors:
+            if strict:
+                problems.append(f"{name} (missing)")
+        elif tuple(tensors[name].shape) != tuple(want.shape):
+            problems.append(f"{name} {tuple(tensors[name].shape)} vs recipe {tuple(want.shape)}")
+    problems += [f"{name} (not in this model)" for name in tensors if name not in expected]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more"
+                                           if len(problems) > 6 else "")
+        fail(f"{where}: checkpoint does not match the recipe's model: {shown}; resume with "
+             "the recipe the run was started with (or start a new run without --resume)")
+    try:
+        model.load_state_dict(tensors, strict=strict)
+    except RuntimeError as exc:
+        fail(f"{where}: cannot load weights ({first_line(exc)})")
+
+
+class _View:
+    """Progress for people: a rich bar on a terminal, the seed's log lines otherwise."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        from rich.progress import TextColumn
+
+        from llmcli.console import is_interactive, progress
+
+        self.t = trainer
+        self.enabled = trainer.main
+        self.live = self.enabled and is_interactive()
+        self.bar = progress(TextColumn("{task.fields[stats]}")) if self.live else None
+        self.task = None
+        self.train_loss: float | None = None
+        self.rate_text = ""
+        self.tokens_per_s: float | None = None
+
+    def __enter__(self) -> _View:
+        if self.bar is not None:
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.t.total, completed=self.t.step,
+                                          stats="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def _stats(self) -> str:
+        parts = []
+        if self.train_loss is not None:
+            parts.append(f"loss {self.train_loss:.3f}")
+        if self.t.last_val is not None:
+            parts.append(f"val {self.t.last_val:.3f}")
+        parts.append(f"lr {getattr(self.t, 'lr', self.t.cfg.lr):.2e}")
+        if self.rate_text:
+            parts.append(self.rate_text)
+        return "  ".join(parts)
+
+    def step(self, loss: float) -> None:
+        self.train_loss = loss
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.t.step, stats=self._stats())
+
+    def rate(self, tokens_per_s: float, mfu: float | None) -> None:
+        self.tokens_per_s = tokens_per_s
+        self.rate_text = f"{tokens_per_s:,.0f} tok/s" + (f"  MFU {mfu:.0%}" if mfu else "")
+
+    def evaluated(self, step: int, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        line = (f"Step: {step} Training Loss: {round(losses['train'], 3)} "
+                f"Validation Loss: {round(losses['val'], 3)}")
+        if self.tokens_per_s:
+            line += f" | {self.tokens_per_s:,.0f} tokens/s"
+        if self.bar is not None:
+            self.bar.console.print(line)
+            self.bar.update(self.task, stats=self._stats())
+        else:
+            info(line)
+
+
+def train(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    batches: BatchSource,
+    run_dir: Path,
+    *,
+    device: torch.device | str,
+    resume: Path | None = None,
+    save_weights: SaveWeights | None = None,
+    extra_meta: dict | None = None,
+) -> TrainResult:
+    """Train `model` on `batches` as `recipe.train` says; see the module docstring."""
+    trainer = Trainer(recipe, model, batches, Path(run_dir), torch.device(device), save_weights,
+                      extra_meta)
+    return trainer.run(resume)

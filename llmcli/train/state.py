@@ -1,0 +1,95 @@
+"""Everything a resumed run needs to continue exactly, flattened to tensors + JSON.
+
+Safetensors holds only tensors, so the optimizer's moments, the RNG states of torch, numpy and
+Python, and the batch sampler's generators become named tensors; the small non-tensor parts
+(param groups, counters) travel as JSON metadata. Nothing here pickles.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmcli.console import fail
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in sd["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict, where: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = meta["param_groups"]
+    for group in groups:  # JSON turned the betas tuple into a list
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g["params"]) for g in groups]
+    if ours != theirs:
+        fail(f"{where}: the optimizer state covers {theirs} parameters per group but this model "
+             f"trains {ours}; resume with the same recipe (model and lora sections) as the run")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states (torch CPU and CUDA, numpy, Python)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, py_gauss = random.getstate()
+    tensors["rng.python"] = torch.tensor(internal, dtype=torch.int64)
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, py_gauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                  key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        states = [tensors[k].to(torch.uint8) for k in cuda]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, gauss))
+    version, py_gauss = meta["python"]
+    internal = tuple(int(v) for v in tensors["rng.python"].tolist())
+    random.setstate((version, internal, py_gauss))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in tensors.items()}
+
+
+def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,0 +1,206 @@
+"""`llm finetune`: full and LoRA runs on a tiny byte-level model, adapters, merge, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from llmcli.cli import app
+from llmcli.console import UserError
+from llmcli.finetune import finetune, merge_adapter, prepare
+from llmcli.model.gpt import build_model
+from llmcli.recipe import build_recipe
+from llmcli.train.checkpoint import load_model, read_metadata, save_model
+from llmcli.train.instruct import STOP_TEXTS, render_prompt
+
+MODEL = {"vocab_size": 257, "context_length": 48, "d_model": 32, "num_blocks": 2,
+         "num_heads": 4, "dropout": 0.0}
+TEMPLATE = "Q: {instruction}\n{input}\nA: "
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    """A byte-level base checkpoint, as `llm pretrain` would write it."""
+    recipe = build_recipe({"name": "base", "data": {"tokenizer": "bytes"}, "model": MODEL})
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    path = tmp_path / "base" / "step-00000010.safetensors"
+    save_model(path, model, recipe, tokenizer="bytes", step=10)
+    return path
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Path:
+    colours = ["red", "blue", "green", "black", "white", "pink"]
+    data = [{"instruction": f"Colour {i}?", "input": "", "output": colours[i % 6]}
+            for i in range(40)]
+    data[5] = {"instruction": "no output here"}
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def make_recipe(base: Path, records: Path, *overrides: str, **sections):
+    raw = {
+        "name": "ft",
+        "data": {"source": str(records), "val_fraction": 0.2},
+        "finetune": {"init": str(base), "template": TEMPLATE},
+        "train": {"batch_size": 4, "max_iters": 6, "lr": 3e-3, "eval_interval": 3,
+                  "eval_iters": 2, "log_interval": 1, "checkpoint_interval": 3,
+                  "precision": "fp32", "seed": 7},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return build_recipe(raw, list(overrides))
+
+
+def test_prepare_takes_the_base_model_and_reports_malformed(base, records, capsys):
+    prep = prepare(make_recipe(base, records))
+    assert prep.recipe.model.vocab_size == 257 and prep.recipe.data.tokenizer == "bytes"
+    assert prep.extra_meta["template"] == TEMPLATE
+    assert prep.extra_meta["tokenizer"] == "bytes" and "stop" not in prep.extra_meta
+    assert prep.batches.rows("train") + prep.batches.rows("val") == 39
+    assert "record 5: has no 'output' field" in capsys.readouterr().err
+    assert all(p.requires_grad for p in prep.model.parameters())
+    with pytest.raises(UserError, match="record 5"):
+        prepare(make_recipe(base, records), strict=True)
+
+
+def test_conflicting_model_keys_are_refused(base, records):
+    with pytest.raises(UserError, match=r"model.d_model: 64 \(override\) conflicts with the "
+                       r"base checkpoint's 32"):
+        prepare(make_recipe(base, records, "model.d_model=64"))
+    with pytest.raises(UserError, match="data.tokenizer"):
+        prepare(make_recipe(base, records, "data.tokenizer=cl100k_base"))
+    # the same values, or dropout (it shapes no weight), are fine
+    prep = prepare(make_recipe(base, records, "model.d_model=32", "model.dropout=0.2"))
+    assert prep.recipe.model.dropout == 0.2
+    assert prep.model.blocks[0].ffn.dropout.p == 0.2
+
+
+def test_bad_inputs_are_one_line_errors(base, records, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("plain text", encoding="utf-8")
+    with pytest.raises(UserError, match="not instruction records"):
+        prepare(make_recipe(base, records, f"data.source={text}"))
+    with pytest.raises(UserError, match="finetune.init: no base checkpoint"):
+        prepare(make_recipe(base, records, "finetune.init=null"))
+    with pytest.raises(UserError, match="finetune.template"):
+        prepare(make_recipe(base, records, "finetune.template=no fields"))
+
+
+def test_full_finetune_learns_and_stores_the_template(base, records, tmp_path):
+    run = finetune(make_recipe(base, records, "train.max_iters=30", "train.eval_interval=10"),
+                   run_dir=tmp_path / "full", device="cpu")
+    evals = run.result.evals
+    assert evals[-1]["val"] < evals[0]["val"]  # held-out answers get more likely
+    assert not run.lora and run.trainable == run.total
+    meta = read_metadata(run.result.checkpoint)
+    assert meta["template"] == TEMPLATE and meta["tokenizer"] == "bytes"
+    assert meta["base"] == str(base.resolve()) and "lora" not in meta
+    model, recipe, _, _ = load_model(run.result.checkpoint)
+    assert recipe.model.d_model == 32
+
+
+def test_lora_run_saves_a_small_adapter_that_loads_as_base_plus_adapter(base, records, tmp_path):
+    run = finetune(make_recipe(base, records, "lora.rank=4", "lora.alpha=8",
+                               "lora.targets=qkv,proj,ffn_in,ffn_out"),
+                   run_dir=tmp_path / "lora", device="cpu", merge=True)
+    assert run.lora and 0 < run.trainable < run.total / 5
+    adapter = run.result.checkpoint
+    with safe_open(str(adapter), framework="pt") as fh:
+        keys = list(fh.keys())
+    assert keys and all(".lora_A" in k or ".lora_B" in k for k in keys)
+    assert adapter.stat().st_size < base.stat().st_size / 3
+    meta = read_metadata(adapter)
+    assert meta["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.05,
+                            "targets": ["qkv", "proj", "ffn_in", "ffn_out"]}
+    assert Path(meta["base"]) == base.resolve() and meta["template"] == TEMPLATE
+
+    # loading the adapter = the base with trained adapters merged, which really changed it
+    x = torch.tensor([list(render_prompt(TEMPLATE, "Colour 3?").encode())])
+    adapted, _, _, _ = load_model(adapter)
+    plain, _, _, _ = load_model(base)
+    assert not torch.allclose(adapted(x)[0], plain(x)[0], atol=1e-4)
+
+    # --merge wrote a full checkpoint with the same function and no LoRA metadata
+    assert run.merged == tmp_path / "lora" / "merged.safetensors"
+    merged, merged_recipe, merged_meta, _ = load_model(run.merged)
+    assert "lora" not in merged_meta and merged_meta["template"] == TEMPLATE
+    assert merged_recipe.lora.rank == 0
+    assert torch.allclose(merged(x)[0], adapted(x)[0], atol=1e-5)
+    # and merging by hand gives the same file contents
+    again = merge_adapter(adapter, tmp_path / "again.safetensors")
+    assert torch.equal(load_model(again)[0](x)[0], merged(x)[0])
+
+
+def test_lora_resume_is_exact(base, records, tmp_path):
+    overrides = ("lora.rank=2", "lora.dropout=0.1")  # dropout: RNG state must resume too
+    whole = finetune(make_recipe(base, records, *overrides), run_dir=tmp_path / "a",
+                     device="cpu")
+    first = finetune(make_recipe(base, records, *overrides, "train.max_iters=3"),
+                     run_dir=tmp_path / "b", device="cpu")
+    assert first.result.step == 3
+    second = finetune(make_recipe(base, records, *overrides), run_dir=tmp_path / "b",
+                      device="cpu", resume=True)
+    assert second.result.step == 6
+    for step in (4, 5, 6):
+        assert second.result.losses[step] == whole.result.losses[step]
+    with safe_open(str(whole.result.checkpoint), framework="pt") as a, \
+            safe_open(str(second.result.checkpoint), framework="pt") as b:
+        for key in a.keys():  # noqa: SIM118
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    # a fresh run into a directory that holds a run is refused, not mixed in
+    with pytest.raises(UserError, match="--resume"):
+        finetune(make_recipe(base, records, *overrides), run_dir=tmp_path / "b", device="cpu")
+
+
+def test_vocabulary_without_end_of_text_ends_answers_with_stop_text(tmp_path, records):
+    recipe = build_recipe({"name": "small", "data": {"tokenizer": "bytes"},
+                           "model": {**MODEL, "vocab_size": 256}})
+    path = tmp_path / "small.safetensors"
+    save_model(path, build_model(recipe.model), recipe, tokenizer="bytes")
+    prep = prepare(make_recipe(path, records))
+    assert prep.extra_meta["stop"] == [STOP_TEXTS[0]]
+    x, y = prep.batches.get_batch("train")
+    answer_and_stop = y[0][y[0] >= 0].tolist()
+    assert bytes(answer_and_stop).decode().endswith(STOP_TEXTS[0])
+
+
+def test_cli_runs_lora_and_merges(base, records, tmp_path):
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(
+        "data:\n"
+        f"  source: {records}\n"
+        "finetune:\n"
+        f"  init: {base}\n"
+        "  template: \"Q: {instruction}\\nA: \"\n"
+        "lora:\n  rank: 2\n"
+        "train:\n  batch_size: 2\n  max_iters: 2\n  eval_interval: 1\n  eval_iters: 1\n",
+        encoding="utf-8")
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", str(recipe), "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned to step 2" in result.stdout
+    assert "adapter:" in result.stdout
+    adapter = out / "step-00000002.safetensors"
+    assert adapter.exists() and "lora" in read_metadata(adapter)
+
+    result = runner.invoke(app, ["finetune", "--merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "merged.safetensors").exists()
+
+    # --strict turns the malformed record into a one-line error with its index, exit 2
+    result = runner.invoke(app, ["finetune", str(recipe), "--strict", "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "record 5: has no 'output' field" in result.output
+    assert "Traceback" not in result.output
+    # merging a full checkpoint is refused in one line
+    result = runner.invoke(app, ["finetune", "--merge", str(base)])
+    assert result.exit_code == 2 and "not a LoRA adapter" in result.output

@@ -1,0 +1,144 @@
+"""`llm pretrain` end to end: recipe + overrides -> corpus -> training -> run directory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from helpers_train import markov_tokens, one_thread, write_tokens
+from typer.testing import CliRunner
+
+from llmcli.cli import app
+from llmcli.train.checkpoint import read_metadata, step_checkpoints
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+runner = CliRunner()
+
+RECIPE = {
+    "data": {"tokenizer": "bytes"},
+    "model": {"vocab_size": "auto", "context_length": 16, "d_model": 32, "num_blocks": 2,
+              "num_heads": 4, "dropout": 0.0},
+    "train": {"batch_size": 4, "max_iters": 6, "eval_interval": 3, "eval_iters": 2,
+              "log_interval": 3, "checkpoint_interval": 3, "lr": 3e-3},
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A working directory with a recipe and a token file (ids 0-47) beside it."""
+    monkeypatch.chdir(tmp_path)
+    write_tokens(tmp_path / "corpus.tokens", markov_tokens(4000))
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(RECIPE), encoding="utf-8")
+    return tmp_path
+
+
+def llm(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_trains_into_the_default_run_directory(project):
+    result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens")
+    assert result.exit_code == 0, result.output
+    run = project / "checkpoints" / "mini"
+    assert [s for s, _ in step_checkpoints(run)] == [3, 6]
+    assert (run / "metrics.jsonl").exists() and (run / "loss.png").exists()
+    assert "step 6" in result.stdout and "val loss" in result.stdout
+    assert "Step: 0 Training Loss:" in result.stderr
+    meta = read_metadata(run / "step-00000006.safetensors")
+    assert meta["recipe"]["model"]["vocab_size"] == 48  # auto: largest id + 1
+    assert meta["tokenizer"] == "bytes" and "vocab_map" not in meta
+
+
+def test_out_dir_and_resume_continue_the_run(project):
+    first = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/a")
+    assert first.exit_code == 0, first.output
+    again = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=9",
+                "-o", "runs/a", "--resume")
+    assert again.exit_code == 0, again.output
+    assert "resuming from runs/a/step-00000006.safetensors" in again.stderr
+    assert [s for s, _ in step_checkpoints(project / "runs/a")] == [3, 6, 9]
+    # an explicit checkpoint after --resume
+    third = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/a",
+                "--resume", "runs/a/step-00000003.safetensors")
+    assert third.exit_code == 0, third.output
+    assert "resuming from runs/a/step-00000003.safetensors" in third.stderr
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(project):
+    result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "--resume")
+    assert result.exit_code == 2
+    assert "no resumable checkpoint in checkpoints/mini" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_positional_that_is_not_an_override_is_explained(project):
+    result = llm("pretrain", "mini.yaml", "corpus.tokens")
+    assert result.exit_code == 2
+    assert "section.key=value" in result.stderr and "--resume PATH" in result.stderr
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_clear_error(project):
+    result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "model.vocab_size=40")
+    assert result.exit_code == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert "token id 47" in message and "model.vocab_size 40" in message
+    assert "model.vocab_size=auto" in message
+    assert "Traceback" not in result.output
+    assert not (project / "checkpoints" / "mini").exists()
+
+
+def test_compact_vocabulary_is_stored_and_unknown_ids_are_counted(project):
+    tokens = markov_tokens(4000).astype(np.int64) * 1000  # sparse ids 0..47000
+    tokens[3900:3910] = 99_999  # only in the validation part (the last 10%)
+    write_tokens(project / "sparse.tokens", tokens, vocab_size=100_000)
+    result = llm("pretrain", "mini.yaml", "data.source=sparse.tokens", "data.vocab=compact",
+                 "-o", "runs/c")
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(project / "runs/c/step-00000006.safetensors")
+    assert meta["vocab_map"] == [i * 1000 for i in range(48)]
+    assert meta["recipe"]["model"]["vocab_size"] == 49  # 48 distinct ids + unknown
+    assert "validation: 10 tokens" in result.stderr and "unknown id" in result.stderr
+
+
+def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
+    result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.lr=0.002",
+                 "--dry-run")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for needle in ("train.lr", "override", "file", "default", "parameters", "memory",
+                   "tokens/step     64", "Chinchilla", "ETA", "s/step measured"):
+        assert needle in out, needle
+    assert "auto from the corpus" in out
+    assert not (project / "checkpoints").exists()
+
+    as_json = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "--dry-run", "--json")
+    report = json.loads(as_json.stdout)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert rows["model.vocab_size"]["value"] == 48
+    assert rows["train.max_iters"]["origin"] == "file"
+    assert report["total_tokens"] == 6 * 64 and report["step_seconds"] > 0
+    assert report["chinchilla_tokens"] == pytest.approx(20 * report["params"])
+
+
+def test_keys_lists_every_recipe_key_with_default_and_doc():
+    result = llm("pretrain", "--keys", "--json")
+    assert result.exit_code == 0
+    rows = {r["key"]: r for r in json.loads(result.stdout)}
+    assert rows["train.eval_interval"]["default"] == 50
+    assert "evaluate every" in rows["train.eval_interval"]["doc"]
+    assert {"data.vocab", "model.vocab_size", "train.precision", "lora.rank"} <= set(rows)
+    table = llm("pretrain", "--keys")
+    assert "train.checkpoint_interval" in table.stdout
+
+
+def test_bad_recipe_input_exits_2_with_one_line(project):
+    missing = llm("pretrain", "nope.yaml")
+    assert missing.exit_code == 2 and "recipe file not found" in missing.stderr
+    typo = llm("pretrain", "mini.yaml", "train.max_iter=5")
+    assert typo.exit_code == 2 and "did you mean 'max_iters'" in typo.stderr
+    no_recipe = llm("pretrain")
+    assert no_recipe.exit_code == 2 and "missing RECIPE" in no_recipe.stderr

@@ -1,0 +1,212 @@
+"""Resume and safety: exact continuation, atomic checkpoints, Ctrl-C, shape mismatches."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_train import markov_tokens, one_thread, tiny_recipe
+
+from llmcli.console import UserError
+from llmcli.data.batches import TokenWindows
+from llmcli.model.gpt import build_model
+from llmcli.recipe import build_recipe
+from llmcli.train.checkpoint import load_model, step_checkpoints, trainer_path
+from llmcli.train.loop import train
+from llmcli.train.metrics import read_metrics
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = markov_tokens(6000)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def fresh(overrides=(), **train_kw):
+    """Model and batches exactly as a new process would build them for this recipe."""
+    recipe = build_recipe(tiny_recipe(**train_kw), list(overrides))
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model)
+    batches = TokenWindows(TOKENS, 5400, recipe.train.batch_size, recipe.model.context_length,
+                           seed=recipe.train.seed)
+    return recipe, model, batches
+
+
+def copy_checkpoint(src: Path, dst_dir: Path) -> Path:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for path in (src, trainer_path(src)):
+        shutil.copy2(path, dst_dir / path.name)
+    return dst_dir / src.name
+
+
+# Dropout, a cosine schedule with warmup, gradient accumulation and clipping all consume or
+# depend on state that must survive the restart.
+EXACT = dict(max_iters=12, checkpoint_interval=4, eval_interval=3, lr_schedule="cosine",
+             warmup_iters=3, min_lr=1e-4, grad_accum=2, grad_clip=0.5)
+
+
+def test_resumed_run_matches_the_uninterrupted_one_step_for_step(tmp_path):
+    recipe, model, batches = fresh(**EXACT)
+    full = train(recipe, model, batches, tmp_path / "full", device="cpu")
+    assert sorted(full.losses) == list(range(1, 13))
+
+    # A second process that restarts from the step-8 checkpoint (a crash after step 8).
+    start = copy_checkpoint(tmp_path / "full" / "step-00000008.safetensors", tmp_path / "again")
+    recipe2, model2, batches2 = fresh(**EXACT)
+    resumed = train(recipe2, model2, batches2, tmp_path / "again", device="cpu", resume=start)
+    assert sorted(resumed.losses) == [9, 10, 11, 12]
+    for step in range(9, 13):
+        assert resumed.losses[step] == full.losses[step], step  # bit-exact on CPU
+    assert [e["step"] for e in resumed.evals] == [e["step"] for e in full.evals]
+    assert resumed.evals[-1] == full.evals[-1]
+    a, _, _, _ = load_model(tmp_path / "full" / "step-00000012.safetensors")
+    b, _, _, _ = load_model(tmp_path / "again" / "step-00000012.safetensors")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_resume_after_the_end_with_more_steps_and_metrics_continue(tmp_path):
+    recipe, model, batches = fresh(max_iters=6, eval_interval=3, checkpoint_interval=3)
+    train(recipe, model, batches, tmp_path, device="cpu")
+    recipe2, model2, batches2 = fresh(max_iters=9, eval_interval=3, checkpoint_interval=3)
+    result = train(recipe2, model2, batches2, tmp_path, device="cpu",
+                   resume=tmp_path / "step-00000006.safetensors")
+    assert sorted(result.losses) == [7, 8, 9]
+    evals = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals == [0, 3, 6, 9]  # no duplicate of step 6
+
+
+def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
+    recipe, model, batches = fresh(max_iters=8, eval_interval=2, checkpoint_interval=4)
+    train(recipe, model, batches, tmp_path, device="cpu")
+    recipe2, model2, batches2 = fresh(max_iters=8, eval_interval=2, checkpoint_interval=4)
+    train(recipe2, model2, batches2, tmp_path, device="cpu",
+          resume=tmp_path / "step-00000004.safetensors")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [2, 4, 6, 8]
+
+
+def test_shape_mismatch_on_resume_names_the_keys(tmp_path):
+    recipe, model, batches = fresh(max_iters=2, checkpoint_interval=2)
+    train(recipe, model, batches, tmp_path, device="cpu")
+    recipe2, model2, batches2 = fresh(["model.d_model=48"], max_iters=4)
+    with pytest.raises(UserError) as info:
+        train(recipe2, model2, batches2, tmp_path / "b", device="cpu",
+              resume=tmp_path / "step-00000002.safetensors")
+    message = str(info.value)
+    assert "tok_emb.weight (64, 32) vs recipe (64, 48)" in message
+    assert "more" in message and "\n" not in message
+    assert not (tmp_path / "b" / "step-00000004.safetensors").exists()
+
+
+CRASHING_SAVE = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import safetensors.torch as st
+    import torch
+    from helpers_train import markov_tokens, tiny_recipe
+    from llmcli.data.batches import TokenWindows
+    from llmcli.model.gpt import build_model
+    from llmcli.recipe import build_recipe
+    from llmcli.train.loop import train
+
+    real = st.save_model
+    def crashing(model, filename, metadata=None):
+        if "00000004" in filename or "00000004" in str(metadata):
+            real(model, filename, metadata=metadata)
+            size = os.path.getsize(filename)
+            with open(filename, "r+b") as fh:
+                fh.truncate(size // 2)  # half-written...
+            os._exit(137)  # ...and the process is killed: no cleanup runs
+        return real(model, filename, metadata=metadata)
+    st.save_model = crashing
+
+    recipe = build_recipe(tiny_recipe(max_iters=6, checkpoint_interval=2, eval_interval=100))
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    batches = TokenWindows(markov_tokens(6000), 5400, 4, 16)
+    train(recipe, model, batches, {run!r}, device="cpu")
+""")
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    run = tmp_path / "run"
+    script = CRASHING_SAVE.format(tests=str(ROOT / "tests"), run=str(run))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, env=ENV,
+                          text=True, timeout=120)
+    assert proc.returncode == 137, proc.stderr
+    # The half-written file is a temporary; the step-4 name never appeared.
+    assert [s for s, _ in step_checkpoints(run)] == [2]
+    assert list(run.glob(".step-00000004.safetensors.*.tmp"))
+    model, _, meta, _ = load_model(run / "step-00000002.safetensors")
+    assert meta["step"] == 2
+    from llmcli.pretrain import resolve_resume
+
+    assert resolve_resume(True, run).name == "step-00000002.safetensors"
+    recipe, model, batches = fresh(max_iters=4, checkpoint_interval=2, eval_interval=100)
+    result = train(recipe, model, batches, run, device="cpu",
+                   resume=run / "step-00000002.safetensors")
+    assert result.step == 4
+
+
+INTERRUPTIBLE = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import torch
+    from helpers_train import markov_tokens, tiny_recipe
+    from llmcli.console import run_guarded
+    from llmcli.data.batches import TokenWindows
+    from llmcli.model.gpt import build_model
+    from llmcli.recipe import build_recipe
+    from llmcli.train.loop import train
+
+    class Slow(TokenWindows):
+        def get_batch(self, split):
+            if split == "train":
+                print("step", flush=True)
+                time.sleep(0.2)
+            return super().get_batch(split)
+
+    recipe = build_recipe(tiny_recipe(max_iters=1000, checkpoint_interval=1000,
+                                      eval_interval=1000))
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    batches = Slow(markov_tokens(6000), 5400, 4, 16)
+    run_guarded(lambda: train(recipe, model, batches, {run!r}, device="cpu"))
+""")
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    script = INTERRUPTIBLE.format(tests=str(ROOT / "tests"), run=str(run))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        seen = 0
+        deadline = time.monotonic() + 120
+        while seen < 5 and time.monotonic() < deadline:  # a few steps into training
+            if proc.stdout.readline().strip() == "step":
+                seen += 1
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    saved = step_checkpoints(run)
+    assert len(saved) == 1 and trainer_path(saved[0][1]).exists()
+    step = saved[0][0]
+    assert 2 <= step < 1000  # 5 train draws: 2 for the step-0 evaluation, then steps
+    assert f"interrupted at step {step}" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    _, _, meta, _ = load_model(saved[0][1])
+    assert meta["step"] == step

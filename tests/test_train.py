@@ -1,0 +1,291 @@
+"""The shared training loop: learning, evaluation schedule, logs, checkpoints, failure modes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers_train import markov_tokens, one_thread, tiny_recipe
+
+from llmcli.console import UserError
+from llmcli.data.batches import TokenWindows
+from llmcli.model.gpt import build_model
+from llmcli.recipe import build_recipe
+from llmcli.train.checkpoint import (
+    best_path,
+    load_model,
+    load_trainer_state,
+    read_metadata,
+    step_checkpoints,
+    trainer_path,
+)
+from llmcli.train.loop import build_optimizer, train
+from llmcli.train.metrics import read_metrics
+from llmcli.train.schedule import lr_at
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+TOKENS = markov_tokens(6000)
+
+
+def setup(overrides=(), seed: int = 7, **train_kw):
+    recipe = build_recipe(tiny_recipe(**train_kw), list(overrides))
+    torch.manual_seed(seed)
+    model = build_model(recipe.model)
+    batches = TokenWindows(TOKENS, 5400, recipe.train.batch_size, recipe.model.context_length,
+                           seed=recipe.train.seed)
+    return recipe, model, batches
+
+
+class CountingBatches:
+    """Wraps a BatchSource and counts draws per split (to check the evaluation schedule)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[str] = []
+        self.tokens_per_batch = inner.tokens_per_batch
+
+    def get_batch(self, split):
+        self.calls.append(split)
+        return self.inner.get_batch(split)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_loss_falls_and_run_dir_is_complete(tmp_path):
+    recipe, model, batches = setup(max_iters=60, eval_interval=20, checkpoint_interval=30,
+                                   lr=1e-2)
+    result = train(recipe, model, batches, tmp_path, device="cpu",
+                   extra_meta={"tokenizer": "bytes"})
+    assert result.step == 60
+    first, last = result.evals[0], result.evals[-1]
+    assert first["step"] == 0 and last["step"] == 60
+    assert last["val"] < first["val"] - 1.0  # ln(64) ~ 4.16 falls well below 3.2
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [30, 60]
+    assert trainer_path(tmp_path / "step-00000060.safetensors").exists()
+    assert best_path(tmp_path).exists()
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 20, 40, 60]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(2, 61, 2))
+    assert all(r["tokens_per_s"] > 0 for r in records if r["kind"] == "train")
+    meta = read_metadata(result.checkpoint)
+    assert meta["step"] == 60 and meta["tokenizer"] == "bytes"
+    assert meta["val_loss"] == pytest.approx(last["val"])
+    assert meta["recipe"]["model"]["vocab_size"] == 64
+    loaded, loaded_recipe, _, _ = load_model(result.checkpoint)
+    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        assert torch.equal(p.detach(), q), n
+
+
+def test_evaluation_schedule_uses_eval_interval_and_eval_iters(tmp_path):
+    recipe, model, batches = setup(max_iters=10, eval_interval=4, eval_iters=3,
+                                   checkpoint_interval=100)
+    counting = CountingBatches(batches)
+    result = train(recipe, model, counting, tmp_path, device="cpu")
+    # evaluations at 0, 4, 8 and at the end (10), never every eval_iters steps (the seed's bug)
+    assert [e["step"] for e in result.evals] == [0, 4, 8, 10]
+    assert counting.calls.count("val") == 4 * 3
+    assert counting.calls.count("train") == 10 + 4 * 3
+    assert counting.calls[:6] == ["train"] * 3 + ["val"] * 3  # step 0: train split, then val
+
+
+def test_plain_log_lines_in_the_seed_format(tmp_path, capsys):
+    recipe, model, batches = setup(max_iters=4, eval_interval=2)
+    train(recipe, model, batches, tmp_path, device="cpu")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Step:")]
+    assert len(lines) == 3
+    assert re.fullmatch(r"Step: 0 Training Loss: \d+\.\d{1,3} Validation Loss: \d+\.\d{1,3}",
+                        lines[0])
+    assert re.fullmatch(r"Step: 2 Training Loss: \d+\.\d{1,3} Validation Loss: \d+\.\d{1,3}"
+                        r" \| [\d,]+ tokens/s", lines[1])
+    assert "\x1b[" not in "".join(lines)  # no colours or bars without a terminal
+
+
+def test_keep_last_prunes_old_step_checkpoints(tmp_path):
+    recipe, model, batches = setup(max_iters=10, checkpoint_interval=2, keep_last=2,
+                                   eval_interval=5)
+    train(recipe, model, batches, tmp_path, device="cpu")
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [8, 10]
+    assert sorted(p.name for p in tmp_path.glob("*.trainer.safetensors")) == [
+        "step-00000008.trainer.safetensors", "step-00000010.trainer.safetensors"]
+
+
+def test_only_trainable_parameters_change_and_decay_hits_matrices_only(tmp_path):
+    recipe, model, batches = setup(max_iters=3, checkpoint_interval=100)
+    for name, p in model.named_parameters():
+        if not name.startswith("blocks.1."):
+            p.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saved = []
+
+    def save_weights(path, m, meta):
+        saved.append((path.name, meta))
+        from safetensors.torch import save_file
+
+        from llmcli.files import atomic_path
+        tensors = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "adapter"})
+
+    train(recipe, model, batches, tmp_path, device="cpu", save_weights=save_weights,
+          extra_meta={"template": "T"})
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == name.startswith("blocks.1."), name
+    assert ("step-00000003.safetensors", saved[-1][1]) == saved[-1]
+    assert saved[-1][1]["template"] == "T" and saved[-1][1]["step"] == 3
+    tensors, _ = load_trainer_state(trainer_path(tmp_path / "step-00000003.safetensors"))
+    assert {k for k in tensors if k.startswith("param.")} == {
+        f"param.{n}" for n, p in model.named_parameters() if p.requires_grad}
+
+    opt = build_optimizer(model, recipe.train, torch.device("cpu"))
+    decay, rest = opt.param_groups
+    assert decay["weight_decay"] == recipe.train.weight_decay and rest["weight_decay"] == 0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in rest["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(
+        p.requires_grad for p in model.parameters())
+
+
+def nan_after(model, n):
+    """Make the loss non-finite from the n-th training forward on (a hook keeps names)."""
+    calls = [0]
+
+    def hook(module, args, output):
+        logits, loss = output
+        if module.training and loss is not None:
+            calls[0] += 1
+            if calls[0] >= n:
+                return logits, loss * float("nan")
+        return output
+
+    model.register_forward_hook(hook)
+    return model
+
+
+def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path):
+    recipe, model, batches = setup(max_iters=10, checkpoint_interval=2, eval_interval=100)
+    with pytest.raises(UserError) as info:
+        train(recipe, nan_after(model, 5), batches, tmp_path, device="cpu")
+    message = str(info.value)
+    assert info.value.exit_code == 1
+    assert "nan at step 5" in message and "step-00000004.safetensors" in message
+    assert "train.lr" in message
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [2, 4]
+    loaded, _, meta, _ = load_model(tmp_path / "step-00000004.safetensors")
+    assert meta["step"] == 4
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_stops_on_max_tokens_with_a_final_evaluation_and_checkpoint(tmp_path):
+    recipe, model, batches = setup(max_iters=100, max_tokens=5 * 4 * 16, eval_interval=50,
+                                   checkpoint_interval=50)
+    result = train(recipe, model, batches, tmp_path, device="cpu")
+    assert result.step == 5 and result.tokens == 5 * 64
+    assert result.stopped_by == "max_tokens"
+    assert [e["step"] for e in result.evals] == [0, 5]
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [5]
+
+
+def test_gradient_accumulation_counts_tokens_per_optimizer_step(tmp_path):
+    recipe, model, batches = setup(max_iters=2, grad_accum=3, eval_interval=10)
+    counting = CountingBatches(batches)
+    result = train(recipe, model, counting, tmp_path, device="cpu")
+    assert result.tokens == 2 * 3 * 64
+    assert counting.calls.count("train") == 2 * 3 + 2 * 2  # 6 micro-steps + 2 evaluations
+
+
+def test_batches_without_targets_add_no_loss(tmp_path):
+    """Fine-tuning batches may hold only prompt tokens (all IGNORE_INDEX): no NaN, no update."""
+    recipe, model, batches = setup(max_iters=2, eval_interval=10, grad_clip=0.0,
+                                   weight_decay=0.0)
+
+    class Ignored(CountingBatches):
+        def get_batch(self, split):
+            x, y = self.inner.get_batch(split)
+            return x, torch.full_like(y, -100)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(recipe, model, Ignored(batches), tmp_path, device="cpu")
+    assert all(v == 0.0 for v in result.losses.values())
+    for n, p in model.named_parameters():
+        assert torch.equal(before[n], p.detach()), n
+
+
+def test_cosine_schedule_warms_up_and_decays_to_the_floor():
+    cfg = build_recipe({"train": {"lr": 1e-3, "lr_schedule": "cosine", "warmup_iters": 10,
+                                  "min_lr": 1e-4, "max_iters": 110}}).train
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    constant = build_recipe({"train": {"lr": 2e-3}}).train
+    assert {lr_at(s, constant) for s in (0, 5, 10_000)} == {2e-3}
+
+
+def test_tensorboard_missing_is_a_warning_not_a_failure(tmp_path, capsys):
+    recipe, model, batches = setup(max_iters=2, tracker="tensorboard", eval_interval=10)
+    train(recipe, model, batches, tmp_path, device="cpu")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert "tensorboard package is not installed" in capsys.readouterr().err
+    else:
+        assert any((tmp_path / "tensorboard").iterdir())
+    assert read_metrics(tmp_path / "metrics.jsonl")
+
+
+def test_metrics_jsonl_is_plain_json_lines(tmp_path):
+    recipe, model, batches = setup(max_iters=2, eval_interval=1)
+    train(recipe, model, batches, tmp_path, device="cpu")
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["kind"] in ("train", "eval") and isinstance(record["step"], int)
+    assert np.isfinite([r.get("val", 0) for r in read_metrics(tmp_path / "metrics.jsonl")]).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_output_layer_and_loss_match_the_textbook_path(bias):
+    from llmcli.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 16, requires_grad=True)
+    w = (torch.randn(50, 16) * 0.3).requires_grad_()
+    b = (torch.randn(50) * 0.1).requires_grad_() if bias else None
+    t = torch.randint(0, 50, (24,))
+    t[::5] = -100  # ignored positions (prompt tokens)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w, b), t,
+                                            ignore_index=-100)
+    (ref * 3).backward()  # a non-unit upstream gradient (grad_accum scales the loss)
+    expected = [p.grad.clone() for p in (x, w, b) if p is not None]
+    for p in (x, w, b):
+        if p is not None:
+            p.grad = None
+    got = linear_cross_entropy(x, w, b, t)
+    (got * 3).backward()
+    assert torch.allclose(got, ref, atol=1e-6)
+    for e, p in zip(expected, [p for p in (x, w, b) if p is not None], strict=True):
+        assert torch.allclose(p.grad, e, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(x, w, b, t), ref, atol=1e-6)
+    nothing = linear_cross_entropy(x, w, b, torch.full_like(t, -100))
+    assert nothing.item() == 0.0
+
+
+def test_model_fused_loss_equals_the_logits_loss(tiny_model_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg)
+    idx = torch.randint(0, 64, (3, 16))
+    targets = torch.randint(0, 64, (3, 16))
+    logits, loss = model(idx, targets)
+    none, fused = model(idx, targets, return_logits=False)
+    assert none is None and logits.shape == (3, 16, 64)
+    assert torch.allclose(loss, fused, atol=1e-6)

@@ -6,8 +6,11 @@
    without the fp32 weight re-layout; ours in bf16; ours without a cache.
 2. Beam search, 4 beams, a small model: ours vs transformers' beam search (target >= 1x).
 
-Each variant runs once to warm up, then `--rounds` times interleaved with the others (the
-machine is shared, so figures are medians). Run: python benchmarks/bench_generate.py
+Each variant runs once to warm up, then `--rounds` times interleaved with the others. Figures:
+whole runs (median tokens/s, prompt included), and single decoding steps, timed one by one
+(tokens/s at the median step and at the 10th-percentile step). On a machine shared with other
+work the fast steps are the ones nobody disturbed, so the p10 column is the steadiest.
+Run: python benchmarks/bench_generate.py [--rounds 5] [--new-tokens 100] [--wait-quiet 600]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import statistics
 import time
 import warnings
@@ -25,6 +29,8 @@ import torch
 from llmcli.generate.decode import beam_search, prepare_model, sample
 from llmcli.model.gpt import build_model
 from llmcli.recipe import GenerateConfig, ModelConfig
+
+Runner = Callable[[], list[float]]  # one generation; returns a timestamp per decoding step
 
 
 def hf_gpt2(cfg: ModelConfig):
@@ -39,62 +45,109 @@ def hf_gpt2(cfg: ModelConfig):
     return model
 
 
-def hf_generate(model, prompt: torch.Tensor, new: int, beams: int = 1) -> Callable[[], object]:
-    def run():
+def hf_generate(model, prompt: torch.Tensor, new: int, beams: int = 1) -> Runner:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):  # called once per step, before the token is chosen
+        def __init__(self, stamps: list[float]) -> None:
+            self.stamps = stamps
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    def run() -> list[float]:
+        stamps: list[float] = []
         with torch.inference_mode():
             out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 num_beams=beams, use_cache=True, length_penalty=1.0)
+                                 num_beams=beams, use_cache=True, length_penalty=1.0,
+                                 logits_processor=LogitsProcessorList([Stamp(stamps)]))
         assert out.shape[1] == prompt.shape[1] + new
-        return out
+        return stamps
     return run
 
 
-def ours_greedy(model, prompt: list[int], new: int, use_cache: bool = True):
+def ours_greedy(model, prompt: list[int], new: int, use_cache: bool = True) -> Runner:
     g = dataclasses.replace(GenerateConfig(), strategy="greedy", max_new_tokens=new)
 
-    def run():
-        result = sample(model, prompt, g, use_cache=use_cache)[0]
+    def run() -> list[float]:
+        stamps: list[float] = []
+
+        def stamp(tokens: list[int]) -> bool:  # the stop check: once per generated token
+            stamps.append(time.perf_counter())
+            return False
+
+        result = sample(model, prompt, g, use_cache=use_cache, stop=stamp)[0]
         assert len(result.tokens) == new
-        return result
+        return stamps
     return run
 
 
-def ours_beam(model, prompt: list[int], new: int, beams: int):
+def ours_beam(model, prompt: list[int], new: int, beams: int) -> Runner:
     g = dataclasses.replace(GenerateConfig(), strategy="beam", num_beams=beams,
                             max_new_tokens=new)
 
-    def run():
-        best = beam_search(model, prompt, g)[0]
+    def run() -> list[float]:
+        stamps: list[float] = []
+
+        def stamp(tokens: list[int]) -> bool:  # asked for every candidate: stamp new lengths
+            if len(tokens) > len(stamps):
+                stamps.append(time.perf_counter())
+            return False
+
+        best = beam_search(model, prompt, g, stop=stamp)[0]
         assert len(best.tokens) == new
-        return best
+        return stamps
     return run
 
 
-def measure(variants: dict[str, tuple[Callable[[], object], int]],
-            rounds: int) -> dict[str, tuple[float, float]]:
-    """(median, best) tokens/s of each variant; rounds interleave the variants, and the best
-    round is the one least disturbed by other work on the machine."""
+@dataclasses.dataclass
+class Speed:
+    run: float  # median tokens/s of whole generations
+    step: float  # tokens/s at the median step
+    quiet: float  # tokens/s at the 10th-percentile step
+
+    def __truediv__(self, other: Speed) -> Speed:
+        return Speed(self.run / other.run, self.step / other.step, self.quiet / other.quiet)
+
+
+def measure(variants: dict[str, tuple[Runner, int]], rounds: int) -> dict[str, Speed]:
     for run, _ in variants.values():
         run()  # warm-up: allocator, oneDNN/MKL kernels
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    steps: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, (run, tokens) in variants.items():
             start = time.perf_counter()
-            run()
-            samples[name].append(tokens / (time.perf_counter() - start))
-    return {name: (statistics.median(v), max(v)) for name, v in samples.items()}
+            stamps = run()
+            runs[name].append(tokens / (time.perf_counter() - start))
+            steps[name] += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    speeds = {}
+    for name in variants:
+        durations = sorted(steps[name])
+        speeds[name] = Speed(statistics.median(runs[name]), 1 / statistics.median(durations),
+                             1 / durations[len(durations) // 10])
+    return speeds
 
 
-def report(speeds: dict[str, tuple[float, float]]) -> None:
-    print(f"  {'tokens/s':<46} {'median':>7} {'best':>7}")
-    for name, (median, best) in speeds.items():
-        print(f"  {name:<46} {median:7.1f} {best:7.1f}")
+def report(speeds: dict[str, Speed]) -> None:
+    print(f"  {'tokens/s':<44} {'run':>7} {'step':>7} {'p10':>7}")
+    for name, s in speeds.items():
+        print(f"  {name:<44} {s.run:7.1f} {s.step:7.1f} {s.quiet:7.1f}")
 
 
-def ratio(label: str, ours: tuple[float, float], baseline: tuple[float, float],
-          target: str = "") -> None:
-    print(f"  ratio {label:<40} {ours[0] / baseline[0]:7.2f} {ours[1] / baseline[1]:7.2f}  "
-          f"{target}".rstrip())
+def ratio(label: str, ours: Speed, baseline: Speed, target: str = "") -> None:
+    r = ours / baseline
+    print(f"  ratio {label:<38} {r.run:6.2f}x {r.step:6.2f}x {r.quiet:6.2f}x  {target}".rstrip())
+
+
+def wait_quiet(limit: float, threshold: float = 0.8) -> None:
+    """Wait up to `limit` seconds for the 1-minute load average to fall below `threshold`."""
+    deadline = time.monotonic() + limit
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        time.sleep(10)
+    print(f"load average {os.getloadavg()[0]:.2f} when measuring (other work on the machine "
+          "slows every figure; ratios are measured side by side)")
 
 
 def main() -> None:
@@ -102,7 +155,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to SECONDS for the machine to be idle")
     args = parser.parse_args()
+    wait_quiet(args.wait_quiet)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -116,28 +172,27 @@ def main() -> None:
     hf = hf_gpt2(cfg)
     prompt = torch.randint(0, cfg.vocab_size, (1, 8))
     ids = prompt[0].tolist()
-    nocache_tokens = min(new, 48)
-    print(f"greedy, batch 1, scifi dimensions, {args.threads} threads, prompt 8, "
-          f"{new} new tokens ({nocache_tokens} for the no-cache pair), "
-          f"{args.rounds} rounds")
+    short = min(new, 48)
+    print(f"greedy, batch 1, scifi dimensions, {args.threads} threads, prompt 8, {new} new "
+          f"tokens ({short} for the no-cache pair), {args.rounds} rounds")
     speed = measure({
         "transformers GPT2 generate (fp32, cache)": (hf_generate(hf, prompt, new), new),
         "llm, fp32, KV cache": (ours_greedy(ours, ids, new), new),
         "llm, fp32, KV cache, row-major weights": (ours_greedy(plain, ids, new), new),
         "llm, bf16, KV cache": (ours_greedy(bf16, ids, new), new),
     }, args.rounds)
-    cache_pair = measure({
-        "llm, fp32, KV cache (short)": (ours_greedy(ours, ids, nocache_tokens), nocache_tokens),
-        "llm, fp32, no cache (short)": (ours_greedy(ours, ids, nocache_tokens, use_cache=False),
-                                        nocache_tokens),
+    pair = measure({
+        f"llm, fp32, KV cache ({short} tokens)": (ours_greedy(ours, ids, short), short),
+        f"llm, fp32, no cache ({short} tokens)": (ours_greedy(ours, ids, short, False), short),
     }, max(1, args.rounds // 2))
-    report({**speed, **cache_pair})
-    hf_rate, fp32 = speed["transformers GPT2 generate (fp32, cache)"], speed["llm, fp32, KV cache"]
-    ratio("fp32 cache / transformers", fp32, hf_rate, "(target >= 1.5x)")
-    ratio("bf16 cache / transformers", speed["llm, bf16, KV cache"], hf_rate)
-    ratio("fp32 column-major / row-major weights", fp32,
+    report({**speed, **pair})
+    print(f"  {'':<44} {'run':>7} {'step':>7} {'p10':>7}")
+    hf_speed, fp32 = speed["transformers GPT2 generate (fp32, cache)"], speed["llm, fp32, KV cache"]
+    ratio("fp32 cache / transformers", fp32, hf_speed, "(target >= 1.5x)")
+    ratio("bf16 cache / transformers", speed["llm, bf16, KV cache"], hf_speed)
+    ratio("column-major / row-major fp32 weights", fp32,
           speed["llm, fp32, KV cache, row-major weights"])
-    ratio(f"cache / no cache ({nocache_tokens} tokens)", *cache_pair.values())
+    ratio("cache / no cache", *pair.values())
     del plain, ours, bf16, hf
 
     # 2. Beam search on a small model ------------------------------------------------------
@@ -149,13 +204,14 @@ def main() -> None:
     beams = 4
     print(f"\nbeam search, {beams} beams, small model (d_model 128, 4 blocks, vocabulary 8,192), "
           f"{new} new tokens")
-    beam_speed = measure({
+    beam = measure({
         "transformers GPT2 beam search": (hf_generate(hf_small, prompt, new, beams), new),
         "llm beam search": (ours_beam(model, prompt[0].tolist(), new, beams), new),
     }, args.rounds)
-    report(beam_speed)
-    ratio("llm / transformers", beam_speed["llm beam search"],
-          beam_speed["transformers GPT2 beam search"], "(target >= 1x)")
+    report(beam)
+    ratio("llm / transformers", beam["llm beam search"], beam["transformers GPT2 beam search"],
+          "(target >= 1x)")
+
 
 if __name__ == "__main__":
     main()

@@ -3,9 +3,10 @@
 The model has recipes/tiny.yaml's shape, with a compact vocabulary of the distinct cl100k ids
 of the shared Alpaca demo records (what a tiny model pretrained on similar text would have); the
 batches are those records through the real fine-tuning pipeline (`llmcli.finetune.prepare`).
-Both variants are timed in the same process, alternating, so the ratio holds across machines.
+Both variants are timed in the same process, alternating, so the ratio holds across machines;
+LoRA uses recipes/tiny-lora.yaml's targets (every projection and the output layer).
 
-    python benchmarks/bench_lora.py [--steps 10] [--rounds 3] [--rank 8] [--device cpu]
+    python benchmarks/bench_lora.py [--steps 10] [--rounds 3] [--rank 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -51,8 +52,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default=None, help="lora.targets (default: the recipe's)")
+    parser.add_argument("--lora-dropout", type=float, default=None,
+                        help="lora.dropout (default: the recipe's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default); 1 is steadier on a busy "
+                        "machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not RECORDS.exists():
         raise SystemExit(f"{RECORDS} not found (the shared demo data)")
     device = torch.device(args.device)
@@ -60,14 +69,18 @@ def main() -> None:
         base = make_base(Path(tmp))
         common = [f"finetune.init={base}", f"data.source={RECORDS}", "train.batch_size=16",
                   "train.precision=fp32"]
-        variants = {
-            "full": ["lora.rank=0"],
-            f"lora r={args.rank}": [f"lora.rank={args.rank}",
-                                    "lora.targets=qkv,proj,ffn_in,ffn_out"],
+        lora_extra = []
+        if args.targets:
+            lora_extra.append(f"lora.targets={args.targets}")
+        if args.lora_dropout is not None:
+            lora_extra.append(f"lora.dropout={args.lora_dropout}")
+        variants = {  # (recipe, overrides): the two fine-tuning recipes as shipped
+            "full": ("tiny-finetune.yaml", []),
+            f"lora r={args.rank}": ("tiny-lora.yaml", [f"lora.rank={args.rank}", *lora_extra]),
         }
         prepared = {}
-        for name, extra in variants.items():
-            recipe = load_recipe(ROOT / "recipes" / "tiny-finetune.yaml", [*common, *extra])
+        for name, (file, extra) in variants.items():
+            recipe = load_recipe(ROOT / "recipes" / file, [*common, *extra])
             prep = prepare(recipe, main=False)
             prepared[name] = (prep, *count_parameters(prep.model))
         times: dict[str, list[float]] = {name: [] for name in variants}

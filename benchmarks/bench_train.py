@@ -1,6 +1,7 @@
 """Training-step speed: model FLOPs utilisation and the speed-up over the seed's implementation.
 
     python benchmarks/bench_train.py                 # CPU, 2 threads, scifi dims, 8 x 128, fp32
+    python benchmarks/bench_train.py --wait-quiet 600   # on a shared machine: wait for idle CPUs
     python benchmarks/bench_train.py --device cuda --batch-size 96 --precision bf16 --compile
 
 Everything is measured in the same run, in interleaved rounds, keeping the best sample of each

@@ -137,6 +137,11 @@ def test_lora_run_saves_a_small_adapter_that_loads_as_base_plus_adapter(base, re
     # and merging by hand gives the same file contents
     again = merge_adapter(adapter, tmp_path / "again.safetensors")
     assert torch.equal(load_model(again)[0](x)[0], merged(x)[0])
+    # an adapter whose base is gone is a one-line error; the merged file still loads
+    base.rename(base.with_suffix(".moved"))
+    with pytest.raises(UserError, match="base checkpoint .* is missing"):
+        load_model(adapter)
+    assert torch.equal(load_model(run.merged)[0](x)[0], merged(x)[0])
 
 
 def test_lora_resume_is_exact(base, records, tmp_path):

@@ -289,3 +289,31 @@ def test_model_fused_loss_equals_the_logits_loss(tiny_model_cfg):
     none, fused = model(idx, targets, return_logits=False)
     assert none is None and logits.shape == (3, 16, 64)
     assert torch.allclose(loss, fused, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, precision):
+    recipe, model, batches = setup(max_iters=3, eval_interval=3, precision=precision)
+    result = train(recipe, model, batches, tmp_path, device="cpu")
+    assert result.step == 3 and all(np.isfinite(list(result.losses.values())))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    meta = read_metadata(result.checkpoint)
+    assert meta["recipe"]["train"]["precision"] == precision
+
+
+def test_fused_loss_workspace_is_safe_across_calls():
+    """The logits buffer is reused: a second forward must not corrupt the first's gradients."""
+    from llmcli.model.loss import linear_cross_entropy
+
+    torch.manual_seed(1)
+    w = torch.randn(40, 8, requires_grad=True)
+    x1, x2 = torch.randn(12, 8, requires_grad=True), torch.randn(12, 8)
+    t1, t2 = torch.randint(0, 40, (12,)), torch.randint(0, 40, (12,))
+    first = linear_cross_entropy(x1, w, None, t1)
+    linear_cross_entropy(x2, w, None, t2)  # overwrites the shared buffer
+    first.backward()
+    got = (x1.grad.clone(), w.grad.clone())
+    x1.grad = w.grad = None
+    torch.nn.functional.cross_entropy(x1 @ w.t(), t1).backward()
+    assert torch.allclose(got[0], x1.grad, atol=1e-6) and torch.allclose(got[1], w.grad,
+                                                                         atol=1e-6)

@@ -10,23 +10,26 @@ REGISTERED: list[tuple[str, Callable[..., Any]]] = []
 
 def _load() -> None:
     # Each import is cheap: command modules import heavy libraries inside their functions.
-    from llmcli.commands import fetch, tokenize
-    from llmcli.commands import params
-    from llmcli.commands import pretrain
-    from llmcli.commands import finetune
-    from llmcli.commands import generate
-    from llmcli.commands import scaling
-    from llmcli.commands import imagine
+    from llmcli.commands import (
+        fetch,
+        finetune,
+        generate,
+        imagine,
+        params,
+        pretrain,
+        scaling,
+        tokenize,
+    )
 
     REGISTERED.extend([
         ("fetch", fetch.command),
         ("tokenize", tokenize.command),
-        ("params", params.command),
         ("pretrain", pretrain.command),
         ("finetune", finetune.command),
+        ("params", params.command),
         ("generate", generate.command),
-        ("scaling", scaling.command),
         ("imagine", imagine.command),
+        ("scaling", scaling.command),
     ])
 
 

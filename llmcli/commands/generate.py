@@ -294,7 +294,8 @@ class _Run:
         sampled = g.strategy != "beam" and not is_greedy(g)
         if self.json_out:
             obj: dict[str, Any] = {
-                "checkpoint": str(gen.path), "prompt": text, "strategy": g.strategy,
+                "checkpoint": str(gen.path), "prompt": text, "prompt_tokens": len(ids),
+                "strategy": g.strategy,
                 "settings": dataclasses.asdict(g), "stop": self.stops,
                 "seed": seed if sampled else None,
                 "results": [r.to_json() for r in results],
@@ -306,7 +307,7 @@ class _Run:
         shown = text if self.show_prompt else ""
         if streaming:
             _write("\n")
-        elif len(results) == 1:
+        elif len(results) == 1 and g.strategy != "beam":
             _write(shown + results[0].text + "\n")
         else:
             for i, r in enumerate(results, 1):
@@ -330,7 +331,8 @@ class _Run:
                        use_cache=self.use_cache)
         if self.json_out:
             self._emit_json({
-                "checkpoint": str(self.gen.path), "prompt": text, "seed": seed,
+                "checkpoint": str(self.gen.path), "prompt": text, "prompt_tokens": len(ids),
+                "seed": seed,
                 "settings": dataclasses.asdict(self.settings), "stop": self.stops,
                 "compare": [{"strategy": name, **r.to_json()} for name, r in rows],
             })

@@ -25,7 +25,6 @@ import torch
 from llmcli.recipe import GenerateConfig
 
 NEG_INF = float("-inf")
-FILTERS = ("top-k", "top-p", "min-p")
 
 # A callback told each generated row's tokens so far; True ends that row (stop strings).
 StopFn = Callable[[list[int]], bool]

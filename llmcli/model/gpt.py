@@ -251,9 +251,9 @@ class GPT(nn.Module):
         return logits, loss
 
     def _can_fuse_loss(self, x: torch.Tensor) -> bool:
-        # The fused path is fp32 (no autocast) and needs the plain Linear output layer.
+        # The fused path is CPU fp32 (no autocast) and needs the plain Linear output layer.
         return (type(self.lm_head) is nn.Linear and x.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type))
+                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())

@@ -52,8 +52,13 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + update * self.scaling
+        out = F.linear(x, self.weight, self.bias)
+        # Scale the rank-sized middle, not the wide output, and let one addmm add the update:
+        # for the output layer (out = vocabulary) that saves two passes over the logits.
+        low = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
+        flat = torch.addmm(out.reshape(-1, self.out_features), low.reshape(-1, self.rank),
+                           self.lora_B.t())
+        return flat.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

@@ -205,6 +205,11 @@ class Trainer:
             params = state.unprefixed(tensors, "param.")
             load_params_checked(self.raw, params, where)
         state.load_optimizer_state(self.optimizer, tensors, meta["optimizer"], where)
+        # The moments continue; the hyper-parameters are the recipe's (it may have changed).
+        for group, decay in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0),
+                                strict=False):
+            group["weight_decay"] = decay
+            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         rank_prefix = f"rank{self.dist.rank}."

@@ -97,7 +97,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=4)
-def measured_cpu_peak(n: int = 1024, seconds: float = 0.3) -> float:
+def measured_cpu_peak(n: int = 1536, seconds: float = 0.3) -> float:
     """fp32 matmul FLOP/s of this CPU with torch's current thread count (best of a short burst)."""
     a = torch.randn(n, n)
     b = torch.randn(n, n)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmcli.console import fail
+from llmcli.console import fail, warn
 from llmcli.generate.decode import (
     BeamStep,
     Generation,
@@ -76,16 +76,20 @@ class Generator:
                      "give a prompt")
             return [self.eos_id]
         ids = self.tokenizer.encode(text)
+        unseen = []
         for token_id in ids:
             if not self.vocab.has(token_id):
                 shown = visible(self.tokenizer.token_bytes(token_id))
-                if self.vocab.compact is not None:
-                    fail(f"prompt token {shown} ({self.tokenizer.name} id {token_id:,}) never "
-                         f"appeared in this model's training data (compact vocabulary of "
-                         f"{self.vocab.vocab_size:,} ids); rephrase the prompt without it")
+                if self.vocab.compact is not None:  # as in training: the unknown id stands in
+                    unseen.append(shown)
+                    continue
                 fail(f"prompt token {shown} ({self.tokenizer.name} id {token_id:,}) is outside "
                      f"this model's vocabulary of {self.vocab.vocab_size:,} ids; rephrase the "
                      "prompt without it")
+        if unseen:
+            warn(f"{len(unseen)} prompt token(s) never appeared in this model's training data "
+                 f"and read as its unknown id: {', '.join(unseen[:5])}"
+                 + (" ..." if len(unseen) > 5 else ""))
         return self.vocab.map(ids)[0]
 
 

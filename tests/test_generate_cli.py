@@ -289,7 +289,7 @@ def test_prompt_token_outside_the_vocabulary_is_named(tmp_path, tiny_model_cfg):
     assert empty.exit_code == 2 and "no end-of-text token" in empty.stderr
 
 
-def test_prompt_token_outside_a_compact_vocabulary_is_named_and_read_as_unknown(tmp_path, tiny_model_cfg):
+def test_unseen_prompt_token_of_a_compact_vocabulary_reads_as_unknown(tmp_path, tiny_model_cfg):
     seen = sorted(set(b"hello world") | {256})
     path = make_checkpoint(tmp_path / "compact.safetensors", tiny_model_cfg,
                            vocab_size=len(seen) + 1, vocab_map=seen)

@@ -40,6 +40,24 @@ def settings(**kw) -> GenerateConfig:
 GREEDY = settings(strategy="greedy", max_new_tokens=12)
 
 
+def test_prepared_model_keeps_names_outputs_and_training(tiny_model_cfg):
+    from llmcli.generate.decode import OneDNNLinear, _onednn_works
+
+    torch.manual_seed(0)
+    plain = build_model(tiny_model_cfg).eval()
+    fast = prepare_model(build_model(tiny_model_cfg))
+    fast.load_state_dict(plain.state_dict())
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    if _onednn_works():
+        assert isinstance(fast.lm_head, OneDNNLinear)
+    x = torch.randint(0, 64, (2, 9))
+    with torch.inference_mode():
+        assert torch.allclose(fast(x)[0], plain(x)[0], atol=1e-5)
+    _, loss = fast(x, targets=x)  # with gradients it is plain nn.Linear again
+    loss.backward()
+    assert fast.lm_head.weight.grad is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache and sliding window
 

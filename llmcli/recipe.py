@@ -465,7 +465,3 @@ def parse_records(spec: str, where: str = "recipe") -> slice:
     except ValueError:
         fail(f"{where}: data.records: expected 'start:stop' such as '1000:5001', got {spec!r}")
     return slice(start, stop)
-
-
-def find_default_recipe() -> Path:
-    return Path("recipes") / "scifi.yaml"

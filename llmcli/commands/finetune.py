@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from llmcli import console
-from llmcli.commands.pretrain import _relaunch as relaunch_under_torchrun
-from llmcli.commands.pretrain import split_resume
+from llmcli.commands.pretrain import relaunch_under_torchrun, split_resume
 from llmcli.console import fail, run_guarded
 from llmcli.device import DEVICE_HELP
 

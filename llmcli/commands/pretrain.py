@@ -48,7 +48,7 @@ def command(
                  "(`llm pretrain --keys` lists what a recipe can set)")
         items, resume_spec = split_resume(list(overrides or []), resume)
         if nproc > 1:
-            _relaunch(nproc)
+            relaunch_under_torchrun(nproc)
         from llmcli.recipe import load_recipe
 
         loaded = load_recipe(recipe, items)
@@ -79,7 +79,7 @@ def split_resume(items: list[str], resume: bool) -> tuple[list[str], Any]:
     return rest, (paths[0] if paths else True)
 
 
-def _relaunch(nproc: int) -> None:
+def relaunch_under_torchrun(nproc: int) -> None:
     """Run this same command under torchrun with `nproc` workers, then exit with its code."""
     from llmcli.train.distributed import from_env, relaunch
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
+from llmcli.checkpoint import save_model
 from llmcli.data.tokenizer import get_tokenizer
 from llmcli.finetune import prepare
 from llmcli.model.count import count_parameters
 from llmcli.model.gpt import build_model
 from llmcli.pretrain import measure_step_time
 from llmcli.recipe import build_recipe, load_recipe
-from llmcli.train.checkpoint import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"

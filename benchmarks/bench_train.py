@@ -220,8 +220,8 @@ def main() -> None:
     m = recipe.model
     tokens = args.batch_size * args.context
 
+    from llmcli.hardware import peak_flops
     from llmcli.train.loop import Trainer
-    from llmcli.train.precision import peak_flops
 
     torch.manual_seed(0)
     ours = build_model(m, device)

@@ -2,6 +2,9 @@
 
 Progress and logs go to stderr, results to stdout, so `llm ... > file` captures only results.
 Without a terminal (CI, pipes) rich prints plain text: no colours, no live bars.
+
+Both consoles read strings as plain text (markup off): messages quote paths, prompts and recipe
+names, and a `[/x]` in one must print as typed. Styling is explicit (`style=`, `Text`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 # Set by the CLI's global options; library code reads them through the helpers below.
 settings: dict[str, bool] = {"quiet": False, "debug": False}
@@ -45,6 +49,12 @@ def fail(message: str, exit_code: int = EXIT_USAGE) -> NoReturn:
     raise UserError(message, exit_code)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for one-line error messages."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def info(message: str) -> None:
     """A progress or log line on stderr, silenced by --quiet."""
     if not settings["quiet"]:
@@ -52,7 +62,12 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+
+
+def one_line(message: str) -> str:
+    """Errors are one line whatever the user's text held (newlines shown as \\n)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def is_interactive() -> bool:
@@ -62,7 +77,7 @@ def is_interactive() -> bool:
 def progress(*extra_columns: Any, transient: bool = False) -> Progress:
     """A progress bar on stderr; disabled (prints nothing) without a terminal or with --quiet."""
     columns = [
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         *extra_columns,
@@ -78,7 +93,7 @@ def byte_progress(transient: bool = False) -> Progress:
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
     columns = [
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -95,17 +110,17 @@ def run_guarded(func: Callable[[], T]) -> T:
     except UserError as exc:
         if settings["debug"]:
             raise
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        err.print(Text.assemble(("error:", "red"), " ", one_line(str(exc))), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         if settings["debug"]:
             raise
-        err.print("[yellow]interrupted[/yellow]")
+        err.print("interrupted", style="yellow")
         sys.exit(EXIT_INTERRUPTED)
     except (OSError, ValueError, RuntimeError) as exc:
         if settings["debug"]:
             raise
         name = type(exc).__name__
-        err.print(f"[red]error:[/red] {name}: {exc} (rerun with --debug for the traceback)",
-                  soft_wrap=True)
+        err.print(Text.assemble(("error:", "red"), f" {name}: ", one_line(str(exc)),
+                                " (rerun with --debug for the traceback)"), soft_wrap=True)
         sys.exit(EXIT_FAILURE)

@@ -1,7 +1,7 @@
 """Fine-tuning: recipe → base checkpoint → instruction data → LoRA or full → the shared loop.
 
 The fine-tuned model keeps its base's shape, tokenizer and vocabulary (a recipe that says
-otherwise is refused, key by key); only the data (Alpaca records, see `train/instruct.py`) and
+otherwise is refused, key by key); only the data (Alpaca records, see `data/instruct.py`) and
 the trainable parameters differ from pretraining. Checkpoints carry the prompt template
 ("template") so `llm generate --instruct` asks questions the way training did. LoRA runs write
 small adapter files (metadata "lora" and "base"); `merge_adapter` turns one into a full
@@ -17,19 +17,20 @@ from typing import Any
 
 import torch
 
-from llmcli.console import fail, info, warn
-from llmcli.pretrain import default_run_dir, resolve_resume
-from llmcli.recipe import ModelConfig, Recipe, parse_records
-from llmcli.train import distributed
-from llmcli.train.checkpoint import (
+from llmcli.checkpoint import (
+    MERGED_NAME,
+    Checkpoint,
+    base_reference,
+    default_run_dir,
     load_model,
-    read_metadata,
+    prepare_run_dir,
     resolve_checkpoint,
+    resolve_resume,
     save_adapter,
     save_model,
-    step_checkpoints,
 )
-from llmcli.train.instruct import (
+from llmcli.console import fail, info, warn
+from llmcli.data.instruct import (
     InstructBatches,
     ModelVocab,
     answer_end,
@@ -38,10 +39,11 @@ from llmcli.train.instruct import (
     resolve_template,
     split_examples,
 )
+from llmcli.recipe import ModelConfig, Recipe, parse_records
+from llmcli.train import distributed
 from llmcli.train.loop import TrainResult, train
 
 RECORD_SUFFIXES = (".json", ".jsonl")
-MERGED_NAME = "merged.safetensors"
 
 
 @dataclass
@@ -123,17 +125,17 @@ def records_path(recipe: Recipe) -> Path:
 def base_checkpoint(recipe: Recipe, resume: Path | None) -> Path:
     """The checkpoint fine-tuning starts from (a LoRA resume keeps the base it started on)."""
     if resume is not None:
-        stored = read_metadata(resume).get("base")
-        if stored:
-            return resolve_checkpoint(stored)
+        ckpt = Checkpoint.read(resume)
+        if ckpt.is_adapter:
+            return ckpt.base_path
     if not recipe.finetune.init:
         fail("finetune.init: no base checkpoint; set it in the recipe or on the command line, "
              "e.g. finetune.init=checkpoints/tiny")
     return resolve_checkpoint(recipe.finetune.init)
 
 
-def prepare(recipe: Recipe, *, resume: Path | None = None, strict: bool = False,
-            rank: int = 0, main: bool = True) -> Prepared:
+def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None = None,
+            strict: bool = False, rank: int = 0, main: bool = True) -> Prepared:
     """Load the base, encode the records, build the batches and set the trainable parameters."""
     from llmcli.data.records import read_records
     from llmcli.data.tokenizer import get_tokenizer
@@ -184,8 +186,9 @@ def prepare(recipe: Recipe, *, resume: Path | None = None, strict: bool = False,
         f"{batches.rows('train'):,} + {batches.rows('val'):,} rows of {ctx} tokens "
         f"({'packed' if packing else 'padded'}); {report.target_tokens:,} answer tokens")
 
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
     extra_meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer, "template": template,
-                                  "base": str(base_path.resolve())}
+                                  **base_reference(run_dir, base_path)}
     if base_meta.get("vocab_map") is not None:
         extra_meta["vocab_map"] = base_meta["vocab_map"]
     if stop:
@@ -202,8 +205,8 @@ def prepare(recipe: Recipe, *, resume: Path | None = None, strict: bool = False,
 
 
 def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto",
-             resume: str | Path | bool | None = None, strict: bool = False,
-             merge: bool = False) -> FinetuneRun:
+             resume: str | Path | bool | None = None, overwrite: bool = False,
+             strict: bool = False, merge: bool = False) -> FinetuneRun:
     """Fine-tune as the recipe says; returns what happened (see FinetuneRun)."""
     from llmcli.device import resolve_device
     from llmcli.model.count import count_parameters
@@ -212,11 +215,9 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
     dist, dev = distributed.setup(resolve_device(device))
     try:
         resume_path = resolve_resume(resume, run_dir)
-        if resume_path is None and step_checkpoints(run_dir):
-            fail(f"{run_dir} already holds checkpoints of an earlier run; continue it with "
-                 "--resume or write this run elsewhere with -o DIR")
-        prep = prepare(recipe, resume=resume_path, strict=strict, rank=dist.rank,
-                       main=dist.is_main)
+        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
+        prep = prepare(recipe, run_dir=run_dir, resume=resume_path, strict=strict,
+                       rank=dist.rank, main=dist.is_main)
         total, trainable = count_parameters(prep.model)
         if dist.is_main:
             kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
@@ -251,8 +252,7 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
 def merge_adapter(adapter: str | Path, out: str | Path | None = None) -> Path:
     """Write base + adapter as one full checkpoint (default: merged.safetensors beside it)."""
     path = resolve_checkpoint(adapter)
-    meta = read_metadata(path)
-    if "lora" not in meta:
+    if not Checkpoint.read(path).is_adapter:
         fail(f"{path}: not a LoRA adapter (no 'lora' metadata); only adapter files are merged, "
              "full checkpoints already hold every weight")
     target = Path(out) if out is not None else path.parent / MERGED_NAME
@@ -262,8 +262,9 @@ def merge_adapter(adapter: str | Path, out: str | Path | None = None) -> Path:
         fail(f"-o {target}: the merged checkpoint is a .safetensors file; give a name ending in "
              ".safetensors or a directory")
     model, recipe, meta, _ = load_model(path, "cpu")
-    kept = {k: v for k, v in meta.items() if k not in ("format", "recipe", "lora")}
-    kept["merged_from"] = str(path.resolve())
+    dropped = ("format", "recipe", "lora", "base", "base_sha256")
+    kept = {k: v for k, v in meta.items() if k not in dropped}
+    kept["merged_from"] = str(path)
     recipe = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, rank=0))
     save_model(target, model, recipe, **kept)
     return target

@@ -25,8 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmcli.console import EXIT_FAILURE, fail, info, is_interactive, progress, settings, warn
-from llmcli.train.checkpoint import CHECKPOINTS_DIR
+from llmcli.checkpoint import CHECKPOINTS_DIR
+from llmcli.console import (
+    EXIT_FAILURE,
+    fail,
+    first_line,
+    info,
+    is_interactive,
+    progress,
+    settings,
+    warn,
+)
 
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
 IMAGES_DIR = CHECKPOINTS_DIR / "images"
@@ -282,7 +291,7 @@ def probe_hub(model: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
     if isinstance(error, RepositoryNotFoundError):
         fail(f"--model {model}: no such model on the Hugging Face Hub (or it is private: log in "
              f"with `hf auth login`); check the id, e.g. {DEFAULT_MODEL}")
-    return _first_line(error) or type(error).__name__
+    return first_line(error) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,12 +371,9 @@ def _folder_error(folder: str, exc: Exception) -> str:
             return (f"--model {folder}: {part.name}/ has only pickled weights ({names[0]}) and "
                     "llm loads safetensors only; re-save the pipeline with "
                     "save_pretrained(DIR, safe_serialization=True)")
-    return f"--model {folder}: cannot load this pipeline: {_first_line(exc)}"
+    return f"--model {folder}: cannot load this pipeline: {first_line(exc)}"
 
 
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _use_sdpa(pipe: Any) -> bool:
@@ -435,8 +441,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
             try:
                 pipe, variant = _from_pretrained(source.name, torch_dtype, variants, False)
             except (OSError, ValueError) as exc:
-                cached = f" (cached copy: {_first_line(local_error)})" if local_error else ""
-                fail(f"--model {model}: download or load failed: {_first_line(exc)}{cached}",
+                cached = f" (cached copy: {first_line(local_error)})" if local_error else ""
+                fail(f"--model {model}: download or load failed: {first_line(exc)}{cached}",
                      EXIT_FAILURE)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)  # our own bar follows the steps

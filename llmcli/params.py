@@ -7,18 +7,14 @@ counted from the tensor shapes stored in the file, which is what is really there
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
+from llmcli.checkpoint import Checkpoint, latest_run
 from llmcli.console import fail
 from llmcli.model.count import Part, breakdown, flops_per_token, named_counts, training_memory
 from llmcli.recipe import Recipe, load_recipe
-from llmcli.train.checkpoint import (
-    latest_run,
-    read_metadata,
-    recipe_from_metadata,
-    resolve_checkpoint,
-)
 
 DEFAULT_RECIPE = Path("recipes") / "scifi.yaml"
 TOKENIZER_VOCAB = {"cl100k_base": 100277, "bytes": 257}
@@ -51,11 +47,10 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> d
         if overrides:
             fail(f"{target}: overrides apply to recipes, not checkpoints; drop "
                  f"'{overrides[0]}' or count the recipe instead")
-        path = resolve_checkpoint(target)
-        meta = read_metadata(path)
-        recipe = recipe_from_metadata(meta, str(path))
-        counts = stored_counts(path)
-        source, kind = str(path), "checkpoint"
+        ckpt = Checkpoint.open(target)
+        recipe = ckpt.recipe
+        counts = {name: math.prod(shape) for name, shape in ckpt.shapes().items()}
+        source, kind = str(ckpt.path), "checkpoint"
     else:
         recipe = load_recipe(target, overrides)
         source, kind = str(target), "recipe"
@@ -92,19 +87,6 @@ def resolve_vocab_for_counting(recipe: Recipe, notes: list[str]) -> Recipe:
     notes.append(f"model.vocab_size is 'auto' (set by the corpus at training time): counted "
                  f"with the {recipe.data.tokenizer} vocabulary of {vocab:,}")
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=vocab))
-
-
-def stored_counts(path: Path) -> dict[str, int]:
-    from safetensors import safe_open
-
-    counts = {}
-    with safe_open(str(path), framework="pt") as fh:
-        for name in fh.keys():  # noqa: SIM118  (safe_open is not a mapping)
-            size = 1
-            for dim in fh.get_slice(name).get_shape():
-                size *= dim
-            counts[name] = size
-    return counts
 
 
 def _part_dict(part: Part) -> dict[str, Any]:

@@ -17,18 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmcli.checkpoint import default_run_dir, prepare_run_dir, read_metadata, resolve_resume
 from llmcli.console import fail, info
 from llmcli.data.batches import TokenWindows, dense_lookup
 from llmcli.data.vocab import CompactVocab
 from llmcli.recipe import Recipe
 from llmcli.train import distributed
-from llmcli.train.checkpoint import (
-    CHECKPOINTS_DIR,
-    read_metadata,
-    resumable_checkpoints,
-    step_checkpoints,
-    trainer_path,
-)
 from llmcli.train.loop import TrainResult, train
 
 DATA_DIR = Path("data")
@@ -53,10 +47,6 @@ class Corpus:
     @property
     def val_tokens(self) -> int:
         return len(self.tokens) - self.val_start
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    return CHECKPOINTS_DIR / recipe.name
 
 
 def load_corpus(recipe: Recipe, *, data_dir: Path = DATA_DIR,
@@ -170,30 +160,6 @@ def extra_meta(recipe: Recipe, corpus: Corpus) -> dict[str, Any]:
     return meta
 
 
-def resolve_resume(spec: str | Path | bool | None, run_dir: Path) -> Path | None:
-    """The step checkpoint to resume: `True`/"latest" = newest resumable one in `run_dir`."""
-    if spec in (None, False):
-        return None
-    latest = spec in (True, "latest")
-    where = run_dir if latest else Path(spec)
-    if where.is_dir() or latest:
-        found = resumable_checkpoints(where) if where.is_dir() else []
-        if not found:
-            hint = (" (step checkpoints there lack their .trainer.safetensors)"
-                    if step_checkpoints(where) else "")
-            fail(f"--resume: no resumable checkpoint in {where}{hint}; start without --resume "
-                 "or give a step-*.safetensors file")
-        return found[-1][1]
-    if not where.exists():
-        fail(f"--resume {where}: not found; give a run directory or a step-*.safetensors file")
-    if where.suffix != ".safetensors" or where.name.endswith(".trainer.safetensors"):
-        fail(f"--resume {where}: expected a step-*.safetensors checkpoint or a run directory")
-    if not trainer_path(where).exists():
-        fail(f"--resume {where}: its trainer state {trainer_path(where).name} is missing, so "
-             "the run cannot continue exactly; use another checkpoint of the run")
-    return where
-
-
 def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
             data_dir: Path = DATA_DIR) -> tuple[Recipe, Corpus]:
     """Corpus and resolved recipe; rank 0 tokenizes first so ranks never write the same file."""
@@ -209,8 +175,13 @@ def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
 
 
 def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path | bool | None =
-             None, device: str = "auto", data_dir: Path = DATA_DIR) -> TrainResult:
-    """Train the recipe's model on its corpus; checkpoints go to `run_dir`."""
+             None, overwrite: bool = False, device: str = "auto",
+             data_dir: Path = DATA_DIR) -> TrainResult:
+    """Train the recipe's model on its corpus; checkpoints go to `run_dir`.
+
+    `resume`: True / "latest" / "auto" / a checkpoint or run directory (see
+    `llmcli.checkpoint.resolve_resume`); `overwrite` replaces an earlier run in `run_dir`.
+    """
     from llmcli.device import resolve_device
     from llmcli.model.count import count_parameters
     from llmcli.model.gpt import build_model
@@ -220,6 +191,7 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
     dist, dev = distributed.setup(resolve_device(device))
     try:
         resume_path = resolve_resume(resume, run_dir)
+        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
         recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
         seed_everything(recipe.train.seed)
         model = build_model(recipe.model, dev)

@@ -12,11 +12,13 @@ import dataclasses
 import difflib
 import json
 import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union
+from pathlib import Path, PureWindowsPath
+from typing import Any, Literal, NoReturn, Union
 
 import yaml
 
@@ -161,6 +163,102 @@ SECTIONS: dict[str, type] = {
 }
 
 
+@dataclass(frozen=True)
+class Bound:
+    """An allowed interval; `ends` says which ends are included: "[]", "(]", "[)" or "()"."""
+
+    lo: float
+    hi: float
+    ends: str = "[]"
+
+    def __contains__(self, value: float) -> bool:
+        above = self.lo < value if self.ends[0] == "(" else self.lo <= value
+        return above and (value < self.hi if self.ends[1] == ")" else value <= self.hi)
+
+    def __str__(self) -> str:
+        return f"{self.ends[0]}{_num(self.lo)}, {_num(self.hi)}{self.ends[1]}"
+
+
+# The one table of allowed values: generous, but each bound keeps a typo (1e20, .nan, a batch of
+# 10^8) from hanging, overflowing or allocating terabytes before anything fails. Every int and
+# float key of every section has a row (a test checks); None and 'auto' skip the check.
+LIMITS: dict[str, Bound] = {
+    "data.val_fraction": Bound(0, 1, "[)"),
+    "model.vocab_size": Bound(1, 10_000_000),
+    "model.context_length": Bound(1, 1_048_576),
+    "model.d_model": Bound(1, 65_536),
+    "model.num_blocks": Bound(1, 1024),
+    "model.num_heads": Bound(1, 65_536),  # and it must divide d_model
+    "model.dropout": Bound(0, 1, "[)"),
+    "model.ffn_hidden": Bound(1, 1_048_576),
+    "model.norm_eps": Bound(0, 1, "(]"),
+    "model.rope_theta": Bound(0, 1e9, "(]"),
+    "model.init_std": Bound(0, 10, "(]"),
+    "train.batch_size": Bound(1, 65_536),
+    "train.grad_accum": Bound(1, 65_536),
+    "train.max_iters": Bound(1, 10**9),
+    "train.max_tokens": Bound(1, 10**15),
+    "train.max_time": Bound(0, 1e8, "(]"),  # seconds, about 3 years
+    "train.lr": Bound(0, 10, "(]"),
+    "train.warmup_iters": Bound(0, 10**9),
+    "train.min_lr": Bound(0, 10),  # and at most train.lr
+    "train.weight_decay": Bound(0, 10),
+    "train.beta1": Bound(0, 1, "[)"),
+    "train.beta2": Bound(0, 1, "[)"),
+    "train.grad_clip": Bound(0, 1e6),
+    "train.eval_interval": Bound(1, 10**9),
+    "train.eval_iters": Bound(1, 100_000),
+    "train.log_interval": Bound(1, 10**9),
+    "train.checkpoint_interval": Bound(1, 10**9),
+    "train.keep_last": Bound(1, 10_000),
+    "train.seed": Bound(0, 2**63 - 1),  # torch.manual_seed's range
+    "lora.rank": Bound(0, 4096),
+    "lora.alpha": Bound(0, 1e6, "(]"),
+    "lora.dropout": Bound(0, 1, "[)"),
+    "generate.max_new_tokens": Bound(1, 1_000_000),
+    "generate.temperature": Bound(0, 100),  # 0 = greedy; below MIN_TEMPERATURE logits overflow
+    "generate.top_k": Bound(0, 10_000_000),
+    "generate.top_p": Bound(0, 1, "(]"),
+    "generate.min_p": Bound(0, 1),
+    "generate.repetition_penalty": Bound(0, 100, "(]"),
+    "generate.num_beams": Bound(1, 256),
+    "generate.length_penalty": Bound(-10, 10),
+    "generate.no_repeat_ngram_size": Bound(0, 1024),
+}
+MIN_TEMPERATURE = 1e-2
+MAX_ELEMENTS = 2**40  # 4 TiB of fp32: no tensor or model this large fits in any memory
+MAX_NAME = 100
+
+
+def _num(value: float) -> str:
+    """1_048_576 and 1e-5 as a recipe would spell them: ints with _, floats short."""
+    if isinstance(value, int):
+        return f"{value:_}" if abs(value) >= 10_000 else str(value)
+    return f"{value:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 40, 40, 4, 4
+
+
+def _quote(text: str) -> str:
+    """A user's string on one line: quoted, escaped (no raw newlines), at most 120 characters."""
+    text = repr(text)
+    return text if len(text) <= 120 else f"{text[:100]}...{text[-10:]}"
+
+
+def _show(value: Any) -> str:
+    """A short one-line repr of any input, even a 5000-digit integer or a billion-laughs list."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        try:
+            return f"{value:.6g}".replace("e+", "e")
+        except OverflowError:
+            return f"{'-' if value < 0 else ''}2^{value.bit_length() - 1} or so"
+    if isinstance(value, float):
+        return repr(value).replace("e+", "e")
+    return _repr.repr(value)
+
+
 @dataclass
 class Recipe:
     name: str = "recipe"
@@ -197,7 +295,8 @@ def describe_keys() -> list[tuple[str, Any, str]]:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{section}.{f.name}", default, f.metadata.get("doc", "")))
+            key, doc = f"{section}.{f.name}", f.metadata.get("doc", "")
+            rows.append((key, default, f"{doc}; allowed {LIMITS[key]}" if key in LIMITS else doc))
     return rows
 
 
@@ -225,12 +324,24 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         fail(f"{where}:{line}: YAML syntax error: {problem}; fix the YAML at that line")
+    except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
+        fail(f"{where}: {_unreadable(exc)}; a recipe is only section: key: value lines")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         fail(f"{where}: a recipe is a mapping of sections (data:, model:, train:), "
              f"not a {type(raw).__name__}")
     return build_recipe(raw, overrides, name=path.stem, where=where, path=str(path))
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Why PyYAML gave up: nesting past the stack, alias bombs, 5000-digit ints, bad dates."""
+    if isinstance(exc, RecursionError):
+        return "YAML nested too deeply to read"
+    if isinstance(exc, MemoryError):
+        return "YAML too large to read (aliases expanding?)"
+    text = " ".join(str(exc).split()).split(";")[0][:100] or type(exc).__name__
+    return f"YAML value unreadable ({text})"
 
 
 def build_recipe(
@@ -242,12 +353,13 @@ def build_recipe(
     path: str | None = None,
 ) -> Recipe:
     """Build a validated Recipe from nested dicts (a YAML file or a checkpoint's metadata)."""
-    recipe = Recipe(name=str(raw.get("name", name)), path=path)
+    given = raw.get("name")
+    recipe = Recipe(name=check_name(name if given is None else given, where), path=path)
     for section, values in raw.items():
         if section == "name":
             continue
         if section not in SECTIONS:
-            fail(f"{where}: unknown section '{section}'{_suggest(section, SECTIONS)}; "
+            fail(f"{where}: unknown section {_show(section)}{_suggest(str(section), SECTIONS)}; "
                  f"sections are {', '.join(SECTIONS)}")
         if values is None:
             continue
@@ -258,9 +370,31 @@ def build_recipe(
             _set(recipe, section, str(key), value, where, "file")
     for item in overrides:
         section, key, value = parse_override(item)
-        _set(recipe, section, key, value, f"override '{item}'", "override")
+        _set(recipe, section, key, value, f"override {_quote(item)}", "override")
     validate(recipe, where)
     return recipe
+
+
+def check_name(name: Any, where: str = "recipe") -> str:
+    """The name picks checkpoints/<name>: it must be one safe path component, never a path."""
+    if name is None or isinstance(name, bool) or not isinstance(name, (str, int, float)):
+        fail(f"{where}: name: expected a string, got {_show(name)}; write e.g. name: my-run")
+    huge = isinstance(name, int) and name.bit_length() > 400  # str() fails past 4300 digits
+    text = _show(name) if huge else str(name)
+    problem = (
+        "is empty" if not text.strip()
+        else f"is longer than {MAX_NAME} characters" if huge or len(text) > MAX_NAME
+        else "contains / or \\" if "/" in text or "\\" in text
+        else "is . or .." if text in (".", "..")
+        else "contains a control character" if any(ord(c) < 32 or ord(c) == 127 for c in text)
+        else "starts with -" if text.startswith("-")
+        else "is a drive or absolute path" if PureWindowsPath(text).anchor
+        else ""
+    )
+    if problem:
+        fail(f"{where}: name {_show(text)} {problem}; the name becomes the directory "
+             "checkpoints/<name>, so use letters, digits, - and _, e.g. name: my-run")
+    return text
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -268,14 +402,17 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     dotted, sep, text = item.partition("=")
     section, dot, key = dotted.strip().partition(".")
     if not sep or not dot or not key:
-        fail(f"override '{item}': expected section.key=value, e.g. train.max_iters=100")
+        fail(f"override {_quote(item)}: expected section.key=value, e.g. train.max_iters=100")
     if section not in SECTIONS:
-        fail(f"override '{item}': unknown section '{section}'{_suggest(section, SECTIONS)}; "
-             f"sections are {', '.join(SECTIONS)}")
+        fail(f"override {_quote(item)}: unknown section {_quote(section)}"
+             f"{_suggest(section, SECTIONS)}; sections are {', '.join(SECTIONS)}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
+        fail(f"override {_quote(item)}: {_unreadable(exc)}; give a plain value, e.g. "
+             "train.max_iters=100")
     return section, key, value
 
 
@@ -283,9 +420,9 @@ def _set(recipe: Recipe, section: str, key: str, value: Any, where: str, origin:
     obj = getattr(recipe, section)
     hints = _hints(type(obj))
     if key not in hints:
-        fail(f"{where}: unknown key '{section}.{key}'{_suggest(key, hints)}; "
+        fail(f"{where}: unknown key {_show(f'{section}.{key}')}{_suggest(key, hints)}; "
              f"run `llm pretrain --keys` to list the keys")
-    setattr(obj, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+    setattr(obj, key, _coerce(value, hints[key], where, f"{section}.{key}"))
     recipe.provenance[f"{section}.{key}"] = origin
 
 
@@ -317,11 +454,28 @@ class _NoMatch(Exception):
     pass
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+class _NotFinite(Exception):
+    """A number that is NaN, ±inf or too big for a float: no type in a union can take it."""
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     try:
         return _coerce_to(value, tp)
     except _NoMatch:
-        fail(f"{where}: expected {_type_name(tp)}, got {value!r}; fix the value")
+        fail(f"{where}: {key}: expected {_type_name(tp)}, got {_show(value)}; fix the value")
+    except _NotFinite:
+        _out_of_range(where, key, value, finite=False)
+
+
+def _float(value: Any) -> float:
+    """float(value), finite or _NotFinite; 10**400 overflows to an error, not to inf."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _NotFinite from None
+    if not math.isfinite(number):
+        raise _NotFinite
+    return number
 
 
 def _coerce_to(value: Any, tp: Any) -> Any:
@@ -355,11 +509,14 @@ def _coerce_to(value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and _float(value).is_integer():
             return int(value)
         if isinstance(value, str):
+            digits = value.strip().replace("_", "")
+            if re.fullmatch(r"[+-]?[0-9]{1,40}", digits):  # exact, unlike a trip through float
+                return int(digits)
             try:  # "1e6" and "100_000" are how people write big counts
-                number = float(value.replace("_", ""))
+                number = _float(digits)
             except ValueError:
                 raise _NoMatch from None
             if number.is_integer():
@@ -367,10 +524,10 @@ def _coerce_to(value: Any, tp: Any) -> Any:
         raise _NoMatch
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
             try:
-                return float(value)
+                return _float(value)
             except ValueError:
                 raise _NoMatch from None
         raise _NoMatch
@@ -388,71 +545,87 @@ def _coerce_to(value: Any, tp: Any) -> Any:
 
 
 def validate(recipe: Recipe, where: str = "recipe") -> None:
+    """Every value in its LIMITS range and consistent with the others, before any allocation."""
     def bad(key: str, problem: str) -> None:
         fail(f"{where}: {key}: {problem}")
 
-    def positive(section: str, *keys: str) -> None:
-        obj = getattr(recipe, section)
-        for key in keys:
-            value = getattr(obj, key)
-            if value is not None and value != "auto" and value <= 0:
-                bad(f"{section}.{key}", f"must be positive, got {value}")
-
-    def non_negative(section: str, *keys: str) -> None:
-        obj = getattr(recipe, section)
-        for key in keys:
-            value = getattr(obj, key)
-            if value is not None and value < 0:
-                bad(f"{section}.{key}", f"must be zero or more, got {value}")
-
-    def unit_interval(section: str, key: str) -> None:
-        value = getattr(getattr(recipe, section), key)
-        if not 0 <= value < 1:
-            bad(f"{section}.{key}", f"must be in [0, 1), got {value}")
+    for section in ("data", "model", "train", "lora"):
+        _check_ranges(getattr(recipe, section), section, where)
+    check_generate(recipe.generate, where)
 
     m, t, d = recipe.model, recipe.train, recipe.data
-    positive("model", "vocab_size", "context_length", "d_model", "num_blocks", "num_heads",
-             "ffn_hidden", "norm_eps", "rope_theta", "init_std")
-    unit_interval("model", "dropout")
     if m.d_model % m.num_heads:
-        divisors = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 64]
+        divisors = [h for h in range(1, min(m.d_model, 64) + 1) if m.d_model % h == 0]
         hint = min(divisors, key=lambda h: abs(h - m.num_heads))
         bad("model.num_heads", f"d_model {m.d_model} is not divisible by num_heads "
             f"{m.num_heads}; use a divisor of d_model such as {hint}")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
         bad("model.positions", f"rope needs an even head size, d_model/num_heads = "
             f"{m.d_model // m.num_heads}; change d_model or num_heads")
-
-    positive("train", "batch_size", "grad_accum", "max_iters", "max_tokens", "max_time", "lr",
-             "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_last")
-    non_negative("train", "warmup_iters", "min_lr", "weight_decay", "grad_clip")
-    for key in ("beta1", "beta2"):
-        unit_interval("train", key)
     if t.min_lr > t.lr:
         bad("train.min_lr", f"{t.min_lr} is above train.lr {t.lr}; lower it")
+    _check_sizes(recipe, where)
 
-    unit_interval("data", "val_fraction")
     if d.records is not None:
         parse_records(d.records, where)
-
-    lo = recipe.lora
-    non_negative("lora", "rank")
-    positive("lora", "alpha")
-    unit_interval("lora", "dropout")
     known = ("qkv", "proj", "ffn_in", "ffn_out", "head")
-    for target in lo.targets:
+    for target in recipe.lora.targets:
         if target not in known:
-            bad("lora.targets", f"unknown target '{target}'{_suggest(target, known)}; "
+            bad("lora.targets", f"unknown target {_show(target)}{_suggest(target, known)}; "
                 f"choose from {', '.join(known)}")
 
-    g = recipe.generate
-    positive("generate", "max_new_tokens", "num_beams")
-    non_negative("generate", "temperature", "top_k", "no_repeat_ngram_size")
-    if g.top_p is not None and not 0 < g.top_p <= 1:
-        bad("generate.top_p", f"must be in (0, 1], got {g.top_p}")
-    if g.min_p is not None and not 0 <= g.min_p <= 1:
-        bad("generate.min_p", f"must be in [0, 1], got {g.min_p}")
-    positive("generate", "repetition_penalty")
+
+def check_generate(cfg: GenerateConfig, where: str = "generate") -> None:
+    """The decoding settings' ranges, for recipes and for `llm generate`'s flags alike."""
+    _check_ranges(cfg, "generate", where)
+    if 0 < cfg.temperature < MIN_TEMPERATURE:
+        fail(f"{where}: generate.temperature: {_show(cfg.temperature)} is too small (the logits "
+             f"divided by it overflow); use 0 for greedy decoding, or {MIN_TEMPERATURE} to 100")
+
+
+def _check_ranges(obj: Any, section: str, where: str) -> None:
+    """Each LIMITS key of one section; also catches wrong types set in code, not via YAML."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = f"{section}.{f.name}", getattr(obj, f.name)
+        bound = LIMITS.get(key)
+        if bound is None or value is None or value == "auto":
+            continue
+        integral = int in (typing.get_args(hints[f.name]) or (hints[f.name],))
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            fail(f"{where}: {key}: expected {'an integer' if integral else 'a number'}, got "
+                 f"{_show(value)}; fix the value")
+        if isinstance(value, float) and not math.isfinite(value) or value not in bound:
+            _out_of_range(where, key, value)
+
+
+def _out_of_range(where: str, key: str, value: Any, finite: bool = True) -> NoReturn:
+    section, _, name = key.partition(".")
+    default = next(f.default for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    fix = ("or leave it out (null: off)" if default is None
+           else f"e.g. {default if isinstance(default, str) else _num(default)} (the default)")
+    finite = finite and (not isinstance(value, float) or math.isfinite(value))
+    fail(f"{where}: {key}: must be {'' if finite else 'finite and '}in {LIMITS[key]}, got "
+         f"{_show(value)}; set it within that range, {fix}")
+
+
+def _check_sizes(recipe: Recipe, where: str) -> None:
+    """Products of in-range keys can still be absurd: a batch of activations, the weights."""
+    m, t = recipe.model, recipe.train
+    vocab = 0 if m.vocab_size == "auto" else int(m.vocab_size)
+    sizes = {
+        "train.batch_size × model.context_length × max(d_model, ffn_hidden) (activations)":
+            t.batch_size * m.context_length * max(m.d_model, m.ffn_width),
+        "train.batch_size × model.context_length × model.vocab_size (logits)":
+            t.batch_size * m.context_length * vocab,
+        "model.vocab_size × model.d_model (embedding)": vocab * m.d_model,
+        "model.num_blocks × model.d_model × (4·d_model + 3·ffn_hidden) (weights)":
+            m.num_blocks * m.d_model * (4 * m.d_model + 3 * m.ffn_width),
+    }
+    for names, size in sizes.items():
+        if size > MAX_ELEMENTS:
+            fail(f"{where}: {names} = {size:.2e} elements, above {MAX_ELEMENTS:.2e} (4 TiB of "
+                 "fp32), which no machine can hold; lower these keys")
 
 
 def parse_records(spec: str, where: str = "recipe") -> slice:

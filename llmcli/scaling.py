@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.console import fail
+from llmcli.hardware import GPU, GPUS, get_gpu
 
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: 400M -> 8.0B tokens, 1B -> 20.2B, ...
 DEFAULT_MFU = 0.4  # a well-tuned dense transformer on modern GPUs reaches about 35-50 %
@@ -111,62 +112,7 @@ def get_fit(name: str) -> Fit:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hardware: dense (no 2:4 sparsity) tensor-core peaks, the denominator of MFU
-
-
-@dataclass(frozen=True)
-class GPU:
-    key: str
-    name: str
-    tflops: float  # dense peak for the dtype below
-    dtype: str
-    source: str
-
-
-GPUS: dict[str, GPU] = {g.key: g for g in [
-    GPU("h100", "NVIDIA H100 SXM", 989.4, "bf16",
-        "NVIDIA H100 datasheet: 1,979 TFLOPS bf16 with sparsity, half dense"),
-    GPU("h100-pcie", "NVIDIA H100 PCIe", 756.0, "bf16",
-        "NVIDIA H100 datasheet: 1,513 TFLOPS bf16 with sparsity, half dense"),
-    GPU("h200", "NVIDIA H200 SXM", 989.4, "bf16",
-        "NVIDIA H200 datasheet: 1,979 TFLOPS bf16 with sparsity (same compute as H100 SXM)"),
-    GPU("a100", "NVIDIA A100 (SXM or PCIe)", 312.0, "bf16",
-        "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense (624 with sparsity)"),
-    GPU("l40s", "NVIDIA L40S", 362.05, "bf16",
-        "NVIDIA L40S datasheet: 362.05 TFLOPS bf16 dense (733 with sparsity)"),
-    GPU("l4", "NVIDIA L4", 121.0, "bf16",
-        "NVIDIA L4 datasheet: 242 TFLOPS bf16 with sparsity, half dense"),
-    GPU("a10g", "NVIDIA A10 / A10G", 125.0, "bf16",
-        "NVIDIA A10 datasheet: 125 TFLOPS bf16 dense; AWS's A10G has no sheet of its own, "
-        "so this is an upper bound for it"),
-    GPU("v100", "NVIDIA V100 SXM2", 125.0, "fp16",
-        "NVIDIA V100 datasheet: 125 TFLOPS tensor (fp16; no bf16 on Volta; PCIe: 112)"),
-    GPU("t4", "NVIDIA T4", 65.0, "fp16",
-        "NVIDIA T4 datasheet: 65 TFLOPS mixed fp16/fp32 (no bf16 on Turing)"),
-    GPU("rtx4090", "NVIDIA GeForce RTX 4090", 165.2, "bf16",
-        "NVIDIA Ada Lovelace architecture whitepaper: 165.2 TFLOPS bf16 with fp32 accumulate"),
-    GPU("rtx3090", "NVIDIA GeForce RTX 3090", 71.0, "bf16",
-        "NVIDIA Ampere GA102 whitepaper: 71 TFLOPS bf16 with fp32 accumulate"),
-    GPU("mi300x", "AMD Instinct MI300X", 1307.4, "bf16",
-        "AMD Instinct MI300X datasheet: 1,307.4 TFLOPS bf16 dense"),
-]}
-GPU_ALIASES = {"a10": "a10g", "4090": "rtx4090", "3090": "rtx3090", "h100sxm": "h100",
-               "h200sxm": "h200", "a100sxm": "a100", "a100pcie": "a100", "v100sxm2": "v100"}
-
-
-def _gpu_key(name: str) -> str:
-    """'NVIDIA GeForce RTX 4090' -> 'rtx4090', 'H100-SXM' -> 'h100sxm'."""
-    return re.sub(r"[\s_\-]+|nvidia|amd|geforce|instinct", "", name.lower())
-
-
-def get_gpu(name: str) -> GPU:
-    key = _gpu_key(name)
-    by_key = {_gpu_key(k): g for k, g in GPUS.items()}
-    key = _gpu_key(GPU_ALIASES.get(key, key))
-    if key not in by_key:
-        fail(f"--gpu {name!r}: unknown GPU{_suggest(name.lower(), GPUS)}; known: "
-             f"{', '.join(GPUS)} (or give a measured --tokens-per-second)")
-    return by_key[key]
+# Hardware: how fast training runs (the peak table lives in llmcli/hardware.py)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers_train import markov_tokens, tiny_recipe, write_tokens
 
-from llmcli.train.checkpoint import read_metadata, step_checkpoints
+from llmcli.checkpoint import read_metadata, step_checkpoints
 from llmcli.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,14 +41,14 @@ GREEDY = settings(strategy="greedy", max_new_tokens=12)
 
 
 def test_prepared_model_keeps_names_outputs_and_training(tiny_model_cfg):
-    from llmcli.generate.decode import OneDNNLinear, _onednn_works
+    from llmcli.model.fast_decode import OneDNNLinear, onednn_works
 
     torch.manual_seed(0)
     plain = build_model(tiny_model_cfg).eval()
     fast = prepare_model(build_model(tiny_model_cfg))
     fast.load_state_dict(plain.state_dict())
     assert list(fast.state_dict()) == list(plain.state_dict())
-    if _onednn_works():
+    if onednn_works():
         assert isinstance(fast.lm_head, OneDNNLinear)
     x = torch.randint(0, 64, (2, 9))
     with torch.inference_mode():

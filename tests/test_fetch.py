@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import email.utils
 import hashlib
 import os
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -11,17 +14,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 from llmcli.console import EXIT_FAILURE, EXIT_USAGE, UserError
 from llmcli.data import fetch as fetch_mod
-from llmcli.data.fetch import PRESETS, download, fetch, resolve_source, resolve_url, safe_filename
+from llmcli.data.fetch import (
+    PRESETS,
+    RETIRED,
+    download,
+    fetch,
+    resolve_source,
+    resolve_url,
+    safe_filename,
+)
 
 BODY = bytes(range(256)) * 400  # 100 KB, every byte value
 
 
 class Server:
-    """Files over HTTP with Range support and scripted failures."""
+    """Files over HTTP with Range/If-Range support, validators and scripted failures.
+
+    Each file has an ETag and a Last-Modified date derived from its content, so changing
+    `files[path]` changes both, as on a real server.
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -30,6 +46,9 @@ class Server:
         self.status: dict[str, int] = {}  # always answer with this status
         self.no_range: set[str] = set()  # ignore Range headers
         self.redirects: dict[str, str] = {}
+        self.no_validators: set[str] = set()  # send neither ETag nor Last-Modified
+        self.no_etag: set[str] = set()  # send Last-Modified only
+        self.ignore_if_range: set[str] = set()  # honour Range even when If-Range is stale
         self.requests: list[tuple[str, dict[str, str]]] = []
         server = self
 
@@ -57,8 +76,17 @@ class Server:
                     self.send_error(404)
                     return
                 data = server.files[path]
+                digest = hashlib.sha256(data).hexdigest()
+                validators = {} if path in server.no_validators else {
+                    "Last-Modified": email.utils.formatdate(int(digest[:7], 16), usegmt=True)}
+                if path not in server.no_validators | server.no_etag:
+                    validators["ETag"] = f'"{digest[:16]}"'
                 start = 0
                 header = self.headers.get("Range")
+                if_range = self.headers.get("If-Range")
+                if (if_range and if_range not in validators.values()
+                        and path not in server.ignore_if_range):
+                    header = None  # RFC 9110: a stale If-Range gets the whole new file
                 if header and path not in server.no_range:
                     start = int(header.removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
@@ -73,6 +101,8 @@ class Server:
                 else:
                     self.send_response(200)
                 body = data[start:]
+                for key, value in validators.items():
+                    self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 cut = server.drop_after.pop(path, None)
@@ -129,12 +159,27 @@ def test_resume_after_dropped_connection(server: Server, tmp_path: Path) -> None
     assert server.requests[1][1]["Range"] == "bytes=30000-"
 
 
+def interrupted(server: Server, tmp_path: Path, path: str, cut: int) -> None:
+    """A previous run that died after `cut` bytes, leaving its .part (and record) behind."""
+    def killed(seconds: float) -> None:
+        raise KeyboardInterrupt  # the process dies while waiting to retry
+
+    server.drop_after[path] = cut
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(fetch_mod.time, "sleep", killed)
+        fetch(f"{server.url}{path}", tmp_path, backoff=0)
+    assert (tmp_path / (path.rsplit("/", 1)[-1] + ".part")).stat().st_size == cut
+
+
 def test_resume_a_previous_runs_part_file(server: Server, tmp_path: Path) -> None:
     server.files["/big.bin"] = BODY
-    (tmp_path / "big.bin.part").write_bytes(BODY[:12_345])
+    interrupted(server, tmp_path, "/big.bin", 12_345)
+    assert "If-Range" not in server.requests[0][1]
     path = fetch(f"{server.url}/big.bin", tmp_path, backoff=0)
     assert path.read_bytes() == BODY
-    assert server.requests[0][1]["Range"] == "bytes=12345-"
+    assert server.requests[1][1]["Range"] == "bytes=12345-"
+    assert server.requests[1][1]["If-Range"].startswith('"')
+    assert sorted(os.listdir(tmp_path)) == ["big.bin"]  # no .part, .part.json nor .lock left
 
 
 def test_complete_part_file_is_finished_without_a_body(server: Server, tmp_path: Path) -> None:
@@ -284,8 +329,11 @@ def test_gated_hf_file_mentions_token(server: Server, tmp_path: Path,
 def test_preset_downloads_from_hf_endpoint(server: Server, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", server.url)
+    text = b"Chapter 1: Building Rapport\n"
+    monkeypatch.setitem(PRESETS, "sales-textbook",
+                        dataclasses.replace(PRESETS["sales-textbook"], sha256=sha(text)))
     server.files["/datasets/goendalf666/sales-textbook_for_convincing_and_selling/resolve/main/"
-                 "sales_textbook.txt"] = b"Chapter 1: Building Rapport\n"
+                 "sales_textbook.txt"] = text
     path = resolve_source("sales-textbook", tmp_path)
     assert path == tmp_path / "sales_textbook.txt"
     assert path.read_bytes().startswith(b"Chapter 1")
@@ -306,9 +354,29 @@ def test_preset_checksum_is_enforced(server: Server, tmp_path: Path,
     assert not (tmp_path / "shakespeare.txt").exists()
 
 
-def test_tinyshakespeare_preset_matches_the_shared_copy(shared_data: Path) -> None:
-    data = (shared_data / "tinyshakespeare.txt").read_bytes()
-    assert sha(data) == PRESETS["tinyshakespeare"].sha256
+@pytest.mark.parametrize("name", ["tinyshakespeare", "sales-textbook"])
+def test_preset_matches_the_shared_copy(name: str, shared_data: Path) -> None:
+    filename = PRESETS[name].filename
+    data = (shared_data / filename).read_bytes()
+    assert sha(data) == PRESETS[name].sha256
+    sums = {file: digest for digest, file in
+            (line.split() for line in (shared_data / "SHA256SUMS").read_text().splitlines())}
+    assert sums[filename] == PRESETS[name].sha256
+
+
+def test_every_downloading_preset_is_verified() -> None:
+    assert PRESETS["builtin"].source == ""  # generated offline: nothing to verify
+    downloading = [p for p in PRESETS.values() if p.source]
+    assert downloading
+    for preset in downloading:
+        assert preset.sha256 and re.fullmatch(r"[0-9a-f]{64}", preset.sha256), preset.name
+
+
+def test_retired_preset_says_how_to_get_the_file(tmp_path: Path) -> None:
+    assert "webnovel-cn" not in PRESETS
+    with pytest.raises(UserError, match="no longer a preset") as info:
+        fetch("webnovel-cn", tmp_path)
+    assert RETIRED["webnovel-cn"] in str(info.value)
 
 
 def test_resolve_source_local_builtin_and_unknown(tmp_path: Path) -> None:
@@ -339,7 +407,7 @@ def test_download_keeps_nothing_half_written_on_failure(server: Server, tmp_path
 # The command
 
 
-def run_cli(*args: str) -> object:
+def run_cli(*args: str) -> Result:
     from llmcli.cli import app
 
     return CliRunner().invoke(app, list(args))
@@ -354,8 +422,9 @@ def test_cli_fetch_builtin_prints_the_path(tmp_path: Path) -> None:
 def test_cli_fetch_list_and_errors(tmp_path: Path) -> None:
     listing = run_cli("fetch", "--list")
     assert listing.exit_code == 0
-    for name in ("builtin", "sales-textbook", "tinyshakespeare", "webnovel-cn"):
+    for name in ("builtin", "sales-textbook", "tinyshakespeare"):
         assert name in listing.stdout
+    assert listing.stdout.count("sha256:") == len(PRESETS) - 1
     bad = run_cli("fetch", "ftp://example.com/x.txt", "-o", str(tmp_path))
     assert bad.exit_code == EXIT_USAGE
     assert bad.stderr.count("\n") == 1 and "unsupported URL scheme" in bad.stderr
@@ -371,3 +440,189 @@ def test_cli_fetch_url(server: Server, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert Path(result.stdout.strip()).read_bytes() == b"abc\n"
     assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == ["c.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: If-Range resume, symlinks, the lock file, bad arguments
+
+
+def test_changed_remote_is_downloaded_afresh_not_spliced(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    interrupted(server, tmp_path, "/big.bin", 30_000)
+    old_etag = f'"{sha(BODY)[:16]}"'
+    new = bytes(reversed(BODY))  # same size: only the validator can tell the versions apart
+    server.files["/big.bin"] = new
+    path = fetch(f"{server.url}/big.bin", tmp_path, backoff=0)
+    assert path.read_bytes() == new
+    resumed = server.requests[-1][1]
+    assert resumed["Range"] == "bytes=30000-" and resumed["If-Range"] == old_etag
+    assert sorted(os.listdir(tmp_path)) == ["big.bin"]
+
+
+def test_last_modified_is_the_validator_without_an_etag(server: Server, tmp_path: Path) -> None:
+    server.files["/lm.bin"] = BODY
+    server.no_etag.add("/lm.bin")
+    server.drop_after["/lm.bin"] = 20_000
+    assert fetch(f"{server.url}/lm.bin", tmp_path, backoff=0).read_bytes() == BODY
+    resumed = server.requests[1][1]
+    assert resumed["Range"] == "bytes=20000-" and resumed["If-Range"].endswith(" GMT")
+    (tmp_path / "lm.bin").unlink()
+    interrupted(server, tmp_path, "/lm.bin", 10_000)
+    server.files["/lm.bin"] = new = bytes(reversed(BODY))
+    assert fetch(f"{server.url}/lm.bin", tmp_path, backoff=0).read_bytes() == new
+
+
+def test_without_validators_a_resume_starts_from_zero(server: Server, tmp_path: Path) -> None:
+    server.files["/nv.bin"] = BODY
+    server.no_validators.add("/nv.bin")
+    server.drop_after["/nv.bin"] = 30_000
+    assert fetch(f"{server.url}/nv.bin", tmp_path, backoff=0).read_bytes() == BODY
+    assert len(server.requests) == 2 and "Range" not in server.requests[1][1]
+    (tmp_path / "nv.bin").unlink()
+    interrupted(server, tmp_path, "/nv.bin", 30_000)
+    assert not (tmp_path / "nv.bin.part.json").exists()  # nothing to vouch for the bytes
+    server.files["/nv.bin"] = new = bytes(reversed(BODY))
+    assert fetch(f"{server.url}/nv.bin", tmp_path, backoff=0).read_bytes() == new
+    assert not any("Range" in h for _, h in server.requests)
+
+
+def test_a_resume_of_another_version_is_refused_even_if_if_range_is_ignored(
+        server: Server, tmp_path: Path) -> None:
+    server.files["/ig.bin"] = BODY
+    server.ignore_if_range.add("/ig.bin")
+    interrupted(server, tmp_path, "/ig.bin", 30_000)
+    server.files["/ig.bin"] = new = bytes(reversed(BODY))
+    assert fetch(f"{server.url}/ig.bin", tmp_path, backoff=0).read_bytes() == new
+    assert "Range" in server.requests[-2][1] and "Range" not in server.requests[-1][1]
+
+
+def test_a_record_for_another_url_is_not_trusted(server: Server, tmp_path: Path) -> None:
+    server.files["/a/f.bin"] = BODY
+    server.files["/b/f.bin"] = new = bytes(reversed(BODY))
+    interrupted(server, tmp_path, "/a/f.bin", 30_000)  # same file name, another URL
+    assert fetch(f"{server.url}/b/f.bin", tmp_path, backoff=0).read_bytes() == new
+    assert "Range" not in server.requests[-1][1]
+
+
+def test_symlinked_part_file_is_not_written_through(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "big.bin.part").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link") as info:
+        fetch(f"{server.url}/big.bin", data, backoff=0)
+    assert str(data / "big.bin.part") in str(info.value)
+    assert victim.read_bytes() == b"precious"
+    dangling = tmp_path / "created.txt"
+    (data / "big.bin.part").unlink()
+    (data / "big.bin.part").symlink_to(dangling)
+    with pytest.raises(UserError, match="symbolic link"):
+        fetch(f"{server.url}/big.bin", data, backoff=0)
+    assert not dangling.exists()
+    assert fetch(f"{server.url}/big.bin", data, force=True, backoff=0).read_bytes() == BODY
+
+
+def test_symlinked_part_file_opened_late_is_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (tmp_path / "x.part").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        fetch_mod._open_part(tmp_path / "x.part", append=True)  # the race after the check
+    assert victim.read_bytes() == b"precious"
+
+
+def test_symlinked_lock_file_is_not_followed(server: Server, tmp_path: Path) -> None:
+    server.files["/c.txt"] = b"abc\n"
+    dangling = tmp_path / "created.txt"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / ".c.txt.lock").symlink_to(dangling)
+    with pytest.raises(UserError, match="symbolic link") as info:
+        fetch(f"{server.url}/c.txt", data, backoff=0)
+    assert ".c.txt.lock" in str(info.value) and info.value.exit_code == EXIT_USAGE
+    assert not dangling.exists() and server.requests == []
+
+
+def test_no_lock_file_remains(server: Server, tmp_path: Path) -> None:
+    server.files["/c.txt"] = b"abc\n"
+    fetch(f"{server.url}/c.txt", tmp_path, backoff=0)
+    fetch(f"{server.url}/c.txt", tmp_path, backoff=0)  # already complete
+    with pytest.raises(UserError):
+        fetch(f"{server.url}/missing.txt", tmp_path, backoff=0)
+    with pytest.raises(UserError):
+        fetch(f"{server.url}/c.txt", tmp_path / "bad", sha256="0" * 64, backoff=0)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".lock")]
+
+
+def test_lock_excludes_while_its_file_is_removed(tmp_path: Path) -> None:
+    target, active, overlaps = tmp_path / "f.bin", [0], []
+
+    def worker() -> None:
+        for _ in range(25):
+            with fetch_mod._locked(target):
+                active[0] += 1
+                overlaps.append(active[0] > 1)
+                os.sched_yield()
+                active[0] -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(overlaps) == 100 and not any(overlaps)
+    assert not (tmp_path / ".f.bin.lock").exists()
+
+
+@pytest.mark.parametrize("value", ["", "  ", "abc", "g" * 64, "0" * 63])
+def test_empty_or_malformed_sha256_is_refused(value: str, server: Server, tmp_path: Path) -> None:
+    server.files["/c.txt"] = b"abc\n"
+    with pytest.raises(UserError, match="64 hexadecimal"):
+        fetch(f"{server.url}/c.txt", tmp_path, sha256=value)
+    with pytest.raises(UserError, match="64 hexadecimal"):
+        download(f"{server.url}/c.txt", tmp_path / "c.txt", sha256=value)
+    assert server.requests == [] and not (tmp_path / "c.txt").exists()
+
+
+def test_name_too_long_is_refused(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="bytes long") as info:
+        fetch(f"{server.url}/{'a' * 300}.txt", tmp_path)
+    assert info.value.exit_code == EXIT_USAGE and server.requests == []
+
+
+def assert_one_line_usage_error(result: Result, *needles: str) -> None:
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_cli_bad_arguments_are_one_line_errors(server: Server, tmp_path: Path) -> None:
+    server.files["/c.txt"] = b"abc\n"
+    url = f"{server.url}/c.txt"
+    assert_one_line_usage_error(run_cli("fetch", url, "--sha256", ""), "--sha256 ''")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_one_line_usage_error(run_cli("fetch", url, "-o", str(afile)), str(afile), "-o")
+    assert_one_line_usage_error(run_cli("fetch", "builtin", "-o", str(afile)), str(afile))
+    assert_one_line_usage_error(run_cli("fetch", url, "-o", str(afile / "sub")), str(afile))
+    assert_one_line_usage_error(run_cli("fetch", f"{server.url}/{'n' * 300}", "-o",
+                                        str(tmp_path)), "bytes long")
+    (tmp_path / "d" / "c.txt").mkdir(parents=True)
+    assert_one_line_usage_error(run_cli("fetch", url, "-o", str(tmp_path / "d")),
+                                str(tmp_path / "d" / "c.txt"), "directory")
+    (tmp_path / "p" / "c.txt.part").mkdir(parents=True)
+    assert_one_line_usage_error(run_cli("fetch", url, "-o", str(tmp_path / "p")), ".part")
+    assert_one_line_usage_error(run_cli("fetch", str(tmp_path / "d"), "--sha256", "0" * 64),
+                                "not a file")
+    assert server.requests == []
+
+
+def test_cli_prints_user_strings_literally(tmp_path: Path) -> None:
+    result = run_cli("fetch", "ftp://example.com/[/x][bold]y.txt", "-o", str(tmp_path))
+    assert_one_line_usage_error(result, "ftp://example.com/[/x][bold]y.txt")
+    assert_one_line_usage_error(run_cli("fetch", "ftp://a\nb.txt"), "ftp://a\\nb.txt")

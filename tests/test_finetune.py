@@ -10,13 +10,14 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from llmcli.checkpoint import load_model, read_metadata, save_model
 from llmcli.cli import app
 from llmcli.console import UserError
+from llmcli.data.instruct import STOP_TEXTS, render_prompt
+from llmcli.files import sha256_file
 from llmcli.finetune import finetune, merge_adapter, prepare
 from llmcli.model.gpt import build_model
 from llmcli.recipe import build_recipe
-from llmcli.train.checkpoint import load_model, read_metadata, save_model
-from llmcli.train.instruct import STOP_TEXTS, render_prompt
 
 MODEL = {"vocab_size": 257, "context_length": 48, "d_model": 32, "num_blocks": 2,
          "num_heads": 4, "dropout": 0.0}
@@ -102,7 +103,9 @@ def test_full_finetune_learns_and_stores_the_template(base, records, tmp_path):
     assert not run.lora and run.trainable == run.total
     meta = read_metadata(run.result.checkpoint)
     assert meta["template"] == TEMPLATE and meta["tokenizer"] == "bytes"
-    assert meta["base"] == str(base.resolve()) and "lora" not in meta
+    ckpt = run.result.checkpoint
+    assert (ckpt.parent / meta["base"]).resolve() == base.resolve() and "lora" not in meta
+    assert meta["base_sha256"] == sha256_file(base)
     model, recipe, _, _ = load_model(run.result.checkpoint)
     assert recipe.model.d_model == 32
 
@@ -120,7 +123,8 @@ def test_lora_run_saves_a_small_adapter_that_loads_as_base_plus_adapter(base, re
     meta = read_metadata(adapter)
     assert meta["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.05,
                             "targets": ["qkv", "proj", "ffn_in", "ffn_out"]}
-    assert Path(meta["base"]) == base.resolve() and meta["template"] == TEMPLATE
+    assert (run.result.checkpoint.parent / meta["base"]).resolve() == base.resolve()
+    assert meta["template"] == TEMPLATE
 
     # loading the adapter = the base with trained adapters merged, which really changed it
     x = torch.tensor([list(render_prompt(TEMPLATE, "Colour 3?").encode())])

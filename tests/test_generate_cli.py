@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from llmcli.checkpoint import save_model
 from llmcli.cli import app
+from llmcli.data.instruct import ALPACA
 from llmcli.model.gpt import build_model
 from llmcli.recipe import Recipe
-from llmcli.train.checkpoint import save_model
-from llmcli.train.instruct import ALPACA
 
 runner = CliRunner()
 

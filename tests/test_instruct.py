@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmcli.console import UserError
-from llmcli.model.gpt import IGNORE_INDEX
-from llmcli.train.instruct import (
+from llmcli.constants import IGNORE_INDEX
+from llmcli.data.instruct import (
     ALPACA,
     STOP_TEXTS,
     InstructBatches,

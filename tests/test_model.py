@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from llmcli.constants import IGNORE_INDEX
 from llmcli.model.count import count_parameters, formula_parameters
-from llmcli.model.gpt import GPT, IGNORE_INDEX, build_model, sinusoidal_table
+from llmcli.model.gpt import GPT, build_model, sinusoidal_table
 from llmcli.recipe import ModelConfig
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from llmcli.checkpoint import save_model
 from llmcli.cli import app
 from llmcli.model.gpt import GPT
 from llmcli.params import count_target
 from llmcli.recipe import build_recipe
-from llmcli.train.checkpoint import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

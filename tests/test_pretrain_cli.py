@@ -10,8 +10,8 @@ import yaml
 from helpers_train import markov_tokens, one_thread, write_tokens
 from typer.testing import CliRunner
 
+from llmcli.checkpoint import read_metadata, step_checkpoints
 from llmcli.cli import app
-from llmcli.train.checkpoint import read_metadata, step_checkpoints
 
 _threads = pytest.fixture(autouse=True)(one_thread)
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from helpers_train import markov_tokens, one_thread, tiny_recipe
 
+from llmcli.checkpoint import load_model, step_checkpoints, trainer_path
 from llmcli.console import UserError
 from llmcli.data.batches import TokenWindows
 from llmcli.model.gpt import build_model
 from llmcli.recipe import build_recipe
-from llmcli.train.checkpoint import load_model, step_checkpoints, trainer_path
 from llmcli.train.loop import train
 from llmcli.train.metrics import read_metrics
 
@@ -170,11 +170,11 @@ INTERRUPTIBLE = textwrap.dedent("""
     from llmcli.train.loop import train
 
     class Slow(TokenWindows):
-        def get_batch(self, split):
-            if split == "train":
+        def get_batch(self, split, purpose="train"):
+            if purpose == "train":
                 print("step", flush=True)
                 time.sleep(0.2)
-            return super().get_batch(split)
+            return super().get_batch(split, purpose)
 
     recipe = build_recipe(tiny_recipe(max_iters=1000, checkpoint_interval=1000,
                                       eval_interval=1000))

@@ -10,11 +10,7 @@ import pytest
 import torch
 from helpers_train import markov_tokens, one_thread, tiny_recipe
 
-from llmcli.console import UserError
-from llmcli.data.batches import TokenWindows
-from llmcli.model.gpt import build_model
-from llmcli.recipe import build_recipe
-from llmcli.train.checkpoint import (
+from llmcli.checkpoint import (
     best_path,
     load_model,
     load_trainer_state,
@@ -22,6 +18,11 @@ from llmcli.train.checkpoint import (
     step_checkpoints,
     trainer_path,
 )
+from llmcli.console import UserError
+from llmcli.data.batches import TokenWindows
+from llmcli.model.gpt import build_model
+from llmcli.model.loss import FusedLoss
+from llmcli.recipe import build_recipe
 from llmcli.train.loop import build_optimizer, train
 from llmcli.train.metrics import read_metrics
 from llmcli.train.schedule import lr_at
@@ -48,9 +49,9 @@ class CountingBatches:
         self.calls: list[str] = []
         self.tokens_per_batch = inner.tokens_per_batch
 
-    def get_batch(self, split):
-        self.calls.append(split)
-        return self.inner.get_batch(split)
+    def get_batch(self, split, purpose="train"):
+        self.calls.append(split if purpose == "train" else f"eval.{split}")
+        return self.inner.get_batch(split, purpose)
 
     def state_dict(self):
         return self.inner.state_dict()
@@ -92,9 +93,10 @@ def test_evaluation_schedule_uses_eval_interval_and_eval_iters(tmp_path):
     result = train(recipe, model, counting, tmp_path, device="cpu")
     # evaluations at 0, 4, 8 and at the end (10), never every eval_iters steps (the seed's bug)
     assert [e["step"] for e in result.evals] == [0, 4, 8, 10]
-    assert counting.calls.count("val") == 4 * 3
-    assert counting.calls.count("train") == 10 + 4 * 3
-    assert counting.calls[:6] == ["train"] * 3 + ["val"] * 3  # step 0: train split, then val
+    assert counting.calls.count("eval.val") == 4 * 3
+    assert counting.calls.count("eval.train") == 4 * 3
+    assert counting.calls.count("train") == 10  # evaluation never draws training batches
+    assert counting.calls[:6] == ["eval.train"] * 3 + ["eval.val"] * 3  # train split, then val
 
 
 def test_plain_log_lines_in_the_seed_format(tmp_path, capsys):
@@ -160,14 +162,13 @@ def nan_after(model, n):
     calls = [0]
 
     def hook(module, args, output):
-        logits, loss = output
-        if module.training and loss is not None:
+        if module.training:
             calls[0] += 1
             if calls[0] >= n:
-                return logits, loss * float("nan")
+                return output * float("nan")
         return output
 
-    model.register_forward_hook(hook)
+    model.norm.register_forward_hook(hook)  # the final norm: every training forward passes it
     return model
 
 
@@ -200,7 +201,8 @@ def test_gradient_accumulation_counts_tokens_per_optimizer_step(tmp_path):
     counting = CountingBatches(batches)
     result = train(recipe, model, counting, tmp_path, device="cpu")
     assert result.tokens == 2 * 3 * 64
-    assert counting.calls.count("train") == 2 * 3 + 2 * 2  # 6 micro-steps + 2 evaluations
+    assert counting.calls.count("train") == 2 * 3  # 6 micro-steps
+    assert counting.calls.count("eval.train") == 2 * 2  # 2 evaluations
 
 
 def test_batches_without_targets_add_no_loss(tmp_path):
@@ -209,8 +211,8 @@ def test_batches_without_targets_add_no_loss(tmp_path):
                                    weight_decay=0.0)
 
     class Ignored(CountingBatches):
-        def get_batch(self, split):
-            x, y = self.inner.get_batch(split)
+        def get_batch(self, split, purpose="train"):
+            x, y = self.inner.get_batch(split, purpose)
             return x, torch.full_like(y, -100)
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -286,7 +288,7 @@ def test_model_fused_loss_equals_the_logits_loss(tiny_model_cfg):
     idx = torch.randint(0, 64, (3, 16))
     targets = torch.randint(0, 64, (3, 16))
     logits, loss = model(idx, targets)
-    none, fused = model(idx, targets, return_logits=False)
+    none, fused = FusedLoss(model)(idx, targets)
     assert none is None and logits.shape == (3, 16, 64)
     assert torch.allclose(loss, fused, atol=1e-6)
 
@@ -317,3 +319,15 @@ def test_fused_loss_workspace_is_safe_across_calls():
     torch.nn.functional.cross_entropy(x1 @ w.t(), t1).backward()
     assert torch.allclose(got[0], x1.grad, atol=1e-6) and torch.allclose(got[1], w.grad,
                                                                          atol=1e-6)
+
+
+def test_evaluating_more_or_less_often_never_changes_the_training(tmp_path):
+    """Evaluation draws from its own random streams, so eval_interval cannot move the weights."""
+    finals = []
+    for interval in (7, 10):
+        recipe, model, batches = setup(max_iters=20, eval_interval=interval,
+                                       checkpoint_interval=100)
+        train(recipe, model, batches, tmp_path / str(interval), device="cpu")
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, value in finals[0].items():
+        assert torch.equal(value, finals[1][name]), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from llmcli.console import fail, out, run_guarded
 
@@ -18,7 +19,7 @@ def command(
         Path("data"), "--output-dir", "-o", help="Directory to download into."
     ),
     sha256: str = typer.Option(
-        None, "--sha256", help="Expected SHA-256 of the file (presets may carry their own).",
+        None, "--sha256", help="Expected SHA-256 of the file (presets carry their own).",
         show_default=False,
     ),
     force: bool = typer.Option(False, "--force", help="Download again even if the file exists."),
@@ -27,10 +28,11 @@ def command(
 ) -> None:
     """Download a corpus (or write the built-in one) into data/, ready for `llm tokenize`.
 
-    Downloads stream to NAME.part, resume with HTTP Range after an interruption, retry with
-    backoff, are checked against a SHA-256 when one is known, and get their final name only
-    when complete. An existing file is not downloaded again. hf:// addresses honour HF_ENDPOINT
-    and HF_TOKEN. The file's path is printed on stdout.
+    Downloads stream to NAME.part, resume with HTTP Range after an interruption (with
+    If-Range, so a file changed on the server is downloaded afresh, never spliced), retry with
+    backoff, are checked against a SHA-256 when one is known (every download preset has one),
+    and get their final name only when complete. An existing file is not downloaded again.
+    hf:// addresses honour HF_ENDPOINT and HF_TOKEN. The file's path is printed on stdout.
     Examples: llm fetch builtin; llm fetch sales-textbook; llm fetch https://host/corpus.txt
     """
 
@@ -46,15 +48,16 @@ def command(
         if retries < 0:
             fail(f"--retries {retries}: must be zero or more")
         path = fetch(source, output_dir, sha256=sha256, force=force, retries=retries)
-        out.print(str(path))
+        out.print(str(path), markup=False)
 
     run_guarded(body)
 
 
 def _print_presets(presets: dict) -> None:
     for preset in presets.values():
-        out.print(f"[bold]{preset.name}[/bold]  {preset.description}")
-        out.print(f"    file:   {preset.filename}")
-        out.print(f"    from:   {preset.source or '(written offline from the standard library)'}")
+        out.print(Text.assemble((preset.name, "bold"), "  ", preset.description))
+        out.print(f"    file:   {preset.filename}", markup=False)
+        out.print(f"    from:   {preset.source or '(written offline from the standard library)'}",
+                  markup=False)
         if preset.sha256:
-            out.print(f"    sha256: {preset.sha256}")
+            out.print(f"    sha256: {preset.sha256}", markup=False)

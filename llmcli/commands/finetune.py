@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from llmcli import console
-from llmcli.commands.pretrain import relaunch_under_torchrun, split_resume
+from llmcli.commands.common import OVERWRITE_HELP, RESUME_HELP, split_resume
 from llmcli.console import fail, run_guarded
 from llmcli.device import DEVICE_HELP
 
@@ -22,9 +22,8 @@ def command(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run directory (default checkpoints/<recipe name>); with "
         "--merge ADAPTER, the merged .safetensors file."),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the run exactly from its latest checkpoint; put a "
-        "checkpoint file or run directory after it to resume from that one."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     merge: bool = typer.Option(
         False, "--merge", help="After a LoRA run, also write merged.safetensors (base + "
         "adapter); `llm finetune --merge ADAPTER` merges an existing adapter."),
@@ -47,7 +46,7 @@ def command(
         stdout = console.out
 
         if merge and (recipe.suffix == ".safetensors" or recipe.is_dir()):
-            if overrides or resume or nproc > 1:
+            if overrides or resume or overwrite or nproc > 1:
                 fail("--merge ADAPTER takes no overrides or --resume; to train and merge, give "
                      "a recipe: llm finetune RECIPE --merge")
             from llmcli.finetune import merge_adapter
@@ -59,13 +58,15 @@ def command(
                  "or give a recipe such as recipes/tiny-lora.yaml")
         items, resume_spec = split_resume(list(overrides or []), resume)
         if nproc > 1:
+            from llmcli.train.distributed import relaunch_under_torchrun
+
             relaunch_under_torchrun(nproc)
         loaded = load_recipe(recipe, items)
         from llmcli.finetune import finetune
         from llmcli.train.distributed import from_env
 
-        run = finetune(loaded, run_dir=out, device=device, resume=resume_spec, strict=strict,
-                       merge=merge)
+        run = finetune(loaded, run_dir=out, device=device, resume=resume_spec,
+                       overwrite=overwrite, strict=strict, merge=merge)
         if not from_env().is_main:
             return
         r = run.result

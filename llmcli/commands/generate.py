@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from llmcli.console import fail, info, out, run_guarded, warn
 
@@ -138,7 +137,7 @@ def command(
 
         gen = load_generator(spec, device, dtype)
         param = next(gen.model.parameters())
-        info(f"{escape(str(gen.path))} · {gen.tokenizer.name} · context {gen.context_length} · "
+        info(f"{gen.path} · {gen.tokenizer.name} · context {gen.context_length} · "
              f"{param.device.type} {str(param.dtype).removeprefix('torch.')}")
         settings = dataclasses.replace(gen.recipe.generate,
                                        **{k: v for k, v in given.items() if v is not None})
@@ -167,7 +166,7 @@ def command(
 
 def _positionals(checkpoint: str | None, prompt: str | None) -> tuple[str | None, str | None]:
     """One positional is the checkpoint when it names one, otherwise it is the prompt."""
-    from llmcli.train.checkpoint import CHECKPOINTS_DIR
+    from llmcli.checkpoint import CHECKPOINTS_DIR
 
     if checkpoint is None:
         return None, prompt

@@ -54,7 +54,7 @@ def print_report(report: dict[str, Any]) -> None:
             each = f"{child['params']:,}" + (repeat and " each")
             table.add_row(f"  {child['name']}", each, "")
     table.add_section()
-    table.add_row("[bold]total", f"[bold]{total:,}", "100.0%")
+    table.add_row("total", f"{total:,}", "100.0%", style="bold")
     table.add_row("trainable", f"{report['trainable']:,}", _share(report["trainable"], total))
     out.print(table)
 

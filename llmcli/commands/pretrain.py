@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from llmcli.commands.common import OVERWRITE_HELP, RESUME_HELP, split_resume
 from llmcli.console import fail, out, run_guarded
 from llmcli.device import DEVICE_HELP
 
@@ -20,9 +20,8 @@ def command(
         show_default=False),
     out_dir: Path | None = typer.Option(
         None, "--out", "-o", help="Run directory (default: checkpoints/<recipe name>/)."),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the run exactly from its latest checkpoint; put a "
-        "checkpoint file or run directory after it to resume from that one."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + "."),
     nproc: int = typer.Option(
         1, "--nproc", min=1, help="Processes to train with (DDP via torchrun; one per GPU)."),
@@ -48,6 +47,8 @@ def command(
                  "(`llm pretrain --keys` lists what a recipe can set)")
         items, resume_spec = split_resume(list(overrides or []), resume)
         if nproc > 1:
+            from llmcli.train.distributed import relaunch_under_torchrun
+
             relaunch_under_torchrun(nproc)
         from llmcli.recipe import load_recipe
 
@@ -59,45 +60,11 @@ def command(
             return
         from llmcli.pretrain import pretrain
 
-        result = pretrain(loaded, run_dir=out_dir, resume=resume_spec, device=device)
+        result = pretrain(loaded, run_dir=out_dir, resume=resume_spec, overwrite=overwrite,
+                          device=device)
         _print_result(result)
 
     run_guarded(body)
-
-
-def split_resume(items: list[str], resume: bool) -> tuple[list[str], Any]:
-    """With --resume, a positional argument without '=' is the checkpoint to resume from."""
-    paths = [item for item in items if "=" not in item]
-    rest = [item for item in items if "=" in item]
-    if paths and not resume:
-        fail(f"'{paths[0]}': overrides look like section.key=value (e.g. train.max_iters=100); "
-             "to resume from a checkpoint use --resume PATH")
-    if len(paths) > 1:
-        fail(f"--resume takes one checkpoint, got {', '.join(paths)}")
-    if not resume:
-        return rest, None
-    return rest, (paths[0] if paths else True)
-
-
-def relaunch_under_torchrun(nproc: int) -> None:
-    """Run this same command under torchrun with `nproc` workers, then exit with its code."""
-    from llmcli.train.distributed import from_env, relaunch
-
-    if from_env().enabled:
-        fail("--nproc is for launching; under torchrun already, drop --nproc")
-    argv = sys.argv[1:]
-    cleaned, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        if arg.startswith("--nproc="):
-            continue
-        cleaned.append(arg)
-    sys.exit(relaunch(nproc, cleaned))
 
 
 def _print_keys(json_out: bool) -> None:

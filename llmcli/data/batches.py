@@ -3,14 +3,16 @@
 The loop only sees the `BatchSource` protocol, so pretraining (windows of a corpus) and
 fine-tuning (instruction records) share one loop:
 
-    get_batch(split) -> (x, y)   int64 CPU tensors (B, T); y may hold IGNORE_INDEX (-100)
+    get_batch(split, purpose)    int64 CPU tensors (B, T); y may hold IGNORE_INDEX (-100);
+                                 purpose "train" (the training draws) or "eval"
     state_dict() / load_state_dict(state)   tensors that make resuming exact
     tokens_per_batch             B * T, for tokens/s, max_tokens and MFU
 
 `TokenWindows` samples as the seed did (uniform random start positions, y is x shifted by one)
 but reads the corpus through a read-only memmap, so memory stays flat however big the corpus is.
-Each split has its own generator, seeded by (seed, rank): evaluating more or less often never
-changes the training batches, and every DDP rank draws different windows.
+Training draws and evaluation draws come from separate generators, seeded by (seed, rank):
+evaluating more or less often never changes the training batches, and every DDP rank draws
+different windows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 class BatchSource(Protocol):
     tokens_per_batch: int
 
-    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def get_batch(self, split: str,
+                  purpose: str = "train") -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -33,6 +36,28 @@ class BatchSource(Protocol):
 
 
 SPLITS = ("train", "val")
+# Random streams: training draws, and evaluation's own for each split. The seed offsets keep
+# those of earlier versions ("eval.val" was "val"), so old runs evaluate on the same windows.
+STREAMS = {"train": 0, "eval.val": 1, "eval.train": 2}
+
+
+def stream_name(split: str, purpose: str) -> str:
+    """Which generator serves a draw: only training's own draws touch the training stream."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    if purpose not in ("train", "eval"):
+        raise ValueError(f"unknown purpose {purpose!r}; use 'train' or 'eval'")
+    return "train" if (split, purpose) == ("train", "train") else f"eval.{split}"
+
+
+def seeded_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
+    """One generator per stream, distinct and reproducible per (stream, rank)."""
+    out = {}
+    for name, i in STREAMS.items():
+        gen = torch.Generator()
+        gen.manual_seed(seed * 1_000_003 + rank * 7919 + i)
+        out[name] = gen
+    return out
 
 
 class TokenWindows:
@@ -65,24 +90,18 @@ class TokenWindows:
                     f"the {split} split has {hi - lo} tokens, fewer than context_length + 1 = "
                     f"{context_length + 1}; use a bigger corpus, a smaller model.context_length "
                     f"or a different data.val_fraction")
-        self.generators = {}
-        for i, split in enumerate(SPLITS):
-            gen = torch.Generator()
-            # Distinct, reproducible streams per (split, rank).
-            gen.manual_seed(seed * 1_000_003 + rank * 7919 + i)
-            self.generators[split] = gen
+        self.generators = seeded_generators(seed, rank)
         self._offsets = np.arange(context_length + 1, dtype=np.int64)
 
     @property
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.context_length
 
-    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in self.bounds:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    def get_batch(self, split: str, purpose: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        gen = self.generators[stream_name(split, purpose)]
         lo, hi = self.bounds[split]
         T = self.context_length
-        starts = torch.randint(lo, hi - T, (self.batch_size,), generator=self.generators[split])
+        starts = torch.randint(lo, hi - T, (self.batch_size,), generator=gen)
         index = starts.numpy()[:, None] + self._offsets  # (B, T + 1)
         window = np.asarray(self.tokens[index], dtype=np.int64)
         if self.lookup is not None:
@@ -91,15 +110,29 @@ class TokenWindows:
         return window[:, :-1], window[:, 1:]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"rng.{split}": gen.get_state() for split, gen in self.generators.items()}
+        return generator_states(self.generators)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for split, gen in self.generators.items():
-            key = f"rng.{split}"
-            if key not in state:
-                raise ValueError(f"batch sampler state has no '{key}'; the trainer state does "
-                                 "not belong to a pretraining run")
+        load_generator_states(self.generators, state)
+
+
+def generator_states(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    return {f"rng.{name}": gen.get_state() for name, gen in generators.items()}
+
+
+def load_generator_states(generators: dict[str, torch.Generator],
+                          state: dict[str, torch.Tensor]) -> None:
+    """Restore every stream; a state from before evaluation had its own training-split stream
+    ("rng.val" only) restores what it has."""
+    if "rng.eval.val" not in state and "rng.val" in state:
+        state = {**state, "rng.eval.val": state["rng.val"]}
+    for name, gen in generators.items():
+        key = f"rng.{name}"
+        if key in state:
             gen.set_state(state[key].to(torch.uint8).contiguous())
+        elif name == "train":
+            raise ValueError(f"batch sampler state has no '{key}'; the trainer state does not "
+                             "belong to this kind of run")
 
 
 def dense_lookup(vocab_ids: np.ndarray, unknown_id: int, max_id: int) -> np.ndarray:

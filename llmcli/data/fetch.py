@@ -6,16 +6,23 @@ A source is an http(s) URL, a Hugging Face dataset file (`hf://datasets/OWNER/NA
 for the remaining bytes only. The file appears under its final name, by an atomic rename, only
 once it is complete and its checksum (when one is known) matches; a mismatching file is moved
 aside to `NAME.bad` and never presented as good. Standard library only (urllib).
+
+A resume is only trusted when the server can vouch that the remote file is still the one the
+`.part` holds: the first response's validator (a strong ETag, else Last-Modified) is kept in
+`NAME.part.json` and sent back as `If-Range`; a server whose file changed answers 200 with the
+whole new file, which replaces the `.part` instead of being spliced onto it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import http.client
+import json
 import os
 import random
 import re
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -23,17 +30,21 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from llmcli import __version__
-from llmcli.console import EXIT_FAILURE, UserError, byte_progress, fail, info, warn
+from llmcli.console import EXIT_FAILURE, EXIT_USAGE, UserError, byte_progress, fail, info, warn
 from llmcli.data.corpus import FILENAME as BUILTIN_FILENAME
 from llmcli.data.corpus import write_builtin
-from llmcli.files import publish
+from llmcli.files import publish, sha256_file, write_json
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 SCHEMES = ("http", "https", "hf")
 BLOCK = 1 << 20
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+MAX_NAME_BYTES = 200  # leaves room for `.NAME.lock`, `NAME.part.json` and its temporary file
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows, which has no such symlink attack
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,8 @@ PRESETS: dict[str, Preset] = {
         Preset("sales-textbook",
                "hf://datasets/goendalf666/sales-textbook_for_convincing_and_selling/"
                "sales_textbook.txt",
-               "sales_textbook.txt", None,
+               "sales_textbook.txt",
+               "1994f20f5becd3f0b3d7a632e5a68513cc38cf6c9737a9f38243f1b652e962da",
                "the seed's pretraining corpus, an English sales textbook (~460 KB)"),
         Preset("tinyshakespeare",
                "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -62,11 +74,11 @@ PRESETS: dict[str, Preset] = {
                "tinyshakespeare.txt",
                "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
                "Karpathy's char-rnn Shakespeare corpus (1.1 MB, MIT)"),
-        Preset("webnovel-cn", "hf://datasets/zxbsmk/webnovel_cn/novel_cn_token512_50k.json",
-               "novel_cn_token512_50k.json", None,
-               "the seed's fine-tuning set: 50K Chinese web-novel instruction records"),
     )
 }
+
+# Former presets whose checksum could not be established: a preset must be verifiable.
+RETIRED = {"webnovel-cn": "hf://datasets/zxbsmk/webnovel_cn/novel_cn_token512_50k.json"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +97,37 @@ def resolve_source(source: str, data_dir: Path = Path("data")) -> Path:
     return fetch(source, data_dir)
 
 
+@contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """Turn the OS errors that arguments can cause (a file where a directory should be, a name
+    too long, no permission, a symlink refused...) into one line: what, where, how to fix."""
+    try:
+        yield
+    except OSError as exc:
+        hint = _OS_HINTS.get(exc.errno or 0)
+        if hint is None:
+            raise
+        where = exc.filename if exc.filename is not None else "?"
+        code = EXIT_FAILURE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_USAGE
+        raise UserError(f"{where}: {exc.strerror or exc}; {hint}", code) from None
+
+
+_PICK = "use another directory (llm fetch -o DIR)"
+_OS_HINTS: dict[int, str] = {
+    errno.ENOTDIR: f"part of this path is a file, not a directory: {_PICK}",
+    errno.EEXIST: f"a file is where a directory should be: {_PICK}",
+    errno.EISDIR: "a directory is where a file should be: move it away, or " + _PICK,
+    errno.ENAMETOOLONG: "the path or a name in it is too long: use a shorter one",
+    errno.EACCES: f"no permission: {_PICK} that you can write to",
+    errno.EPERM: f"not permitted: {_PICK} that you can write to",
+    errno.EROFS: f"read-only file system: {_PICK}",
+    errno.ELOOP: "a symbolic link is in the way and is not followed: delete it and retry",
+    errno.ENOSPC: f"the disk is full: free some space or {_PICK}",
+    errno.EDQUOT: f"the disk quota is exceeded: free some space or {_PICK}",
+}
+
+
+@_os_errors()
 def fetch(
     source: str,
     data_dir: Path = Path("data"),
@@ -97,7 +140,7 @@ def fetch(
 ) -> Path:
     """Bring `source` (preset, URL, hf:// address or local path) into `data_dir`; its path."""
     data_dir = Path(data_dir)
-    expected = _check_sha256(sha256) if sha256 else None
+    expected = _check_sha256(sha256) if sha256 is not None else None  # '' is an error too
     preset = PRESETS.get(source)
     if preset is not None and not preset.source:
         return write_builtin(data_dir)
@@ -109,6 +152,8 @@ def fetch(
     else:
         local = Path(source).expanduser()
         if local.exists():
+            if expected and not local.is_file():
+                fail(f"{local} is not a file; --sha256 checks one file")
             if expected:
                 actual = sha256_file(local)
                 if actual != expected:
@@ -124,6 +169,10 @@ def fetch(
 
 def _unknown_source_message(source: str) -> str:
     names = ", ".join(PRESETS)
+    if source in RETIRED:
+        return (f"'{source}' is no longer a preset: its SHA-256 is not known, so a download "
+                f"could not be verified; fetch {RETIRED[source]} (with --sha256 if you know it) "
+                "and pass the file's path")
     if "/" in source or "\\" in source or Path(source).suffix:
         return (f"{source}: no such file; check the path, or give a preset ({names}), "
                 "an http(s):// URL or hf://datasets/OWNER/NAME/PATH")
@@ -170,7 +219,12 @@ def _url_filename(url: str, source: str) -> str:
 
 
 def safe_filename(name: str, data_dir: Path) -> str:
-    """`name` if it names a file directly inside `data_dir`; refuses anything that escapes."""
+    """`name` if it names a file directly inside `data_dir`; refuses anything that escapes,
+    and names too long to get their `.part`/`.lock` siblings (ENAMETOOLONG mid-download)."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        fail(f"file name {name[:40]!r}... is {size} bytes long, more than {MAX_NAME_BYTES}; "
+             "download it another way under a shorter name and pass its local path")
     if (not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
             or Path(name).is_absolute()
             or (Path(data_dir) / name).resolve().parent != Path(data_dir).resolve()):
@@ -180,18 +234,11 @@ def safe_filename(name: str, data_dir: Path) -> str:
 
 
 def _check_sha256(value: str) -> str:
-    value = value.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", value):
-        fail(f"--sha256 {value!r}: expected 64 hexadecimal digits (as `sha256sum` prints)")
-    return value
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+    digest = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        fail(f"--sha256 {value!r}: expected 64 hexadecimal digits (as `sha256sum` prints); "
+             "leave the option out to skip the check")
+    return digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +248,13 @@ def sha256_file(path: Path) -> str:
 class _Retry(Exception):
     """A transient failure: try again after a pause, resuming from the .part file."""
 
+    def __init__(self, reason: str, received: int = 0) -> None:
+        super().__init__(reason)
+        self.received = received  # bytes this attempt added: progress resets the retry count
+
 
 class _Restart(Exception):
-    """The .part file cannot be continued (server ignored Range, or it changed): start over."""
+    """The .part file cannot be continued (the remote file changed): start over."""
 
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
@@ -218,6 +269,7 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_SafeRedirects)
 
 
+@_os_errors()
 def download(
     url: str,
     target: Path,
@@ -235,8 +287,13 @@ def download(
     `Authorization` headers are never forwarded to the hosts a redirect leads to.
     """
     target = Path(target)
+    sha256 = _check_sha256(sha256) if sha256 is not None else None
+    if target.is_dir():
+        fail(f"{target} is a directory, where the downloaded file should go; move it away or "
+             f"{_PICK}")
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
+    meta = target.with_name(target.name + ".part.json")
     with _locked(target):
         if target.exists() and not force:
             if sha256:
@@ -244,46 +301,52 @@ def download(
                 if actual != sha256:
                     fail(f"{target} exists but its SHA-256 is {actual}, expected {sha256}; "
                          "delete it or pass --force to download it again")
-            info(f"{target} is already complete; not downloading it again (--force to redo)")
+            info(f"{target} is already complete; not downloading it again "
+                        "(--force to redo)")
             return target
         if force:
-            part.unlink(missing_ok=True)
+            _discard(part, meta)
         started = time.monotonic()
-        _transfer(url, part, headers or {}, retries, backoff, timeout, target.name)
+        _transfer(url, part, meta, headers or {}, retries, backoff, timeout, target.name)
         actual = sha256_file(part)
         if sha256 and actual != sha256:
             bad = target.with_name(target.name + ".bad")
             os.replace(part, bad)
+            meta.unlink(missing_ok=True)
             fail(f"{url}: SHA-256 mismatch (expected {sha256}, got {actual}); the download was "
                  f"not installed and is kept aside as {bad}; check the checksum or retry with "
                  "--force", exit_code=EXIT_FAILURE)
         size = part.stat().st_size
         publish(part, target)
+        meta.unlink(missing_ok=True)
     seconds = max(time.monotonic() - started, 1e-9)
     info(f"downloaded {_human(size)} in {seconds:.1f} s to {target} (sha256 {actual})")
     return target
 
 
-def _transfer(url: str, part: Path, headers: dict[str, str], retries: int, backoff: float,
-              timeout: float, label: str) -> None:
+def _discard(part: Path, meta: Path) -> None:
+    part.unlink(missing_ok=True)  # removes a symlink itself, never its target
+    meta.unlink(missing_ok=True)
+
+
+def _transfer(url: str, part: Path, meta: Path, headers: dict[str, str], retries: int,
+              backoff: float, timeout: float, label: str) -> None:
     failures = 0
     with byte_progress() as bar:
         task = bar.add_task(label, total=None)
         while True:
-            offset = part.stat().st_size if part.exists() else 0
-            before = offset
+            offset, validator = _resume_point(url, part, meta)
             try:
-                _attempt(url, part, offset, headers, timeout, bar, task)
+                _attempt(url, part, meta, offset, validator, headers, timeout, bar, task)
                 return
             except _Restart as exc:
                 warn(f"{label}: {exc}; starting the download again")
-                part.unlink(missing_ok=True)
+                _discard(part, meta)
                 failures += 1
                 reason = str(exc)
             except _Retry as exc:
                 reason = str(exc)
-                progressed = part.exists() and part.stat().st_size > before
-                failures = 0 if progressed else failures + 1
+                failures = 0 if exc.received else failures + 1
             if failures > retries:
                 fail(f"could not download {url}: {reason} (gave up after {retries + 1} "
                      "attempts); check the network, or fetch the file another way and pass its "
@@ -293,13 +356,67 @@ def _transfer(url: str, part: Path, headers: dict[str, str], retries: int, backo
             time.sleep(delay)
 
 
-def _attempt(url: str, part: Path, offset: int, headers: dict[str, str], timeout: float,
+def _resume_point(url: str, part: Path, meta: Path) -> tuple[int, str | None]:
+    """(bytes of `part` worth keeping, the validator to send as If-Range with them).
+
+    Kept bytes need a validator from the response that started them, recorded in `meta` for
+    this same URL. Without one (the server sent neither a strong ETag nor Last-Modified, or
+    the record is missing) nothing could tell us whether the remote file changed since, so
+    the download restarts from zero rather than risk splicing two versions into one file.
+    """
+    try:
+        st = os.lstat(part)
+    except FileNotFoundError:
+        return 0, None
+    if stat.S_ISLNK(st.st_mode):
+        fail(f"{part} is a symbolic link; refusing to write through it; delete it and retry")
+    if not stat.S_ISREG(st.st_mode):
+        fail(f"{part} is not a regular file; move it away and retry")
+    record = _read_record(meta)
+    if not st.st_size or record.get("url") != url or not record.get("validator"):
+        return 0, None
+    return st.st_size, str(record["validator"])
+
+
+def _read_record(meta: Path) -> dict[str, Any]:
+    try:
+        fd = os.open(meta, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            record = json.loads(fh.read(1 << 16))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _open_part(part: Path, append: bool) -> BinaryIO:
+    """`part` for writing, never through a symlink planted there (O_NOFOLLOW: ELOOP)."""
+    flags = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | _CLOEXEC
+    try:
+        fd = os.open(part, flags | (os.O_APPEND if append else os.O_TRUNC), 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: the BSDs' O_NOFOLLOW error
+            fail(f"{part} is a symbolic link; refusing to write through it; delete it and retry")
+        raise
+    return os.fdopen(fd, "wb")
+
+
+def _validator(headers: Any) -> str | None:
+    """A strong ETag, else Last-Modified: what If-Range accepts (weak ETags are refused)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | None,
+             headers: dict[str, str], timeout: float,
              bar, task) -> None:  # noqa: ANN001 (rich progress objects)
     request = urllib.request.Request(url, headers={"User-Agent": f"llmcli/{__version__}"})
     for key, value in headers.items():
         request.add_unredirected_header(key, value)  # not sent on to redirect targets
-    if offset:
+    if offset and validator:
         request.add_header("Range", f"bytes={offset}-")
+        request.add_header("If-Range", validator)  # a changed file comes back whole (200)
     try:
         response = _OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -309,35 +426,56 @@ def _attempt(url: str, part: Path, offset: int, headers: dict[str, str], timeout
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise _Retry(_describe(exc)) from None
     with response:
-        total = _expected_total(response, offset)
-        bar.update(task, total=total, completed=offset)
-        size = offset
-        try:
-            with open(part, "ab" if offset else "wb") as fh:
+        resumed = bool(offset) and response.status == 206
+        total = _resumed_total(response, offset, validator) if resumed else _length(response)
+        if offset and not resumed:
+            warn(f"{part.name}: the remote file changed (or the server cannot resume); "
+                        "downloading it again from the start")
+        size = start = offset if resumed else 0
+        with _open_part(part, append=resumed) as fh:
+            if not resumed:  # after truncating: a crash never pairs old bytes with a new record
+                record = {"url": url, "validator": _validator(response.headers)}
+                if record["validator"]:
+                    write_json(meta, record)
+                else:
+                    meta.unlink(missing_ok=True)
+            bar.update(task, total=total, completed=size)
+            try:
                 while block := response.read(BLOCK):
                     fh.write(block)
                     size += len(block)
                     bar.update(task, completed=size)
-        except (OSError, http.client.HTTPException) as exc:
-            if isinstance(exc, OSError) and exc.errno is not None and not _is_network(exc):
-                raise  # disk full, permissions: not a network problem
-            raise _Retry(f"connection lost after {_human(size)} ({_describe(exc)})") from None
+            except (OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, OSError) and exc.errno is not None and not _is_network(exc):
+                    raise  # disk full, permissions: not a network problem
+                raise _Retry(f"connection lost after {_human(size)} ({_describe(exc)})",
+                             size - start) from None
     if total is not None and size < total:
-        raise _Retry(f"connection closed after {_human(size)} of {_human(total)}")
+        raise _Retry(f"connection closed after {_human(size)} of {_human(total)}", size - start)
     if total is not None and size > total:
         raise _Restart(f"received {_human(size)}, more than the announced {_human(total)}")
 
 
-def _expected_total(response: http.client.HTTPResponse, offset: int) -> int | None:
+def _length(response: http.client.HTTPResponse) -> int | None:
     length = response.headers.get("Content-Length")
-    if response.status == 206:
-        match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", ""))
-        if not match or int(match.group(1)) != offset:
-            raise _Restart("the server resumed at a different position")
-        return int(match.group(3)) if match.group(3) != "*" else None
-    if offset:
-        raise _Restart("the server does not support resuming (HTTP Range)")
     return int(length) if length and length.isdigit() else None
+
+
+def _resumed_total(response: http.client.HTTPResponse, offset: int, validator: str | None
+                   ) -> int | None:
+    """The full size a 206 announces, after checking it continues exactly our `.part`.
+
+    If-Range should already make a changed file come back whole; this also catches servers
+    that ignore If-Range yet report a different validator for what they send.
+    """
+    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", ""))
+    if not match or int(match.group(1)) != offset:
+        raise _Restart("the server resumed at a different position")
+    etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+    current = etag if validator and validator.startswith('"') else modified
+    if current and current != validator:
+        raise _Restart("the remote file changed since the partial download")
+    return int(match.group(3)) if match.group(3) != "*" else None
 
 
 def _http_error(url: str, exc: urllib.error.HTTPError, offset: int) -> None:
@@ -373,19 +511,35 @@ def _describe(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _locked(target: Path) -> Iterator[None]:
-    """One download per file at a time (two training ranks may ask for the same corpus)."""
+    """One download per file at a time (two training ranks may ask for the same corpus).
+
+    The lock file is opened without following symlinks and deleted when done, while still
+    held. That is race-free on POSIX: a process that opened the file meanwhile and then gets
+    the lock sees that the path no longer names the file it locked, and starts over with a
+    fresh one, so two processes never both believe they hold the lock.
+    """
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; a lone download is the common case
         yield
         return
-    lock_path = target.with_name(f".{target.name}.lock")
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    path = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(fd), os.lstat(path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)
+                return
         finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            os.close(fd)  # releases the lock
 
 
 def _human(size: float) -> str:

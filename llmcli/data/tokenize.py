@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 
 from llmcli.console import UserError, byte_progress, fail, info, warn
-from llmcli.data.fetch import sha256_file
 from llmcli.data.records import read_records, record_problem, record_text
 from llmcli.data.tokenizer import Tokenizer, cpu_threads, get_tokenizer
-from llmcli.files import atomic_path, write_json
+from llmcli.files import atomic_path, sha256_file, write_json
 
 FORMAT = "llmcli-tokens/1"
 BLOCK = 1 << 18  # bytes read at a time and encoded as one job: small keeps RSS low

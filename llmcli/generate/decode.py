@@ -16,13 +16,11 @@ search results can be compared.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from llmcli.recipe import GenerateConfig
 
@@ -123,50 +121,15 @@ def is_greedy(g: GenerateConfig) -> bool:
 
 
 def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Eval mode, the decoding dtype, and oneDNN matrix products for fp32 on CPU.
+    """Eval mode, the decoding dtype, and oneDNN matrix products for fp32 on CPU
+    (`llmcli.model.fast_decode`: about 2x faster decoding, same results)."""
+    from llmcli.model.fast_decode import use_onednn_linears
 
-    Decoding one token is a matrix-vector product per layer, bound by memory bandwidth. On
-    CPU, `nn.Linear` in fp32 goes to MKL, whose matrix-vector kernel reads memory at about
-    half the speed oneDNN's does (on AMD CPUs especially); the seed's model decodes about 2x
-    faster through oneDNN (see benchmarks/bench_generate.py). Same weights, same parameter
-    names, same results to float rounding; training (autograd) still uses `nn.Linear`.
-    """
     model.eval()
     if dtype is not None:
         model.to(dtype)
-    param = next(model.parameters())
-    if param.device.type == "cpu" and param.dtype == torch.float32 and _onednn_works():
-        for module in model.modules():
-            if type(module) is torch.nn.Linear:  # subclasses (adapters) keep their own forward
-                module.__class__ = OneDNNLinear
+    use_onednn_linears(model)
     return model
-
-
-class OneDNNLinear(torch.nn.Linear):
-    """`nn.Linear` computed by oneDNN when no gradient is needed (see `prepare_model`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight,
-                                               self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-
-@functools.cache
-def _onednn_works() -> bool:
-    """Whether this torch build has oneDNN's linear kernel and it agrees with nn.Linear."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        with torch.inference_mode():
-            layer = torch.nn.Linear(16, 24)
-            x = torch.randn(3, 16)
-            expected = layer(x)
-            layer.__class__ = OneDNNLinear
-            return bool(torch.allclose(layer(x), expected, atol=1e-5))
-    except (RuntimeError, AttributeError):
-        return False
 
 
 class Context:

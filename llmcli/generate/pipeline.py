@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from llmcli.console import fail, warn
+from llmcli.data.instruct import ModelVocab, answer_end, render_prompt
 from llmcli.generate.decode import (
     BeamStep,
     Generation,
@@ -29,9 +30,6 @@ from llmcli.generate.decode import (
 from llmcli.generate.inspect import visible
 from llmcli.generate.stream import StopBytes, TextStream, render
 from llmcli.recipe import GenerateConfig, Recipe
-from llmcli.train.instruct import ModelVocab, answer_end, render_prompt
-
-_STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 @dataclass
@@ -99,34 +97,23 @@ def load_generator(spec: str | Path | None, device: str = "auto",
 
     dtype: fp32, bf16 or fp16; by default fp32 on CPU and the stored weights' dtype elsewhere.
     """
+    from llmcli.checkpoint import Checkpoint
     from llmcli.data.tokenizer import get_tokenizer
     from llmcli.device import dtype_from_name, resolve_device
-    from llmcli.train.checkpoint import load_model
 
     target = resolve_device(device)
-    model, recipe, meta, path = load_model(spec, target)
+    ckpt = Checkpoint.open(spec)
+    model = ckpt.load(target)
     if dtype is not None:
         torch_dtype = dtype_from_name(dtype)
     else:
-        torch_dtype = torch.float32 if target.type == "cpu" else stored_dtype(path)
+        torch_dtype = torch.float32 if target.type == "cpu" else ckpt.stored_dtype()
     prepare_model(model, torch_dtype)
-    tokenizer = get_tokenizer(str(meta.get("tokenizer") or recipe.data.tokenizer))
-    vocab_size = int(recipe.model.vocab_size)
-    vocab_map = meta.get("vocab_map")
-    vocab = ModelVocab(vocab_size, vocab_map)
+    tokenizer = get_tokenizer(ckpt.tokenizer)
+    vocab = ModelVocab(int(ckpt.recipe.model.vocab_size), ckpt.vocab_map)
     eos_id = vocab.map([tokenizer.eot_id])[0][0] if vocab.has(tokenizer.eot_id) else None
-    return Generator(model, recipe, meta, path, tokenizer, vocab, eos_id,
+    return Generator(model, ckpt.recipe, ckpt.meta, ckpt.path, tokenizer, vocab, eos_id,
                      textless_ids(tokenizer, vocab))
-
-
-def stored_dtype(path: Path) -> torch.dtype:
-    """The dtype of the checkpoint's first tensor (fp32 when unknown)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            return _STORED_DTYPES.get(fh.get_slice(key).get_dtype(), torch.float32)
-    return torch.float32
 
 
 def textless_ids(tokenizer: Any, vocab: ModelVocab) -> list[int]:

@@ -7,7 +7,13 @@ switches on the modern variants (RoPE, learned positions, RMSNorm, GELU/SwiGLU, 
 
 Q, K and V live in one fused Linear(d, 3d): the same parameters as the seed's three bias-free
 projections, one matmul instead of three (or of the seed's per-head loops). Attention goes through
-`scaled_dot_product_attention`, so GPUs get fused kernels.
+`scaled_dot_product_attention`, so GPUs get fused kernels; `reference_attention` spells out the
+seed's steps (scores, -inf mask, softmax, weights @ V), gives the same result (tests check it),
+and is what `GPT.attention_mode("reference")` switches to when the weights are to be looked at.
+
+Speed-ups that are not the model's maths live elsewhere and are opted into: the fused output
+layer + loss for training (`llmcli.model.loss.FusedLoss`) and oneDNN matrix-vector products for
+decoding on CPU (`llmcli.model.fast_decode`).
 """
 
 from __future__ import annotations
@@ -19,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcli.constants import IGNORE_INDEX
 from llmcli.recipe import ModelConfig
-
-IGNORE_INDEX = -100  # targets with this id add nothing to the loss (prompt tokens, padding)
 
 
 def check_resolved(cfg: ModelConfig) -> ModelConfig:
@@ -72,6 +77,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.reference = False  # the seed's explicit steps instead of SDPA
+        self.weights: torch.Tensor | None = None  # (B, heads, T, S) after a reference forward
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -87,7 +94,9 @@ class Attention(nn.Module):
             k = cache.k[layer, :, :, :past + T]
             v = cache.v[layer, :, :, :past + T]
         dropout = self.dropout if self.training else 0.0
-        if past == 0:
+        if self.reference:
+            y, self.weights = reference_attention(q, k, v, past, dropout, self.training)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -97,6 +106,22 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0,
+                        dropout: float = 0.0, training: bool = False,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's attention, step by step: (output, attention weights).
+
+    q: (B, heads, T, head_dim) for the new positions past..past+T-1; k, v: (B, heads, S, ...)
+    for positions 0..S-1. Query i may look at keys up to position past + i.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=past + 1)
+    scores = scores.masked_fill(future, float("-inf"))
+    weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    return F.dropout(weights, dropout, training) @ v, weights
 
 
 class FeedForward(nn.Module):
@@ -208,14 +233,34 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for each position (or only the last), and the mean loss when given targets.
 
         With a cache, `idx` holds only the new tokens; their positions continue from
-        `cache.length`, and the cache advances by `idx.shape[1]`. `return_logits=False` with
-        targets (training) may skip materialising the logits: the output layer and the loss are
-        then fused (`llmcli.model.loss`) and the logits come back as None.
+        `cache.length`, and the cache advances by `idx.shape[1]`.
+        """
+        x = self.hidden(idx, cache)
+        if last_only and targets is None:
+            x = x[:, -1:]
+        return self.head(x, targets)
+
+    def head(self, x: torch.Tensor,
+             targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output layer on the residual stream, and the mean cross-entropy when given targets
+        (targets equal to IGNORE_INDEX add nothing)."""
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+               keep: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The final-normed residual stream (B, T, d_model), the output layer's input.
+
+        `keep`, when given, receives the residual stream after the embeddings and after each
+        block (the logit lens reads these).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -230,30 +275,23 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        if keep is not None:
+            keep.append(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
+            if keep is not None:
+                keep.append(x)
         if cache is not None:
             cache.length = start + T
-        x = self.norm(x)
-        if last_only and targets is None:
-            x = x[:, -1:]
-        if targets is not None and not return_logits and self._can_fuse_loss(x):
-            from llmcli.model.loss import linear_cross_entropy
+        return self.norm(x)
 
-            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight,
-                                        self.lm_head.bias, targets.reshape(-1))
-            return None, loss
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
-
-    def _can_fuse_loss(self, x: torch.Tensor) -> bool:
-        # The fused path is CPU fp32 (no autocast) and needs the plain Linear output layer.
-        return (type(self.lm_head) is nn.Linear and x.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
+    def attention_mode(self, mode: str) -> None:
+        """'sdpa' (fused kernels) or 'reference' (the seed's steps; keeps the weights)."""
+        if mode not in ("sdpa", "reference"):
+            raise ValueError(f"attention mode {mode!r}: use 'sdpa' or 'reference'")
+        for block in self.blocks:
+            block.attn.reference = mode == "reference"
+            block.attn.weights = None
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())

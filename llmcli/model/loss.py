@@ -14,8 +14,9 @@ scifi shapes. Loss and gradients equal the textbook path up to float rounding (t
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-IGNORE_INDEX = -100
+from llmcli.constants import IGNORE_INDEX
 
 # One logits buffer per (device, dtype), kept between training steps: a fresh 410 MB tensor
 # costs more in page faults than the softmax over it. Only the forward pass writes it, and
@@ -103,3 +104,31 @@ class _NoGradCtx:
     needs_input_grad = (False, False, False, False)
 
     grads: list | None = None
+
+
+class FusedLoss(nn.Module):
+    """A GPT whose training forward fuses the output layer with the loss where it can.
+
+    The trainer opts in by wrapping its model (DDP and torch.compile wrap this in turn);
+    `forward(x, y)` returns `(None, loss)` on the fused path and the model's own `(logits,
+    loss)` elsewhere: under autocast, off the CPU, or when the output layer is adapted (LoRA).
+    The attribute is called `module` so `llmcli.checkpoint.unwrap` finds the GPT inside.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        head = self.module.lm_head
+        return (type(head) is nn.Linear and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu"))
+
+    def forward(self, idx: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        h = self.module.hidden(idx)
+        if not self.fusable(h):
+            return self.module.head(h, targets)
+        head = self.module.lm_head
+        return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), head.weight, head.bias,
+                                          targets.reshape(-1))

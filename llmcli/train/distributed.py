@@ -101,6 +101,24 @@ def barrier(info: Dist) -> None:
         dist.barrier()
 
 
+def relaunch_under_torchrun(nproc: int, argv: list[str] | None = None) -> None:
+    """Run this same command (without --nproc) under torchrun with `nproc` workers, then exit
+    with its code: the one way `llm pretrain` and `llm finetune` go multi-process."""
+    from llmcli.console import fail
+
+    if from_env().enabled:
+        fail("--nproc is for launching; under torchrun already, drop --nproc")
+    cleaned, skip = [], False
+    for arg in sys.argv[1:] if argv is None else argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            cleaned.append(arg)
+    sys.exit(relaunch(nproc, cleaned))
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run `llm <argv>` under torchrun with `nproc` processes; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -29,7 +29,6 @@ Per-step data access, model building and recipe-specific set-up stay in the call
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import signal
 import threading
@@ -41,14 +40,11 @@ from typing import Any
 
 import torch
 
-from llmcli.console import EXIT_FAILURE, EXIT_INTERRUPTED, UserError, err, fail, info
-from llmcli.data.batches import BatchSource
-from llmcli.recipe import Recipe, TrainConfig
-from llmcli.train import distributed, state
-from llmcli.train.checkpoint import (
+from llmcli.checkpoint import (
     best_path,
-    first_line,
+    load_tensors,
     load_trainer_state,
+    load_weights,
     prune_checkpoints,
     save_model,
     save_trainer_state,
@@ -56,11 +52,16 @@ from llmcli.train.checkpoint import (
     trainer_path,
     unwrap,
 )
+from llmcli.console import EXIT_FAILURE, EXIT_INTERRUPTED, UserError, err, fail, info, warn
+from llmcli.constants import IGNORE_INDEX
+from llmcli.data.batches import BatchSource
+from llmcli.hardware import peak_flops
+from llmcli.recipe import Recipe, TrainConfig
+from llmcli.train import distributed, state
 from llmcli.train.metrics import Metrics
-from llmcli.train.precision import Precision, enable_fast_matmul, peak_flops, resolve_precision
+from llmcli.train.precision import Precision, enable_fast_matmul, resolve_precision
 from llmcli.train.schedule import lr_at
 
-IGNORE_INDEX = -100
 SaveWeights = Callable[[Path, Any, dict], None]
 
 
@@ -138,8 +139,8 @@ class _StopFlag:
             raise KeyboardInterrupt
         if self.requested_at is None:
             self.requested_at = now
-            err.print("\n[yellow]stopping after this step to save a checkpoint "
-                      "(Ctrl-C again to abort without saving)[/yellow]")
+            err.print("\nstopping after this step to save a checkpoint "
+                      "(Ctrl-C again to abort without saving)", style="yellow")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -177,8 +178,6 @@ class Trainer:
         self.scaler = self.precision.scaler()
         self.optimizer = build_optimizer(self.raw, self.cfg, self.device)
         self.trainable = [p for p in self.raw.parameters() if p.requires_grad]
-        # Models that can fuse the output layer with the loss skip the logits when training.
-        self.fused_loss = "return_logits" in inspect.signature(self.raw.forward).parameters
 
         self.step = 0
         self.tokens = 0
@@ -200,10 +199,9 @@ class Trainer:
         where = str(resume)
         tensors, meta = load_trainer_state(trainer_path(resume))
         if self.save_weights is None:
-            load_weights_checked(self.raw, resume)
+            load_weights(self.raw, resume)
         else:
-            params = state.unprefixed(tensors, "param.")
-            load_params_checked(self.raw, params, where)
+            load_tensors(self.raw, state.unprefixed(tensors, "param."), where, strict=False)
         state.load_optimizer_state(self.optimizer, tensors, meta["optimizer"], where)
         # The moments continue; the hyper-parameters are the recipe's (it may have changed).
         for group, decay in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0),
@@ -222,6 +220,12 @@ class Trainer:
                 info(f"note: {where} was saved by {meta.get('world_size')} process(es); rank "
                      f"{self.dist.rank} continues with a new random stream")
             state.seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * meta["step"])
+        saved_total = meta.get("total_steps")
+        if (self.main and self.cfg.lr_schedule != "constant" and isinstance(saved_total, int)
+                and saved_total != self.total):
+            warn(f"{where} was trained toward {saved_total:,} steps and this run goes to "
+                 f"{self.total:,}: the {self.cfg.lr_schedule} learning-rate schedule changes "
+                 "from here on (set train.max_iters / max_tokens as before to keep it)")
         self.step = int(meta["step"])
         self.tokens = int(meta.get("tokens", 0))
         self.elapsed = float(meta.get("elapsed", 0.0))
@@ -252,10 +256,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
             with sync:
                 with self.precision.autocast():
-                    if self.fused_loss:
-                        logits, loss = model(x, y, return_logits=False)
-                    else:
-                        logits, loss = model(x, y)
+                    logits, loss = model(x, y)
                 if not has_targets and logits is not None:
                     loss = logits.float().sum() * 0.0  # not NaN: a zero that keeps DDP in step
                 loss = loss / accum
@@ -281,7 +282,7 @@ class Trainer:
         for split in ("train", "val"):
             total, count = 0.0, 0
             for _ in range(self.cfg.eval_iters):
-                x, y = self.batches.get_batch(split)
+                x, y = self.batches.get_batch(split, "eval")
                 if not bool((y != IGNORE_INDEX).any()):
                     continue
                 with self.precision.autocast():
@@ -320,7 +321,8 @@ class Trainer:
                 named = dict(self.raw.named_parameters())
                 tensors.update({f"param.{n}": p for n, p in named.items() if p.requires_grad})
             meta = {
-                "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                "step": self.step, "total_steps": self.total, "tokens": self.tokens,
+                "elapsed": self.elapsed,
                 "best_val": self.best_val, "best_step": self.best_step,
                 "val_loss": self.last_val, "train_loss": self.last_eval_train,
                 "evals": self.result.evals, "world_size": self.dist.world_size,
@@ -344,7 +346,10 @@ class Trainer:
             state.seed_everything(self.cfg.seed + self.dist.rank)
         start = self.step
         self.metrics.start(start)
-        net = torch.compile(self.raw) if self.cfg.compile else self.raw
+        from llmcli.model.loss import FusedLoss
+
+        net = FusedLoss(self.raw) if hasattr(self.raw, "hidden") else self.raw
+        net = torch.compile(net) if self.cfg.compile else net
         model = distributed.wrap(net, self.dist, self.device)
         model.train()
         stop = _StopFlag()
@@ -451,37 +456,6 @@ def _flops_per_token(model: torch.nn.Module, recipe: Recipe) -> float | None:
         return flops_per_token(model, recipe.model.context_length)
     except (AttributeError, TypeError):
         return None
-
-
-def load_weights_checked(model: torch.nn.Module, path: Path) -> None:
-    """Load a weights file strictly; a mismatch names the differing keys."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-    load_params_checked(model, tensors, str(path), strict=True)
-
-
-def load_params_checked(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
-                        strict: bool = False) -> None:
-    expected = model.state_dict()
-    problems = []
-    for name, want in expected.items():  # in the model's order: embeddings first
-        if name not in tensors:
-            if strict:
-                problems.append(f"{name} (missing)")
-        elif tuple(tensors[name].shape) != tuple(want.shape):
-            problems.append(f"{name} {tuple(tensors[name].shape)} vs recipe {tuple(want.shape)}")
-    problems += [f"{name} (not in this model)" for name in tensors if name not in expected]
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more"
-                                           if len(problems) > 6 else "")
-        fail(f"{where}: checkpoint does not match the recipe's model: {shown}; resume with "
-             "the recipe the run was started with (or start a new run without --resume)")
-    try:
-        model.load_state_dict(tensors, strict=strict)
-    except RuntimeError as exc:
-        fail(f"{where}: cannot load weights ({first_line(exc)})")
 
 
 class _View:

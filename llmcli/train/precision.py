@@ -1,4 +1,4 @@
-"""Numeric precision for training: autocast dtype, TF32, the fp16 grad scaler, peak FLOP/s.
+"""Numeric precision for training: autocast dtype, TF32, the fp16 grad scaler.
 
 `train.precision: auto` means bf16 autocast on CUDA (fast, no loss scaling needed) and fp32
 elsewhere; bf16 on a CPU is allowed when asked (fast only where the CPU has bf16 instructions);
@@ -8,26 +8,12 @@ fp16 needs a grad scaler because its range is small.
 from __future__ import annotations
 
 import contextlib
-import functools
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llmcli.console import fail, warn
-
-# Dense (no sparsity) peak FLOP/s of common accelerators, by a substring of the device name.
-_GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
-    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 83e12}),
-    ("V100", {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12}),
-    ("T4", {"bf16": 0.0, "fp16": 65e12, "fp32": 8.1e12}),
-]
 
 
 @dataclass
@@ -81,31 +67,3 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in text or "amx_bf16" in text
-
-
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s for MFU: a table for known GPUs, a quick matmul measurement on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in _GPU_PEAKS:
-            if key in name:
-                return peaks.get(precision) or None
-        return None
-    if device.type == "cpu" and precision == "fp32":
-        return measured_cpu_peak()
-    return None
-
-
-@functools.lru_cache(maxsize=4)
-def measured_cpu_peak(n: int = 1536, seconds: float = 0.3) -> float:
-    """fp32 matmul FLOP/s of this CPU with torch's current thread count (best of a short burst)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best

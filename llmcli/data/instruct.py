@@ -22,8 +22,14 @@ import numpy as np
 import torch
 
 from llmcli.console import fail
+from llmcli.constants import IGNORE_INDEX
+from llmcli.data.batches import (
+    generator_states,
+    load_generator_states,
+    seeded_generators,
+    stream_name,
+)
 from llmcli.data.vocab import CompactVocab
-from llmcli.model.gpt import IGNORE_INDEX
 
 ALPACA = (
     "Below is an instruction that describes a task. "
@@ -300,17 +306,13 @@ class InstructBatches:
         self.splits = {name: (torch.from_numpy(t), torch.from_numpy(m))
                        for name, (t, m) in splits.items()}
         self.context_length = next(iter(self.splits.values()))[0].shape[1] - 1
-        self.generators: dict[str, torch.Generator] = {}
-        self.order: dict[str, torch.Tensor] = {}
-        self.cursor: dict[str, int] = {}
-        for i, (name, (tokens, _)) in enumerate(self.splits.items()):
+        for name, (tokens, _) in self.splits.items():
             if len(tokens) == 0:
                 raise ValueError(f"the {name} split has no rows")
-            gen = torch.Generator()
-            gen.manual_seed(seed * 1_000_003 + rank * 7919 + i)
-            self.generators[name] = gen
-            self.order[name] = torch.randperm(len(tokens), generator=gen)
-            self.cursor[name] = 0
+        self.generators = seeded_generators(seed, rank)
+        self.order = {name: torch.randperm(self.rows(_split_of(name)), generator=gen)
+                      for name, gen in self.generators.items()}
+        self.cursor = dict.fromkeys(self.generators, 0)
 
     @property
     def tokens_per_batch(self) -> int:
@@ -319,47 +321,49 @@ class InstructBatches:
     def rows(self, split: str) -> int:
         return len(self.splits[split][0])
 
-    def _next_rows(self, split: str) -> torch.Tensor:
+    def _next_rows(self, stream: str) -> torch.Tensor:
         picked = []
         need = self.batch_size
         while need:
-            order, at = self.order[split], self.cursor[split]
+            order, at = self.order[stream], self.cursor[stream]
             take = order[at:at + need]
             picked.append(take)
             need -= len(take)
-            self.cursor[split] = at + len(take)
-            if self.cursor[split] >= len(order):  # epoch done: a new order
-                self.order[split] = torch.randperm(len(order), generator=self.generators[split])
-                self.cursor[split] = 0
+            self.cursor[stream] = at + len(take)
+            if self.cursor[stream] >= len(order):  # epoch done: a new order
+                self.order[stream] = torch.randperm(len(order), generator=self.generators[stream])
+                self.cursor[stream] = 0
         return torch.cat(picked)
 
-    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    def get_batch(self, split: str, purpose: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        stream = stream_name(split, purpose)
         tokens, mask = self.splits[split]
-        index = self._next_rows(split)
+        index = self._next_rows(stream)
         rows, row_mask = tokens[index], mask[index]
         y = torch.where(row_mask[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], IGNORE_INDEX))
         return rows[:, :-1].contiguous(), y
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, gen in self.generators.items():
-            state[f"rng.{name}"] = gen.get_state()
+        state = generator_states(self.generators)
+        for name in self.generators:
             state[f"order.{name}"] = self.order[name].clone()
             state[f"cursor.{name}"] = torch.tensor([self.cursor[name]], dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, gen in self.generators.items():
-            keys = (f"rng.{name}", f"order.{name}", f"cursor.{name}")
-            if any(k not in state for k in keys):
-                raise ValueError(f"batch sampler state has no '{keys[1]}'; the trainer state "
-                                 "does not belong to a fine-tuning run")
-            if len(state[keys[1]]) != self.rows(name):
-                raise ValueError(f"the saved {name} split has {len(state[keys[1]])} rows, this "
-                                 f"data has {self.rows(name)}; resume with the same data and "
-                                 "recipe")
-            gen.set_state(state[keys[0]].to(torch.uint8).contiguous())
-            self.order[name] = state[keys[1]].to(dtype=self.order[name].dtype).clone()
-            self.cursor[name] = int(state[keys[2]][0])
+        for name in self.generators:
+            if f"order.{name}" not in state or f"cursor.{name}" not in state:
+                raise ValueError(f"batch sampler state has no 'order.{name}'; the trainer state "
+                                 "does not belong to a fine-tuning run of this version")
+            rows = self.rows(_split_of(name))
+            if len(state[f"order.{name}"]) != rows:
+                raise ValueError(f"the saved {_split_of(name)} split has "
+                                 f"{len(state[f'order.{name}'])} rows, this data has {rows}; "
+                                 "resume with the same data and recipe")
+            self.order[name] = state[f"order.{name}"].to(dtype=torch.int64).clone()
+            self.cursor[name] = int(state[f"cursor.{name}"][0])
+        load_generator_states(self.generators, state)
+
+
+def _split_of(stream: str) -> str:
+    return stream.rsplit(".", 1)[-1]

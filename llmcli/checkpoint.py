@@ -1,0 +1,592 @@
+"""The one home of checkpoints and run directories: every command reads and writes them here.
+
+Layout of a run directory (`checkpoints/<recipe name>/` unless `-o`):
+
+    step-00001000.safetensors          model weights + metadata (recipe, tokenizer, step, losses)
+    step-00001000.trainer.safetensors  optimizer tensors, RNG and sampler state (for --resume)
+    best.safetensors                   the weights with the lowest validation loss so far
+    merged.safetensors                 a LoRA run's adapter merged into its base (--merge)
+    metrics.jsonl, loss.png            what the run measured
+
+A LoRA run's step files hold only the adapter; its metadata names the base checkpoint by a path
+relative to the adapter file plus the base's SHA-256, so a run directory can move as a whole and
+an adapter never silently loads onto other weights.
+
+Weights are only ever read with safetensors: nothing here unpickles a file. Everything read from
+a file (metadata, shapes, values) is validated before use, and problems are one-line errors that
+name the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmcli.console import fail, first_line, warn
+from llmcli.recipe import Recipe, build_recipe
+
+FORMAT = "llmcli-checkpoint/1"
+TRAINER_FORMAT = "llmcli-trainer/1"
+CHECKPOINTS_DIR = Path("checkpoints")
+STEP_RE = re.compile(r"^step-(\d+)\.safetensors$")
+BEST_NAME = "best.safetensors"
+MERGED_NAME = "merged.safetensors"
+RUN_FILES = ("metrics.jsonl", "loss.png")  # what a run writes beside its checkpoints
+TOKENIZERS = ("cl100k_base", "bytes")
+MAX_ADAPTER_DEPTH = 8  # an adapter on an adapter on ...: more than this is a loop or an attack
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories
+
+
+def step_path(run_dir: Path, step: int) -> Path:
+    return run_dir / f"step-{step:08d}.safetensors"
+
+
+def trainer_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name.replace(".safetensors", ".trainer.safetensors"))
+
+
+def best_path(run_dir: Path) -> Path:
+    return run_dir / BEST_NAME
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the step checkpoints in a run directory, oldest first."""
+    found = []
+    for path in Path(run_dir).glob("step-*.safetensors"):
+        match = STEP_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resumable_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Step checkpoints whose trainer state is there too, oldest first."""
+    return [(s, p) for s, p in step_checkpoints(run_dir) if trainer_path(p).exists()]
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """Everything an earlier run left in `run_dir` that a new run would overwrite or mix with."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for _, p in step_checkpoints(run_dir)]
+    found += [trainer_path(p) for p in found if trainer_path(p).exists()]
+    found += [run_dir / n for n in (BEST_NAME, MERGED_NAME, *RUN_FILES) if (run_dir / n).exists()]
+    return found
+
+
+def latest_run(root: Path = CHECKPOINTS_DIR) -> Path | None:
+    """The run directory under `root` with the most recently written checkpoint."""
+    candidates = []
+    for run_dir in Path(root).glob("*/"):
+        files = [p for _, p in step_checkpoints(run_dir)] + list(run_dir.glob(BEST_NAME))
+        if files:
+            candidates.append((max(p.stat().st_mtime for p in files), str(run_dir), run_dir))
+    return max(candidates)[2] if candidates else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step checkpoints (weights and trainer state)."""
+    removed = []
+    for _, path in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        for victim in (trainer_path(path), path):
+            victim.unlink(missing_ok=True)
+            removed.append(victim)
+    return removed
+
+
+def sweep_temp_files(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted atomic write left behind (`.NAME.XXXX.tmp`).
+
+    Only names `llmcli.files.atomic_path` makes are touched, so nothing of the user's goes.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    swept = []
+    for path in run_dir.glob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            swept.append(path)
+    return swept
+
+
+def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run with an earlier one; sweep stale temporary files.
+
+    Without `--resume` a directory holding another run's checkpoints is refused (exit 2): the
+    new run would truncate its metrics, replace its best weights, and a later `--resume` would
+    pick the old run's higher-step files. `--overwrite` deletes that run first.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"{run_dir}: exists and is not a directory; give -o a directory for the run")
+    old = run_files(run_dir)
+    if old and not resuming:
+        if not overwrite:
+            fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
+                 f"{old[0].name}); continue it with --resume, replace it with --overwrite, or "
+                 "write this run elsewhere with -o DIR")
+        for path in old:
+            path.unlink(missing_ok=True)
+    swept = sweep_temp_files(run_dir)
+    if swept:
+        warn(f"removed {len(swept)} unfinished temporary file(s) of an interrupted write in "
+             f"{run_dir}")
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return CHECKPOINTS_DIR / recipe.name  # one safe path component: recipe.check_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint file with its validated metadata and recipe; `load()` builds the model."""
+
+    path: Path
+    meta: dict[str, Any]
+    recipe: Recipe
+
+    @classmethod
+    def open(cls, spec: str | Path | None = None, root: Path = CHECKPOINTS_DIR) -> Checkpoint:
+        """A file, a run directory (its newest good checkpoint) or nothing (the newest run)."""
+        return cls.read(resolve_checkpoint(spec, root))
+
+    @classmethod
+    def read(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        meta = read_metadata(path)
+        recipe = build_recipe(meta["recipe"], where=f"{path} (stored recipe)")
+        check_metadata(meta, recipe, path)
+        return cls(path, meta, recipe)
+
+    @property
+    def is_adapter(self) -> bool:
+        return "lora" in self.meta
+
+    @property
+    def tokenizer(self) -> str:
+        return str(self.meta.get("tokenizer") or self.recipe.data.tokenizer)
+
+    @property
+    def vocab_map(self) -> list[int] | None:
+        return self.meta.get("vocab_map")
+
+    @property
+    def base_path(self) -> Path:
+        """An adapter's base checkpoint, checked: present, not itself, the same bytes."""
+        return adapter_base(self.path, self.meta)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes as stored (counting parameters without loading them)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+
+    def stored_dtype(self) -> Any:
+        """The dtype of the first stored tensor (fp32 when unknown)."""
+        import torch
+        from safetensors import safe_open
+
+        dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+        with safe_open(str(self.path), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                return dtypes.get(fh.get_slice(key).get_dtype(), torch.float32)
+        return torch.float32
+
+    def load(self, device: Any = "cpu", _depth: int = 0) -> Any:
+        """The model in eval mode; an adapter comes back merged into its base."""
+        from llmcli.model.gpt import build_model
+
+        if self.is_adapter:
+            return self._load_adapter(device, _depth)
+        model = build_model(self.recipe.model, device=device)
+        load_weights(model, self.path, strict=True, device=device)
+        model.eval()
+        return model
+
+    def _load_adapter(self, device: Any, depth: int) -> Any:
+        from llmcli.model.lora import apply_lora, load_lora_state, merge_lora
+
+        if depth >= MAX_ADAPTER_DEPTH:
+            fail(f"{self.path}: adapter chain deeper than {MAX_ADAPTER_DEPTH} (a loop of bases?); "
+                 "merge the adapters with llm finetune --merge")
+        base = Checkpoint.read(self.base_path)
+        if dataclasses_differ(self.recipe.model, base.recipe.model):
+            fail(f"{self.path}: the adapter was trained on a model shaped unlike its base "
+                 f"{base.path}; give the base checkpoint it was trained on")
+        model = base.load(device, depth + 1)
+        tensors = read_tensors(self.path, device)
+        try:
+            apply_lora(model, self.recipe.lora)
+            load_lora_state(model, tensors)
+        except ValueError as exc:
+            fail(f"{self.path}: adapter does not fit its base {base.path} ({first_line(exc)})")
+        merge_lora(model)
+        model.eval()
+        return model
+
+
+def load_model(spec: str | Path | None, device: Any = "cpu") -> tuple[Any, Recipe, dict, Path]:
+    """(model, recipe, metadata, path): the shorthand every command uses."""
+    ckpt = Checkpoint.open(spec)
+    return ckpt.load(device), ckpt.recipe, ckpt.meta, ckpt.path
+
+
+def resolve_checkpoint(spec: str | Path | None, root: Path = CHECKPOINTS_DIR) -> Path:
+    """A checkpoint file from a file, a run directory (newest step) or nothing (newest run).
+
+    A damaged newest file is named, with the newest good one offered instead.
+    """
+    if spec is None:
+        run_dir = latest_run(root)
+        if run_dir is None:
+            fail(f"no checkpoint given and none found under {root}/; train one first "
+                 "(llm pretrain recipes/tiny.yaml) or pass a checkpoint path")
+        spec = run_dir
+    path = Path(spec)
+    if path.is_dir():
+        candidates = [p for _, p in reversed(step_checkpoints(path))]
+        candidates += [p for p in (path / MERGED_NAME, path / BEST_NAME) if p.exists()]
+        if not candidates:
+            fail(f"{path}: no checkpoint in this directory (expected step-*.safetensors); "
+                 "give a run directory written by `llm pretrain` or a .safetensors file")
+        newest = candidates[0]
+        problem = damage(newest)
+        if problem is None:
+            return newest
+        good = next((p for p in candidates[1:] if damage(p) is None), None)
+        offer = (f"the newest good one is {good}: pass it instead" if good else
+                 "no other checkpoint there is readable")
+        fail(f"{newest}: damaged checkpoint ({problem}); {offer}")
+    if not path.exists():
+        fail(f"{path}: checkpoint not found; give a .safetensors file or a run directory "
+             f"such as {root}/tiny")
+    if path.suffix != ".safetensors":
+        fail(f"{path}: not a safetensors checkpoint; llm only loads .safetensors files "
+             "(pickled .pt/.bin files are refused for safety)")
+    if path.name.endswith(".trainer.safetensors"):
+        fail(f"{path}: a trainer state, not model weights; give the step-*.safetensors beside it")
+    return path
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint file cannot be used (unreadable, truncated, foreign), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+            keys = list(fh.keys())  # noqa: SIM118
+            if keys:  # the last tensor's bytes are inside the file
+                fh.get_slice(keys[-1])
+    except (SafetensorError, OSError, ValueError) as exc:
+        return first_line(exc)
+    if raw.get("format") != FORMAT:
+        return f"no '{FORMAT}' metadata"
+    if _data_end(path) > path.stat().st_size:
+        return "truncated (shorter than its header says)"
+    return None
+
+
+def _data_end(path: Path) -> int:
+    """Where the last tensor ends, from the header; a file shorter than this is truncated."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + size + max(ends, default=0)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The checkpoint's metadata, JSON-decoded; a foreign or broken file is a one-line error."""
+    problem = damage(path)
+    if problem is not None:
+        fail(f"{path}: not an llm checkpoint it can use ({problem}); give a checkpoint written "
+             "by `llm pretrain` or `llm finetune`")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        raw = fh.metadata() or {}
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            meta[key] = value
+    if not isinstance(meta.get("recipe"), dict):
+        fail(f"{path}: its metadata has no recipe mapping, so the model cannot be rebuilt; "
+             "the file was not written by llm or was altered")
+    return meta
+
+
+def check_metadata(meta: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """Every metadata field a command relies on has the type and range it must have."""
+    def bad(key: str, why: str) -> None:
+        fail(f"{path}: metadata '{key}' {why}; the file was not written by llm or was altered")
+
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None and tokenizer not in TOKENIZERS:
+        bad("tokenizer", f"is {str(tokenizer)[:40]!r}, not one of {', '.join(TOKENIZERS)}")
+    vocab_map = meta.get("vocab_map")
+    if vocab_map is not None:
+        if not isinstance(vocab_map, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in vocab_map):
+            bad("vocab_map", "is not a list of token ids")
+        if any(not 0 <= i < 2**31 for i in vocab_map) or vocab_map != sorted(set(vocab_map)):
+            bad("vocab_map", "holds ids out of range or out of order")
+        if len(vocab_map) + 1 != recipe.model.vocab_size:
+            bad("vocab_map", f"has {len(vocab_map)} ids + unknown, but the model's vocabulary is "
+                f"{recipe.model.vocab_size}")
+    for key in ("template", "base", "base_sha256"):
+        if key in meta and not isinstance(meta[key], str):
+            bad(key, "is not a string")
+    if "template" in meta and "{instruction}" not in meta["template"]:
+        bad("template", "has no {instruction} field")
+    stop = meta.get("stop")
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        bad("stop", "is not a list of strings")
+    if "lora" in meta:
+        if not isinstance(meta["lora"], dict):
+            bad("lora", "is not a mapping")
+        if not meta.get("base"):
+            bad("base", "is missing from a LoRA adapter")
+
+
+def adapter_base(path: Path, meta: dict[str, Any]) -> Path:
+    """The base checkpoint an adapter file names, checked before anything is loaded."""
+    stored = str(meta.get("base") or "")
+    base = Path(stored)
+    if not base.is_absolute():
+        base = path.parent / base
+    if not base.is_file():
+        fail(f"{path}: LoRA adapter whose base checkpoint {stored!r} is missing (looked for "
+             f"{base}); put the base back, or use a merged checkpoint (llm finetune --merge)")
+    if base.resolve() == path.resolve():
+        fail(f"{path}: LoRA adapter that names itself as its base; the file was altered")
+    want = meta.get("base_sha256")
+    if want:
+        from llmcli.files import sha256_file
+
+        if sha256_file(base) != want:
+            fail(f"{path}: its base {base} has changed since the adapter was trained (SHA-256 "
+                 "differs); restore that base, or merge the adapter while it still matches")
+    return base
+
+
+def base_reference(adapter_dir: Path, base: Path) -> dict[str, str]:
+    """Metadata naming `base` from an adapter written in `adapter_dir` (see the module doc)."""
+    from llmcli.files import sha256_file
+
+    relative = os.path.relpath(Path(base).resolve(), Path(adapter_dir).resolve())
+    return {"base": relative, "base_sha256": sha256_file(Path(base))}
+
+
+def dataclasses_differ(a: Any, b: Any, ignore: tuple[str, ...] = ("dropout",)) -> bool:
+    """Whether two configs differ in anything but `ignore` (dropout shapes no weight)."""
+    return any(getattr(a, f.name) != getattr(b, f.name)
+               for f in dataclasses.fields(a) if f.name not in ignore)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors: the one weight loader
+
+
+def read_tensors(path: Path, device: Any = "cpu") -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        fail(f"{path}: cannot read its tensors ({first_line(exc)}); was it fully written?")
+
+
+def load_weights(model: Any, path: Path, *, strict: bool = True, device: Any = "cpu") -> None:
+    """Load a weights file into `model`: shapes must match, values must be finite."""
+    load_tensors(model, read_tensors(path, device), str(path), strict=strict)
+
+
+def load_tensors(model: Any, tensors: dict[str, Any], where: str, strict: bool = True) -> None:
+    """Put `tensors` into `model`; a mismatch names the keys, NaN/Inf weights are refused."""
+    import torch
+
+    expected = model.state_dict()
+    problems = []
+    for name, want in expected.items():  # in the model's order: embeddings first
+        if name not in tensors:
+            if strict:
+                problems.append(f"{name} (missing)")
+        elif tuple(tensors[name].shape) != tuple(want.shape):
+            problems.append(f"{name} {tuple(tensors[name].shape)} vs recipe {tuple(want.shape)}")
+    problems += [f"{name} (not in this model)" for name in tensors if name not in expected]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more"
+                                           if len(problems) > 6 else "")
+        fail(f"{where}: weights do not match the recipe's model: {shown}; use the recipe the "
+             "checkpoint was written with")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            fail(f"{where}: weight {name} contains NaN or Inf values, so the model cannot "
+                 "compute anything; use an earlier checkpoint of the run")
+    model.load_state_dict(tensors, strict=strict)
+
+
+def unwrap(model: Any) -> Any:
+    """The plain GPT under DDP, torch.compile and loss wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _metadata(recipe: Recipe, meta: dict[str, Any], kind: str = FORMAT) -> dict[str, str]:
+    out = {"format": kind}
+    if kind == FORMAT:
+        out["recipe"] = json.dumps({"name": recipe.name, **recipe.to_dict()})
+    out.update({key: json.dumps(value) for key, value in meta.items()})
+    return out
+
+
+def save_model(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
+    """Write weights and metadata atomically; values of `meta` are stored as JSON."""
+    from safetensors.torch import save_model as st_save_model
+
+    from llmcli.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        st_save_model(unwrap(model), str(tmp), metadata=_metadata(recipe, meta))
+
+
+def save_adapter(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
+    """Write a model's LoRA tensors and metadata atomically (meta holds "lora" and "base")."""
+    from safetensors.torch import save_file
+
+    from llmcli.files import atomic_path
+    from llmcli.model.lora import lora_state_dict
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unwrap(model)).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=_metadata(recipe, meta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer state (for --resume): optimizer tensors, RNG and sampler state, next to the weights
+
+
+def save_trainer_state(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Tensors in safetensors, the small non-tensor parts as JSON metadata; atomic."""
+    from safetensors.torch import save_file
+
+    from llmcli.files import atomic_path
+
+    metadata = {"format": TRAINER_FORMAT}
+    metadata.update({key: json.dumps(value) for key, value in meta.items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, metadata) of a trainer state; a missing or foreign file is a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.exists():
+        fail(f"{path}: trainer state not found, so this checkpoint cannot be resumed exactly; "
+             "resume from a step-*.safetensors that has a .trainer.safetensors beside it")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        fail(f"{path}: not a readable trainer state ({first_line(exc)}); was it fully written?")
+    if raw.get("format") != TRAINER_FORMAT:
+        fail(f"{path}: not an llm trainer state (no '{TRAINER_FORMAT}' metadata)")
+    try:
+        meta = {key: json.loads(value) for key, value in raw.items() if key != "format"}
+    except json.JSONDecodeError as exc:
+        fail(f"{path}: trainer state metadata is not JSON ({exc.msg}); the file was altered")
+    if not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        fail(f"{path}: trainer state has no valid step; the file was altered")
+    return tensors, meta
+
+
+def resume_damage(path: Path) -> str | None:
+    """Why a step checkpoint cannot be resumed from (weights or trainer state), or None."""
+    problem = damage(path)
+    if problem is not None:
+        return f"{path.name}: {problem}"
+    state = trainer_path(path)
+    if not state.exists():
+        return f"{state.name} is missing"
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(state), framework="pt") as fh:
+            if (fh.metadata() or {}).get("format") != TRAINER_FORMAT:
+                return f"{state.name}: not an llm trainer state"
+    except (SafetensorError, OSError) as exc:
+        return f"{state.name}: {first_line(exc)}"
+    if _data_end(state) > state.stat().st_size:
+        return f"{state.name}: truncated"
+    return None
+
+
+def resolve_resume(spec: str | Path | bool | None, run_dir: Path) -> Path | None:
+    """The step checkpoint to resume from.
+
+    `True`/"latest": the newest in `run_dir`, which must be intact (a damaged one is named and
+    the newest good one offered); "auto": the newest intact one, skipping damaged files with a
+    warning; a directory: its newest; a file: that one.
+    """
+    if spec in (None, False):
+        return None
+    auto = spec == "auto"
+    where = Path(run_dir) if spec in (True, "latest", "auto") else Path(spec)
+    if where.is_dir() or spec in (True, "latest", "auto"):
+        found = [p for _, p in reversed(step_checkpoints(where))] if where.is_dir() else []
+        if not found:
+            fail(f"--resume: no resumable checkpoint in {where}; start without --resume or give "
+                 "a step-*.safetensors file")
+        for path in found:
+            problem = resume_damage(path)
+            if problem is None:
+                if path != found[0]:
+                    warn(f"--resume auto: skipped {found.index(path)} damaged newer "
+                         f"checkpoint(s); resuming from {path}")
+                return path
+            if not auto:
+                good = next((p for p in found[1:] if resume_damage(p) is None), None)
+                offer = (f"the newest good one is {good}: rerun with --resume auto to take it" if
+                         good else "no older checkpoint there is intact either")
+                fail(f"--resume: {path} cannot be resumed ({problem}); {offer}")
+        fail(f"--resume auto: none of the {len(found)} checkpoints in {where} is intact; "
+             "start again with --overwrite")
+    if not where.exists():
+        fail(f"--resume {where}: not found; give a run directory or a step-*.safetensors file")
+    if where.suffix != ".safetensors" or where.name.endswith(".trainer.safetensors"):
+        fail(f"--resume {where}: expected a step-*.safetensors checkpoint or a run directory")
+    problem = resume_damage(where)
+    if problem is not None:
+        fail(f"--resume {where}: cannot be resumed ({problem}); use another checkpoint of the run")
+    return where

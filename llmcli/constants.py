@@ -1,0 +1,3 @@
+"""Facts more than one layer needs (data writes them, the model and the loop read them)."""
+
+IGNORE_INDEX = -100  # a target with this id adds nothing to the loss (prompts, padding)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+FILE_MODE = 0o666  # before the umask, as open() does: every file the project writes has it
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
@@ -26,10 +28,12 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600, and writers that replace the file (safetensors) keep their own
+        # mode: every output gets the usual permissions, whoever wrote it.
+        os.chmod(tmp_path, FILE_MODE & ~_umask())
         publish(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -64,7 +68,7 @@ def append_line(target: str | os.PathLike[str], line: str) -> None:
     atomically at every step would cost O(n^2).
     """
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE & ~_umask())
     try:
         os.write(fd, data)
     finally:

@@ -71,12 +71,23 @@ class ModelConfig:
     ffn_hidden: int | Auto = _doc(
         "auto", "feed-forward hidden width; auto = 4·d_model (swiglu: 8/3·d_model rounded to 64)"
     )
-    bias: bool = _doc(True, "bias in the attention output, feed-forward, norms and output layer")
+    bias: bool = _doc(True, "bias in the attention output, feed-forward and norms")
+    output_bias: bool | Auto = _doc(
+        "auto", "bias in the output layer; auto = as `bias` (GPT-2 has none: false)")
     qkv_bias: bool = _doc(False, "bias in the query/key/value projections (seed: none)")
     tie_embeddings: bool = _doc(False, "share the token embedding with the output layer")
     norm_eps: float = _doc(1e-5, "epsilon of the norm layers")
     rope_theta: float = _doc(10000.0, "RoPE base frequency")
-    init_std: float = _doc(0.02, "std of the normal init; residual projections are scaled down")
+    init: Literal["gpt2", "seed"] = _doc(
+        "gpt2", "weight init: gpt2 = N(0, init_std), residual projections scaled by 1/sqrt(2L); "
+        "seed = PyTorch's defaults as the tutorial had them (N(0, 1) embeddings, "
+        "Kaiming-uniform linears)")
+    init_std: float = _doc(0.02, "std of the gpt2 init; residual projections are scaled down")
+
+    @property
+    def head_bias(self) -> bool:
+        """Whether the output layer has a bias (`output_bias: auto` follows `bias`)."""
+        return self.bias if self.output_bias == "auto" else bool(self.output_bias)
 
     @property
     def ffn_width(self) -> int:
@@ -101,10 +112,11 @@ class TrainConfig:
     )
     warmup_iters: int = _doc(0, "linear warmup steps")
     min_lr: float = _doc(0.0, "floor of the cosine schedule")
-    weight_decay: float = _doc(0.01, "decoupled weight decay, applied to matrices only")
+    weight_decay: float = _doc(
+        0.01, "decoupled weight decay, applied to matrices only (seed: 0.01 on every parameter)")
     beta1: float = _doc(0.9, "AdamW beta1")
     beta2: float = _doc(0.999, "AdamW beta2")
-    grad_clip: float = _doc(1.0, "clip the gradient norm to this (0 = off)")
+    grad_clip: float = _doc(1.0, "clip the gradient norm to this (0 = off; seed: none)")
     eval_interval: int = _doc(50, "evaluate every this many steps")
     eval_iters: int = _doc(20, "batches per split averaged at each evaluation")
     log_interval: int = _doc(10, "record training metrics every this many steps")

@@ -180,3 +180,38 @@ def test_tied_embeddings_share_one_tensor(tiny_model_cfg):
 def test_auto_vocab_must_be_resolved_first(tiny_model_cfg):
     with pytest.raises(ValueError, match="vocab_size is 'auto'"):
         GPT(dataclasses.replace(tiny_model_cfg, vocab_size="auto"))
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "rope"])
+def test_reference_attention_equals_sdpa_with_and_without_cache(tiny_model_cfg, positions):
+    """The seed's explicit steps (scores, -inf mask, softmax, @ V) are the same maths as SDPA."""
+    cfg = dataclasses.replace(tiny_model_cfg, positions=positions)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    fused, _ = model(idx)
+    model.attention_mode("reference")
+    explicit, _ = model(idx)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    weights = model.blocks[0].attn.weights
+    assert weights.shape == (2, cfg.num_heads, 12, 12)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, cfg.num_heads, 12), atol=1e-6)
+    assert bool((weights.triu(diagonal=1) == 0).all())
+    cache = model.new_cache(2)
+    first, _ = model(idx[:, :7], cache=cache)
+    rest, _ = model(idx[:, 7:], cache=cache)
+    assert torch.allclose(torch.cat([first, rest], 1), fused, atol=1e-5)
+    model.attention_mode("sdpa")
+    assert model.blocks[0].attn.weights is None
+
+
+def test_seed_init_is_pytorchs_default_and_output_bias_follows_the_key(tiny_model_cfg):
+    seed = build_model(dataclasses.replace(tiny_model_cfg, init="seed", d_model=64))
+    assert 0.9 < float(seed.tok_emb.weight.std()) < 1.1  # N(0, 1) embeddings, as the tutorial
+    bound = 1 / math.sqrt(64)  # Kaiming-uniform(a=sqrt(5)) on a 64-input Linear
+    assert float(seed.blocks[0].attn.qkv.weight.abs().max()) <= bound + 1e-6
+    gpt2 = build_model(dataclasses.replace(tiny_model_cfg, d_model=64))
+    assert float(gpt2.tok_emb.weight.std()) < 0.05
+    assert gpt2.lm_head.bias is not None
+    no_head_bias = build_model(dataclasses.replace(tiny_model_cfg, output_bias=False))
+    assert no_head_bias.lm_head.bias is None and no_head_bias.blocks[0].ffn.fc_in.bias is not None

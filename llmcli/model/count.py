@@ -123,7 +123,7 @@ def formula_parameters(cfg: ModelConfig, vocab_size: int | None = None) -> int:
     block = attn + ffn + 2 * norm
     emb = V * d
     pos = cfg.context_length * d if cfg.positions == "learned" else 0
-    head = (0 if cfg.tie_embeddings else V * d) + b * V
+    head = (0 if cfg.tie_embeddings else V * d) + (V if cfg.head_bias else 0)
     return emb + pos + L * block + norm + head
 
 

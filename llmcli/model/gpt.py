@@ -204,16 +204,20 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, vocab, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, vocab, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2's init: N(0, init_std) everywhere, residual projections scaled by 1/sqrt(2L)."""
+        """The recipe's init: GPT-2's (N(0, init_std), residual projections scaled by
+        1/sqrt(2L), zero biases) or the seed's (each layer's PyTorch default)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if self.cfg.init == "seed":
+                if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
+                    module.reset_parameters()
+            elif isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.cfg.num_blocks)
                 residual = name.endswith(("attn.proj", "ffn.fc_out"))
                 nn.init.normal_(module.weight, 0.0, std * scale if residual else std)
@@ -222,10 +226,7 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                module.reset_parameters()
 
     def forward(
         self,

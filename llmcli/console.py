@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.text import Text
 
 out = Console(highlight=False, soft_wrap=True, markup=False)
-err = Console(stderr=True, highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 # Set by the CLI's global options; library code reads them through the helpers below.
 settings: dict[str, bool] = {"quiet": False, "debug": False}
@@ -75,17 +75,33 @@ def is_interactive() -> bool:
 
 
 def progress(*extra_columns: Any, transient: bool = False) -> Progress:
-    """A progress bar on stderr; disabled (prints nothing) without a terminal or with --quiet."""
+    """A progress bar on stderr; disabled (prints nothing) without a terminal or with --quiet.
+
+    Extra columns come last (make them with `stats_column`, which cuts them to the width left):
+    the phase, the count, elapsed time and ETA stay visible on an 80-column terminal.
+    """
+    from rich.table import Column
+
     columns = [
-        TextColumn("{task.description}", style="bold", markup=False),
-        BarColumn(),
+        TextColumn("{task.description}", style="bold", markup=False,
+                   table_column=Column(no_wrap=True, min_width=10)),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
-        *extra_columns,
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        *extra_columns,
     ]
     return Progress(*columns, console=err, transient=transient, disable=not is_interactive())
+
+
+def stats_column(field: str) -> TextColumn:
+    """A progress column showing `task.fields[field]`, cut with an ellipsis to the room left."""
+    from rich.table import Column
+
+    room = max(8, err.width - 66)
+    return TextColumn(f"{{task.fields[{field}]}}", markup=False,
+                      table_column=Column(no_wrap=True, overflow="ellipsis", max_width=room))
 
 
 def byte_progress(transient: bool = False) -> Progress:

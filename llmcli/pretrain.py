@@ -284,17 +284,22 @@ def measure_step_time(recipe: Recipe, model: torch.nn.Module, batches: TokenWind
     """Seconds per optimizer step: one warm-up step, then the mean of `steps` timed ones."""
     if steps <= 0:
         return None
+    from llmcli.console import progress
     from llmcli.train.loop import Trainer
 
-    with _scratch_dir() as scratch:
+    with _scratch_dir() as scratch, progress(transient=True) as bar:
+        task = bar.add_task("warm-up step", total=steps + 1)
         trainer = Trainer(recipe, model, batches, scratch, device, None, None)
         trainer.metrics.enabled = False
+        net = trainer.training_net()
         model.train()
-        trainer.train_step(model)
+        trainer.train_step(net)
         _sync(device)
+        bar.update(task, advance=1, description="timing steps")
         start = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step(model)
+            trainer.train_step(net)
+            bar.update(task, advance=1)
         _sync(device)
     return (time.perf_counter() - start) / steps
 

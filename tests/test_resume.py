@@ -171,13 +171,12 @@ INTERRUPTIBLE = textwrap.dedent("""
 
     class Slow(TokenWindows):
         def get_batch(self, split, purpose="train"):
-            if purpose == "train":
-                print("step", flush=True)
-                time.sleep(0.2)
+            print("step" if purpose == "train" else "eval", flush=True)
+            time.sleep(0.2 if purpose == "train" else {eval_sleep})
             return super().get_batch(split, purpose)
 
     recipe = build_recipe(tiny_recipe(max_iters=1000, checkpoint_interval=1000,
-                                      eval_interval=1000))
+                                      eval_interval=1000, eval_iters={eval_iters}))
     torch.manual_seed(0)
     model = build_model(recipe.model)
     batches = Slow(markov_tokens(6000), 5400, 4, 16)
@@ -187,7 +186,8 @@ INTERRUPTIBLE = textwrap.dedent("""
 
 def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
     run = tmp_path / "run"
-    script = INTERRUPTIBLE.format(tests=str(ROOT / "tests"), run=str(run))
+    script = INTERRUPTIBLE.format(tests=str(ROOT / "tests"), run=str(run), eval_sleep=0.0,
+                                  eval_iters=2)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -210,3 +210,27 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
     assert "Traceback" not in stderr
     _, _, meta, _ = load_model(saved[0][1])
     assert meta["step"] == step
+
+
+def test_ctrl_c_during_an_evaluation_abandons_it_at_once(tmp_path):
+    """The step-0 evaluation would take 100 s here; Ctrl-C ends the process within seconds."""
+    run = tmp_path / "run"
+    script = INTERRUPTIBLE.format(tests=str(ROOT / "tests"), run=str(run), eval_sleep=0.5,
+                                  eval_iters=100)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.stdout.readline().strip() != "eval" and time.monotonic() < deadline:
+            pass
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - asked
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert took < 30  # one batch of 0.5 s, not the remaining 100 s
+    assert "nothing was saved" in stderr and "Traceback" not in stderr
+    assert step_checkpoints(run) == []

@@ -86,6 +86,10 @@ class TrainResult:
         return self.evals[-1]["train"] if self.evals else None
 
 
+class EvaluationAbandoned(Exception):
+    """Ctrl-C during an evaluation: its numbers are dropped and the run saves and stops."""
+
+
 class TrainingInterrupted(UserError):
     """Ctrl-C: the step finished and the checkpoint was saved; the command exits with 130."""
 
@@ -139,7 +143,8 @@ class _StopFlag:
             raise KeyboardInterrupt
         if self.requested_at is None:
             self.requested_at = now
-            err.print("\nstopping after this step to save a checkpoint "
+            err.print("\nstopping: finishing this step (an evaluation is dropped) to save a "
+                      "checkpoint "
                       "(Ctrl-C again to abort without saving)", style="yellow")
 
     @contextlib.contextmanager
@@ -187,6 +192,7 @@ class Trainer:
         self.last_val: float | None = None
         self.last_eval_train: float | None = None
         self.result = TrainResult(step=0)
+        self.stop = _StopFlag()
         self.metrics = Metrics(self.run_dir, enabled=self.main, tracker=self.cfg.tracker)
         self.tokens_per_step = batches.tokens_per_batch * self.cfg.grad_accum * self.dist.world_size
         self.total = total_steps(self.cfg, self.tokens_per_step)
@@ -238,6 +244,14 @@ class Trainer:
             info(f"{where} is already at step {self.step} of {self.total}; raise "
                  "train.max_iters to train further")
 
+    def training_net(self) -> torch.nn.Module:
+        """The model as training calls it: the fused output layer + loss where it applies,
+        compiled when the recipe asks."""
+        from llmcli.model.loss import FusedLoss
+
+        net = FusedLoss(self.raw) if hasattr(self.raw, "hidden") else self.raw
+        return torch.compile(net) if self.cfg.compile else net
+
     # -- one step -------------------------------------------------------------------------
 
     def train_step(self, model: torch.nn.Module) -> torch.Tensor:
@@ -275,22 +289,36 @@ class Trainer:
         return total
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Mean loss over eval_iters batches of each split, averaged across ranks."""
+    def evaluate(self, model: torch.nn.Module, view: _View | None = None) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split, averaged across ranks.
+
+        A Ctrl-C abandons it after the current batch (`EvaluationAbandoned`) in a single
+        process; under DDP every rank must reach the final reduction, so it finishes.
+        """
         model.eval()
         means = []
-        for split in ("train", "val"):
-            total, count = 0.0, 0
-            for _ in range(self.cfg.eval_iters):
-                x, y = self.batches.get_batch(split, "eval")
-                if not bool((y != IGNORE_INDEX).any()):
-                    continue
-                with self.precision.autocast():
-                    _, loss = model(x.to(self.device), y.to(self.device))
-                total += float(loss)
-                count += 1
-            means.append(total / count if count else float("nan"))
-        model.train()
+        done, total_batches = 0, 2 * self.cfg.eval_iters
+        try:
+            for split in ("train", "val"):
+                total, count = 0.0, 0
+                for _ in range(self.cfg.eval_iters):
+                    if self.stop.requested and not self.dist.enabled:
+                        raise EvaluationAbandoned
+                    if view is not None:
+                        view.phase(f"eval {done}/{total_batches}")
+                    done += 1
+                    x, y = self.batches.get_batch(split, "eval")
+                    if not bool((y != IGNORE_INDEX).any()):
+                        continue
+                    with self.precision.autocast():
+                        _, loss = model(x.to(self.device), y.to(self.device))
+                    total += float(loss)
+                    count += 1
+                means.append(total / count if count else float("nan"))
+        finally:
+            model.train()
+            if view is not None:
+                view.phase("train")
         reduced = distributed.mean_across(torch.tensor(means, dtype=torch.float64), self.dist)
         return {"train": float(reduced[0]), "val": float(reduced[1])}
 
@@ -346,13 +374,10 @@ class Trainer:
             state.seed_everything(self.cfg.seed + self.dist.rank)
         start = self.step
         self.metrics.start(start)
-        from llmcli.model.loss import FusedLoss
-
-        net = FusedLoss(self.raw) if hasattr(self.raw, "hidden") else self.raw
-        net = torch.compile(net) if self.cfg.compile else net
+        net = self.training_net()
         model = distributed.wrap(net, self.dist, self.device)
         model.train()
-        stop = _StopFlag()
+        stop = self.stop
         view = _View(self)
         stopped_by = None
         interrupted = False
@@ -366,11 +391,16 @@ class Trainer:
                     done = stopped_by is not None
                     evaluated = {e["step"] for e in self.result.evals}
                     if (self.step % self.cfg.eval_interval == 0 or done) \
-                            and self.step not in evaluated:
-                        self.record_eval(net, view)
+                            and self.step not in evaluated and not interrupted:
+                        try:
+                            self.record_eval(net, view)
+                        except EvaluationAbandoned:
+                            interrupted = True
                     if self.step > start and (
                             self.step % self.cfg.checkpoint_interval == 0 or done or interrupted):
+                        view.phase("saving")
                         self.save()
+                        view.phase("train")
                     if done or interrupted:
                         break
 
@@ -408,9 +438,10 @@ class Trainer:
         self.result.best_step = self.best_step
         self.result.stopped_by = "interrupted" if interrupted else stopped_by
         if interrupted:
-            raise TrainingInterrupted(
-                f"interrupted at step {self.step}: saved {self.result.checkpoint}; continue "
-                "with the same command plus --resume", self.result)
+            saved = (f"saved {self.result.checkpoint}; continue with the same command plus "
+                     "--resume" if self.step > start else
+                     "no training step had finished, so nothing was saved")
+            raise TrainingInterrupted(f"interrupted at step {self.step}: {saved}", self.result)
         return self.result
 
     def stop_reason(self) -> str | None:
@@ -421,7 +452,7 @@ class Trainer:
         return None
 
     def record_eval(self, net: torch.nn.Module, view: _View) -> None:
-        losses = self.evaluate(net)
+        losses = self.evaluate(net, view)
         self.last_eval_train, self.last_val = losses["train"], losses["val"]
         self.result.evals.append({"step": self.step, **losses})
         self.metrics.log({"kind": "eval", "step": self.step, **losses})
@@ -462,14 +493,12 @@ class _View:
     """Progress for people: a rich bar on a terminal, the seed's log lines otherwise."""
 
     def __init__(self, trainer: Trainer) -> None:
-        from rich.progress import TextColumn
-
-        from llmcli.console import is_interactive, progress
+        from llmcli.console import is_interactive, progress, stats_column
 
         self.t = trainer
         self.enabled = trainer.main
         self.live = self.enabled and is_interactive()
-        self.bar = progress(TextColumn("{task.fields[stats]}")) if self.live else None
+        self.bar = progress(stats_column("stats")) if self.live else None
         self.task = None
         self.train_loss: float | None = None
         self.rate_text = ""
@@ -501,6 +530,11 @@ class _View:
         self.train_loss = loss
         if self.bar is not None:
             self.bar.update(self.task, completed=self.t.step, stats=self._stats())
+
+    def phase(self, name: str) -> None:
+        """What the run is doing now: train, eval i/N, saving."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=name)
 
     def rate(self, tokens_per_s: float, mfu: float | None) -> None:
         self.tokens_per_s = tokens_per_s

@@ -142,3 +142,14 @@ def test_bad_recipe_input_exits_2_with_one_line(project):
     assert typo.exit_code == 2 and "did you mean 'max_iters'" in typo.stderr
     no_recipe = llm("pretrain")
     assert no_recipe.exit_code == 2 and "missing RECIPE" in no_recipe.stderr
+
+
+def test_pretraining_reuses_what_llm_tokenize_wrote(project):
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
+    (project / "story.txt").write_text(text, encoding="utf-8")
+    made = llm("tokenize", "story.txt", "--tokenizer", "bytes")
+    assert made.exit_code == 0, made.output
+    trained = llm("pretrain", "mini.yaml", "data.source=story.txt", "train.max_iters=3")
+    assert trained.exit_code == 0, trained.output
+    assert "using data/story.tokens" in trained.stderr
+    assert sorted(p.name for p in (project / "data").glob("*.tokens")) == ["story.tokens"]

@@ -437,10 +437,12 @@ def ensure_tokens(source: Path, tokenizer: str, val_fraction: float,
                   cache_dir: Path = Path("data")) -> Path:
     """A .tokens file for a local text/JSON/directory source, reused while it is up to date.
 
-    The cached file is `cache_dir/<name>.<tokenizer>.tokens`; it is reused when its sidecar
-    names the same tokenizer and the same source files with the same size and modification
-    time (or, failing that, the same SHA-256). A different val_fraction only rewrites the
-    sidecar. A `.tokens` source is used as it is.
+    The one rule for "already tokenized": a file is reused when its sidecar names the same
+    tokenizer and the same source files with the same size and modification time (or, failing
+    that, the same SHA-256). Two places are looked at: `cache_dir/<name>.tokens`, what
+    `llm tokenize SOURCE` writes, and `cache_dir/<name>.<tokenizer>.tokens`, where this writes
+    when neither is up to date. A different val_fraction only rewrites the sidecar. A `.tokens`
+    source is used as it is.
     """
     source = Path(source)
     if not source.exists():
@@ -454,7 +456,11 @@ def ensure_tokens(source: Path, tokenizer: str, val_fraction: float,
         return source
     name = source.name if source.is_dir() else source.stem
     out = Path(cache_dir) / f"{name}.{tokenizer}.tokens"
-    meta, touched = _cached_meta(out, source, tokenizer)
+    for candidate in (Path(cache_dir) / f"{name}.tokens", out):
+        meta, touched = _cached_meta(candidate, source, tokenizer)
+        if meta is not None:
+            out = candidate
+            break
     if meta is None:
         info(f"tokenizing {source} ({tokenizer}) into {out}")
         tokenize_files([source], out, tokenizer, val_fraction)

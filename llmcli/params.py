@@ -17,7 +17,6 @@ from llmcli.model.count import Part, breakdown, flops_per_token, named_counts, t
 from llmcli.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = Path("recipes") / "scifi.yaml"
-TOKENIZER_VOCAB = {"cl100k_base": 100277, "bytes": 257}
 
 
 def pick_target(target: str | None) -> tuple[Path, str]:
@@ -51,6 +50,13 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> d
         recipe = ckpt.recipe
         counts = {name: math.prod(shape) for name, shape in ckpt.shapes().items()}
         source, kind = str(ckpt.path), "checkpoint"
+        if ckpt.is_adapter:  # what runs is base + adapter; what trained is the adapter
+            adapter = counts
+            base = Checkpoint.read(ckpt.base_path)
+            counts = {name: math.prod(shape) for name, shape in base.shapes().items()}
+            notes.append(f"LoRA adapter (rank {recipe.lora.rank}) of {sum(adapter.values()):,} "
+                         f"parameters on the base {base.path} ({sum(counts.values()):,}); "
+                         "FLOPs are the full model's")
     else:
         recipe = load_recipe(target, overrides)
         source, kind = str(target), "recipe"
@@ -64,6 +70,11 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> d
     if kind == "recipe":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parts = breakdown(recipe.model, counts)
+    if kind == "checkpoint" and ckpt.is_adapter:
+        trainable = sum(adapter.values())
+        total += trainable
+        parts.append(Part(f"LoRA adapter (rank {recipe.lora.rank}: "
+                          f"{', '.join(recipe.lora.targets)})", trainable))
     flops = flops_per_token(model)
     return {
         "source": source,
@@ -80,12 +91,14 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> d
 
 
 def resolve_vocab_for_counting(recipe: Recipe, notes: list[str]) -> Recipe:
-    """`vocab_size: auto` depends on the corpus; count with the tokenizer's full vocabulary."""
+    """`vocab_size: auto` is set by the corpus: counted as pretraining would resolve it when the
+    corpus is tokenized already, else with the tokenizer's full vocabulary (and said so)."""
+    from llmcli.scaling import find_sidecar, recipe_vocab
+
     if recipe.model.vocab_size != "auto":
         return recipe
-    vocab = TOKENIZER_VOCAB[recipe.data.tokenizer]
-    notes.append(f"model.vocab_size is 'auto' (set by the corpus at training time): counted "
-                 f"with the {recipe.data.tokenizer} vocabulary of {vocab:,}")
+    vocab, note = recipe_vocab(recipe, find_sidecar(recipe.data.source, recipe.data.tokenizer))
+    notes.append(f"model.vocab_size is {note}")
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=vocab))
 
 

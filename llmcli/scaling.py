@@ -28,6 +28,8 @@ from typing import Any
 from llmcli.console import fail
 from llmcli.hardware import GPU, GPUS, get_gpu
 
+TOKENIZER_VOCAB = {"cl100k_base": 100277, "bytes": 257}  # ids each tokenizer can produce
+
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: 400M -> 8.0B tokens, 1B -> 20.2B, ...
 DEFAULT_MFU = 0.4  # a well-tuned dense transformer on modern GPUs reaches about 35-50 %
 MAX_VALUE = 1e30  # beyond any training run; also keeps the power laws inside float range
@@ -348,18 +350,25 @@ def recipe_facts(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) 
 
 
 def recipe_vocab(recipe: Any, sidecar: tuple[Path, dict] | None) -> tuple[int, str]:
-    """The vocabulary N is counted with, and a note saying where it came from."""
-    from llmcli.params import TOKENIZER_VOCAB
+    """The vocabulary N is counted with, and a note saying where it came from.
 
+    `model.vocab_size: auto` is resolved as pretraining resolves it: the largest id + 1, or
+    with `data.vocab: compact` the distinct ids of the training part + 1 for unknown ids.
+    """
     vocab_size = recipe.model.vocab_size
     if vocab_size != "auto":
         return int(vocab_size), "from the recipe"
     compact = recipe.data.vocab == "compact"
     if sidecar is not None:
         path, meta = sidecar
+        if compact and meta.get("train_distinct_ids"):
+            return int(meta["train_distinct_ids"]) + 1, (
+                f"auto: {meta['train_distinct_ids']:,} distinct ids in the training part of "
+                f"{path} + 1 for unknown ids")
         if compact and meta.get("distinct_ids"):
             return int(meta["distinct_ids"]) + 1, (
-                f"auto: {meta['distinct_ids']:,} distinct ids in {path} + 1 for unknown ids")
+                f"auto: {meta['distinct_ids']:,} distinct ids in {path} + 1 for unknown ids (an "
+                "upper bound: training keeps the training part's; re-run `llm tokenize`)")
         if not compact and meta.get("max_id") is not None:
             return int(meta["max_id"]) + 1, f"auto: largest id in {path} + 1"
     name = recipe.data.tokenizer
@@ -376,13 +385,12 @@ def find_sidecar(
 ) -> tuple[Path, dict] | None:
     """The sidecar of an existing token file for a recipe's data, without tokenizing anything.
 
-    A `.tokens` source names its own sidecar. A local text source (or a `llm fetch` preset
-    already fetched into `data_dir`) counts as tokenized when a sidecar in `data_dir` (where
-    training caches token files) or beside the source lists every file of it, with the same
-    sizes, tokenized with the recipe's tokenizer. Read as plain JSON so that `llm scaling`
-    stays free of numpy; nothing is downloaded or written.
+    A `.tokens` source names its own sidecar; a local text source (or a `llm fetch` preset
+    already fetched into `data_dir`) is found by the one "already tokenized" rule of
+    `llmcli.data.token_cache`. Nothing is downloaded or written, and no numpy is imported.
     """
     from llmcli.data.fetch import PRESETS
+    from llmcli.data.token_cache import find_tokens, sidecar_path
 
     src = Path(source)
     if source in PRESETS and not src.exists():
@@ -390,30 +398,14 @@ def find_sidecar(
     if src.suffix == ".tokens":
         if not src.exists():
             return None
-        sidecar = src.with_name(src.name + ".json")
+        sidecar = sidecar_path(src)
         meta = _read_json(sidecar)
         if meta is None:
             fail(f"{source}: token file without a readable sidecar {sidecar}; "
                  f"re-run `llm tokenize` to rebuild it")
         return sidecar, meta
-    if not src.exists():
-        return None
-    files = sorted(p for p in src.rglob("*.txt")) if src.is_dir() else [src]
-    wanted = {str(p.resolve()): p.stat().st_size for p in files}
-    if not wanted:
-        return None
-    candidates = {*data_dir.glob("*.tokens.json"), *src.resolve().parent.glob("*.tokens.json")}
-    for sidecar in sorted(candidates):
-        meta = _read_json(sidecar)
-        if not meta or meta.get("tokenizer") != tokenizer:
-            continue
-        recorded = {}
-        for entry in meta.get("sources") or []:
-            if isinstance(entry, dict) and "path" in entry:
-                recorded[str(Path(entry["path"]).resolve())] = entry.get("bytes")
-        if recorded == wanted:
-            return sidecar, meta
-    return None
+    cached = find_tokens(src, tokenizer, data_dir)
+    return (sidecar_path(cached.path), cached.meta) if cached is not None else None
 
 
 def _read_json(path: Path) -> dict | None:

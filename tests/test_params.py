@@ -110,3 +110,57 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     result = runner.invoke(app, ["params", str(path)])
     assert result.exit_code == 2 and "not an llm checkpoint" in result.output
+
+
+def test_gpt2_recipe_counts_as_transformers_does():
+    assert count_target(ROOT / "recipes" / "gpt2.yaml")["total"] == 124_439_808
+
+
+@pytest.mark.parametrize("vocab", ["full", "compact"])
+def test_auto_vocabulary_of_a_tokenized_corpus_is_the_one_training_uses(
+        tmp_path, monkeypatch, vocab):
+    """With the corpus tokenized, `auto` counts as pretraining resolves it, not the full
+    tokenizer: the largest id + 1, or the training part's distinct ids + 1 (compact)."""
+    from llmcli.data.tokenize import tokenize_files
+    from llmcli.pretrain import load_corpus
+    from llmcli.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    text = "".join(chr(33 + i % 90) * 3 + " " for i in range(2000)) + "\u00c8 tail"
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    tokenize_files([tmp_path / "c.txt"], tmp_path / "data" / "c.tokens", "bytes", 0.1)
+    (tmp_path / "r.yaml").write_text(
+        "data:\n  source: c.txt\n  tokenizer: bytes\n  vocab: " + vocab + "\n"
+        "model:\n  vocab_size: auto\n  context_length: 8\n  d_model: 16\n  num_blocks: 1\n"
+        "  num_heads: 2\n", encoding="utf-8")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    trained, _ = load_corpus(recipe, data_dir=tmp_path / "data")
+    report = count_target(tmp_path / "r.yaml")
+    counted = build_recipe({"model": {**trained.model.__dict__}})
+    assert report["total"] == sum(p.numel() for p in GPT(counted.model).parameters())
+    assert "data/c.tokens" in report["notes"][0]
+    assert ("training part" in report["notes"][0]) == (vocab == "compact")
+
+
+def test_lora_adapter_counts_base_plus_adapter(tmp_path):
+    from llmcli.checkpoint import base_reference, save_adapter
+    from llmcli.model.lora import apply_lora, lora_meta
+
+    recipe = build_recipe({"data": {"tokenizer": "bytes"},
+                           "model": {"vocab_size": 64, "context_length": 16, "d_model": 32,
+                                     "num_blocks": 2, "num_heads": 4},
+                           "lora": {"rank": 4, "targets": ["qkv", "head"]}})
+    model = GPT(recipe.model)
+    base = tmp_path / "base" / "step-00000001.safetensors"
+    save_model(base, model, recipe, tokenizer="bytes")
+    base_total = sum(p.numel() for p in model.parameters())
+    apply_lora(model, recipe.lora)
+    adapter_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    run = tmp_path / "lora"
+    save_adapter(run / "step-00000002.safetensors", model, recipe, tokenizer="bytes",
+                 lora=lora_meta(recipe.lora), **base_reference(run, base))
+    report = count_target(run)
+    assert report["total"] == base_total + adapter_total == parts_total(report)
+    assert report["trainable"] == adapter_total
+    assert report["flops_per_token"] == count_target(base)["flops_per_token"]
+    assert "LoRA adapter" in report["notes"][0]

@@ -257,17 +257,17 @@ def test_auto_vocabulary_from_tokenizer_then_from_sidecar(tmp_path, monkeypatch)
     assert before["vocab_size"] == 100277 and "not tokenized" in before["vocab_note"]
     assert before["corpus_tokens"] is None
 
-    sidecar = {"format": "llmcli-tokens/1", "tokenizer": "cl100k_base", "vocab_size": 100277,
-               "dtype": "uint32", "num_tokens": 1000, "max_id": 100069, "distinct_ids": 300,
-               "val_fraction": 0.1, "val_start": 900, "documents": 1,
-               "sources": [{"path": str(corpus), "sha256": "x", "bytes": corpus.stat().st_size}]}
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "corpus.tokens.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    from llmcli.data.tokenize import tokenize_files
+
+    monkeypatch.chdir(tmp_path)
+    meta = tokenize_files([corpus], tmp_path / "data" / "corpus.tokens", "cl100k_base", 0.1)
     after = analyse(recipe=recipe)["recipe"]
-    assert after["vocab_size"] == 100070 and "largest id" in after["vocab_note"]
-    assert after["corpus_tokens"] == 900 and after["epochs"] == pytest.approx(640 / 900)
+    assert after["vocab_size"] == meta["max_id"] + 1 and "largest id" in after["vocab_note"]
+    assert after["corpus_tokens"] == meta["val_start"]
+    assert after["epochs"] == pytest.approx(640 / meta["val_start"])
     compact = analyse(recipe=recipe, overrides=["data.vocab=compact"])["recipe"]
-    assert compact["vocab_size"] == 301
+    assert compact["vocab_size"] == meta["train_distinct_ids"] + 1
+    assert "training part" in compact["vocab_note"]
 
     corpus.write_text("changed\n", encoding="utf-8")  # stale sidecar: sizes differ, not used
     assert find_sidecar(str(corpus), "cl100k_base") is None
@@ -283,14 +283,13 @@ def test_fetched_preset_counts_as_tokenized(tmp_path, monkeypatch):
     text = tmp_path / "data" / PRESETS["builtin"].filename
     text.parent.mkdir()
     text.write_text("some reference text\n", encoding="utf-8")
-    relative = str(text.relative_to(tmp_path))  # sidecars may record paths relative to the cwd
-    meta = {"tokenizer": "cl100k_base", "max_id": 99, "num_tokens": 10, "val_start": 9,
-            "sources": [{"path": relative, "bytes": text.stat().st_size}]}
-    (tmp_path / "data" / "builtin.tokens.json").write_text(json.dumps(meta), encoding="utf-8")
+    from llmcli.data.tokenize import tokenize_files
+
+    meta = tokenize_files([text], tmp_path / "data" / "python-reference.tokens", "cl100k_base")
     found = find_sidecar("builtin", "cl100k_base")
-    assert found is not None and found[1]["max_id"] == 99
+    assert found is not None and found[1]["max_id"] == meta["max_id"]
     facts = analyse(recipe=ROOT / "recipes" / "tiny.yaml", overrides=["data.vocab=full"])
-    assert facts["recipe"]["vocab_size"] == 100
+    assert facts["recipe"]["vocab_size"] == meta["max_id"] + 1
 
 
 def test_token_file_source_uses_its_sidecar(tmp_path):

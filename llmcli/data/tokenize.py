@@ -20,16 +20,22 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from llmcli.console import UserError, byte_progress, fail, info, warn
+from llmcli.console import byte_progress, fail, info, warn
 from llmcli.data.records import read_records, record_problem, record_text
+from llmcli.data.token_cache import (
+    TOKENS_FORMAT,
+    candidates,
+    expand_inputs,
+    find_tokens,
+    sidecar_path,
+)
 from llmcli.data.tokenizer import Tokenizer, cpu_threads, get_tokenizer
 from llmcli.files import atomic_path, sha256_file, write_json
 
-FORMAT = "llmcli-tokens/1"
+FORMAT = TOKENS_FORMAT
 BLOCK = 1 << 18  # bytes read at a time and encoded as one job: small keeps RSS low
 RECORD_EXTENSIONS = (".json", ".jsonl")
 ERRORS = ("strict", "replace")
@@ -70,10 +76,6 @@ def find_cut(buf: bytes, start: int = 0) -> int:
             return i
 
 
-def sidecar_path(tokens: Path) -> Path:
-    return Path(tokens).with_name(Path(tokens).name + ".json")
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs → encoding jobs
 
@@ -101,30 +103,6 @@ class _Reading:
 
     sources: list[_Source] = field(default_factory=list)
     documents: int = 0
-
-
-def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
-    """Files to read, in order: directories become their .txt files (sorted, recursively)."""
-    files: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not found:
-                fail(f"{path}: directory holds no .txt files; put the corpus in .txt files "
-                     "or name the files directly")
-            files.extend(found)
-        elif path.is_file():
-            if path.name.endswith(".tokens"):
-                fail(f"{path}: is already a token file; give the text it was made from, or use "
-                     "it directly as data.source")
-            files.append(path)
-        else:
-            fail(f"{path}: no such file or directory; check the path (`llm fetch --list` shows "
-                 "the downloadable corpora)")
-    if not files:
-        fail("no input files; give one or more text, .json/.jsonl files or directories")
-    return files
 
 
 def _text_jobs(path: Path, errors: str, reading: _Reading, source: _Source, block: int,
@@ -343,6 +321,7 @@ def tokenize_files(
         "eot_id": tok.eot_id,
         "val_fraction": val_fraction,
         "val_start": val_start(counter.count, val_fraction),
+        "train_distinct_ids": train_distinct_ids(out, val_start(counter.count, val_fraction)),
         "documents": reading.documents,
         "sources": [
             {"path": str(s.path), "sha256": s.sha256, "bytes": s.size, "mtime_ns": s.mtime_ns}
@@ -351,6 +330,19 @@ def tokenize_files(
     }
     write_json(sidecar_path(out), meta)
     return meta
+
+
+def train_distinct_ids(path: Path, end: int, chunk: int = 1 << 22) -> int:
+    """Distinct ids before `end`: the size of a compact vocabulary (less its unknown id),
+    which is built from the training part only. Chunked: memory stays flat."""
+    tokens = np.memmap(path, dtype="<u4", mode="r") if Path(path).stat().st_size else []
+    seen = np.zeros(0, dtype=bool)
+    for lo in range(0, end, chunk):
+        part = np.asarray(tokens[lo:min(end, lo + chunk)])
+        if part.size and int(part.max()) >= seen.size:
+            seen = np.concatenate([seen, np.zeros(int(part.max()) + 1 - seen.size, dtype=bool)])
+        seen[part] = True
+    return int(seen.sum())
 
 
 def val_start(num_tokens: int, val_fraction: float) -> int:
@@ -437,12 +429,10 @@ def ensure_tokens(source: Path, tokenizer: str, val_fraction: float,
                   cache_dir: Path = Path("data")) -> Path:
     """A .tokens file for a local text/JSON/directory source, reused while it is up to date.
 
-    The one rule for "already tokenized": a file is reused when its sidecar names the same
-    tokenizer and the same source files with the same size and modification time (or, failing
-    that, the same SHA-256). Two places are looked at: `cache_dir/<name>.tokens`, what
-    `llm tokenize SOURCE` writes, and `cache_dir/<name>.<tokenizer>.tokens`, where this writes
-    when neither is up to date. A different val_fraction only rewrites the sidecar. A `.tokens`
-    source is used as it is.
+    An up-to-date token file is found by the one rule in `llmcli.data.token_cache` (what
+    `llm tokenize SOURCE` wrote, or this function's own cache); otherwise the source is
+    tokenized into `cache_dir/<name>.<tokenizer>.tokens`. A different val_fraction only rewrites
+    the sidecar. A `.tokens` source is used as it is.
     """
     source = Path(source)
     if not source.exists():
@@ -454,53 +444,20 @@ def ensure_tokens(source: Path, tokenizer: str, val_fraction: float,
                  f"data.tokenizer is {tokenizer}; set data.tokenizer={meta['tokenizer']} "
                  "or tokenize the text again")
         return source
-    name = source.name if source.is_dir() else source.stem
-    out = Path(cache_dir) / f"{name}.{tokenizer}.tokens"
-    for candidate in (Path(cache_dir) / f"{name}.tokens", out):
-        meta, touched = _cached_meta(candidate, source, tokenizer)
-        if meta is not None:
-            out = candidate
-            break
-    if meta is None:
+    cached = find_tokens(source, tokenizer, cache_dir)
+    if cached is None:
+        out = candidates(source, tokenizer, cache_dir)[-1]
         info(f"tokenizing {source} ({tokenizer}) into {out}")
         tokenize_files([source], out, tokenizer, val_fraction)
         return out
-    if meta["val_fraction"] != val_fraction or touched:
+    out, meta = cached.path, cached.meta
+    if meta["val_fraction"] != val_fraction or cached.touched:
         meta["val_fraction"] = val_fraction
         meta["val_start"] = val_start(meta["num_tokens"], val_fraction)
+        meta["train_distinct_ids"] = train_distinct_ids(out, meta["val_start"])
         write_json(sidecar_path(out), meta)
     info(f"using {out} (tokens of {source}, up to date)")
     return out
-
-
-def _cached_meta(out: Path, source: Path, tokenizer: str) -> tuple[dict[str, Any] | None, bool]:
-    """The sidecar of `out` if it still describes `source`, and whether only mtimes changed."""
-    stale = None, False
-    if not out.is_file():
-        return stale
-    try:
-        meta = read_sidecar(out)
-        files = expand_inputs([source])
-    except UserError:
-        return stale
-    if meta["tokenizer"] != tokenizer or out.stat().st_size != 4 * meta["num_tokens"]:
-        return stale
-    recorded = meta["sources"]
-    if len(recorded) != len(files):
-        return stale
-    touched = False
-    for path, entry in zip(files, recorded, strict=True):
-        stat = path.stat()
-        if not isinstance(entry, dict) or entry.get("path") != str(path.resolve()):
-            return stale
-        if entry.get("bytes") != stat.st_size:
-            return stale
-        if entry.get("mtime_ns") != stat.st_mtime_ns:
-            if entry.get("sha256") != sha256_file(path):
-                return stale
-            entry["mtime_ns"] = stat.st_mtime_ns  # same bytes, newer time: remember it
-            touched = True
-    return meta, touched
 
 
 def data_bytes(meta: dict) -> int:

@@ -44,7 +44,10 @@ def _register() -> None:
     from llmcli.commands import REGISTERED
 
     for name, func in REGISTERED:
-        app.command(name)(func)
+        if isinstance(func, typer.Typer):  # a command with subcommands (llm inspect VIEW)
+            app.add_typer(func, name=name)
+        else:
+            app.command(name)(func)
 
 
 _register()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.console import fail, first_line, warn
-from llmcli.recipe import Recipe, build_recipe
+from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
 
 FORMAT = "llmcli-checkpoint/1"
 TRAINER_FORMAT = "llmcli-trainer/1"
@@ -339,8 +339,10 @@ def check_metadata(meta: dict[str, Any], recipe: Recipe, path: Path) -> None:
         fail(f"{path}: metadata '{key}' {why}; the file was not written by llm or was altered")
 
     tokenizer = meta.get("tokenizer")
-    if tokenizer is not None and tokenizer not in TOKENIZERS:
-        bad("tokenizer", f"is {str(tokenizer)[:40]!r}, not one of {', '.join(TOKENIZERS)}")
+    if tokenizer is not None and tokenizer not in TOKENIZERS and not (
+            isinstance(tokenizer, str) and HF_TOKENIZER.fullmatch(tokenizer)):
+        bad("tokenizer", f"is {str(tokenizer)[:40]!r}, not one of {', '.join(TOKENIZERS)} or an "
+            "imported hf-<digest>")
     vocab_map = meta.get("vocab_map")
     if vocab_map is not None:
         if not isinstance(vocab_map, list) or not all(
@@ -391,7 +393,11 @@ def base_reference(adapter_dir: Path, base: Path) -> dict[str, str]:
     """Metadata naming `base` from an adapter written in `adapter_dir` (see the module doc)."""
     from llmcli.files import sha256_file
 
-    relative = os.path.relpath(Path(base).resolve(), Path(adapter_dir).resolve())
+    try:
+        relative = os.path.relpath(Path(base).resolve(), Path(adapter_dir).resolve())
+    except (OSError, RuntimeError) as exc:  # a symlink loop in either path
+        fail(f"{adapter_dir}: cannot resolve the run directory or its base {base} ({exc}); "
+             "give a plain directory with -o")
     return {"base": relative, "base_sha256": sha256_file(Path(base))}
 
 
@@ -425,6 +431,12 @@ def load_tensors(model: Any, tensors: dict[str, Any], where: str, strict: bool =
     import torch
 
     expected = model.state_dict()
+    tensors = dict(tensors)
+    for names in tied_names(model):  # safetensors stores a tied tensor under one of its names
+        present = [n for n in names if n in tensors]
+        for name in names:
+            if present and name not in tensors:
+                tensors[name] = tensors[present[0]]
     problems = []
     for name, want in expected.items():  # in the model's order: embeddings first
         if name not in tensors:
@@ -443,6 +455,14 @@ def load_tensors(model: Any, tensors: dict[str, Any], where: str, strict: bool =
             fail(f"{where}: weight {name} contains NaN or Inf values, so the model cannot "
                  "compute anything; use an earlier checkpoint of the run")
     model.load_state_dict(tensors, strict=strict)
+
+
+def tied_names(model: Any) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (tie_embeddings: tok_emb and lm_head)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def unwrap(model: Any) -> Any:

@@ -54,4 +54,21 @@ _register()
 
 
 def main() -> None:
-    app()
+    """The console script: the parser's own usage errors become one line, as every other error.
+
+    typer ships its own copy of click, so its exception classes are reached through the public
+    `typer.BadParameter` (a usage error) rather than imported from a private module.
+    """
+    import sys
+
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError, as typer vendors it
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        from llmcli.console import err, one_line
+
+        err.print(f"error: {one_line(exc.format_message())} (see llm --help)")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -9,8 +9,12 @@ names, and a `[/x]` in one must print as typed. Styling is explicit (`style=`, `
 
 from __future__ import annotations
 
+import errno
+import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
@@ -65,9 +69,25 @@ def warn(message: str) -> None:
     err.print(Text.assemble(("warning:", "yellow"), " ", message))
 
 
+# Every character str.splitlines() breaks at (and terminals may): shown escaped, as repr() would.
+_LINE_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+_LINE_BREAKS_TABLE = str.maketrans(_LINE_BREAKS)
+
+
 def one_line(message: str) -> str:
-    """Errors are one line whatever the user's text held (newlines shown as \\n)."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    """Errors are one line whatever the user's text held (newlines shown as \\n), and
+    printable whatever bytes it held (argv's undecodable bytes shown as \\udcff)."""
+    return message.translate(_LINE_BREAKS_TABLE).encode("utf-8", "backslashreplace").decode()
+
+
+def as_utf8(text: str) -> str:
+    """Text from the command line as UTF-8: bytes that were not UTF-8 (which Python keeps as
+    lone surrogates) become U+FFFD, as a tokenizer reads them, so echoing them cannot fail."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte stands for
+        data = text.encode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
 
 
 def is_interactive() -> bool:
@@ -120,23 +140,121 @@ def byte_progress(transient: bool = False) -> Progress:
 
 
 def run_guarded(func: Callable[[], T]) -> T:
-    """Run a command body, turning user errors (and, without --debug, any error) into one line."""
+    """Run a command body, turning user errors (and, without --debug, any error) into one line.
+
+    "Any" includes BaseExceptions such as pyo3's PanicException (a Rust panic in tiktoken or
+    safetensors); only SystemExit, GeneratorExit and click's own exits pass through.
+    """
     try:
         return func()
-    except UserError as exc:
-        if settings["debug"]:
+    except BaseException as exc:
+        if settings["debug"] or _passes_through(exc):
             raise
-        err.print(Text.assemble(("error:", "red"), " ", one_line(str(exc))), soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        if settings["debug"]:
-            raise
-        err.print("interrupted", style="yellow")
-        sys.exit(EXIT_INTERRUPTED)
-    except (OSError, ValueError, RuntimeError) as exc:
-        if settings["debug"]:
-            raise
-        name = type(exc).__name__
-        err.print(Text.assemble(("error:", "red"), f" {name}: ", one_line(str(exc)),
-                                " (rerun with --debug for the traceback)"), soft_wrap=True)
-        sys.exit(EXIT_FAILURE)
+        if isinstance(exc, KeyboardInterrupt):
+            err.print("interrupted", style="yellow")
+            sys.exit(EXIT_INTERRUPTED)
+        message, code = _describe(exc)
+        if code == EXIT_INTERRUPTED:  # asked for, not a failure: said in yellow, no "error:"
+            err.print(Text.assemble(("interrupted:", "yellow"), " ", clip(one_line(message))))
+        else:
+            _print_error(message)
+        sys.exit(code)
+
+
+def _describe(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code of an error that reached the top."""
+    if isinstance(exc, UserError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError) and _os_fix(exc) is not None:
+        path = exc.filename2 if exc.filename2 is not None else exc.filename
+        shown = os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path)
+        return f"{shown}: {_os_fix(exc)}", EXIT_FAILURE if exc.errno == errno.ENOSPC else EXIT_USAGE
+    message = str(exc).strip()
+    detail = f": {clip(one_line(message))}" if message else ""
+    return f"{type(exc).__name__}{detail} (rerun with --debug for the traceback)", EXIT_FAILURE
+
+
+def _print_error(message: str) -> None:
+    err.print(Text.assemble(("error:", "red"), " ", clip(one_line(message), 2000)),
+              soft_wrap=True)
+
+
+# What went wrong and how to fix it, for OSErrors that name a path the user gave.
+_OS_FIXES = {
+    errno.ENOENT: "no such file or directory; check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; fix the path",
+    errno.EISDIR: "is a directory where a file is needed; give a file path",
+    errno.ENAMETOOLONG: "file name too long; use a shorter name",
+    errno.EACCES: "permission denied; check its permissions or use another path",
+    errno.EPERM: "operation not permitted; check its permissions or use another path",
+    errno.ELOOP: "too many levels of symbolic links (a link loop?); fix the link",
+    errno.EEXIST: "already exists; remove it or use another path",
+    errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
+    errno.EROFS: "read-only file system; write elsewhere",
+    errno.EXDEV: "on another file system than its temporary file; write elsewhere",
+    errno.ENXIO: "not a regular file (a device or socket?); give a file",
+}
+
+
+def _os_fix(exc: OSError) -> str | None:
+    """How to fix an OSError about a path, or None when it is not about one."""
+    if exc.filename is None and exc.filename2 is None:
+        return None
+    return _OS_FIXES.get(exc.errno or 0)
+
+
+def check_range(option: str, value: float | None, lo: float, hi: float, fix: str = "") -> None:
+    """Refuse (one line, exit 2) a flag's value outside [lo, hi]; NaN and infinities too."""
+    if value is None:
+        return
+    finite = isinstance(value, int) or math.isfinite(value)  # ints may exceed any float
+    if finite and lo <= value <= hi:
+        return
+    shown = clip(str(value), 40)
+    fail(f"{option} {shown}: must be {'' if finite else 'finite and '}in [{_num(lo)}, "
+         f"{_num(hi)}]" + (f"; {fix}" if fix else ""))
+
+
+def _num(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def check_output(path: Path, option: str, *, file: bool | None = True) -> None:
+    """Refuse an output path that cannot be written, before any work is done: a name too long,
+    a file on the way, or a directory where the file goes (`file` True) or a file where the
+    directory goes (`file` False); None accepts either."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:
+            fail(f"{option} {path}: the name {clip(part, 40)!r} is {len(os.fsencode(part))} "
+                 "bytes, over the 255 a file system allows; use a shorter name")
+    for parent in list(reversed(path.parents))[1:] + [path]:
+        if parent.is_symlink() and not parent.exists():
+            fail(f"{option} {path}: {parent} is a symbolic link to nothing (or a link loop); "
+                 "remove it or choose another path")
+        if (parent != path or file is False) and parent.exists() and not parent.is_dir():
+            fail(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+    if file and path.is_dir():
+        fail(f"{option} {path}: is a directory; give a file name (or remove the directory)")
+
+
+def check_readable(path: Path, option: str) -> None:
+    """Refuse an input file that exists but cannot be read (a device, a /proc entry): one line
+    naming the option, where reading it later would fail with a bare EIO."""
+    if not path.is_file():
+        return  # missing files and directories get their own messages where they are read
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        fail(f"{option} {path}: cannot read it ({exc.strerror or exc}); give a regular file")
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """Exits that are not errors: sys.exit, a closed generator, click's Exit and usage errors."""
+    return (isinstance(exc, (SystemExit, GeneratorExit))
+            or type(exc).__module__.split(".")[0] == "click")
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    """At most `limit` characters of a message: an exception may quote a whole input."""
+    return text if len(text) <= limit else f"{text[:limit - 20]} ... ({len(text):,} characters)"

@@ -114,7 +114,10 @@ def records_path(recipe: Recipe) -> Path:
     """data.source as a local Alpaca .json/.jsonl file (downloaded first when it is a preset)."""
     from llmcli.data.fetch import resolve_source
 
-    path = Path(resolve_source(recipe.data.source))
+    if len(recipe.data.sources) > 1:
+        fail(f"data.source: {recipe.data.source}: fine-tuning reads one records file; give one "
+             ".json/.jsonl file (or join the records into one)")
+    path = Path(resolve_source(recipe.data.sources[0]))
     if path.is_dir() or path.suffix.lower() not in RECORD_SUFFIXES:
         fail(f"data.source: {path} is not instruction records; fine-tuning reads an Alpaca-style "
              ".json array or .jsonl file of {instruction, input, output} records, e.g. "

@@ -37,8 +37,11 @@ def is_checkpoint(path: Path) -> bool:
     return path.suffix == ".safetensors" or path.is_dir()
 
 
-def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """The full report for a recipe file or a checkpoint (file or run directory)."""
+def count_target(target: Path, overrides: tuple[str, ...] | list[str] = (), *,
+                 processes: int | None = None, device_bytes: int | None = None
+                 ) -> dict[str, Any]:
+    """The full report for a recipe file or a checkpoint (file or run directory); with
+    `processes`, also the memory per device under DDP and FSDP (`llmcli.scaling.device_memory`)."""
     from llmcli.model.gpt import build_model
 
     notes: list[str] = []
@@ -76,6 +79,9 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> d
         parts.append(Part(f"LoRA adapter (rank {recipe.lora.rank}: "
                           f"{', '.join(recipe.lora.targets)})", trainable))
     flops = flops_per_token(model)
+    per_device = None
+    if processes is not None:
+        per_device = memory_per_device(recipe, counts, total, trainable, processes, device_bytes)
     return {
         "source": source,
         "kind": kind,
@@ -86,8 +92,21 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = ()) -> d
         "memory_bytes": training_memory(total, trainable),
         "flops_per_token": flops,
         "context_length": recipe.model.context_length,
+        "device_memory": per_device,
         "notes": notes,
     }
+
+
+def memory_per_device(recipe: Recipe, counts: dict[str, int], total: int, trainable: int,
+                      processes: int, device_bytes: int | None) -> dict[str, Any]:
+    """DDP vs FSDP memory per device for this model's shape (one block's parameters, the root)."""
+    from llmcli.scaling import DEFAULT_DEVICE_MEMORY, device_memory
+
+    block = sum(n for name, n in counts.items() if name.startswith("blocks.0."))
+    precision = "fp32" if recipe.train.precision == "fp32" else "bf16"
+    return device_memory(total, processes, trainable=trainable, block=block,
+                         blocks=recipe.model.num_blocks, precision=precision,
+                         device_bytes=device_bytes or DEFAULT_DEVICE_MEMORY)
 
 
 def resolve_vocab_for_counting(recipe: Recipe, notes: list[str]) -> Recipe:

@@ -60,8 +60,9 @@ def load_corpus(recipe: Recipe, *, data_dir: Path = DATA_DIR,
     from llmcli.data.tokenize import ensure_tokens, open_tokens, read_sidecar
 
     d = recipe.data
-    source = resolve_source(d.source, data_dir)
-    path = ensure_tokens(source, d.tokenizer, d.val_fraction, cache_dir=data_dir)
+    sources = [resolve_source(item, data_dir) for item in d.sources]
+    path = ensure_tokens(sources if len(sources) > 1 else sources[0], d.tokenizer,
+                         d.val_fraction, cache_dir=data_dir)
     sidecar = read_sidecar(path)
     if sidecar.get("tokenizer") != d.tokenizer:
         fail(f"{path}: tokenized with {sidecar.get('tokenizer')}, but data.tokenizer is "
@@ -93,7 +94,11 @@ def _resolve_compact(recipe: Recipe, corpus: Corpus, vocab_map: list[int] | None
     if vocab_map is not None:
         vocab = CompactVocab(vocab_map)
     else:  # ids seen in the training part only: validation measures what unseen ids cost
-        vocab = CompactVocab.from_tokens(corpus.tokens[:corpus.val_start])
+        from llmcli.data.tokenizer import get_tokenizer
+        from llmcli.data.vocab import compact_vocab
+
+        tokenizer = get_tokenizer(recipe.data.tokenizer)
+        vocab = compact_vocab(corpus.tokens[:corpus.val_start], tokenizer)
     size = recipe.model.vocab_size
     if size == "auto":
         recipe = _with_vocab(recipe, vocab.size)
@@ -162,15 +167,19 @@ def extra_meta(recipe: Recipe, corpus: Corpus) -> dict[str, Any]:
 
 def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
             data_dir: Path = DATA_DIR) -> tuple[Recipe, Corpus]:
-    """Corpus and resolved recipe; rank 0 tokenizes first so ranks never write the same file."""
+    """Corpus and resolved recipe. Rank 0 fetches/tokenizes first, then the first process of
+    every other machine (which finds the files on a shared file system, or makes its own copy
+    on a local one), then the rest: no two processes ever write the same file."""
     vocab_map = None
     if resume is not None:
         vocab_map = read_metadata(resume).get("vocab_map")
-    if dist.is_main:
-        result = load_corpus(recipe, data_dir=data_dir, vocab_map=vocab_map)
-    distributed.barrier(dist)
-    if not dist.is_main:
-        result = load_corpus(recipe, data_dir=data_dir, vocab_map=vocab_map)
+    phases = (dist.is_main, dist.is_local_main and not dist.is_main, not dist.is_local_main)
+    result = None
+    for mine in phases:
+        if mine:
+            result = load_corpus(recipe, data_dir=data_dir, vocab_map=vocab_map)
+        distributed.barrier(dist)
+    assert result is not None
     return result
 
 
@@ -212,7 +221,7 @@ def describe_run(recipe: Recipe, corpus: Corpus, params: int, tokens_per_step: i
     vocab = f"vocabulary {recipe.model.vocab_size:,}"
     if corpus.vocab is not None:
         vocab += f" (compact: {len(corpus.vocab.ids):,} distinct ids + unknown)"
-    procs = f" x {dist.world_size} processes" if dist.enabled else ""
+    procs = f" x {dist.world_size} processes ({recipe.train.parallel})" if dist.enabled else ""
     info(f"{recipe.name}: {params / 1e6:.2f}M parameters, {vocab}; corpus {corpus.path} "
          f"({corpus.train_tokens:,} train / {corpus.val_tokens:,} validation tokens); "
          f"{tokens_per_step:,} tokens/step on {device}{procs}; run directory {run_dir}")

@@ -25,6 +25,8 @@ import yaml
 from llmcli.console import fail
 
 Auto = Literal["auto"]
+TOKENIZER_NAMES = ("cl100k_base", "bytes")
+HF_TOKENIZER = re.compile(r"hf-[0-9a-f]{16}")  # an imported tokenizer (llmcli.interop)
 
 
 def _doc(default: Any, doc: str, **kwargs: Any) -> Any:
@@ -35,13 +37,15 @@ def _doc(default: Any, doc: str, **kwargs: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    source: str = _doc(
+    source: str | list[str] = _doc(
         "builtin",
         "corpus: a .txt file, a directory of .txt files, Alpaca .json/.jsonl, a token file "
-        "from `llm tokenize` (.tokens), or a `llm fetch` preset (builtin, sales-textbook, ...)",
+        "from `llm tokenize` (.tokens), or a `llm fetch` preset (builtin, sales-textbook, ...); "
+        "a list of them is one mixed corpus, its documents separated by end-of-text",
     )
-    tokenizer: Literal["cl100k_base", "bytes"] = _doc(
-        "cl100k_base", "cl100k_base (tiktoken, the seed's) or bytes (256 ids)"
+    tokenizer: str = _doc(
+        "cl100k_base", "cl100k_base (tiktoken, the seed's), bytes (256 ids), or hf-<digest>: a "
+        "transformers tokenizer stored by `llm import`"
     )
     vocab: Literal["full", "compact"] = _doc(
         "full", "full: token ids as the tokenizer gives them; compact: the corpus's distinct ids "
@@ -51,6 +55,11 @@ class DataConfig:
     records: str | None = _doc(
         None, "instruction records to use, as a Python slice 'start:stop' (seed: '1000:5001')"
     )
+
+    @property
+    def sources(self) -> list[str]:
+        """`source` as a list (one corpus or several mixed)."""
+        return list(self.source) if isinstance(self.source, list) else [self.source]
 
 
 @dataclass
@@ -126,6 +135,13 @@ class TrainConfig:
         "auto", "auto = bf16 autocast on CUDA, fp32 elsewhere"
     )
     compile: bool = _doc(False, "wrap the model in torch.compile")
+    parallel: Literal["ddp", "fsdp"] = _doc(
+        "ddp", "with several processes: ddp = a full copy per process; fsdp = FSDP2, weights, "
+        "gradients and AdamW state sharded across processes (for models that do not fit one "
+        "device); one process trains plainly either way"
+    )
+    activation_checkpointing: bool = _doc(
+        False, "recompute each block's activations in backward: less memory, ~1/3 more compute")
     seed: int = _doc(1337, "random seed (the seed's)")
     tracker: Literal["none", "tensorboard"] = _doc("none", "extra metrics logger")
 
@@ -163,6 +179,9 @@ class GenerateConfig:
     num_beams: int = _doc(4, "beams for beam search")
     length_penalty: float = _doc(1.0, "beam score = sum log p / length^length_penalty")
     no_repeat_ngram_size: int = _doc(0, "forbid repeating n-grams of this size (0 = off)")
+    window: Literal["slide", "crop"] = _doc(
+        "slide", "past the context: slide = restart from the last 3/4 of the context (cache "
+        "reused in between); crop = the last context_length tokens at every step (the seed's)")
 
 
 SECTIONS: dict[str, type] = {
@@ -232,7 +251,7 @@ LIMITS: dict[str, Bound] = {
     "generate.top_k": Bound(0, 10_000_000),
     "generate.top_p": Bound(0, 1, "(]"),
     "generate.min_p": Bound(0, 1),
-    "generate.repetition_penalty": Bound(0, 100, "(]"),
+    "generate.repetition_penalty": Bound(0.01, 100),
     "generate.num_beams": Bound(1, 256),
     "generate.length_penalty": Bound(-10, 10),
     "generate.no_repeat_ngram_size": Bound(0, 1024),
@@ -329,6 +348,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         fail(f"{where}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8")
+    except OSError as exc:
+        fail(f"{where}: cannot be read ({exc.strerror or exc}); give a readable YAML file")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -578,8 +599,14 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         bad("train.min_lr", f"{t.min_lr} is above train.lr {t.lr}; lower it")
     _check_sizes(recipe, where)
 
+    if d.tokenizer not in TOKENIZER_NAMES and not HF_TOKENIZER.fullmatch(str(d.tokenizer)):
+        bad("data.tokenizer", f"expected 'cl100k_base', 'bytes' or an imported 'hf-<digest>', "
+            f"got {_show(d.tokenizer)}; fix the value")
     if d.records is not None:
         parse_records(d.records, where)
+    if isinstance(d.source, list) and not 1 <= len(d.source) <= 1000:
+        bad("data.source", f"a list of 1 to 1000 sources, got {len(d.source)}; name the corpus "
+            "files, e.g. [builtin, ../shared/data/alpaca_en_demo.json]")
     known = ("qkv", "proj", "ffn_in", "ffn_out", "head")
     for target in recipe.lora.targets:
         if target not in known:
@@ -590,6 +617,11 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
 def check_generate(cfg: GenerateConfig, where: str = "generate") -> None:
     """The decoding settings' ranges, for recipes and for `llm generate`'s flags alike."""
     _check_ranges(cfg, "generate", where)
+    for key in ("strategy", "window"):  # choices, also when set in code or by flags, not YAML
+        choices = typing.get_args(_hints(GenerateConfig)[key])
+        if getattr(cfg, key) not in choices:
+            fail(f"{where}: generate.{key}: {_show(getattr(cfg, key))} is not one of "
+                 f"{', '.join(choices)}; pick one of them")
     if 0 < cfg.temperature < MIN_TEMPERATURE:
         fail(f"{where}: generate.temperature: {_show(cfg.temperature)} is too small (the logits "
              f"divided by it overflow); use 0 for greedy decoding, or {MIN_TEMPERATURE} to 100")

@@ -17,8 +17,8 @@ per parameter again. Both fits are offered (`--fit chinchilla|epoch`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -284,8 +284,12 @@ def analyse(
     num_gpus: int = 1,
     mfu: float = DEFAULT_MFU,
     tokens_per_second: float | None = None,
+    device_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Everything `llm scaling` prints, as one JSON-ready dict (also the `--json` output)."""
+    """Everything `llm scaling` prints, as one JSON-ready dict (also the `--json` output).
+
+    "device_memory" (when N is known: --params or --recipe): memory per GPU under DDP and FSDP
+    with `num_gpus` processes (`device_memory`)."""
     law = get_fit(fit)
     report: dict[str, Any] = {"fit": law.to_dict()}
     if recipe is not None:
@@ -314,6 +318,15 @@ def analyse(
                 f"a fine-tuning recipe (from {report['recipe']['finetune_init']}): the "
                 f"Chinchilla trade-off is about pretraining from scratch, and fine-tuning needs "
                 f"far fewer tokens; as if pretraining, {report['verdict']}")
+    report["device_memory"] = None
+    cap = device_bytes or DEFAULT_DEVICE_MEMORY
+    if recipe is not None:
+        facts = report["recipe"]
+        report["device_memory"] = device_memory(
+            facts["params"], num_gpus, block=facts["block_params"], blocks=facts["num_blocks"],
+            precision=facts["precision"], device_bytes=cap)
+    elif params is not None:
+        report["device_memory"] = device_memory(int(params), num_gpus, device_bytes=cap)
     return report
 
 
@@ -339,6 +352,10 @@ def recipe_facts(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) 
         "context_length": m.context_length, "max_tokens": t.max_tokens,
         "step_tokens": steps, "planned_tokens": planned, "corpus_tokens": None, "epochs": None,
         "finetune_init": recipe.finetune.init,
+        "num_blocks": m.num_blocks,
+        "block_params": (formula_parameters(dataclasses.replace(m, num_blocks=1), vocab)
+                         - formula_parameters(dataclasses.replace(m, num_blocks=0), vocab)),
+        "precision": "fp32" if t.precision == "fp32" else "bf16",
     }
     if sidecar is not None:
         train_tokens = int(sidecar[1].get("val_start") or sidecar[1].get("num_tokens") or 0)
@@ -361,10 +378,10 @@ def recipe_vocab(recipe: Any, sidecar: tuple[Path, dict] | None) -> tuple[int, s
     compact = recipe.data.vocab == "compact"
     if sidecar is not None:
         path, meta = sidecar
-        if compact and meta.get("train_distinct_ids"):
-            return int(meta["train_distinct_ids"]) + 1, (
-                f"auto: {meta['train_distinct_ids']:,} distinct ids in the training part of "
-                f"{path} + 1 for unknown ids")
+        if compact and meta.get("compact_vocab_ids"):
+            return int(meta["compact_vocab_ids"]) + 1, (
+                f"auto: {meta['compact_vocab_ids']:,} ids of the training part of {path} (with "
+                "end-of-text and the template tokens) + 1 for unknown ids")
         if compact and meta.get("distinct_ids"):
             return int(meta["distinct_ids"]) + 1, (
                 f"auto: {meta['distinct_ids']:,} distinct ids in {path} + 1 for unknown ids (an "
@@ -381,46 +398,26 @@ def recipe_vocab(recipe: Any, sidecar: tuple[Path, dict] | None) -> tuple[int, s
 
 
 def find_sidecar(
-    source: str, tokenizer: str, data_dir: Path = Path("data")
+    source: str | list[str], tokenizer: str, data_dir: Path = Path("data")
 ) -> tuple[Path, dict] | None:
-    """The sidecar of an existing token file for a recipe's data, without tokenizing anything.
+    """(sidecar path, sidecar) of the token file already holding a recipe's data, or None.
 
-    A `.tokens` source names its own sidecar; a local text source (or a `llm fetch` preset
-    already fetched into `data_dir`) is found by the one "already tokenized" rule of
-    `llmcli.data.token_cache`. Nothing is downloaded or written, and no numpy is imported.
+    The one "already tokenized" rule (`llmcli.data.token_cache.locate`): nothing is downloaded
+    or written, and no numpy is imported.
     """
-    from llmcli.data.fetch import PRESETS
-    from llmcli.data.token_cache import find_tokens, sidecar_path
+    from llmcli.data.token_cache import locate, sidecar_path
 
-    src = Path(source)
-    if source in PRESETS and not src.exists():
-        src = data_dir / PRESETS[source].filename
-    if src.suffix == ".tokens":
-        if not src.exists():
-            return None
-        sidecar = sidecar_path(src)
-        meta = _read_json(sidecar)
-        if meta is None:
-            fail(f"{source}: token file without a readable sidecar {sidecar}; "
-                 f"re-run `llm tokenize` to rebuild it")
-        return sidecar, meta
-    cached = find_tokens(src, tokenizer, data_dir)
+    cached = locate(source, tokenizer, data_dir)
     return (sidecar_path(cached.path), cached.meta) if cached is not None else None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------
 # Human numbers: 140M, 1.4e8, 7B, 1.5T in; 140.6M, 2.8B, 1.5T out
 
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
-_NUMBER = re.compile(r"^(?:\d+(?:_\d+)*|\d{1,3}(?:,\d{3})+)?(?:\.\d+)?(?:e[+-]?\d+)?$")
+# A mantissa (1_000, 1,000, 1.5 or .5), then an optional exponent: "e5" alone is no number.
+_NUMBER = re.compile(r"^(?:(?:[0-9]+(?:_[0-9]+)*|[0-9]{1,3}(?:,[0-9]{3})+)(?:\.[0-9]+)?"
+                     r"|\.[0-9]+)(?:e[+-]?[0-9]+)?$")
 
 
 def parse_number(text: str, option: str = "value") -> float:
@@ -433,11 +430,11 @@ def parse_number(text: str, option: str = "value") -> float:
         body = body[:-1].strip()
     negative = body.startswith("-")
     body = body.lstrip("-+").strip() if negative or body.startswith("+") else body
-    if not body or not any(c.isdigit() for c in body) or not _NUMBER.match(body):
+    if not _NUMBER.match(body):
         fail(f"{option} {raw!r}: not a number; write it like 140M, 1.4e8, 7B or 1.5T")
     value = float(body.replace("_", "").replace(",", "")) * scale
-    if negative or not value > 0:
-        fail(f"{option} {raw!r}: must be positive")
+    if negative or not value >= 1:  # a count: below 1 the power laws divide by ~0
+        fail(f"{option} {raw!r}: must be positive, at least 1")
     if value > MAX_VALUE:
         fail(f"{option} {raw!r}: larger than {MAX_VALUE:.0e}, beyond any training run")
     return value
@@ -568,3 +565,92 @@ def plot_isoflops(path: str | Path, report: dict[str, Any]) -> Path:
     finally:
         plt.close(fig)
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory per device: DDP (a full copy per process) vs FSDP (sharded), activations aside
+
+DEFAULT_DEVICE_MEMORY = 80 * 2**30  # an 80 GB H100 / A100 holds 80 GiB
+
+
+def parse_bytes(text: str, option: str = "--device-memory") -> int:
+    """'80GiB', '80GB' (10^9), '141G' (GiB), '24576MiB' -> bytes. One-line error else."""
+    raw = str(text).strip()
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)", raw.lower())
+    if not match or not float(match.group(1)) > 0:
+        fail(f"{option} {raw!r}: not a memory size; write it like 80GiB, 80GB or 141G")
+    power = " kmgt".index(match.group(2) or " ")
+    decimal = match.group(3) == "b"  # GB: 10^9; GiB or a bare G: 2^30
+    size = float(match.group(1)) * ((1000 if decimal else 1024) ** power)
+    if size > 2**60:
+        fail(f"{option} {raw!r}: larger than any device")
+    return int(size)
+
+
+def device_memory(params: int, processes: int, *, trainable: int | None = None,
+                  block: int | None = None, blocks: int | None = None,
+                  precision: str = "bf16", device_bytes: int = DEFAULT_DEVICE_MEMORY
+                  ) -> dict[str, Any]:
+    """Bytes each device holds for weights, gradients and AdamW under DDP and under FSDP with
+    `processes` processes, as `llm pretrain` trains (activations and the allocator's slack
+    aside; `train.activation_checkpointing` shrinks the activations, not these).
+
+    DDP: fp32 weights (4 B each), fp32 gradients (4 B), AdamW's two fp32 moments (8 B), and
+    DDP's gradient buckets (4 B) on every device, however many processes.
+    FSDP (FSDP2, bf16 through its mixed-precision policy): the fp32 weights, gradients and
+    moments divided by `processes`, plus the working copies it gathers: the root (embeddings,
+    final norm, output layer) for the whole step and about two blocks at a time, in the compute
+    dtype, and the unsharded gradients of the largest of those before each reduce-scatter
+    (compute dtype + an fp32 copy). `block`/`blocks` give the shape (one block's parameters,
+    how many); without them the working copies are unknown and left out (said so).
+    """
+    n = int(params)
+    t = int(trainable if trainable is not None else params)
+    p = max(1, int(processes))
+    c = 4 if precision == "fp32" else 2
+    ddp = {"weights": 4 * n, "gradients": 4 * t, "adamw": 8 * t,
+           "working": 4 * t if p > 1 else 0}
+    shape_known = block is not None and blocks is not None
+    working = None
+    if shape_known:
+        root = max(0, n - blocks * block)
+        working = c * (root + min(2, blocks) * block) + (c + 4) * max(root, block)
+    if p > 1:
+        fsdp = {"weights": math.ceil(4 * n / p), "gradients": math.ceil(4 * t / p),
+                "adamw": math.ceil(8 * t / p), "working": working}
+    else:  # one process trains plainly whatever train.parallel says
+        fsdp = dict(ddp)
+    out: dict[str, Any] = {"processes": p, "precision": "fp32" if c == 4 else "bf16",
+                           "device_bytes": int(device_bytes), "shape_known": shape_known}
+    for name, parts in (("ddp", ddp), ("fsdp", fsdp)):
+        total = sum(v for v in parts.values() if v is not None)
+        out[name] = {**parts, "total": total, "fits": total <= device_bytes}
+    out["verdict"] = memory_verdict(out)
+    return out
+
+
+def memory_verdict(mem: dict[str, Any]) -> str:
+    p, cap = mem["processes"], mem["device_bytes"]
+    ddp, fsdp = mem["ddp"], mem["fsdp"]
+    room = f"{format_bytes(cap)} per device"
+    if p == 1:
+        return (f"one process: {format_bytes(ddp['total'])} of {room} "
+                f"({'fits' if ddp['fits'] else 'does not fit'}; activations extra); FSDP needs "
+                "several processes")
+    if ddp["fits"]:
+        return (f"DDP fits ({format_bytes(ddp['total'])} of {room}, activations extra): "
+                f"train.parallel=ddp is enough; FSDP would need {format_bytes(fsdp['total'])}")
+    if fsdp["fits"]:
+        return (f"DDP does not fit ({format_bytes(ddp['total'])} > {room}); FSDP over {p} "
+                f"processes does ({format_bytes(fsdp['total'])}, activations extra): use "
+                "train.parallel=fsdp")
+    return (f"neither fits {room}: DDP {format_bytes(ddp['total'])}, FSDP over {p} processes "
+            f"{format_bytes(fsdp['total'])}; shard over more devices (--nproc/--nnodes)")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -243,10 +243,16 @@ def test_instruct_without_a_template_is_an_error(ckpt):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--temperature", "-1"], "--temperature -1.0: must be 0"),
-    (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
-    (["--top-p", "0"], "--top-p 0.0"),
-    (["--num-beams", "0", "--strategy", "beam"], "--num-beams 0: must be at least 1"),
+    (["--temperature", "-1"], "--temperature: must be in [0, 100], got -1.0"),
+    (["--temperature", "nan"], "--temperature: must be finite and in [0, 100], got nan"),
+    (["--temperature", "1e-39"], "--temperature: 1e-39 is too small"),
+    (["--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
+    (["--num-beams", "0", "--strategy", "beam"], "--num-beams: must be in [1, 256], got 0"),
+    (["--length-penalty", "-1000", "--strategy", "beam"], "--length-penalty: must be in [-10"),
+    (["--num-return-sequences", "0"], "--num-return-sequences 0: must be in [1, 256]"),
+    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: must be in"),
+    (["--max-new-tokens", "99999999999"], "--max-new-tokens: must be in [1, 1_000_000]"),
     (["--strategy", "nucleus"], "--strategy 'nucleus'"),
     (["--compare", "greedy,best"], "--compare 'greedy,best'"),
     (["--strategy", "beam", "--num-beams", "2", "--num-return-sequences", "3"],

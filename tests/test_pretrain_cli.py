@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from llmcli.checkpoint import read_metadata, step_checkpoints
 from llmcli.cli import app
+from llmcli.data.tokenizer import get_tokenizer
+from llmcli.data.vocab import reserved_ids
 
 _threads = pytest.fixture(autouse=True)(one_thread)
 
@@ -99,8 +101,10 @@ def test_compact_vocabulary_is_stored_and_unknown_ids_are_counted(project):
                  "-o", "runs/c")
     assert result.exit_code == 0, result.output
     meta = read_metadata(project / "runs/c/step-00000006.safetensors")
-    assert meta["vocab_map"] == [i * 1000 for i in range(48)]
-    assert meta["recipe"]["model"]["vocab_size"] == 49  # 48 distinct ids + unknown
+    reserved = reserved_ids(get_tokenizer("bytes")).tolist()  # end-of-text, template text
+    expected = sorted({i * 1000 for i in range(48)} | set(reserved))
+    assert meta["vocab_map"] == expected
+    assert meta["recipe"]["model"]["vocab_size"] == len(expected) + 1  # + unknown
     assert "validation: 10 tokens" in result.stderr and "unknown id" in result.stderr
 
 
@@ -153,3 +157,21 @@ def test_pretraining_reuses_what_llm_tokenize_wrote(project):
     assert trained.exit_code == 0, trained.output
     assert "using data/story.tokens" in trained.stderr
     assert sorted(p.name for p in (project / "data").glob("*.tokens")) == ["story.tokens"]
+
+
+def test_a_list_of_sources_is_one_mixed_corpus(project):
+    (project / "a.txt").write_text("alpha beta gamma. " * 200, encoding="utf-8")
+    (project / "b.txt").write_text("delta epsilon zeta. " * 200, encoding="utf-8")
+    result = llm("pretrain", "mini.yaml", "data.source=[a.txt, b.txt]", "data.vocab=compact",
+                 "train.max_iters=3")
+    assert result.exit_code == 0, result.output
+    made = list((project / "data").glob("*.tokens"))
+    assert [p.name for p in made] == ["a+b.bytes.tokens"]
+    tokens = np.fromfile(made[0], dtype="<u4")
+    assert int((tokens == 256).sum()) == 1  # end-of-text between the two documents
+    again = llm("pretrain", "mini.yaml", "data.source=[a.txt, b.txt]", "data.vocab=compact",
+                "train.max_iters=3", "-o", "runs/again")
+    assert "using data/a+b.bytes.tokens" in again.stderr
+    mixed_with_tokens = llm("pretrain", "mini.yaml", "data.source=[a.txt, corpus.tokens]",
+                            "-o", "runs/mixed")
+    assert mixed_with_tokens.exit_code == 2 and "cannot be mixed" in mixed_with_tokens.stderr

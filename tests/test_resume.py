@@ -206,7 +206,8 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
     assert len(saved) == 1 and trainer_path(saved[0][1]).exists()
     step = saved[0][0]
     assert 2 <= step < 1000  # 5 train draws: 2 for the step-0 evaluation, then steps
-    assert f"interrupted at step {step}" in stderr and "--resume" in stderr
+    assert f"interrupted: stopped at step {step}" in stderr and "--resume" in stderr
+    assert "error:" not in stderr
     assert "Traceback" not in stderr
     _, _, meta, _ = load_model(saved[0][1])
     assert meta["step"] == step

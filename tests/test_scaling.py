@@ -266,7 +266,7 @@ def test_auto_vocabulary_from_tokenizer_then_from_sidecar(tmp_path, monkeypatch)
     assert after["corpus_tokens"] == meta["val_start"]
     assert after["epochs"] == pytest.approx(640 / meta["val_start"])
     compact = analyse(recipe=recipe, overrides=["data.vocab=compact"])["recipe"]
-    assert compact["vocab_size"] == meta["train_distinct_ids"] + 1
+    assert compact["vocab_size"] == meta["compact_vocab_ids"] + 1
     assert "training part" in compact["vocab_note"]
 
     corpus.write_text("changed\n", encoding="utf-8")  # stale sidecar: sizes differ, not used

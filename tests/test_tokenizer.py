@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from llmcli.console import UserError
 from llmcli.data import tokenizer as tokenizer_mod
 from llmcli.data.show import render, token_parts
-from llmcli.data.tokenizer import CL100K_SHA256, bundled_bpe_file, get_tokenizer
+from llmcli.data.tokenizer import (
+    CL100K_SHA256,
+    bundled_bpe_file,
+    get_tokenizer,
+    has_long_whitespace,
+    split_long_whitespace,
+)
 
 ENGLISH = "The quick brown fox jumps over the lazy dog. It's 2024!\n\n  Indented\tline\r\n"
 CHINESE = "我爱北京天安门。画一个大海，鳄鱼和龘。\n第二行：数字123。"
@@ -129,3 +135,56 @@ def test_render_marks_token_boundaries(cl100k) -> None:
     coloured = render(cl100k, ids, color=True)
     assert coloured.plain.startswith("hello world↵\nnext")  # boundaries shown by colour instead
     assert len({str(span.style) for span in coloured.spans}) >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Long whitespace runs: cut by hand where cl100k's pattern cuts them, so tiktoken's regex never
+# backtracks over them (a Rust stack-overflow panic at about 500,000 spaces before a word).
+
+PIECES = st.sampled_from(list(" \t\n\r\x0b\x0c\xa0\u3000\u2028\u0085ab1'.!,é中-\u0301😀_")
+                         + ["'s", "ll", "\r\n", "  ", "\n\n", "\udcff", "\ud83d\ude00"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(PIECES, max_size=40).map("".join), st.integers(1, 4))
+def test_split_whitespace_gives_tiktokens_ids(cl100k, text: str, min_run: int) -> None:
+    """With runs as short as 1 cut by hand, the ids are still exactly tiktoken's."""
+    encoding = cl100k.encoding
+    clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    ids: list[int] = []
+    for chunk, is_piece in split_long_whitespace(clean, min_run):
+        ids += cl100k._encode_piece(chunk) if is_piece else encoding.encode_ordinary(chunk)
+    assert ids == encoding.encode_ordinary(text)
+    assert has_long_whitespace(text, min_run) == any(
+        len(run) >= min_run for run in "".join(c if c.isspace() else "|" for c in text).split("|")
+        if run and all(c.isspace() and c not in "\x1c\x1d\x1e\x1f" for c in run))
+
+
+def test_normal_text_is_encoded_as_tiktoken_does(cl100k) -> None:
+    text = (ENGLISH + CHINESE) * 50 + " " * 5000 + "tail\n" + "\n" * 5000 + ". x"
+    assert cl100k.encode(text) == cl100k.encoding.encode_ordinary(text)
+    assert cl100k.encode_batch([text, ENGLISH]) == [cl100k.encode(text), cl100k.encode(ENGLISH)]
+
+
+@pytest.mark.parametrize("text", [" " * 1_000_000, "x" + " " * 1_000_000 + "y", "a" * 1_000_000,
+                                  "\n" * 200_000, "." + "\n" * 600_000 + " x",
+                                  "x" + " \t" * 300_000 + "\n  y"],
+                         ids=["spaces", "word-spaces-word", "letters", "newlines",
+                              "punctuation-newlines", "mixed"])
+def test_huge_runs_encode_without_a_panic_and_decode_back(cl100k, text: str) -> None:
+    import threading
+
+    results: list[object] = []  # in a thread, as tokenize's encoders run (a smaller stack)
+
+    def encode() -> None:
+        try:
+            results.append(cl100k.encode_array(text))
+        except BaseException as exc:  # pyo3's PanicException is a BaseException
+            results.append(exc)
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    worker.join()
+    [ids] = results
+    assert isinstance(ids, np.ndarray), ids
+    assert cl100k.decode(ids.tolist()) == text

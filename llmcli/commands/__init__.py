@@ -11,10 +11,13 @@ REGISTERED: list[tuple[str, Callable[..., Any]]] = []
 def _load() -> None:
     # Each import is cheap: command modules import heavy libraries inside their functions.
     from llmcli.commands import (
+        export,
         fetch,
         finetune,
         generate,
         imagine,
+        import_model,
+        inspect,
         params,
         pretrain,
         scaling,
@@ -28,8 +31,11 @@ def _load() -> None:
         ("finetune", finetune.command),
         ("params", params.command),
         ("generate", generate.command),
+        ("inspect", inspect.command),
         ("imagine", imagine.command),
         ("scaling", scaling.command),
+        ("export", export.command),
+        ("import", import_model.command),
     ])
 
 

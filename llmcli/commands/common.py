@@ -27,3 +27,60 @@ def split_resume(items: list[str], resume: bool) -> tuple[list[str], Any]:
     if not resume:
         return rest, None
     return rest, (paths[0] if paths else True)
+
+# torchrun's multi-machine settings, shared by `llm pretrain` and `llm finetune`.
+MAX_NNODES = 100_000
+NNODES_HELP = ("Machines to train on (torchrun's --nnodes): run the same command on each, with "
+               "--rdzv-endpoint or --master-addr/--node-rank; --nproc is then per machine.")
+NODE_RANK_HELP = "This machine's rank, 0 to nnodes-1 (with --master-addr; 0 is that machine)."
+RDZV_HELP = ("HOST:PORT where the machines meet (torchrun's c10d rendezvous; HOST one of them, "
+             "PORT free there); ranks are handed out there.")
+MASTER_ADDR_HELP = "Node 0's address (static rendezvous, with --node-rank and --master-port)."
+MASTER_PORT_HELP = "A free port on node 0 (default 29500)."
+
+
+def launch_options(nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None,
+                   master_addr: str | None, master_port: int | None) -> Any:
+    """The `Launch` the options describe, checked (one-line errors), before any worker starts."""
+    from llmcli.console import check_range
+
+    check_range("--nnodes", nnodes, 1, MAX_NNODES, "machines")
+    from llmcli.train.distributed import Launch
+
+    launch = Launch(nproc, nnodes, node_rank, rdzv_endpoint, master_addr, master_port)
+    launch.check()
+    return launch
+
+
+NPROC_MEMORY_HELP = ("Also show the memory per device when training with this many processes, "
+                     "under DDP and under FSDP (train.parallel).")
+DEVICE_MEMORY_HELP = "Memory of one device for that comparison: 80GiB (default), 141G, 24GB."
+
+
+def print_device_memory(mem: dict[str, Any]) -> None:
+    """The DDP vs FSDP table of `llmcli.scaling.device_memory`, then its verdict."""
+    from rich.table import Table
+
+    from llmcli.console import out
+    from llmcli.scaling import format_bytes
+
+    def cell(value: int | None) -> str:
+        return "?" if value is None else format_bytes(value)
+
+    table = Table(title=f"memory per device with {mem['processes']} process(es), "
+                  f"{mem['precision']} compute, {format_bytes(mem['device_bytes'])} each "
+                  "(activations extra)", title_justify="left")
+    for column in ("", "weights", "gradients", "AdamW", "buffers", "total", "fits"):
+        table.add_column(column, justify="left" if column in ("", "fits") else "right")
+    for name, label in (("ddp", "DDP"), ("fsdp", "FSDP")):
+        row = mem[name]
+        table.add_row(label, *(cell(row[k]) for k in ("weights", "gradients", "adamw",
+                                                        "working", "total")),
+                      "yes" if row["fits"] else "no")
+    out.print(table)
+    out.print("buffers: DDP's gradient buckets; FSDP's gathered working copies (the root and "
+              "two blocks, their unsharded gradients)")
+    if not mem["shape_known"] and mem["processes"] > 1:
+        out.print("note: FSDP's working copies depend on the model's shape and are left out: "
+                  "give a recipe (--recipe) for them")
+    out.print(f"verdict: {mem['verdict']}")

@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from llmcli.console import fail, out, run_guarded
+from llmcli.console import check_output, check_range, check_readable, fail, out, run_guarded
+
+MAX_RETRIES = 100
 
 
 def command(
@@ -39,14 +41,16 @@ def command(
     def body() -> None:
         from llmcli.data.fetch import PRESETS, fetch
 
+        check_range("--retries", retries, 0, MAX_RETRIES, "e.g. --retries 5")
         if list_presets:
             _print_presets(PRESETS)
             return
         if not source:
             fail("give a SOURCE to fetch (a preset, URL, hf:// address or path); "
                  "`llm fetch --list` shows the presets")
-        if retries < 0:
-            fail(f"--retries {retries}: must be zero or more")
+        check_output(output_dir, "--output-dir", file=False)
+        if "://" not in source:
+            check_readable(Path(source).expanduser(), "SOURCE")
         path = fetch(source, output_dir, sha256=sha256, force=force, retries=retries)
         out.print(str(path), markup=False)
 

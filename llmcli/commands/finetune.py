@@ -7,9 +7,21 @@ from pathlib import Path
 import typer
 
 from llmcli import console
-from llmcli.commands.common import OVERWRITE_HELP, RESUME_HELP, split_resume
-from llmcli.console import fail, run_guarded
+from llmcli.commands.common import (
+    MASTER_ADDR_HELP,
+    MASTER_PORT_HELP,
+    NNODES_HELP,
+    NODE_RANK_HELP,
+    OVERWRITE_HELP,
+    RDZV_HELP,
+    RESUME_HELP,
+    launch_options,
+    split_resume,
+)
+from llmcli.console import check_output, check_range, check_readable, fail, run_guarded
 from llmcli.device import DEVICE_HELP
+
+MAX_NPROC = 1024  # processes on one machine (torchrun --standalone): more GPUs than any has
 
 
 def command(
@@ -30,7 +42,12 @@ def command(
     strict: bool = typer.Option(
         False, "--strict", help="Refuse malformed records instead of skipping them."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (DDP via torchrun)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (DDP via torchrun)."),
+    nnodes: int = typer.Option(1, "--nnodes", help=NNODES_HELP),
+    node_rank: int | None = typer.Option(None, "--node-rank", help=NODE_RANK_HELP),
+    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help=RDZV_HELP),
+    master_addr: str | None = typer.Option(None, "--master-addr", help=MASTER_ADDR_HELP),
+    master_port: int | None = typer.Option(None, "--master-port", help=MASTER_PORT_HELP),
 ) -> None:
     """Fine-tune a checkpoint on Alpaca-style records, fully or with LoRA adapters.
 
@@ -44,11 +61,15 @@ def command(
         from llmcli.recipe import load_recipe
 
         stdout = console.out
+        check_range("--nproc", nproc, 1, MAX_NPROC, "one process per GPU")
+        check_readable(recipe, "RECIPE")
 
         if merge and (recipe.suffix == ".safetensors" or recipe.is_dir()):
-            if overrides or resume or overwrite or nproc > 1:
+            if overrides or resume or overwrite or nproc > 1 or nnodes > 1:
                 fail("--merge ADAPTER takes no overrides or --resume; to train and merge, give "
                      "a recipe: llm finetune RECIPE --merge")
+            if out is not None:
+                check_output(out, "--out")
             from llmcli.finetune import merge_adapter
 
             stdout.print(f"merged checkpoint: {merge_adapter(recipe, out)}")
@@ -56,12 +77,16 @@ def command(
         if recipe.suffix == ".safetensors":
             fail(f"{recipe}: a checkpoint, not a recipe; add --merge to merge a LoRA adapter, "
                  "or give a recipe such as recipes/tiny-lora.yaml")
+        if out is not None:
+            check_output(out, "--out", file=False)
         items, resume_spec = split_resume(list(overrides or []), resume)
-        if nproc > 1:
+        loaded = load_recipe(recipe, items)  # checked once, before any worker starts
+        launch = launch_options(nproc, nnodes, node_rank, rdzv_endpoint, master_addr,
+                                master_port)
+        if launch.needed:
             from llmcli.train.distributed import relaunch_under_torchrun
 
-            relaunch_under_torchrun(nproc)
-        loaded = load_recipe(recipe, items)
+            relaunch_under_torchrun(launch)
         from llmcli.finetune import finetune
         from llmcli.train.distributed import from_env
 

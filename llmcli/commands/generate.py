@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from llmcli.console import fail, info, out, run_guarded, warn
+from llmcli.console import as_utf8, check_range, fail, info, out, run_guarded, warn
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -76,6 +76,11 @@ def command(
         None, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off).",
         show_default=False,
     ),
+    window: str = typer.Option(
+        None, "--window", help="Past the context: slide (restart on the last 3/4, cache "
+        "reused; default) or crop (the last context_length tokens every step, the seed's).",
+        show_default=False,
+    ),
     num_return_sequences: int = typer.Option(
         None, "--num-return-sequences", help="Texts to return (default 1; beam: every beam).",
         show_default=False,
@@ -122,9 +127,12 @@ def command(
             "top_k": top_k, "top_p": top_p, "min_p": min_p,
             "repetition_penalty": repetition_penalty, "num_beams": num_beams,
             "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
+            "window": window,
         }
+        _check_flags(given, num_return_sequences, seed, dtype)
         spec, text = _positionals(checkpoint, prompt)
-        strategies = _strategies(compare) if compare else None
+        text = None if text is None else as_utf8(text)
+        strategies = _strategies(compare) if compare is not None else None
         if instruct is not None and (text is not None or prompt_file or batch):
             fail("--instruct replaces the prompt; give either --instruct or a prompt "
                  "(PROMPT, --prompt-file, --batch), not both")
@@ -142,12 +150,12 @@ def command(
         settings = dataclasses.replace(gen.recipe.generate,
                                        **{k: v for k, v in given.items() if v is not None})
         _warn_ignored(settings.strategy if not strategies else None, given)
-        stops = list(stop or [])
+        stops = [as_utf8(s) for s in stop or []]
         show_prompt = True
         if instruct is not None:
             from llmcli.generate.pipeline import instruct_prompt
 
-            text, extra = instruct_prompt(gen, instruct, input_text or "")
+            text, extra = instruct_prompt(gen, as_utf8(instruct), as_utf8(input_text or ""))
             stops += [s for s in extra if s not in stops]
             show_prompt = False
         prompts = [line for line in text.splitlines() if line.strip()] if batch else [text]
@@ -162,6 +170,27 @@ def command(
                 run.generate(one)
 
     run_guarded(body)
+
+
+def _check_flags(given: dict[str, Any], num_return: int | None, seed: int | None,
+                 dtype: str | None) -> None:
+    """The flags' ranges before a checkpoint is loaded: the recipe's rule for the generate keys
+    (recipe.check_generate, through decode.check_settings), and the others'."""
+    from llmcli.generate.decode import MAX_SEQUENCES, check_settings
+    from llmcli.recipe import GenerateConfig
+
+    flags = dataclasses.replace(GenerateConfig(), **{k: v for k, v in given.items()
+                                                     if v is not None})
+    try:
+        check_settings(flags)
+    except ValueError as exc:
+        fail(str(exc))
+    check_range("--num-return-sequences", num_return, 1, MAX_SEQUENCES)
+    check_range("--seed", seed, 0, 2**63 - 1, "e.g. --seed 42")
+    if dtype is not None:
+        from llmcli.device import dtype_from_name
+
+        dtype_from_name(dtype)
 
 
 def _positionals(checkpoint: str | None, prompt: str | None) -> tuple[str | None, str | None]:
@@ -209,8 +238,15 @@ def _read_prompt(prompt_file: Path | None) -> str:
         except UnicodeDecodeError as exc:
             fail(f"--prompt-file {prompt_file}: not UTF-8 text (byte {exc.start}); save it as "
                  "UTF-8")
+        except OSError as exc:
+            fail(f"--prompt-file {prompt_file}: cannot read it ({exc.strerror or exc}); give a "
+                 "readable text file")
     elif not sys.stdin.isatty():
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            fail(f"standard input: not UTF-8 text (byte {exc.start}); pipe UTF-8 text, or give "
+                 "the prompt as PROMPT")
     else:
         return ""
     # The newline that ends a file or an echo is not part of the prompt.
@@ -240,7 +276,8 @@ class _Run:
         from llmcli.generate.pipeline import window_notice
 
         ids = self.gen.encode(text)
-        notice = window_notice(self.gen, len(ids), self.settings.max_new_tokens)
+        notice = window_notice(self.gen, len(ids), self.settings.max_new_tokens,
+                               self.settings.window)
         if notice and not self.noticed:
             info(notice)
             self.noticed = True

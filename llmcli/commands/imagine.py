@@ -7,9 +7,17 @@ from pathlib import Path
 
 import typer
 
-from llmcli.console import run_guarded
+from llmcli.console import check_output, check_range, clip, fail, run_guarded
 from llmcli.device import DEVICE_HELP
-from llmcli.imagine import DEFAULT_MODEL  # llmcli.imagine imports diffusers only when it runs
+from llmcli.imagine import (  # llmcli.imagine imports diffusers only when it runs
+    DEFAULT_MODEL,
+    MAX_SIDE,
+)
+
+# The upper ends that ImageRequest.validate() leaves open: a typo must not run for days.
+MAX_STEPS = 1000  # diffusion schedules have 1000 training timesteps
+MAX_GUIDANCE = 100.0
+MAX_IMAGES = 10_000
 
 
 def command(
@@ -53,11 +61,20 @@ def command(
         from llmcli.console import warn
         from llmcli.imagine import ImageRequest, SavedImage, imagine, random_seed
 
+        for name, value, lo, hi in (("--steps", steps, 1, MAX_STEPS),
+                                    ("--num-images", num_images, 1, MAX_IMAGES),
+                                    ("--width", width, 8, MAX_SIDE),
+                                    ("--height", height, 8, MAX_SIDE)):
+            if value is not None and not -hi <= value <= hi:  # validate() computes with them
+                fail(f"{name} {clip(str(value), 40)}: must be from {lo} to {hi:,}")
         request = ImageRequest(
             prompt=prompt, negative=negative, steps=1 if steps is None else steps,
             guidance=guidance, width=width, height=height,
             seed=random_seed() if seed is None else seed, num_images=num_images)
         request.validate()
+        check_range("--guidance", guidance, 0, MAX_GUIDANCE, "0 for turbo models, 5-8 others")
+        if out is not None:
+            check_output(out, "--out", file=None)
         if steps is None and "turbo" not in model.lower():
             warn("1 step is for turbo models; others need e.g. --steps 30 --guidance 7")
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
 
-from llmcli.console import info, out, run_guarded
+from llmcli.commands.common import DEVICE_MEMORY_HELP, NPROC_MEMORY_HELP, print_device_memory
+from llmcli.console import check_range, check_readable, info, out, run_guarded
+
+MAX_PROCESSES = 10_000_000
 
 
 def command(
@@ -20,16 +24,33 @@ def command(
         show_default=False,
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    nproc: int | None = typer.Option(None, "--nproc", help=NPROC_MEMORY_HELP,
+                                     show_default=False),
+    device_memory: str | None = typer.Option(None, "--device-memory", help=DEVICE_MEMORY_HELP,
+                                             show_default=False),
 ) -> None:
-    """Count parameters (total, trainable, per part), training memory and FLOPs per token."""
+    """Count parameters (total, trainable, per part), training memory and FLOPs per token.
+
+    With --nproc N: memory per device under DDP and FSDP with N processes (e.g. `llm params
+    recipes/scifi.yaml --nproc 8`).
+    """
 
     def body() -> None:
         from llmcli.params import count_target, pick_target
 
+        check_range("--nproc", nproc, 1, MAX_PROCESSES, "processes (devices) training together")
+        device_bytes = None
+        if device_memory is not None:
+            from llmcli.scaling import parse_bytes
+
+            device_bytes = parse_bytes(device_memory)
         path, why = pick_target(target)
+        check_readable(Path(path), "TARGET")
         if why:
             info(why)
-        report = count_target(path, tuple(overrides or ()))
+        processes = nproc if nproc is not None or device_bytes is None else 1
+        report = count_target(path, tuple(overrides or ()), processes=processes,
+                              device_bytes=device_bytes)
         if json_out:
             out.print_json(json.dumps(report))
         else:
@@ -69,6 +90,8 @@ def print_report(report: dict[str, Any]) -> None:
     flops = report["flops_per_token"]
     out.print(f"training FLOPs per token: {flops:.4g} (6N + attention at context "
               f"{report['context_length']})")
+    if report.get("device_memory"):
+        print_device_memory(report["device_memory"])
     for note in report["notes"]:
         out.print(f"note: {note}")
 

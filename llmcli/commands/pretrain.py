@@ -7,9 +7,21 @@ from typing import Any
 
 import typer
 
-from llmcli.commands.common import OVERWRITE_HELP, RESUME_HELP, split_resume
-from llmcli.console import fail, out, run_guarded
+from llmcli.commands.common import (
+    MASTER_ADDR_HELP,
+    MASTER_PORT_HELP,
+    NNODES_HELP,
+    NODE_RANK_HELP,
+    OVERWRITE_HELP,
+    RDZV_HELP,
+    RESUME_HELP,
+    launch_options,
+    split_resume,
+)
+from llmcli.console import check_output, check_range, check_readable, fail, out, run_guarded
 from llmcli.device import DEVICE_HELP
+
+MAX_NPROC = 1024  # processes on one machine (torchrun --standalone): more GPUs than any has
 
 
 def command(
@@ -24,7 +36,12 @@ def command(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + "."),
     nproc: int = typer.Option(
-        1, "--nproc", min=1, help="Processes to train with (DDP via torchrun; one per GPU)."),
+        1, "--nproc", help="Processes to train with (DDP via torchrun; one per GPU)."),
+    nnodes: int = typer.Option(1, "--nnodes", help=NNODES_HELP),
+    node_rank: int | None = typer.Option(None, "--node-rank", help=NODE_RANK_HELP),
+    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help=RDZV_HELP),
+    master_addr: str | None = typer.Option(None, "--master-addr", help=MASTER_ADDR_HELP),
+    master_port: int | None = typer.Option(None, "--master-port", help=MASTER_PORT_HELP),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved recipe, size, memory, token budget and an "
         "ETA from a couple of measured steps, then exit."),
@@ -35,24 +52,31 @@ def command(
 
     Examples: `llm pretrain recipes/tiny.yaml`, `llm pretrain recipes/sales.yaml
     data.source=../shared/data/sales_textbook.txt train.max_iters=500`, `llm pretrain
-    recipes/tiny.yaml --resume`, `llm pretrain recipes/scifi.yaml --nproc 2`.
+    recipes/tiny.yaml --resume`, `llm pretrain recipes/scifi.yaml --nproc 2`, on each of two
+    machines `llm pretrain R --nnodes 2 --nproc 8 --rdzv-endpoint node0:29400`.
     """
 
     def body() -> None:
+        check_range("--nproc", nproc, 1, MAX_NPROC, "one process per GPU")
         if keys:
             _print_keys(json_out)
             return
         if recipe is None:
             fail("missing RECIPE: give a recipe file such as recipes/tiny.yaml "
                  "(`llm pretrain --keys` lists what a recipe can set)")
+        check_readable(recipe, "RECIPE")
+        if out_dir is not None:
+            check_output(out_dir, "--out", file=False)
         items, resume_spec = split_resume(list(overrides or []), resume)
-        if nproc > 1:
-            from llmcli.train.distributed import relaunch_under_torchrun
-
-            relaunch_under_torchrun(nproc)
         from llmcli.recipe import load_recipe
 
-        loaded = load_recipe(recipe, items)
+        loaded = load_recipe(recipe, items)  # checked once, before any worker starts
+        launch = launch_options(nproc, nnodes, node_rank, rdzv_endpoint, master_addr,
+                                master_port)
+        if launch.needed:
+            from llmcli.train.distributed import relaunch_under_torchrun
+
+            relaunch_under_torchrun(launch)
         if dry_run:
             from llmcli.pretrain import dry_run as do_dry_run
 

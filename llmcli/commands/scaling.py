@@ -8,7 +8,10 @@ from typing import Any
 
 import typer
 
-from llmcli.console import fail, info, out, run_guarded
+from llmcli.commands.common import DEVICE_MEMORY_HELP, print_device_memory
+from llmcli.console import check_output, check_readable, fail, info, out, run_guarded
+
+MAX_GPUS = 10_000_000  # more than any cluster: a bound, so typos fail rather than overflow
 
 
 def command(
@@ -50,6 +53,9 @@ def command(
         None, "--plot", help="Write the iso-FLOP view (loss vs model size at five compute "
         "budgets, optima marked) to FILE.png.", show_default=False,
     ),
+    device_memory: str = typer.Option(
+        None, "--device-memory", help=DEVICE_MEMORY_HELP + " With --num-gpus above 1 (or this "
+        "option) the report adds memory per GPU under DDP and FSDP.", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     list_gpus: bool = typer.Option(False, "--list-gpus", help="List the known GPUs and exit."),
 ) -> None:
@@ -63,25 +69,32 @@ def command(
     def body() -> None:
         from llmcli.scaling import analyse, parse_fraction, parse_number, plot_isoflops
 
+        # Every number is checked, even with --list-gpus: a typo is never silently ignored.
+        given = {"--params": params, "--tokens": tokens, "--flops": flops,
+                 "--tokens-per-second": tokens_per_second}
+        n = {k: None if v is None else parse_number(v, k) for k, v in given.items()}
+        gpus = parse_number(num_gpus, "--num-gpus")
+        if gpus != int(gpus) or gpus > MAX_GPUS:
+            fail(f"--num-gpus {num_gpus!r}: must be a whole number of GPUs, at most "
+                 f"{MAX_GPUS:,}")
+        fraction = parse_fraction(mfu, "--mfu")
+        device_bytes = None
+        if device_memory is not None:
+            from llmcli.scaling import parse_bytes
+
+            device_bytes = parse_bytes(device_memory)
         if list_gpus:
             print_gpus(json_out)
             return
-        gpus = parse_number(num_gpus, "--num-gpus")
-        if gpus != int(gpus):
-            fail(f"--num-gpus {num_gpus!r}: must be a whole number of GPUs")
-        report = analyse(
-            params=parse_number(params, "--params") if params else None,
-            tokens=parse_number(tokens, "--tokens") if tokens else None,
-            flops=parse_number(flops, "--flops") if flops else None,
-            recipe=recipe,
-            overrides=tuple(overrides or ()),
-            fit=fit,
-            gpu=gpu,
-            num_gpus=int(gpus),
-            mfu=parse_fraction(mfu, "--mfu"),
-            tokens_per_second=(parse_number(tokens_per_second, "--tokens-per-second")
-                               if tokens_per_second else None),
-        )
+        if plot is not None:
+            check_output(plot, "--plot")
+        if recipe is not None:
+            check_readable(recipe, "--recipe")
+        report = analyse(params=n["--params"], tokens=n["--tokens"], flops=n["--flops"],
+                         recipe=recipe, overrides=tuple(overrides or ()), fit=fit, gpu=gpu,
+                         num_gpus=int(gpus), mfu=fraction,
+                         tokens_per_second=n["--tokens-per-second"],
+                         device_bytes=device_bytes)
         if plot is not None:
             report["plot"] = str(plot_isoflops(plot, report))
             info(f"wrote {plot}")
@@ -89,6 +102,8 @@ def command(
             out.print_json(json.dumps(report))
         else:
             print_report(report)
+            if report["device_memory"] and (gpus > 1 or device_bytes is not None):
+                print_device_memory(report["device_memory"])
 
     run_guarded(body)
 

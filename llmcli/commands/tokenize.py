@@ -8,7 +8,12 @@ from pathlib import Path
 
 import typer
 
-from llmcli.console import fail, out, run_guarded, warn
+from llmcli.console import check_output, check_range, fail, out, run_guarded, warn
+
+MAX_HEAD = 100_000  # tokens --head renders: more is no longer something to read
+MAX_CONTEXT = 1_048_576  # as model.context_length allows
+MAX_SHARD_TOKENS = 1 << 36  # 256 GiB of uint32 in one shard: more is a typo
+MAX_WORKERS = 1024
 
 
 def command(
@@ -43,19 +48,45 @@ def command(
         show_default=False,
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the sidecar as JSON."),
+    shard_tokens: int = typer.Option(
+        None, "--shard-tokens", help="Write a folder NAME.tokens/ of shards of N tokens each "
+        "with one index.json (pretraining reads the folder); e.g. 100000000.",
+        show_default=False,
+    ),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="The field holding the text in .jsonl, .jsonl.gz, "
+        ".jsonl.zst and .parquet records (FineWeb, C4: text)."
+    ),
+    workers: int = typer.Option(
+        1, "--workers", help="Processes tokenizing input files in parallel (for many files; "
+        "the output is the same as with one)."
+    ),
 ) -> None:
     """Tokenize a corpus into NAME.tokens (uint32 ids) and NAME.tokens.json, or show tokens.
 
     Files stream through in blocks on one thread per core; documents are separated by the
     end-of-text token; the last --val-fraction of the tokens is the validation split.
     Examples: llm tokenize data/python-reference.txt; llm tokenize novels/ -o data/novels;
-    llm tokenize --show "Liu Feng was born in 1990."; llm tokenize data/x.txt --head 40
+    llm tokenize --show "Liu Feng was born in 1990."; llm tokenize data/x.txt --head 40;
+    llm tokenize fineweb/ --workers 8 --shard-tokens 100000000 -o data/fineweb
     """
 
     def body() -> None:
         from llmcli.data.show import render
+        from llmcli.data.tokenize import ERRORS
         from llmcli.data.tokenizer import get_tokenizer
 
+        if errors not in ERRORS:
+            fail(f"--errors {errors!r}: choose {' or '.join(ERRORS)}")
+        if not 0 <= val_fraction < 1:  # NaN too
+            fail(f"--val-fraction {val_fraction}: must be in [0, 1), the share of tokens kept "
+                 "for validation, e.g. 0.1 (0 keeps none)")
+        check_range("--context-length", context_length, 1, MAX_CONTEXT, "e.g. 128")
+        check_range("--shard-tokens", shard_tokens, 1024, MAX_SHARD_TOKENS,
+                    "tokens per shard, e.g. 100000000")
+        check_range("--workers", workers, 1, MAX_WORKERS, "processes, e.g. the number of cores")
+        if not text_field.strip():
+            fail("--text-field: give the name of the field holding the text, e.g. text")
         if show is not None or head is not None:
             if show is not None and (inputs or head is not None):
                 fail("--show renders the given TEXT; use --head N with input files instead")
@@ -65,8 +96,7 @@ def command(
             else:
                 from llmcli.data.tokenize import head_tokens
 
-                if head <= 0:
-                    fail(f"--head {head}: must be a positive number of tokens")
+                check_range("--head", head, 1, MAX_HEAD, "a number of tokens to show, e.g. 40")
                 if not inputs:
                     fail("--head N needs input files to read")
                 ids = head_tokens(inputs, head, tokenizer, errors)
@@ -78,20 +108,36 @@ def command(
         _tokenize(inputs)
 
     def _tokenize(paths: list[Path]) -> None:
-        from llmcli.data.tokenize import data_bytes, short_corpus_warning, tokenize_files
+        from llmcli.data.shards import is_shard_folder
+        from llmcli.data.tokenize import (
+            data_bytes,
+            expand_corpus_inputs,
+            short_corpus_warning,
+            sidecar_path,
+            tokenize_files,
+        )
         from llmcli.data.tokenizer import get_tokenizer
 
         get_tokenizer(tokenizer)  # loaded before the clock starts: MB/s measures tokenizing
-        if context_length <= 0:
-            fail(f"--context-length {context_length}: must be positive")
+        expand_corpus_inputs(paths)  # missing inputs are named before any output is checked
         target = output or Path("data") / _stem(paths[0])
-        if target.is_dir():
+        if target.is_dir() and not (shard_tokens and is_shard_folder(target)):
             target = target / _stem(paths[0])
-        started = time.perf_counter()
-        meta = tokenize_files(paths, target, tokenizer, val_fraction, errors)
-        seconds = time.perf_counter() - started
         written = target if target.name.endswith(".tokens") else target.with_name(
             target.name + ".tokens")
+        option = "--output" if output else "the default output (set one with -o)"
+        if shard_tokens:
+            check_output(written, option, file=False)
+            if written.exists() and not is_shard_folder(written):
+                fail(f"{option} {written}: exists and is not a sharded corpus; choose another "
+                     "path")
+        else:
+            check_output(written, option)
+            check_output(sidecar_path(written), option)
+        started = time.perf_counter()
+        meta = tokenize_files(paths, target, tokenizer, val_fraction, errors,
+                              text_field=text_field, shard_tokens=shard_tokens, workers=workers)
+        seconds = time.perf_counter() - started
         problem = short_corpus_warning(meta, context_length)
         if problem:
             warn(problem)
@@ -109,7 +155,12 @@ def command(
             ("documents", f"{meta['documents']:,}"),
             ("speed", f"{size / 1e6 / max(seconds, 1e-9):.1f} MB/s ({seconds:.2f} s)"),
         ]
-        out.print(f"wrote {written} ({meta['tokenizer']})")
+        if "shards" in meta:
+            out.print(f"wrote {written}/ ({len(meta['shards']):,} shards of up to "
+                      f"{meta['shard_tokens']:,} tokens, index {written / 'index.json'}; "
+                      f"{meta['tokenizer']})")
+        else:
+            out.print(f"wrote {written} ({meta['tokenizer']})")
         for key, value in rows:
             out.print(f"  {key:<16}{value}")
 
@@ -117,4 +168,8 @@ def command(
 
 
 def _stem(path: Path) -> str:
-    return path.name if path.is_dir() else path.stem
+    name = path.resolve().name if path.is_dir() else path.stem  # `.` is the directory's name
+    for suffix in (".jsonl", ".json"):  # x.jsonl.gz -> x
+        if not path.is_dir() and path.suffix in (".gz", ".zst") and name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "tokens"

@@ -10,6 +10,10 @@ fine-tuning (instruction records) share one loop:
 
 `TokenWindows` samples as the seed did (uniform random start positions, y is x shifted by one)
 but reads the corpus through a read-only memmap, so memory stays flat however big the corpus is.
+A sharded corpus (`llmcli.data.shards.ShardedTokens`: a folder of token files with one index)
+is read the same way, as the concatenation of its shards: start positions are drawn over the
+whole training part, so every rank draws from every shard, windows may run across a shard
+boundary (as they run across documents), and the batches are those of the single file.
 Training draws and evaluation draws come from separate generators, seeded by (seed, rank):
 evaluating more or less often never changes the training batches, and every DDP rank draws
 different windows.
@@ -63,7 +67,8 @@ def seeded_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
 class TokenWindows:
     """Random (x, y) windows of `context_length` tokens from the train or validation part.
 
-    `tokens` is any 1-D integer array (normally the uint32 memmap of a `.tokens` file);
+    `tokens` is any 1-D integer array (normally the uint32 memmap of a `.tokens` file, or the
+    shards of a sharded corpus read as one);
     `val_start` is where validation begins. `lookup`, when given, maps tokenizer ids to model
     ids (a compact vocabulary): `lookup[token_id]`.
     """

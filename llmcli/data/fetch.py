@@ -1,7 +1,9 @@
 """Downloads that survive bad networks: `.part` files, HTTP Range resume, retries, SHA-256.
 
 A source is an http(s) URL, a Hugging Face dataset file (`hf://datasets/OWNER/NAME/PATH`, or
-`NAME@REVISION`), a local path, or a preset name (`PRESETS`). A download streams into
+`NAME@REVISION`), a whole folder or glob of a dataset's files (`hf://datasets/OWNER/NAME/DIR/`,
+`.../DIR/*.parquet`: each file downloaded as below, verified against the SHA-256 the Hub lists
+for it; see `fetch_hf_files`), a local path, or a preset name (`PRESETS`). A download streams into
 `DIR/NAME.part`; after a dropped connection the next attempt (or the next run) asks the server
 for the remaining bytes only. The file appears under its final name, by an atomic rename, only
 once it is complete and its checksum (when one is known) matches; a mismatching file is moved
@@ -22,6 +24,7 @@ import json
 import os
 import random
 import re
+import socket
 import stat
 import time
 import urllib.error
@@ -147,6 +150,9 @@ def fetch(
     if preset is not None:
         url, filename = preset.source, preset.filename
         expected = expected or preset.sha256
+    elif is_hf_collection(source):
+        return fetch_hf_files(source, data_dir, force=force, retries=retries, backoff=backoff,
+                              timeout=timeout)
     elif "://" in source:
         url, filename = source, None
     else:
@@ -424,6 +430,10 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
             _http_error(url, exc, offset)
         return  # 416 on a complete .part
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, socket.gaierror):  # no such host, or no network: retrying won't help
+            fail(f"could not download {url}: {_describe(exc)}; check the address and the network "
+                 "(or copy the file here and give its path)", EXIT_FAILURE)
         raise _Retry(_describe(exc)) from None
     with response:
         resumed = bool(offset) and response.status == 206
@@ -548,3 +558,152 @@ def _human(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Many files of a Hugging Face dataset: a folder or a glob (FineWeb, C4, ... ship as shards)
+
+GLOB_CHARS = "*?["
+MAX_LISTING_PAGES = 10_000
+
+
+def is_hf_collection(source: str) -> bool:
+    """An hf:// address of a folder (ends with '/') or a glob (*, ?, [...]) of files."""
+    if not source.startswith("hf://"):
+        return False
+    path = source[len("hf://"):]
+    return path.endswith("/") or any(c in path for c in GLOB_CHARS)
+
+
+def _split_hf(source: str) -> tuple[str, str, str, str]:
+    """(owner, name, revision, path pattern) of an hf:// address; the pattern may be ''."""
+    parts = source[len("hf://"):].split("/")
+    if len(parts) < 3 or parts[0] != "datasets" or not parts[1] or not parts[2]:
+        fail(f"{source}: expected hf://datasets/OWNER/NAME/PATH, a folder .../DIR/ or a glob "
+             ".../DIR/*.parquet, e.g. hf://datasets/HuggingFaceFW/fineweb/sample/10BT/")
+    name, _, revision = parts[2].partition("@")
+    return parts[1], name, revision or "main", "/".join(parts[3:])
+
+
+def hf_listing(source: str, *, retries: int = 5, backoff: float = 1.0,
+               timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The dataset files an hf:// folder or glob names: [{"path", "size", "sha256" or None}].
+
+    Asks the Hub's tree API (`/api/datasets/OWNER/NAME/tree/REVISION/DIR?recursive=true`,
+    following its `Link: rel="next"` pages) for the folder before the first glob character,
+    then keeps the paths the pattern matches (`fnmatch`: `*` may cross '/'); a folder keeps
+    every file under it. LFS files come with their SHA-256, which the downloads are checked
+    against.
+    """
+    import fnmatch
+
+    owner, name, revision, pattern = _split_hf(source)
+    globbed = any(c in pattern for c in GLOB_CHARS)
+    literal = pattern
+    if globbed:
+        first = min(pattern.index(c) for c in GLOB_CHARS if c in pattern)
+        literal = pattern[:first]
+    folder = literal[: literal.rfind("/") + 1] if "/" in literal else ""
+    if not globbed:
+        folder = pattern
+    endpoint = (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+    if urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
+        fail(f"HF_ENDPOINT={endpoint}: must be an http(s):// URL such as {HF_DEFAULT_ENDPOINT}")
+    quote = urllib.parse.quote
+    url: str | None = (f"{endpoint}/api/datasets/{quote(owner)}/{quote(name)}/tree/"
+                       f"{quote(revision, safe='')}/{quote(folder.rstrip('/'))}?recursive=true")
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    entries: list[dict[str, Any]] = []
+    for _ in range(MAX_LISTING_PAGES):
+        if url is None:
+            break
+        page, url = _listing_page(url, headers, retries, backoff, timeout, source)
+        entries.extend(page)
+    files = []
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("type") != "file":
+            continue
+        path = str(entry.get("path", ""))
+        if globbed and not fnmatch.fnmatchcase(path, pattern):
+            continue
+        if not globbed and folder and not path.startswith(folder.rstrip("/") + "/"):
+            continue
+        lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else {}
+        digest = lfs.get("oid") or lfs.get("sha256")
+        files.append({"path": path, "size": entry.get("size"),
+                      "sha256": digest if isinstance(digest, str)
+                      and re.fullmatch(r"[0-9a-f]{64}", digest) else None})
+    if not files:
+        fail(f"{source}: no files match in {owner}/{name}@{revision} (looked in "
+             f"'{folder or '/'}'); check the path or the pattern")
+    return sorted(files, key=lambda f: f["path"])
+
+
+def _listing_page(url: str, headers: dict[str, str], retries: int, backoff: float,
+                  timeout: float, source: str) -> tuple[list, str | None]:
+    request = urllib.request.Request(url, headers={"User-Agent": f"llmcli/{__version__}"})
+    for key, value in headers.items():
+        request.add_unredirected_header(key, value)
+    for attempt in range(retries + 1):
+        try:
+            with _OPENER.open(request, timeout=timeout) as response:
+                body = response.read(64 << 20)
+                link = response.headers.get("Link", "")
+            break
+        except urllib.error.HTTPError as exc:
+            with exc:
+                if exc.code not in RETRYABLE_STATUS or attempt == retries:
+                    hint = ("accept the dataset's terms and set HF_TOKEN" if exc.code in (401, 403)
+                            else "check the owner, dataset name, revision and folder")
+                    fail(f"{source}: cannot list the dataset's files (HTTP {exc.code} "
+                         f"{exc.reason}); {hint}")
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            if attempt == retries:
+                fail(f"{source}: cannot list the dataset's files ({_describe(exc)}); check the "
+                     "network", exit_code=EXIT_FAILURE)
+        time.sleep(min(60.0, backoff * 2 ** attempt))
+    try:
+        page = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        fail(f"{source}: the Hub's file listing is not JSON; check HF_ENDPOINT")
+    if not isinstance(page, list):
+        fail(f"{source}: unexpected file listing from the Hub (not a list)")
+    match = re.search(r'<([^>]+)>;\s*rel="next"', link)
+    return page, match.group(1) if match else None
+
+
+def fetch_hf_files(source: str, data_dir: Path = Path("data"), *, force: bool = False,
+                   retries: int = 5, backoff: float = 1.0, timeout: float = 30.0) -> Path:
+    """Download every file an hf:// folder or glob names into
+    `data_dir/NAME/<the dataset's own paths>`; returns the folder holding them (the part of the
+    path before the first glob), which `llm tokenize` takes whole.
+
+    Each file goes through `download`: `.part` files resumed with Range, retries, the Hub's
+    SHA-256 checked (LFS files), atomic rename, files already complete skipped (and checked).
+    """
+    owner, name, revision, pattern = _split_hf(source)
+    files = hf_listing(source, retries=retries, backoff=backoff, timeout=timeout)
+    root = Path(data_dir) / safe_filename(name, Path(data_dir))
+    endpoint = (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    quote = urllib.parse.quote
+    total = sum(int(f["size"] or 0) for f in files)
+    info(f"{source}: {len(files)} file(s), {_human(total)}, into {root}/")
+    for i, entry in enumerate(files, 1):
+        parts = entry["path"].split("/")
+        folder = root
+        for part in parts[:-1]:
+            folder = folder / safe_filename(part, folder)
+        target = folder / safe_filename(parts[-1], folder)
+        url = (f"{endpoint}/datasets/{quote(owner)}/{quote(name)}/resolve/"
+               f"{quote(revision, safe='')}/{quote(entry['path'])}")
+        info(f"[{i}/{len(files)}] {entry['path']}")
+        download(url, target, sha256=entry["sha256"], force=force, headers=headers,
+                 retries=retries, backoff=backoff, timeout=timeout)
+    globbed = any(c in pattern for c in GLOB_CHARS)
+    literal = pattern[:min(pattern.index(c) for c in GLOB_CHARS if c in pattern)] \
+        if globbed else pattern
+    common = literal[: literal.rfind("/") + 1] if "/" in literal else ""
+    return root / common if common else root

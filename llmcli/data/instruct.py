@@ -38,7 +38,9 @@ ALPACA = (
     "### Input:\n{input}\n\n"
     "### Response:\n"
 )
-TEMPLATES = {"alpaca": ALPACA}
+# Alpaca's layout without its preamble: for small contexts (the tiny demo sees 64 tokens).
+ALPACA_SHORT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+TEMPLATES = {"alpaca": ALPACA, "alpaca-short": ALPACA_SHORT}
 # Texts that can end an answer when the base vocabulary has no end-of-text id (first that fits).
 STOP_TEXTS = ("<|endoftext|>", "<|end|>", "<end>", "</s>", "[END]")
 PAD_ID = 0  # padding is never a target and sits after the real tokens, so any id will do

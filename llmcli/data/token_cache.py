@@ -51,9 +51,15 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def candidates(source: Path, tokenizer: str, cache_dir: Path) -> list[Path]:
-    """Where a token file of `source` may already be, in the order they are preferred."""
-    name = source.name if source.is_dir() else source.stem
+def candidates(sources: Path | list[Path], tokenizer: str, cache_dir: Path) -> list[Path]:
+    """Where a token file of `sources` may already be, in the order they are preferred."""
+    sources = [Path(s) for s in (sources if isinstance(sources, list) else [sources])]
+    name = "+".join(s.name if s.is_dir() else s.stem for s in sources)
+    if len(name) > 80:  # many sources: a short name that still tells them apart
+        import hashlib
+
+        digest = hashlib.sha256("\0".join(map(str, sources)).encode()).hexdigest()[:8]
+        name = f"{sources[0].stem[:40]}+{len(sources) - 1}-more-{digest}"
     return [Path(cache_dir) / f"{name}.tokens", Path(cache_dir) / f"{name}.{tokenizer}.tokens"]
 
 
@@ -64,20 +70,43 @@ class Cached:
     touched: bool  # same bytes, newer modification times: the sidecar should be rewritten
 
 
-def find_tokens(source: Path, tokenizer: str, cache_dir: Path) -> Cached | None:
-    """The up-to-date token file of a local text source, or None; nothing is written."""
-    source = Path(source)
-    if not source.exists():
+def find_tokens(sources: Path | list[Path], tokenizer: str, cache_dir: Path) -> Cached | None:
+    """The up-to-date token file of local text sources, or None; nothing is written."""
+    listed = [Path(s) for s in (sources if isinstance(sources, list) else [sources])]
+    if not all(s.exists() for s in listed):
         return None
     try:
-        files = expand_inputs([source])
+        files = expand_inputs(listed)
     except Exception:  # noqa: BLE001 - a source we cannot list is simply not cached
         return None
-    for path in candidates(source, tokenizer, cache_dir):
+    for path in candidates(listed, tokenizer, cache_dir):
         found = _describes(path, files, tokenizer)
         if found is not None:
             return found
     return None
+
+
+def locate(source: str | list[str], tokenizer: str, data_dir: Path = Path("data")) -> Cached | None:
+    """The token file already holding a recipe's `data.source`, without fetching, tokenizing
+    or writing anything: a `.tokens` source itself, else the one rule above (a preset counts
+    once `llm fetch` has put its file in `data_dir`)."""
+    from llmcli.data.fetch import PRESETS
+
+    paths = []
+    for item in source if isinstance(source, list) else [source]:
+        path = Path(item)
+        if item in PRESETS and not path.exists():
+            path = Path(data_dir) / PRESETS[item].filename
+        paths.append(path)
+    if len(paths) == 1 and paths[0].name.endswith(".tokens"):
+        if not paths[0].is_file():
+            return None
+        meta = _read_json(sidecar_path(paths[0]))
+        if meta is None:
+            fail(f"{paths[0]}: token file without a readable sidecar {sidecar_path(paths[0])}; "
+                 "re-run `llm tokenize` to rebuild it")
+        return Cached(paths[0], meta, False)
+    return find_tokens(paths, tokenizer, data_dir)
 
 
 def _describes(path: Path, files: list[Path], tokenizer: str) -> Cached | None:

@@ -15,16 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from llmcli.console import byte_progress, fail, info, warn
+from llmcli.console import UserError, byte_progress, fail, info, warn
+from llmcli.data.readers import is_text_records, iter_texts, stream_kind
 from llmcli.data.records import read_records, record_problem, record_text
+from llmcli.data.shards import (
+    ShardWriter,
+    is_shard_folder,
+    open_shards,
+    read_index,
+    shard_folder_path,
+)
 from llmcli.data.token_cache import (
     TOKENS_FORMAT,
     candidates,
@@ -49,7 +59,7 @@ _SAFE_AFTER_NEWLINE = bytes(
 _ASCII_LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def find_cut(buf: bytes, start: int = 0) -> int:
+def find_cut(buf: bytes | bytearray, start: int = 0) -> int:
     """The last index in buf[start:] where buf can be split without changing its tokens, or -1.
 
     cl100k's pieces never run across a newline that is followed by a non-space character:
@@ -108,24 +118,26 @@ class _Reading:
 def _text_jobs(path: Path, errors: str, reading: _Reading, source: _Source, block: int,
                on_bytes: Callable[[int], None]) -> Iterator[_Job]:
     digest = hashlib.sha256()
-    pending = b""
+    # Grown in place: a file with no cut for megabytes (one long run of spaces) stays linear.
+    pending = bytearray()
     offset = 0  # file offset of the next piece, for error messages
     lines = 0  # newlines before it
     with open(path, "rb") as fh:
         while True:
-            data = fh.read(block)
+            data = _read(fh, block, path)
             if data:
                 digest.update(data)
                 on_bytes(len(data))
-                buf = pending + data
                 # pending held no cut; its last two bytes could not be judged without `data`
-                cut = find_cut(buf, max(0, len(pending) - 2))
+                start = max(0, len(pending) - 2)
+                pending += data
+                cut = find_cut(pending, start)
                 if cut < 0:
-                    pending = buf
                     continue
-                piece, pending = buf[:cut], buf[cut:]
+                piece = bytes(pending[:cut])
+                del pending[:cut]
             else:
-                piece, pending = pending, b""
+                piece, pending = bytes(pending), bytearray()
             text = _decode(piece, path, errors, offset, lines)
             if not source.started:
                 text = text.removeprefix(_BOM)
@@ -139,6 +151,13 @@ def _text_jobs(path: Path, errors: str, reading: _Reading, source: _Source, bloc
             if not data:
                 break
     source.sha256 = digest.hexdigest()
+
+
+def _read(fh: BinaryIO, size: int, path: Path) -> bytes:
+    try:
+        return fh.read(size)
+    except OSError as exc:  # EIO from a device or /proc file, a disk error
+        fail(f"{path}: cannot read it ({exc.strerror or exc}); give a regular text file")
 
 
 def _decode(piece: bytes, path: Path, errors: str, offset: int, lines: int) -> str:
@@ -186,12 +205,14 @@ def _record_jobs(path: Path, reading: _Reading, source: _Source, block: int,
 
 
 def _jobs(files: list[Path], errors: str, reading: _Reading, block: int,
-          on_bytes: Callable[[int], None]) -> Iterator[_Job]:
+          on_bytes: Callable[[int], None], text_field: str | None = None) -> Iterator[_Job]:
     for path in files:
         stat = path.stat()
         source = _Source(path.resolve(), stat.st_size, stat.st_mtime_ns)
         reading.sources.append(source)
-        if path.suffix.lower() in RECORD_EXTENSIONS:
+        if text_field is not None and is_text_records(path, text_field):
+            yield from _stream_jobs(path, text_field, reading, source, block, on_bytes)
+        elif path.suffix.lower() in RECORD_EXTENSIONS:
             yield from _record_jobs(path, reading, source, block, on_bytes)
         else:
             yield from _text_jobs(path, errors, reading, source, block, on_bytes)
@@ -263,13 +284,23 @@ def tokenize_files(
     *,
     threads: int | None = None,
     block: int = BLOCK,
+    text_field: str = "text",
+    shard_tokens: int | None = None,
+    workers: int = 1,
 ) -> dict:
     """Tokenize `inputs` into `out` (a .tokens path) and its sidecar; returns the sidecar.
 
     Inputs are .txt files (any other extension is read as UTF-8 text too), .json/.jsonl
-    Alpaca records (one document per record) and directories of .txt files. Both files are
-    written atomically: an error or interrupt leaves the previous ones untouched.
+    Alpaca records (one document per record), text records (.jsonl, .jsonl.gz, .jsonl.zst,
+    .parquet: `text_field` of each record, see `llmcli.data.readers`) and directories of them.
+    Both files are written atomically: an error or interrupt leaves the previous ones untouched.
+    `shard_tokens` (a folder of shards with one index) or `workers` > 1 (processes, one input
+    file at a time): see `tokenize_corpus`.
     """
+    if shard_tokens is not None or workers > 1:
+        return tokenize_corpus(inputs, out, tokenizer, val_fraction, errors, threads=threads,
+                               block=block, text_field=text_field, shard_tokens=shard_tokens,
+                               workers=workers)
     if errors not in ERRORS:
         fail(f"--errors {errors!r}: choose {' or '.join(ERRORS)}")
     if not 0 <= val_fraction < 1:
@@ -278,7 +309,7 @@ def tokenize_files(
     out = Path(out)
     if not out.name.endswith(".tokens"):
         out = out.with_name(out.name + ".tokens")
-    files = expand_inputs(inputs)
+    files = expand_corpus_inputs(inputs)
     tok = get_tokenizer(tokenizer)
     reading = _Reading()
     counter = _Counter(tok.n_vocab)
@@ -303,7 +334,7 @@ def tokenize_files(
         def on_bytes(n: int) -> None:
             bar.advance(task, n)
 
-        jobs = _jobs(files, errors, reading, block, on_bytes)
+        jobs = _jobs(files, errors, reading, block, on_bytes, text_field)
         _encode_all(jobs, tok, emit, threads or cpu_threads())
         if counter.count == 0:
             fail(f"{', '.join(str(p) for p in files)}: no text to tokenize (the corpus is "
@@ -321,7 +352,7 @@ def tokenize_files(
         "eot_id": tok.eot_id,
         "val_fraction": val_fraction,
         "val_start": val_start(counter.count, val_fraction),
-        "train_distinct_ids": train_distinct_ids(out, val_start(counter.count, val_fraction)),
+        "compact_vocab_ids": compact_vocab_ids(out, val_start(counter.count, val_fraction), tok),
         "documents": reading.documents,
         "sources": [
             {"path": str(s.path), "sha256": s.sha256, "bytes": s.size, "mtime_ns": s.mtime_ns}
@@ -332,17 +363,13 @@ def tokenize_files(
     return meta
 
 
-def train_distinct_ids(path: Path, end: int, chunk: int = 1 << 22) -> int:
-    """Distinct ids before `end`: the size of a compact vocabulary (less its unknown id),
-    which is built from the training part only. Chunked: memory stays flat."""
-    tokens = np.memmap(path, dtype="<u4", mode="r") if Path(path).stat().st_size else []
-    seen = np.zeros(0, dtype=bool)
-    for lo in range(0, end, chunk):
-        part = np.asarray(tokens[lo:min(end, lo + chunk)])
-        if part.size and int(part.max()) >= seen.size:
-            seen = np.concatenate([seen, np.zeros(int(part.max()) + 1 - seen.size, dtype=bool)])
-        seen[part] = True
-    return int(seen.sum())
+def compact_vocab_ids(path: Path, end: int, tokenizer: Tokenizer) -> int:
+    """How many ids a compact vocabulary built from the first `end` tokens keeps (its unknown
+    id aside): recorded so `llm scaling` and `llm params` count it without numpy."""
+    from llmcli.data.vocab import compact_vocab
+
+    tokens = np.memmap(path, dtype="<u4", mode="r") if Path(path).stat().st_size else np.zeros(0)
+    return len(compact_vocab(tokens[:end], tokenizer).ids)
 
 
 def val_start(num_tokens: int, val_fraction: float) -> int:
@@ -375,8 +402,11 @@ REQUIRED = {"tokenizer": str, "vocab_size": int, "num_tokens": int, "max_id": in
 
 
 def read_sidecar(path: Path) -> dict:
-    """The sidecar of a token file (`X.tokens` or `X.tokens.json`), checked; one-line errors."""
+    """The sidecar of a token file (`X.tokens` or `X.tokens.json`), checked; one-line errors.
+    A sharded corpus (a folder with index.json) gives its index."""
     path = Path(path)
+    if is_shard_folder(path):
+        return read_index(path)
     side = path if path.name.endswith(".tokens.json") else sidecar_path(path)
     if not side.is_file():
         fail(f"{side}: missing; a token file needs the sidecar `llm tokenize` writes beside "
@@ -397,8 +427,11 @@ def read_sidecar(path: Path) -> dict:
 
 
 def open_tokens(path: Path) -> np.memmap:
-    """A token file as a read-only uint32 memory map, checked against its sidecar."""
+    """A token file as a read-only uint32 memory map, checked against its sidecar (a sharded
+    corpus: all its shards, read as one array)."""
     path = Path(path)
+    if is_shard_folder(path):
+        return open_shards(path)  # type: ignore[return-value]
     if not path.is_file():
         fail(f"{path}: no such token file; make it with `llm tokenize`")
     meta = read_sidecar(path)
@@ -425,41 +458,286 @@ def short_corpus_warning(meta: dict, context_length: int) -> str | None:
 # Cached token files for training
 
 
-def ensure_tokens(source: Path, tokenizer: str, val_fraction: float,
+def ensure_tokens(source: Path | list[Path], tokenizer: str, val_fraction: float,
                   cache_dir: Path = Path("data")) -> Path:
-    """A .tokens file for a local text/JSON/directory source, reused while it is up to date.
+    """A .tokens file for local text/JSON/directory sources, reused while it is up to date.
 
     An up-to-date token file is found by the one rule in `llmcli.data.token_cache` (what
-    `llm tokenize SOURCE` wrote, or this function's own cache); otherwise the source is
-    tokenized into `cache_dir/<name>.<tokenizer>.tokens`. A different val_fraction only rewrites
-    the sidecar. A `.tokens` source is used as it is.
+    `llm tokenize SOURCE...` wrote, or this function's own cache); otherwise the sources are
+    tokenized into `cache_dir/<name>.<tokenizer>.tokens`, several sources as one corpus. A
+    different val_fraction only rewrites the sidecar. A `.tokens` source is used as it is.
     """
-    source = Path(source)
-    if not source.exists():
-        fail(f"{source}: no such file or directory; check data.source")
-    if source.name.endswith(".tokens"):
-        meta = read_sidecar(source)
+    sources = [Path(p) for p in (source if isinstance(source, list) else [source])]
+    for path in sources:
+        if not path.exists():
+            fail(f"{path}: no such file or directory; check data.source")
+    if any(p.name.endswith(".tokens") or is_shard_folder(p) for p in sources):
+        if len(sources) > 1:
+            fail(f"data.source: {', '.join(map(str, sources))}: a token file cannot be mixed "
+                 "with other sources; tokenize them together with `llm tokenize A B -o X`")
+        meta = read_sidecar(sources[0])
         if meta["tokenizer"] != tokenizer:
-            fail(f"{source}: made with the {meta['tokenizer']} tokenizer, but "
+            fail(f"{sources[0]}: made with the {meta['tokenizer']} tokenizer, but "
                  f"data.tokenizer is {tokenizer}; set data.tokenizer={meta['tokenizer']} "
                  "or tokenize the text again")
-        return source
-    cached = find_tokens(source, tokenizer, cache_dir)
+        return sources[0]
+    cached = find_tokens(sources, tokenizer, cache_dir)
+    shown = ", ".join(map(str, sources))
     if cached is None:
-        out = candidates(source, tokenizer, cache_dir)[-1]
-        info(f"tokenizing {source} ({tokenizer}) into {out}")
-        tokenize_files([source], out, tokenizer, val_fraction)
+        out = candidates(sources, tokenizer, cache_dir)[-1]
+        info(f"tokenizing {shown} ({tokenizer}) into {out}")
+        tokenize_files(sources, out, tokenizer, val_fraction)
         return out
     out, meta = cached.path, cached.meta
     if meta["val_fraction"] != val_fraction or cached.touched:
         meta["val_fraction"] = val_fraction
         meta["val_start"] = val_start(meta["num_tokens"], val_fraction)
-        meta["train_distinct_ids"] = train_distinct_ids(out, meta["val_start"])
+        meta["compact_vocab_ids"] = compact_vocab_ids(out, meta["val_start"],
+                                                      get_tokenizer(tokenizer))
         write_json(sidecar_path(out), meta)
-    info(f"using {out} (tokens of {source}, up to date)")
+    info(f"using {out} (tokens of {shown}, up to date)")
     return out
 
 
 def data_bytes(meta: dict) -> int:
     """Bytes of text behind a token file (for bytes/token and MB/s)."""
     return sum(int(s.get("bytes", 0)) for s in meta.get("sources", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Web-scale corpora: text records, several worker processes, sharded output
+
+
+def expand_corpus_inputs(inputs: Iterable[Path]) -> list[Path]:
+    """`expand_inputs`, except that a directory without .txt files but with text-record files
+    (.jsonl, .jsonl.gz, .jsonl.zst, .parquet: a downloaded FineWeb or C4 folder) gives those,
+    sorted, recursively."""
+    files: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir() and not any(p.is_file() for p in path.rglob("*.txt")):
+            found = sorted(p for p in path.rglob("*") if p.is_file() and stream_kind(p))
+            if found:
+                files.extend(found)
+                continue
+        files.extend(expand_inputs([path]))
+    return files
+
+
+def _stream_jobs(path: Path, text_field: str, reading: _Reading, source: _Source, block: int,
+                 on_bytes: Callable[[int], None]) -> Iterator[_Job]:
+    """Text records, one document each, in jobs of about `block` characters (flat memory)."""
+    batch: list[str] = []
+    size = 0
+    for text in iter_texts(path, text_field, on_bytes):
+        batch.append(text)
+        size += len(text)
+        reading.documents += 1
+        if size >= block:
+            yield _Job(batch, new_document=True)
+            batch, size = [], 0
+    if batch:
+        yield _Job(batch, new_document=True)
+    source.sha256 = sha256_file(path)
+
+
+class _FileSink:
+    """One .tokens file written atomically, fed like a `ShardWriter`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._atomic = atomic_path(path)
+        self._tmp = self._atomic.__enter__()
+        self._fh = open(self._tmp, "wb", buffering=BLOCK)  # noqa: SIM115 - closed in finish
+
+    def __enter__(self) -> _FileSink:
+        return self
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        if kind is not None and not self._fh.closed:
+            self._fh.close()
+            self._atomic.__exit__(kind, value, tb)
+
+    def write(self, ids: np.ndarray) -> None:
+        self._fh.write(np.ascontiguousarray(ids, dtype="<u4").data)
+
+    def finish(self, meta: dict) -> dict:
+        self._fh.close()
+        self._atomic.__exit__(None, None, None)
+        write_json(sidecar_path(self.path), meta)
+        return meta
+
+
+def _tokenize_part(job: tuple[str, str, str, int, str, str]) -> dict:
+    """One input file → a temporary token file (worker process): its documents separated by
+    end-of-text, none before the first, exactly as `tokenize_files` writes them."""
+    path, tokenizer, errors, block, text_field, part = job
+    try:
+        tok = get_tokenizer(tokenizer)
+        eot = np.array([tok.eot_id], dtype="<u4")
+        reading = _Reading()
+        counts = {"tokens": 0, "documents": 0}
+        with open(part, "wb", buffering=BLOCK) as fh:
+            def emit(new_document: bool, ids: np.ndarray) -> None:
+                if new_document:
+                    if counts["documents"]:
+                        fh.write(eot.data)
+                        counts["tokens"] += 1
+                    counts["documents"] += 1
+                fh.write(np.ascontiguousarray(ids, dtype="<u4").data)
+                counts["tokens"] += len(ids)
+
+            jobs = _jobs([Path(path)], errors, reading, block, lambda _n: None, text_field)
+            _encode_all(jobs, tok, emit, 1)
+    except UserError as exc:  # sent back as data: the parent fails with the same line
+        return {"part": part, "error": str(exc), "exit_code": exc.exit_code}
+    s = reading.sources[0]
+    return {"part": part, "tokens": counts["tokens"], "documents": reading.documents,
+            "source": {"path": str(s.path), "sha256": s.sha256, "bytes": s.size,
+                       "mtime_ns": s.mtime_ns}}
+
+
+def _pool(workers: int) -> Any:
+    import multiprocessing
+    import sys
+
+    methods = multiprocessing.get_all_start_methods()
+    method = "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
+
+
+def _read_part(path: Path, chunk: int = 1 << 20) -> Iterator[np.ndarray]:
+    with open(path, "rb") as fh:
+        while True:
+            ids = np.fromfile(fh, dtype="<u4", count=chunk)
+            if not len(ids):
+                return
+            yield ids
+
+
+def tokenize_corpus(
+    inputs: list[Path],
+    out: Path,
+    tokenizer: str = "cl100k_base",
+    val_fraction: float = 0.1,
+    errors: str = "strict",
+    *,
+    shard_tokens: int | None = None,
+    workers: int = 1,
+    text_field: str = "text",
+    threads: int | None = None,
+    block: int = BLOCK,
+) -> dict:
+    """`tokenize_files` for corpora beyond one file; returns the sidecar or shard index.
+
+    - `shard_tokens`: write `out` as a folder `NAME.tokens/` of shards of that many tokens with
+      one `index.json` (`llmcli.data.shards`); their concatenation is the single file.
+    - `workers` > 1: that many processes, one input file at a time each (many files: FineWeb's
+      or C4's shards); each writes its file's tokens to a temporary part, and the parts are
+      appended in input order, so the output is the same as with one worker. One file gains
+      nothing (its blocks are encoded on threads already).
+
+    Memory stays flat: texts stream through each worker, parts stream into the output.
+    """
+    if errors not in ERRORS:
+        fail(f"--errors {errors!r}: choose {' or '.join(ERRORS)}")
+    if not 0 <= val_fraction < 1:
+        fail(f"val_fraction {val_fraction}: must be in [0, 1) (0.1 keeps the last 10% for "
+             "validation)")
+    files = expand_corpus_inputs(inputs)
+    tok = get_tokenizer(tokenizer)
+    workers = max(1, min(int(workers), len(files)))
+    counter = _Counter(tok.n_vocab)
+    eot = np.array([tok.eot_id], dtype=np.uint32)
+    total_bytes = sum(p.stat().st_size for p in files)
+    if shard_tokens is not None:
+        target = shard_folder_path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sink: Any = ShardWriter(target, shard_tokens)
+    else:
+        target = Path(out)
+        if not target.name.endswith(".tokens"):
+            target = target.with_name(target.name + ".tokens")
+        sink = _FileSink(target)
+    sources: list[dict] = []
+    documents = 0
+    pool = _pool(workers) if workers > 1 else None  # forked before the progress thread starts
+    tag = uuid.uuid4().hex[:8]
+    parts = [target.parent / f".{target.name}.part-{i:06d}.{tag}.tmp" for i in range(len(files))]
+    try:
+        with sink, byte_progress() as bar:
+            task = bar.add_task(f"tokenizing ({tok.name}, {workers} worker(s))",
+                                total=total_bytes)
+
+            def put(ids: np.ndarray) -> None:
+                counter.add(ids)
+                sink.write(ids)
+
+            if pool is None:
+                reading = _Reading()
+                written = {"documents": 0}
+
+                def emit(new_document: bool, ids: np.ndarray) -> None:
+                    if new_document:
+                        if written["documents"]:
+                            put(eot)
+                        written["documents"] += 1
+                    put(ids)
+
+                jobs = _jobs(files, errors, reading, block, lambda n: bar.advance(task, n),
+                             text_field)
+                _encode_all(jobs, tok, emit, threads or cpu_threads())
+                documents = reading.documents
+                sources = [{"path": str(s.path), "sha256": s.sha256, "bytes": s.size,
+                            "mtime_ns": s.mtime_ns} for s in reading.sources]
+            else:
+                jobs_args = [(str(f), tok.name, errors, block, text_field, str(part))
+                             for f, part in zip(files, parts, strict=True)]
+                for path, result in zip(files, pool.imap(_tokenize_part, jobs_args),
+                                        strict=True):
+                    part = Path(result["part"])
+                    if "error" in result:
+                        fail(result["error"], result["exit_code"])
+                    if result["tokens"]:
+                        if counter.count:
+                            put(eot)
+                        for ids in _read_part(part):
+                            put(ids)
+                    elif len(files) > 1:
+                        warn(f"{path}: empty, skipped")
+                    part.unlink(missing_ok=True)
+                    sources.append(result["source"])
+                    documents += result["documents"]
+                    bar.advance(task, result["source"]["bytes"])
+            if counter.count == 0:
+                fail(f"{', '.join(str(p) for p in files)}: no text to tokenize (the corpus is "
+                     "empty); give files that contain text")
+            start = val_start(counter.count, val_fraction)
+            meta = {
+                "format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.n_vocab,
+                "dtype": "uint32", "num_tokens": counter.count, "max_id": counter.max_id,
+                "distinct_ids": int(counter.seen.sum()), "eot_id": tok.eot_id,
+                "val_fraction": val_fraction, "val_start": start, "documents": documents,
+                "text_field": text_field, "sources": sources,
+            }
+            if shard_tokens is None:
+                sink.finish({**meta, "compact_vocab_ids": 0})
+                meta["compact_vocab_ids"] = compact_vocab_ids(target, start, tok)
+                write_json(sidecar_path(target), meta)
+                return meta
+            sink._close()
+            from llmcli.data.shards import ShardedTokens
+            from llmcli.data.vocab import compact_vocab
+
+            arrays = [np.memmap(sink.tmp / s["name"], dtype="<u4", mode="r")
+                      for s in sink.shards]
+            head = ShardedTokens(arrays).head(start)  # read in chunks: flat memory
+            meta["compact_vocab_ids"] = len(compact_vocab(head, tok).ids)
+            del arrays
+            return sink.finish(meta)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for part in parts:
+            part.unlink(missing_ok=True)

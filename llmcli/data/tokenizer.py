@@ -8,7 +8,8 @@ different ids. `bytes` maps each UTF-8 byte to its own id (0-255) plus 256 for e
 merges, for tiny CPU experiments.
 
 Both encode ordinary text: special-token strings such as "<|endoftext|>" in a corpus are text,
-never control tokens.
+never control tokens. Long whitespace runs bypass tiktoken's regex (see `split_long_whitespace`):
+on a run of about 500,000 spaces before a word it overflows its backtracking stack and panics.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import array
 import functools
 import os
-from collections.abc import Sequence
+import re
+import unicodedata
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,29 @@ CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a
 CL100K_EOT = 100257
 EOT_TEXT = "<|endoftext|>"
 NAMES = ("cl100k_base", "bytes")
+
+# Unicode White_Space: what `\s` means to the regex engine behind tiktoken (fancy-regex).
+_WS = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+LONG_RUN = 4096  # whitespace runs this long are split by hand; the regex copes far beyond it
+
+
+@functools.cache
+def _long_whitespace(min_run: int) -> re.Pattern[str]:
+    return re.compile(f"[{_WS}]{{{min_run},}}")
+
+
+def has_long_whitespace(text: str, min_run: int = LONG_RUN) -> bool:
+    """Whether `text` holds a whitespace run of `min_run` or more characters.
+
+    Runs on every block encoded, so it looks at every (min_run // 4)-th character first: such a
+    run covers four sampled characters in a row, and only those spots are searched in full.
+    """
+    step = max(1, min_run // 4)
+    for m in _long_whitespace(min_run // step).finditer(text[::step]):
+        if _long_whitespace(min_run).search(text, max(0, (m.start() - 1) * step),
+                                            (m.end() + 1) * step):
+            return True
+    return False
 
 
 def cpu_threads() -> int:
@@ -80,15 +106,27 @@ class TiktokenTokenizer(Tokenizer):
         self.eot_id = encoding.eot_token
 
     def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
+        if not has_long_whitespace(text):
+            return self.encoding.encode_ordinary(text)
+        ids: list[int] = []
+        for chunk, is_piece in split_long_whitespace(_as_tiktoken_reads(text)):
+            ids += self._encode_piece(chunk) if is_piece else self.encoding.encode_ordinary(chunk)
+        return ids
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        """BPE of one pre-tokenizer piece, without the regex (tiktoken's own merge loop)."""
+        return self.encoding._core_bpe.encode_single_piece(piece.encode("utf-8"))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(list(texts), num_threads=cpu_threads())
+        texts = list(texts)
+        if any(has_long_whitespace(t) for t in texts):
+            return [self.encode(t) for t in texts]
+        return self.encoding.encode_ordinary_batch(texts, num_threads=cpu_threads())
 
     def encode_array(self, text: str) -> np.ndarray:
         # encode_ordinary runs without the GIL; tiktoken's encode_to_numpy holds it, so threads
         # would not overlap. array('I') copies the list about 5x faster than np.asarray.
-        ids = self.encoding.encode_ordinary(text)
+        ids = self.encode(text)
         if _ARRAY_U32:
             return np.frombuffer(array.array(_ARRAY_U32, ids), dtype=np.uint32)
         return np.asarray(ids, dtype=np.uint32)
@@ -140,6 +178,50 @@ class ByteTokenizer(Tokenizer):
         raise self._bad_id(token_id)
 
 
+def split_long_whitespace(text: str, min_run: int = LONG_RUN) -> Iterator[tuple[str, bool]]:
+    """`text` as consecutive (chunk, is_piece) parts: encoding each chunk with tiktoken (or
+    BPE-merging each piece alone) and joining the ids gives exactly tiktoken's ids for `text`.
+
+    Each whitespace run of `min_run` or more characters is cut where cl100k's pattern cuts it,
+    so the regex never meets a long run that it would backtrack over: a punctuation piece
+    before the run takes its leading newlines (`[\\r\\n]*+`); a run at the end of the text is one
+    piece (`\\s++$`); otherwise the run up to its last newline is one piece (`\\s*[\\r\\n]`),
+    the rest but its last character another (`\\s+(?!\\S)`), and that last character starts the
+    next chunk, where it may join the word after it.
+    """
+    pos = 0  # start of the text not yet handed out
+    for match in _long_whitespace(min_run).finditer(text):
+        start, end = match.span()
+        q = start
+        if start and unicodedata.category(text[start - 1])[0] not in "LN":
+            q += len(match[0]) - len(match[0].lstrip("\r\n"))
+        if pos < q:
+            yield text[pos:q], False
+        if end == len(text):
+            if q < end:
+                yield text[q:end], True
+            return
+        last_newline = max(text.rfind("\n", q, end), text.rfind("\r", q, end))
+        if last_newline >= 0:
+            yield text[q:last_newline + 1], True
+            q = last_newline + 1
+        if end - q >= 2:
+            yield text[q:end - 1], True
+            q = end - 1
+        pos = q
+    if pos < len(text):
+        yield text[pos:], False
+
+
+def _as_tiktoken_reads(text: str) -> str:
+    """Lone surrogates become U+FFFD (and pairs join), as tiktoken's encode does before BPE."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def _u32_typecode() -> str | None:
     for code in ("I", "L"):
         if array.array(code).itemsize == 4:
@@ -152,12 +234,17 @@ _ARRAY_U32 = _u32_typecode()
 
 @functools.cache
 def get_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer called `name` (cl100k_base or bytes), loaded once per process."""
+    """The tokenizer called `name` (cl100k_base, bytes or an imported hf-...), loaded once."""
     if name == "bytes":
         return ByteTokenizer()
     if name == "cl100k_base":
         return TiktokenTokenizer(_cl100k_encoding(), "cl100k_base")
-    fail(f"unknown tokenizer '{name}'; choose {' or '.join(NAMES)}")
+    if name.startswith("hf-"):  # a transformers tokenizer stored by `llm import`
+        from llmcli.interop.tokenizer_store import load
+
+        return load(name)
+    fail(f"unknown tokenizer '{name}'; choose {' or '.join(NAMES)}, or import a model's "
+         "tokenizer with `llm import`")
 
 
 def bundled_bpe_file() -> Path | None:

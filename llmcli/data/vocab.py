@@ -3,11 +3,16 @@
 The seed's sales corpus uses 3,771 distinct cl100k ids out of 100K, so a compact model's
 embedding and output layer shrink about 26x. Dense id i stands for tokenizer id `ids[i]`; the
 last dense id (`unknown_id`) stands for every id the corpus never contained.
+
+`compact_vocab` is the one rule for which ids a pretraining run keeps: those of the corpus's
+training part, plus end-of-text and the literal text of the built-in prompt templates, so a
+later fine-tune can end its answers and finds its template's tokens (`### Instruction:`...).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,3 +53,22 @@ class CompactVocab:
     def to_list(self) -> list[int]:
         """For checkpoint metadata (`vocab_map`)."""
         return [int(i) for i in self.ids]
+
+
+def reserved_ids(tokenizer: Any) -> np.ndarray:
+    """Ids every compact vocabulary keeps: end-of-text and the built-in templates' own text."""
+    import re
+
+    from llmcli.data.instruct import TEMPLATES
+
+    pieces = [p for t in TEMPLATES.values() for p in re.split(r"\{\w+\}", t) if p]
+    ids = {tokenizer.eot_id}
+    for piece in pieces:
+        ids.update(tokenizer.encode(piece))
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def compact_vocab(train_tokens: np.ndarray, tokenizer: Any) -> CompactVocab:
+    """The compact vocabulary pretraining builds from a corpus's training part (see above)."""
+    seen = CompactVocab.from_tokens(train_tokens)
+    return CompactVocab(np.union1d(seen.ids, reserved_ids(tokenizer)))

@@ -17,6 +17,7 @@ search results can be compared.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -75,41 +76,35 @@ class BeamStep:
 # Settings
 
 
+STRATEGIES = ("greedy", "sample", "beam")
+MAX_SEQUENCES = 256  # sequences per prompt, as many as generate.num_beams allows beams
+
+
 def check_settings(g: GenerateConfig, num_sequences: int = 1) -> None:
-    """Raise ValueError naming the option for knobs outside their range."""
-    problems = []
-    if g.strategy not in ("greedy", "sample", "beam"):
-        problems.append(f"--strategy {g.strategy!r}: use greedy, sample or beam")
-    if g.max_new_tokens < 1:
-        problems.append(f"--max-new-tokens {g.max_new_tokens}: must be at least 1")
-    if not g.temperature >= 0 or math.isinf(g.temperature):
-        problems.append(f"--temperature {g.temperature}: must be 0 (greedy) or more, e.g. 0.8")
-    if g.top_k is not None and g.top_k < 0:
-        problems.append(f"--top-k {g.top_k}: must be 0 (off) or more, e.g. 50")
-    if g.top_p is not None and not 0 < g.top_p <= 1:
-        problems.append(f"--top-p {g.top_p}: must be in (0, 1], e.g. 0.9")
-    if g.min_p is not None and not 0 <= g.min_p <= 1:
-        problems.append(f"--min-p {g.min_p}: must be in [0, 1], e.g. 0.05")
-    if not g.repetition_penalty > 0 or math.isinf(g.repetition_penalty):
-        problems.append(f"--repetition-penalty {g.repetition_penalty}: must be above 0 "
-                        "(1 = off, 1.2 discourages repeats)")
-    if g.num_beams < 1:
-        problems.append(f"--num-beams {g.num_beams}: must be at least 1")
-    if not math.isfinite(g.length_penalty):
-        problems.append(f"--length-penalty {g.length_penalty}: must be a finite number")
-    if g.no_repeat_ngram_size < 0:
-        problems.append(f"--no-repeat-ngram-size {g.no_repeat_ngram_size}: must be 0 (off) "
-                        "or more")
-    if num_sequences < 1:
-        problems.append(f"--num-return-sequences {num_sequences}: must be at least 1")
-    elif g.strategy == "beam" and num_sequences > g.num_beams:
-        problems.append(f"--num-return-sequences {num_sequences}: beam search returns at most "
-                        f"--num-beams ({g.num_beams}) sequences; raise --num-beams")
-    elif g.strategy == "greedy" and num_sequences > 1:
-        problems.append(f"--num-return-sequences {num_sequences}: greedy search gives one "
-                        "answer; use --strategy sample or beam")
-    if problems:
-        raise ValueError(problems[0])
+    """Raise ValueError naming the option for knobs outside their range.
+
+    The ranges are `recipe.check_generate`'s, one rule for recipes and flags alike; this adds
+    the strategy's name and the per-call number of sequences, which are not recipe keys.
+    """
+    from llmcli.console import UserError
+    from llmcli.recipe import check_generate
+
+    if g.strategy not in STRATEGIES:
+        raise ValueError(f"--strategy {g.strategy!r}: use greedy, sample or beam")
+    try:
+        check_generate(g, "llm generate")
+    except UserError as exc:  # generate.top_p -> --top-p: the flag a user of `generate` types
+        flag = re.sub(r"\bgenerate\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(exc))
+        raise ValueError(flag) from None
+    if not 1 <= num_sequences <= MAX_SEQUENCES:
+        raise ValueError(f"--num-return-sequences {num_sequences}: must be from 1 to "
+                         f"{MAX_SEQUENCES}")
+    if g.strategy == "beam" and num_sequences > g.num_beams:
+        raise ValueError(f"--num-return-sequences {num_sequences}: beam search returns at most "
+                         f"--num-beams ({g.num_beams}) sequences; raise --num-beams")
+    if g.strategy == "greedy" and num_sequences > 1:
+        raise ValueError(f"--num-return-sequences {num_sequences}: greedy search gives one "
+                         "answer; use --strategy sample or beam")
 
 
 def is_greedy(g: GenerateConfig) -> bool:
@@ -136,16 +131,20 @@ class Context:
     """Growing sequences as the model sees them: the KV cache (or none) and the sliding window.
 
     `seq` holds every row's tokens (prompt and generated); `start` is where the model's window
-    begins. When the window would exceed context_length it restarts at the last `keep` tokens
-    (three quarters of the context), which are run through the model again.
+    begins. When the window would exceed context_length it restarts at the last `keep` tokens,
+    which are run through the model again: three quarters of the context (`window="slide"`:
+    the cache serves the next quarter), or all of it (`window="crop"`, the seed's rule: the last
+    context_length tokens at every step, each step a full forward pass).
     """
 
-    def __init__(self, model: torch.nn.Module, prompt: Sequence[int], use_cache: bool = True):
+    def __init__(self, model: torch.nn.Module, prompt: Sequence[int], use_cache: bool = True,
+                 window: str = "slide"):
         if not prompt:
             raise ValueError("the prompt is empty; start from the end-of-text id")
         self.model = model
         self.context_length = int(model.cfg.context_length)
-        self.keep = max(1, self.context_length - self.context_length // 4)
+        self.keep = (self.context_length if window == "crop"
+                     else max(1, self.context_length - self.context_length // 4))
         device = next(model.parameters()).device
         self.seq = torch.tensor([list(prompt)], dtype=torch.long, device=device)
         self.start = 0
@@ -319,7 +318,7 @@ def sample(
     check_settings(g, num_sequences)
     greedy = is_greedy(g)
     with torch.inference_mode():
-        ctx = Context(model, prompt, use_cache)
+        ctx = Context(model, prompt, use_cache, g.window)
         device = ctx.seq.device
         banned_t = torch.tensor(list(banned), dtype=torch.long, device=device)
         logits = ctx.prefill(num_sequences)
@@ -437,7 +436,7 @@ def beam_search(
     width, lp_exp, max_new = g.num_beams, g.length_penalty, g.max_new_tokens
     finished: list[Generation] = []
     with torch.inference_mode():
-        ctx = Context(model, prompt, use_cache)
+        ctx = Context(model, prompt, use_cache, g.window)
         device = ctx.seq.device
         banned_t = torch.tensor(list(banned), dtype=torch.long, device=device)
         logits = ctx.prefill(1)

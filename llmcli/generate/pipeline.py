@@ -148,14 +148,17 @@ def instruct_prompt(gen: Generator, instruction: str,
     return render_prompt(str(template), instruction, input_text), stops
 
 
-def window_notice(gen: Generator, prompt_len: int, max_new_tokens: int) -> str | None:
+def window_notice(gen: Generator, prompt_len: int, max_new_tokens: int,
+                  window: str = "slide") -> str | None:
     """The one-line notice for generations longer than the model's context."""
     total = prompt_len + max_new_tokens
     if total <= gen.context_length:
         return None
+    how = ("cropped to the last context_length tokens at every step (the seed's rule)"
+           if window == "crop" else "sliding window restarted on the last 3/4 of the context")
     return (f"prompt ({prompt_len} tokens) + up to {max_new_tokens} new tokens exceed the "
-            f"model's context of {gen.context_length}: sliding window, the model sees only "
-            "the most recent tokens")
+            f"model's context of {gen.context_length}: {how}; the model sees only the most "
+            "recent tokens")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,27 +143,13 @@ def pca(gen: Any, ids: list[int], source: str = "") -> PCAMap:
 def corpus_token_file(recipe: Any, data_dir: Path = Path("data")) -> Path | None:
     """The recipe's corpus as a token file already on disk (never fetched or tokenized here)."""
     from llmcli.console import UserError
-    from llmcli.data.fetch import PRESETS
-    from llmcli.data.tokenize import read_sidecar
+    from llmcli.data.token_cache import locate
 
-    source = Path(str(recipe.data.source)).expanduser()
-    tokenizer = recipe.data.tokenizer
-    if not source.name.endswith(".tokens"):
-        if not source.exists():
-            preset = PRESETS.get(str(recipe.data.source))
-            if preset is None:
-                return None
-            source = Path(data_dir) / preset.filename
-        name = source.name if source.is_dir() else source.stem
-        source = Path(data_dir) / f"{name}.{tokenizer}.tokens"
-    if not source.is_file():
-        return None
     try:
-        meta = read_sidecar(source)
+        cached = locate(recipe.data.source, recipe.data.tokenizer, data_dir)
     except UserError:
         return None
-    ok = meta["tokenizer"] == tokenizer and source.stat().st_size == 4 * meta["num_tokens"]
-    return source if ok else None
+    return cached.path if cached is not None else None
 
 
 def frequent_ids(gen: Any, n: int, data_dir: Path = Path("data")) -> tuple[list[int], str]:

@@ -1,20 +1,44 @@
-"""Several processes through PyTorch's own engine: torchrun sets RANK/WORLD_SIZE, we join.
+"""Several processes through PyTorch's own engine: torchrun (or srun) sets the ranks, we join.
 
-`llm pretrain R --nproc N` relaunches itself under `python -m torch.distributed.run` (torchrun);
-`torchrun --nproc-per-node N -m llmcli pretrain R` works the same. NCCL on GPUs, gloo on CPU.
-Only rank 0 prints and writes files; every rank draws its own batches; gradients are averaged
-by DDP, validation losses by `mean_across`.
+Launching. `llm pretrain R --nproc N` relaunches itself under `python -m torch.distributed.run`
+(torchrun) with N processes on this machine. Several machines: run the same command on each with
+`--nnodes M` and where they meet, either
+
+- `--rdzv-endpoint HOST:PORT`: torchrun's c10d rendezvous (HOST is one of the machines, PORT a
+  free port on it; ranks are handed out at the rendezvous, so no --node-rank), or
+- `--master-addr HOST --master-port PORT --node-rank R`: the static rendezvous (R = 0 .. M-1,
+  node 0 being HOST).
+
+`torchrun ... -m llmcli pretrain R` works unchanged, and so does `srun`: when torchrun's
+variables (RANK, WORLD_SIZE, LOCAL_RANK) are absent but srun's are (SLURM_PROCID,
+SLURM_NTASKS / SLURM_STEP_NUM_TASKS, SLURM_LOCALID, inside a job step), they are taken as the
+rank layout; MASTER_ADDR must then be set (e.g. `export MASTER_ADDR=$(scontrol show hostnames
+$SLURM_JOB_NODELIST | head -n1)`), MASTER_PORT defaults to 29500. LLM_IGNORE_SLURM=1 turns this
+off (an interactive shell inside a multi-task allocation, say).
+
+Training. NCCL on GPUs, gloo on CPU. Only global rank 0 prints and writes files; every rank
+draws its own batches. `train.parallel: ddp` replicates the model (DDP averages gradients);
+`fsdp` shards weights, gradients and optimizer state across all processes with FSDP2
+(`fully_shard` on every block and on the root), bf16 compute through its mixed-precision policy
+when `train.precision` is bf16; checkpoints are then gathered into one full state dict on rank
+0, so a checkpoint is the same file whichever way it was trained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported where used: the launching process never needs it
+    import torch
+
+DEFAULT_MASTER_PORT = 29500
+RDZV_ID = "llmcli"  # every node of one run must give torchrun the same id
 
 
 @dataclass(frozen=True)
@@ -31,20 +55,58 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def slurm_layout() -> Dist | None:
+    """The rank layout of an `srun` job step when torchrun's variables are absent, else None."""
+    env = os.environ
+    if "WORLD_SIZE" in env or env.get("LLM_IGNORE_SLURM") == "1":
+        return None
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return None
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1")
+    return Dist(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", "0")))
+
 
 def from_env() -> Dist:
-    """The rank layout torchrun put in the environment (a single process when absent)."""
+    """The rank layout torchrun (or srun) put in the environment (a single process when absent)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1:
+        return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if "WORLD_SIZE" not in os.environ:
+        slurm = slurm_layout()
+        if slurm is not None and slurm.enabled:
+            return slurm
+    return Dist()
+
+
+def _adopt_slurm(info: Dist) -> None:
+    """Write srun's layout as torchrun's variables, which init_process_group (env://) reads."""
+    from llmcli.console import fail
+
+    if not os.environ.get("MASTER_ADDR"):
+        fail("launched by srun with several tasks but MASTER_ADDR is not set: export "
+             "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) (and "
+             "optionally MASTER_PORT) before srun, or set LLM_IGNORE_SLURM=1 for one process")
+    os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    os.environ["RANK"] = str(info.rank)
+    os.environ["WORLD_SIZE"] = str(info.world_size)
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
 
 
 def setup(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group (once) and pick this rank's device (cuda:LOCAL_RANK on GPUs)."""
+    import torch
+    import torch.distributed as dist
+
     info = from_env()
     if not info.enabled:
         return info, device
+    if "WORLD_SIZE" not in os.environ:
+        _adopt_slurm(info)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
@@ -55,17 +117,33 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def current() -> Dist:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Dist()
 
 
+def joined() -> bool:
+    """Whether this process is in a process group (of any size, one included)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def cleanup() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------
+# Wrapping the model: DDP, FSDP2, activation checkpointing
+
+
 def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.Module:
+    """DDP around `model` (itself in a single process)."""
     if not info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -74,8 +152,199 @@ def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.M
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def fully_shard_model(net: torch.nn.Module, blocks: Iterable[torch.nn.Module], info: Dist,
+                      device: torch.device, param_dtype: torch.dtype | None = None
+                      ) -> torch.nn.Module:
+    """FSDP2 in place: `fully_shard` on each block, then on `net` (the root: embeddings, final
+    norm and output layer). Each rank keeps 1/world_size of every parameter, its gradient and
+    its AdamW moments; a block's weights are gathered just for its forward and backward.
+
+    `param_dtype` (bf16) computes in that dtype and reduces gradients in fp32; the sharded
+    master weights and the optimizer stay fp32. Build the optimizer after this call: the
+    parameters are replaced by sharded DTensors.
+    """
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # The logits the root returns are a view; nothing here changes them in place, which is
+    # what this warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # Like DDP: every rank starts from rank 0's weights (each then keeps its own slice).
+    with torch.no_grad():
+        for tensor in [*net.parameters(), *net.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+              if param_dtype is not None else MixedPrecisionPolicy())
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
+    return net
+
+
+def activation_checkpointing(blocks: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Recompute each block's activations in backward instead of keeping them: memory per block
+    drops from its activations to its input, for about one more forward pass of compute. Same
+    numbers (the RNG state is replayed, so dropout masks match). Returns the blocks changed;
+    `undo_activation_checkpointing` restores them."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    changed = []
+    for block in blocks:
+        if "forward" in vars(block):
+            continue
+        inner = block.forward
+
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        changed.append(block)
+    return changed
+
+
+def undo_activation_checkpointing(blocks: Iterable[torch.nn.Module]) -> None:
+    for block in blocks:
+        vars(block).pop("forward", None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
+    micro-step of gradient accumulation."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Full (consolidated) state under FSDP: every rank calls these; rank 0 gets the tensors
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU (an empty dict elsewhere), with tied parameters
+    sharing one tensor again, so the file written is the one an unsharded run writes."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    tensors = {k: _own(v) for k, v in get_model_state_dict(model, options=_full_options()).items()}
+    if not tensors:
+        return tensors
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in tensors]
+        for name in names[1:]:
+            if present:
+                tensors[name] = tensors[present[0]]
+    return tensors
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict as a single process would hold it (parameters numbered in
+    the optimizer's order), gathered onto rank 0; {} on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    named = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not named:
+        return {}
+    order: dict[str, int] = {}
+    groups = []
+    for group in named["param_groups"]:
+        ids = []
+        for fqn in group["params"]:
+            order.setdefault(fqn, len(order))
+            ids.append(order[fqn])
+        groups.append({**group, "params": ids})
+    state = {order[fqn]: {k: _own(v) for k, v in values.items()}
+             for fqn, values in named["state"].items() if fqn in order}
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              indexed: dict) -> None:
+    """Put a single-process-shaped optimizer state (from `state.optimizer_state_dict`) into an
+    optimizer over sharded parameters; each rank keeps its own slice."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    state = {fqns[int(i)]: values for i, values in indexed["state"].items()}
+    groups = [{**group, "params": [fqns[int(i)] for i in group["params"]]}
+              for group in indexed["param_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _own(value: Any) -> Any:
+    """A gathered tensor with a storage of its own: FSDP pads a dimension that does not divide
+    by the process count, and the full tensor can be a view into the padded buffer, which
+    safetensors refuses to write."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+        return value.clone(memory_format=torch.contiguous_format)
+    return value
+
+
+class FullWeights:
+    """Gathered weights that the checkpoint writers take in place of the model
+    (`state_dict()` for whole models, `named_parameters()` for LoRA adapters)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        seen: set[int] = set()
+        for name, tensor in self.tensors.items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield name, tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+
+
 def mean_across(values: torch.Tensor, info: Dist) -> torch.Tensor:
     """The mean of a tensor over all ranks (itself in a single process)."""
+    import torch
+    import torch.distributed as dist
+
     if not info.enabled:
         return values
     home = values.device
@@ -89,6 +358,8 @@ def mean_across(values: torch.Tensor, info: Dist) -> torch.Tensor:
 
 def gather_objects(obj: object, info: Dist) -> list[object]:
     """Every rank's `obj`, in rank order (for per-rank RNG states in the trainer state)."""
+    import torch.distributed as dist
+
     if not info.enabled:
         return [obj]
     out: list[object] = [None] * info.world_size
@@ -97,35 +368,130 @@ def gather_objects(obj: object, info: Dist) -> list[object]:
 
 
 def barrier(info: Dist) -> None:
+    import torch.distributed as dist
+
     if info.enabled:
         dist.barrier()
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str] | None = None) -> None:
-    """Run this same command (without --nproc) under torchrun with `nproc` workers, then exit
-    with its code: the one way `llm pretrain` and `llm finetune` go multi-process."""
-    from llmcli.console import fail
+# ---------------------------------------------------------------------------------------------
+# Launching under torchrun
 
-    if from_env().enabled:
-        fail("--nproc is for launching; under torchrun already, drop --nproc")
+
+@dataclass(frozen=True)
+class Launch:
+    """How `llm pretrain` / `llm finetune` start their processes (torchrun's settings)."""
+
+    nproc: int = 1  # processes on this machine
+    nnodes: int = 1  # machines
+    node_rank: int | None = None  # this machine's place (static rendezvous only)
+    rdzv_endpoint: str | None = None  # HOST:PORT of torchrun's c10d rendezvous
+    master_addr: str | None = None  # static rendezvous: node 0's address
+    master_port: int | None = None
+
+    @property
+    def needed(self) -> bool:
+        """Whether the command must relaunch itself under torchrun."""
+        return (self.nproc > 1 or self.nnodes > 1 or self.rdzv_endpoint is not None
+                or self.master_addr is not None)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    def check(self) -> None:
+        """One-line errors for settings torchrun would reject or hang on."""
+        from llmcli.console import fail
+
+        if self.rdzv_endpoint is not None and (self.master_addr is not None
+                                               or self.master_port is not None):
+            fail("--rdzv-endpoint and --master-addr/--master-port are two ways to meet: give "
+                 "one (--rdzv-endpoint HOST:PORT is simpler)")
+        if self.rdzv_endpoint is not None:
+            host, sep, port = self.rdzv_endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                fail(f"--rdzv-endpoint {self.rdzv_endpoint!r}: expected HOST:PORT, e.g. "
+                     "node0.example.org:29400 (a free port on one of the machines)")
+            if self.node_rank is not None:
+                fail("--node-rank goes with --master-addr (static rendezvous); with "
+                     "--rdzv-endpoint the machines get their ranks at the rendezvous")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            fail(f"--master-port {self.master_port}: expected a port 1 to 65535")
+        if self.master_port is not None and self.master_addr is None:
+            fail("--master-port needs --master-addr (node 0's address)")
+        if self.nnodes > 1 and self.rdzv_endpoint is None and self.master_addr is None:
+            fail(f"--nnodes {self.nnodes}: say where the machines meet: --rdzv-endpoint "
+                 "HOST:PORT (HOST one of them, PORT free there), or --master-addr HOST "
+                 "--master-port PORT --node-rank R")
+        if self.master_addr is not None and self.nnodes > 1 and self.node_rank is None:
+            fail(f"--master-addr with --nnodes {self.nnodes} needs --node-rank (0 on "
+                 f"{self.master_addr}, then 1 to {self.nnodes - 1} on the others)")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            fail(f"--node-rank {self.node_rank}: expected 0 to {self.nnodes - 1} "
+                 f"(--nnodes {self.nnodes})")
+
+    def torchrun_args(self) -> list[str]:
+        """torchrun's own arguments (what goes between `torch.distributed.run` and the
+        program)."""
+        args = [f"--nproc-per-node={self.nproc}"]
+        if self.rdzv_endpoint is not None:
+            return [f"--nnodes={self.nnodes}", *args, "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={self.rdzv_endpoint}",
+                    f"--rdzv-id={os.environ.get('LLM_RDZV_ID', RDZV_ID)}"]
+        if self.master_addr is not None:
+            return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank or 0}", *args,
+                    f"--master-addr={self.master_addr}",
+                    f"--master-port={self.master_port or DEFAULT_MASTER_PORT}"]
+        return ["--standalone", *args]
+
+
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--master-addr",
+                  "--master-port")
+
+
+def strip_launch_options(argv: list[str]) -> list[str]:
+    """`argv` without the launching options (and their values): what each worker runs."""
     cleaned, skip = [], False
-    for arg in sys.argv[1:] if argv is None else argv:
+    for arg in argv:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg in LAUNCH_OPTIONS:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(tuple(f"{opt}=" for opt in LAUNCH_OPTIONS)):
             cleaned.append(arg)
-    sys.exit(relaunch(nproc, cleaned))
+    return cleaned
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run `llm <argv>` under torchrun with `nproc` processes; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "llmcli", *argv]
+def relaunch_under_torchrun(launch: Launch | int, argv: list[str] | None = None) -> None:
+    """Run this same command (without the launching options) under torchrun, then exit with
+    its code: the one way `llm pretrain` and `llm finetune` go multi-process."""
+    from llmcli.console import fail
+
+    if isinstance(launch, int):
+        launch = Launch(nproc=launch)
+    launch.check()
+    if from_env().enabled:
+        fail("--nproc/--nnodes are for launching; under torchrun or srun already "
+             f"({from_env().world_size} processes), drop them")
+    cleaned = strip_launch_options(sys.argv[1:] if argv is None else argv)
+    sys.exit(relaunch(launch, cleaned))
+
+
+def torchrun_command(launch: Launch | int, argv: list[str]) -> list[str]:
+    """The command line that runs `llm <argv>` under torchrun."""
+    if isinstance(launch, int):
+        launch = Launch(nproc=launch)
+    return [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(),
+            "-m", "llmcli", *argv]
+
+
+def relaunch(launch: Launch | int, argv: list[str]) -> int:
+    """Run `llm <argv>` under torchrun; returns its exit code."""
+    if isinstance(launch, int):
+        launch = Launch(nproc=launch)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd, env=env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc)))
+    proc = subprocess.Popen(torchrun_command(launch, argv), env=env)
     while True:
         try:
             return proc.wait()

@@ -19,8 +19,12 @@ Interface (stable: `llm pretrain` and `llm finetune` both build on it):
   state (which then stores them), so LoRA runs resume over the same frozen base.
 - Ctrl-C finishes the step, saves and raises `TrainingInterrupted` (exit 130); a non-finite loss
   raises a `UserError` (exit 1) without touching the checkpoints already written.
-- Under torchrun (see `distributed.py`) the model is wrapped in DDP; only rank 0 prints and
-  writes.
+- Under torchrun or srun (see `distributed.py`) the model is wrapped in DDP, or sharded with
+  FSDP2 when `train.parallel` is fsdp (weights, gradients and AdamW moments split across the
+  processes; bf16 through FSDP's mixed-precision policy instead of autocast). Only global rank 0
+  prints and writes; under FSDP every rank takes part in gathering the full weights and
+  optimizer state it writes, so checkpoints and trainer states have one format whichever way a
+  run was trained, and a run can resume under the other mode or another process count.
 
 Per-step data access, model building and recipe-specific set-up stay in the callers
 (`llmcli/pretrain.py`, `llmcli/finetune.py`).
@@ -29,6 +33,7 @@ Per-step data access, model building and recipe-specific set-up stay in the call
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -180,9 +185,16 @@ class Trainer:
         self.raw = unwrap(model).to(self.device)
         enable_fast_matmul(self.device)
         self.precision: Precision = resolve_precision(self.cfg.precision, self.device)
+        # FSDP needs a process group: several processes (one process trains plainly whatever
+        # the recipe says), or one whose caller set a group up itself (a one-GPU FSDP check).
+        self.fsdp = self.cfg.parallel == "fsdp" and (self.dist.enabled or distributed.joined())
+        if self.fsdp and self.precision.name == "fp16":
+            fail("train.parallel=fsdp with train.precision=fp16: fp16 needs loss scaling that "
+                 "this FSDP path does not do; use train.precision=bf16 (or fp32)")
         self.scaler = self.precision.scaler()
         self.optimizer = build_optimizer(self.raw, self.cfg, self.device)
         self.trainable = [p for p in self.raw.parameters() if p.requires_grad]
+        self.checkpointed: list[torch.nn.Module] = []
 
         self.step = 0
         self.tokens = 0
@@ -201,14 +213,25 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def restore(self, resume: Path) -> None:
-        where = str(resume)
+    def restore_weights(self, resume: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        """The weights of a step checkpoint, into the plain model (before DDP or FSDP wraps it);
+        returns the trainer state for `restore`."""
         tensors, meta = load_trainer_state(trainer_path(resume))
         if self.save_weights is None:
             load_weights(self.raw, resume)
         else:
-            load_tensors(self.raw, state.unprefixed(tensors, "param."), where, strict=False)
-        state.load_optimizer_state(self.optimizer, tensors, meta["optimizer"], where)
+            load_tensors(self.raw, state.unprefixed(tensors, "param."), str(resume), strict=False)
+        return tensors, meta
+
+    def restore(self, resume: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Everything but the weights: optimizer, scaler, RNG and sampler streams, counters."""
+        where = str(resume)
+        if self.fsdp:
+            indexed = state.optimizer_state_dict(self.optimizer, tensors, meta["optimizer"],
+                                                 where)
+            distributed.load_full_optimizer_state(self.raw, self.optimizer, indexed)
+        else:
+            state.load_optimizer_state(self.optimizer, tensors, meta["optimizer"], where)
         # The moments continue; the hyper-parameters are the recipe's (it may have changed).
         for group, decay in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0),
                                 strict=False):
@@ -218,14 +241,14 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         rank_prefix = f"rank{self.dist.rank}."
         ranked = state.unprefixed(tensors, rank_prefix)
+        saved_world = meta.get("world_size")
         if ranked:
             state.set_rng_state(ranked, meta["rng"][str(self.dist.rank)])
             self.batches.load_state_dict(state.unprefixed(ranked, "batches."))
-        else:  # a different number of processes than the saved run: fresh streams per rank
-            if self.main:
-                info(f"note: {where} was saved by {meta.get('world_size')} process(es); rank "
-                     f"{self.dist.rank} continues with a new random stream")
+        else:  # a rank the saved run did not have: a fresh stream of its own
             state.seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * meta["step"])
+        if self.main and isinstance(saved_world, int) and saved_world != self.dist.world_size:
+            self.note_world_change(where, saved_world)
         saved_total = meta.get("total_steps")
         if (self.main and self.cfg.lr_schedule != "constant" and isinstance(saved_total, int)
                 and saved_total != self.total):
@@ -243,6 +266,41 @@ class Trainer:
         if self.step >= self.total and self.main:
             info(f"{where} is already at step {self.step} of {self.total}; raise "
                  "train.max_iters to train further")
+
+    def note_world_change(self, where: str, saved: int) -> None:
+        """What stays exact when a run resumes on another number of processes, and what not."""
+        now = self.dist.world_size
+        kept = min(saved, now)
+        streams = (f"ranks {saved} to {now - 1} start new batch streams" if now > saved else
+                   f"the batch streams of ranks {now} to {saved - 1} end")
+        info(f"note: {where} was saved by {saved} process(es), this run has {now}: weights, "
+             f"optimizer moments, step and schedule continue exactly; ranks 0 to {kept - 1} "
+             f"continue their own batch streams, {streams}, and a step now averages {now} "
+             f"batches instead of {saved}, so the run is no longer step-for-step identical to "
+             f"one that kept {saved} process(es)")
+
+    def parallelize(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the model the training steps call, the one evaluation calls): activation
+        checkpointing, then DDP around the training net or FSDP2 sharding it in place (after
+        which the optimizer is rebuilt over the sharded parameters)."""
+        blocks = list(getattr(self.raw, "blocks", []))
+        if self.cfg.activation_checkpointing:
+            self.checkpointed = distributed.activation_checkpointing(blocks)
+        if not self.fsdp:
+            net = self.training_net()
+            return distributed.wrap(net, self.dist, self.device), net
+        from llmcli.model.loss import FusedLoss
+
+        net = FusedLoss(self.raw) if hasattr(self.raw, "hidden") else self.raw
+        param_dtype = self.precision.dtype
+        distributed.fully_shard_model(net, blocks, self.dist, self.device, param_dtype)
+        # bf16 now comes from the sharding policy (weights cast once per gather): no autocast.
+        self.precision = dataclasses.replace(self.precision, dtype=None)
+        self.optimizer = build_optimizer(self.raw, self.cfg, self.device)
+        self.trainable = [p for p in self.raw.parameters() if p.requires_grad]
+        if self.cfg.compile:
+            net = torch.compile(net)
+        return net, net
 
     def training_net(self) -> torch.nn.Module:
         """The model as training calls it: the fused output layer + loss where it applies,
@@ -267,8 +325,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
-            with sync:
+            with distributed.gradient_sync(model, last or not self.dist.enabled):
                 with self.precision.autocast():
                     logits, loss = model(x, y)
                 if not has_targets and logits is not None:
@@ -308,12 +365,14 @@ class Trainer:
                         view.phase(f"eval {done}/{total_batches}")
                     done += 1
                     x, y = self.batches.get_batch(split, "eval")
-                    if not bool((y != IGNORE_INDEX).any()):
+                    scored = bool((y != IGNORE_INDEX).any())
+                    if not scored and not self.fsdp:  # under FSDP every forward is collective
                         continue
                     with self.precision.autocast():
                         _, loss = model(x.to(self.device), y.to(self.device))
-                    total += float(loss)
-                    count += 1
+                    if scored:
+                        total += float(loss)
+                        count += 1
                 means.append(total / count if count else float("nan"))
         finally:
             model.train()
@@ -328,12 +387,24 @@ class Trainer:
         return {**self.extra_meta, "step": self.step, "train_loss": self.last_eval_train,
                 "val_loss": self.last_val}
 
-    def write_weights(self, path: Path) -> None:
+    def weights_to_save(self) -> Any:
+        """What the checkpoint writers read: the model, or under FSDP its full weights gathered
+        onto rank 0 (a collective: every rank calls this; None on the others)."""
+        if not self.fsdp:
+            return self.raw if self.main else None
+        full = distributed.full_model_state(self.raw)
+        return distributed.FullWeights(full) if self.main else None
+
+    def write_weights(self, path: Path, weights: Any = None) -> None:
+        """Every rank calls this; rank 0 writes."""
+        weights = self.weights_to_save() if weights is None else weights
+        if not self.main:
+            return
         meta = self.weights_meta()
         if self.save_weights is not None:
-            self.save_weights(path, self.raw, meta)
+            self.save_weights(path, weights, meta)
         else:
-            save_model(path, self.raw, self.recipe, **meta)
+            save_model(path, weights, self.recipe, **meta)
 
     def save(self) -> Path:
         """Trainer state first, then the weights: a step file always has its state beside it."""
@@ -341,25 +412,30 @@ class Trainer:
         rng_tensors, rng_meta = state.rng_state()
         ranked = {**rng_tensors, **state.prefixed(self.batches.state_dict(), "batches.")}
         gathered = distributed.gather_objects((ranked, rng_meta), self.dist)
+        weights = self.weights_to_save()
+        full_optimizer = (distributed.full_optimizer_state(self.raw, self.optimizer)
+                          if self.fsdp else None)
         if self.main:
-            tensors, opt_meta = state.optimizer_state(self.optimizer)
+            tensors, opt_meta = state.optimizer_state(self.optimizer, full_optimizer)
             for rank, (rank_tensors, _) in enumerate(gathered):
                 tensors.update(state.prefixed(rank_tensors, f"rank{rank}."))
             if self.save_weights is not None:
-                named = dict(self.raw.named_parameters())
-                tensors.update({f"param.{n}": p for n, p in named.items() if p.requires_grad})
+                values = dict(weights.named_parameters())
+                tensors.update({f"param.{n}": values[n]
+                                for n, p in self.raw.named_parameters() if p.requires_grad})
             meta = {
                 "step": self.step, "total_steps": self.total, "tokens": self.tokens,
                 "elapsed": self.elapsed,
                 "best_val": self.best_val, "best_step": self.best_step,
                 "val_loss": self.last_val, "train_loss": self.last_eval_train,
                 "evals": self.result.evals, "world_size": self.dist.world_size,
+                "parallel": "fsdp" if self.fsdp else ("ddp" if self.dist.enabled else "none"),
                 "optimizer": opt_meta, "rng": {str(r): m for r, (_, m) in enumerate(gathered)},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "recipe": {"name": self.recipe.name, **self.recipe.to_dict()},
             }
             save_trainer_state(trainer_path(path), tensors, meta)
-            self.write_weights(path)
+            self.write_weights(path, weights)
             prune_checkpoints(self.run_dir, self.cfg.keep_last)
         distributed.barrier(self.dist)
         self.result.checkpoint = path
@@ -368,14 +444,21 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, resume: Path | None) -> TrainResult:
-        if resume is not None:
-            self.restore(Path(resume))
+        saved = self.restore_weights(Path(resume)) if resume is not None else None
+        model, net = self.parallelize()
+        try:
+            return self._run(model, net, resume, saved)
+        finally:
+            distributed.undo_activation_checkpointing(self.checkpointed)
+
+    def _run(self, model: torch.nn.Module, net: torch.nn.Module, resume: Path | None,
+             saved: tuple[dict[str, torch.Tensor], dict] | None) -> TrainResult:
+        if resume is not None and saved is not None:
+            self.restore(Path(resume), *saved)
         else:
             state.seed_everything(self.cfg.seed + self.dist.rank)
         start = self.step
         self.metrics.start(start)
-        net = self.training_net()
-        model = distributed.wrap(net, self.dist, self.device)
         model.train()
         stop = self.stop
         view = _View(self)
@@ -441,7 +524,7 @@ class Trainer:
             saved = (f"saved {self.result.checkpoint}; continue with the same command plus "
                      "--resume" if self.step > start else
                      "no training step had finished, so nothing was saved")
-            raise TrainingInterrupted(f"interrupted at step {self.step}: {saved}", self.result)
+            raise TrainingInterrupted(f"stopped at step {self.step}: {saved}", self.result)
         return self.result
 
     def stop_reason(self) -> str | None:
@@ -460,7 +543,7 @@ class Trainer:
         if math.isfinite(losses["val"]) and (self.best_val is None
                                              or losses["val"] < self.best_val):
             self.best_val, self.best_step = losses["val"], self.step
-            if self.main and self.step > 0:
+            if self.step > 0:  # every rank: under FSDP the weights are gathered first
                 self.write_weights(best_path(self.run_dir))
         self.metrics.plot()
 

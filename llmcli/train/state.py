@@ -16,8 +16,13 @@ import torch
 from llmcli.console import fail
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def optimizer_state(optimizer: torch.optim.Optimizer | None,
+                    sd: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state as named tensors (`optim.<index>.<key>`, index = the parameter's
+    place in the optimizer) + JSON. `sd` is a state dict of that shape gathered elsewhere (FSDP:
+    `distributed.full_optimizer_state`); DDP, FSDP and single-process runs write the same
+    format, so a run can resume under another."""
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in sd["state"].items():
@@ -31,6 +36,12 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                          meta: dict, where: str) -> None:
+    optimizer.load_state_dict(optimizer_state_dict(optimizer, tensors, meta, where))
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict, where: str) -> dict[str, Any]:
+    """The optimizer state dict stored by `optimizer_state`, checked against `optimizer`."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -47,7 +58,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     if ours != theirs:
         fail(f"{where}: the optimizer state covers {theirs} parameters per group but this model "
              f"trains {ours}; resume with the same recipe (model and lora sections) as the run")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,46 @@
+"""`llm export`: a checkpoint as a transformers folder (GPT2LMHeadModel or LlamaForCausalLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmcli.console import fail, out, run_guarded
+
+FORMATS = ("hf",)
+
+
+def command(
+    checkpoint: str = typer.Argument(
+        None, help="Checkpoint file or run directory (default: the newest run).",
+        show_default=False,
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Folder to write: new or empty (or use --overwrite).",
+        show_default=False,
+    ),
+    fmt: str = typer.Option(
+        "hf", "--format", "-f", help="hf: config.json, model.safetensors and the tokenizer, "
+        "loaded by transformers' AutoModelForCausalLM and AutoTokenizer.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder."),
+) -> None:
+    """Export a checkpoint (LoRA merged) for transformers: GPT-2 or Llama, by its recipe."""
+
+    def body() -> None:
+        if fmt not in FORMATS:
+            fail(f"--format {fmt}: use hf (gguf is not available: the gguf package is not "
+                 "installed)")
+        from llmcli.interop.hf_export import export_hf
+
+        result = export_hf(checkpoint, output, overwrite=overwrite)
+        eos = f"end-of-text {result.eos_id}" if result.eos_id is not None else "no end-of-text"
+        out.print(f"wrote {result.out} ({result.cls}, {result.parameters:,} parameters, "
+                  f"{result.dtype}) from {result.checkpoint}")
+        out.print(f"  files      {', '.join(result.files)}")
+        out.print(f"  tokenizer  {result.tokenizer} ({eos})")
+        out.print(f"  load with  AutoModelForCausalLM.from_pretrained({str(result.out)!r}) and "
+                  f"AutoTokenizer.from_pretrained({str(result.out)!r})")
+
+    run_guarded(body)

@@ -1,0 +1,45 @@
+"""`llm import`: a transformers GPT-2 or Llama checkpoint (folder or Hub id) as an llm run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmcli.console import out, run_guarded
+
+
+def command(
+    source: str = typer.Argument(
+        ..., help="Folder written by save_pretrained, or a Hugging Face model id (e.g. "
+        "openai-community/gpt2; downloaded when the Hub is reachable).", show_default=False,
+    ),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Run directory to write (default: checkpoints/NAME).",
+        show_default=False,
+    ),
+    tokenizer: str = typer.Option(
+        "auto", "--tokenizer", help="auto: the folder's tokenizer.json; cl100k_base or bytes: "
+        "llm's own instead.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder."),
+) -> None:
+    """Import a GPT2LMHeadModel or LlamaForCausalLM (safetensors only) as an llm checkpoint."""
+
+    def body() -> None:
+        from llmcli.interop.hf_import import import_hf
+
+        result = import_hf(source, output, overwrite=overwrite, tokenizer=tokenizer)
+        m = result.recipe.model
+        eos = f", end-of-text {result.eos}" if result.eos else ""
+        out.print(f"wrote {result.path} ({result.cls} from {result.source})")
+        out.print(f"  parameters {result.parameters:,} ({result.dtype})")
+        out.print(f"  tokenizer  {result.tokenizer}{eos}")
+        out.print(f"  model      vocab {m.vocab_size:,}, context {m.context_length:,}, "
+                  f"d_model {m.d_model}, {m.num_blocks} blocks, {m.num_heads} heads, "
+                  f"{m.positions}, {m.norm}, {m.activation}, tied {str(m.tie_embeddings).lower()}")
+        run = result.path.parent
+        out.print(f"  next       llm generate {run} \"Hello\"  ·  llm finetune RECIPE "
+                  f"finetune.init={run}")
+
+    run_guarded(body)

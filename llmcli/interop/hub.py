@@ -1,0 +1,88 @@
+"""A Hugging Face model id as a local folder: the cache when it is there, else a download.
+
+Only the files an import reads are fetched (config, safetensors weights, tokenizer JSON): never
+pickled weights, never code. When the model is not cached and the Hub cannot be used
+(HF_HUB_OFFLINE, no network), the run stops at once with one line saying how to get it, as
+`llm imagine` does.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+from llmcli.console import EXIT_FAILURE, fail, first_line, info
+
+PATTERNS = ["config.json", "generation_config.json", "*.safetensors",
+            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+PROBE_SECONDS = 8.0
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return HUB_ID.fullmatch(text) is not None and ".." not in text
+
+
+def how_to_get(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"on a connected machine run `hf download {repo_id} --local-dir DIR` (older "
+            f"huggingface_hub: `huggingface-cli download {repo_id} --local-dir DIR`), copy DIR "
+            f"here and run llm import DIR, or fill the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE})")
+
+
+def fetch(repo_id: str) -> Path:
+    """The snapshot folder of `repo_id`, from the cache or downloaded."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=PATTERNS, local_files_only=True))
+    except Exception:  # not cached (the library's error types vary between versions)
+        pass
+    if constants.HF_HUB_OFFLINE:
+        fail(f"{repo_id}: no such folder, not in the Hugging Face cache, and HF_HUB_OFFLINE is "
+             f"set; {how_to_get(repo_id)}", EXIT_FAILURE)
+    info(f"looking up {repo_id} on the Hugging Face Hub")
+    reason = probe(repo_id)
+    if reason is not None:
+        fail(f"{repo_id}: no such folder, not in the Hugging Face cache, and the Hugging Face "
+             f"Hub cannot be reached ({reason}); {how_to_get(repo_id)}", EXIT_FAILURE)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=PATTERNS))
+    except Exception as exc:  # network errors come in many types
+        fail(f"{repo_id}: download failed ({first_line(exc)}); {how_to_get(repo_id)}",
+             EXIT_FAILURE)
+
+
+def probe(repo_id: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """None when the Hub answers for `repo_id`, else why not (in a thread with a deadline: a
+    stalled DNS lookup ignores HTTP timeouts). Missing and gated repositories fail here."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    outcome: dict[str, Exception | None] = {}
+
+    def ask() -> None:
+        try:
+            model_info(repo_id, timeout=timeout)
+            outcome["error"] = None
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if "error" not in outcome:
+        return f"no answer within {timeout:g} s"
+    error = outcome["error"]
+    if error is None:
+        return None
+    if isinstance(error, GatedRepoError):
+        fail(f"{repo_id}: this model is gated; accept its licence on "
+             f"https://huggingface.co/{repo_id} and log in with `hf auth login`", EXIT_FAILURE)
+    if isinstance(error, RepositoryNotFoundError):
+        fail(f"{repo_id}: no such folder, and no such model on the Hugging Face Hub (or it is "
+             "private: log in with `hf auth login`); check the id, e.g. openai-community/gpt2")
+    return first_line(error) or type(error).__name__

@@ -1,0 +1,193 @@
+"""Imported transformers tokenizers: kept by content, loaded with the `tokenizers` library.
+
+`llm import` stores the model's tokenizer.json (with a tokenizer_config.json naming its
+end-of-text token) in `checkpoints/tokenizers/hf-<digest>/`, where the digest is the SHA-256 of
+both files. The tokenizer's name, `hf-<digest>`, is what checkpoints and recipes record
+(`data.tokenizer`), so fine-tuned runs of an imported model find the same tokenizer, the name is
+safe in file names, and a file changed after the import is refused instead of silently giving
+other ids. The folder is itself a transformers tokenizer folder.
+
+Only JSON is read (`tokenizers.Tokenizer.from_file`): no code runs, nothing is unpickled. As with
+llm's own tokenizers, special-token strings in text are encoded as text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llmcli.checkpoint import CHECKPOINTS_DIR
+from llmcli.console import fail, first_line
+from llmcli.data.tokenizer import Tokenizer
+from llmcli.files import atomic_open
+from llmcli.recipe import HF_TOKENIZER
+
+FILES = ("tokenizer.json", "tokenizer_config.json")
+EOS_GUESSES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+def is_hf_name(name: Any) -> bool:
+    return isinstance(name, str) and HF_TOKENIZER.fullmatch(name) is not None
+
+
+def store_root() -> Path:
+    return CHECKPOINTS_DIR / "tokenizers"
+
+
+def digest(tokenizer_json: bytes, config_json: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (tokenizer_json, config_json):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def token_text(value: Any) -> str | None:
+    """An eos_token entry of tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def store(tokenizer_json: bytes, eos: str, context_length: int) -> str:
+    """Keep a tokenizer (already checked to parse) in the store; its name."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+              "model_max_length": context_length, "clean_up_tokenization_spaces": False}
+    config_json = (json.dumps(config, indent=2) + "\n").encode()
+    name = f"hf-{digest(tokenizer_json, config_json)}"
+    folder = store_root() / name
+    if not all((folder / f).is_file() for f in FILES) or folder_digest(folder) != name[3:]:
+        for file, data in zip(FILES, (tokenizer_json, config_json), strict=True):
+            with atomic_open(folder / file, "wb") as fh:
+                fh.write(data)
+    return name
+
+
+def folder_digest(folder: Path) -> str | None:
+    try:
+        return digest(*((folder / f).read_bytes() for f in FILES))
+    except OSError:
+        return None
+
+
+def folder_of(name: str) -> Path:
+    """The checked folder of a stored tokenizer; a missing or altered one is a one-line error."""
+    if not is_hf_name(name):
+        fail(f"tokenizer {name!r}: not a stored transformers tokenizer name (hf-<16 hex digits>)")
+    folder = store_root() / name
+    if not (folder / "tokenizer.json").is_file():
+        fail(f"tokenizer {name}: {folder} is missing; it is written by `llm import` (run llm from "
+             "the directory that holds checkpoints/, or import the model again)")
+    if folder_digest(folder) != name[3:]:
+        fail(f"tokenizer {name}: the files in {folder} changed after the import, so ids would "
+             "differ from the model's; import the model again")
+    return folder
+
+
+class HFTokenizer(Tokenizer):
+    """A transformers tokenizer.json through the `tokenizers` library, with llm's interface."""
+
+    def __init__(self, name: str, folder: Path) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.name = name
+        path = folder / "tokenizer.json"
+        try:
+            self.tok = RustTokenizer.from_file(str(path))
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            self._decoder = json.loads(path.read_text(encoding="utf-8")).get("decoder")
+        except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+            fail(f"{path}: not a readable tokenizer ({first_line(exc)}); import the model again")
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        if hasattr(self.tok, "encode_special_tokens"):
+            self.tok.encode_special_tokens = True  # "<|endoftext|>" in text is text, as in llm
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.n_vocab = max(vocab.values(), default=-1) + 1
+        eos = token_text(config.get("eos_token") if isinstance(config, dict) else None)
+        eot = self.tok.token_to_id(eos) if eos else None
+        if eot is None:
+            fail(f"{folder}: tokenizer_config.json names no end-of-text token in the vocabulary; "
+                 "import the model again")
+        self.eot_id = eot
+        self._table: list[bytes | None] | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self.token_bytes(i) for i in ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        table = self._bytes_table()
+        token_id = int(token_id)
+        found = table[token_id] if 0 <= token_id < len(table) else None
+        if found is None:
+            raise self._bad_id(token_id)
+        return found
+
+    def _bytes_table(self) -> list[bytes | None]:
+        """Each id's bytes, by how the tokenizer's decoder spells them."""
+        if self._table is not None:
+            return self._table
+        from llmcli.interop.tokenizer_export import byte_chars
+
+        kinds = _decoder_kinds(self._decoder)
+        inverse = {c: b for b, c in enumerate(byte_chars())}
+        added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        table: list[bytes | None] = [None] * self.n_vocab
+        for text, token_id in self.tok.get_vocab(with_added_tokens=True).items():
+            if text in added:
+                table[token_id] = text.encode("utf-8")
+            elif "ByteLevel" in kinds and all(c in inverse for c in text):
+                table[token_id] = bytes(inverse[c] for c in text)
+            elif "ByteFallback" in kinds and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+                table[token_id] = bytes((int(text[3:5], 16),))
+            elif kinds & {"Metaspace", "Replace"}:
+                table[token_id] = text.replace("\u2581", " ").encode("utf-8")
+            else:
+                table[token_id] = self.tok.decode([token_id], skip_special_tokens=False).encode()
+        self._table = table
+        return table
+
+
+def _decoder_kinds(decoder: Any) -> set[str]:
+    if not isinstance(decoder, dict):
+        return set()
+    kinds = {str(decoder.get("type"))}
+    for child in decoder.get("decoders") or []:
+        kinds |= _decoder_kinds(child)
+    return kinds
+
+
+def load(name: str) -> HFTokenizer:
+    return HFTokenizer(name, folder_of(name))
+
+
+def eos_token(source: Path, tok: Any, config: dict[str, Any]) -> str | None:
+    """The end-of-text token of a transformers folder: its tokenizer_config.json, else the
+    model config's (or generation config's) eos_token_id, else a well-known name."""
+    candidates: list[str | None] = [token_text(_json_field(source / "tokenizer_config.json",
+                                                           "eos_token"))]
+    for ids in (config.get("eos_token_id"),
+                _json_field(source / "generation_config.json", "eos_token_id")):
+        first = ids[0] if isinstance(ids, list) and ids else ids
+        if isinstance(first, int) and not isinstance(first, bool):
+            candidates.append(tok.id_to_token(first))
+    candidates += EOS_GUESSES
+    return next((c for c in candidates if c and tok.token_to_id(c) is not None), None)
+
+
+def _json_field(path: Path, key: str) -> Any:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None

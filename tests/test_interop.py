@@ -1,0 +1,406 @@
+"""`llm export` / `llm import`: tiny models through transformers and back, offline.
+
+Every model here is built by the test (llm's or transformers' own classes, a few thousand
+parameters); tokenizers are llm's bytes and cl100k_base, and a small BPE trained on the spot.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from llmcli.checkpoint import Checkpoint, save_model
+from llmcli.cli import app
+from llmcli.console import UserError
+from llmcli.data.tokenizer import get_tokenizer
+from llmcli.generate.decode import sample
+from llmcli.interop.hf_export import export_hf
+from llmcli.interop.hf_import import import_hf
+from llmcli.model.gpt import build_model
+from llmcli.recipe import GenerateConfig, build_recipe
+
+runner = CliRunner()
+
+TINY = {"vocab_size": 257, "context_length": 32, "d_model": 32, "num_blocks": 2,
+        "num_heads": 4, "dropout": 0.0}
+ARCHS = {
+    "gpt2": {"positions": "learned", "activation": "gelu", "qkv_bias": True,
+             "output_bias": False, "tie_embeddings": True},
+    "gpt2-sinusoidal-relu-no-bias": {"positions": "sinusoidal", "activation": "relu",
+                                     "bias": False},
+    "llama": {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False,
+              "rope_theta": 500.0},
+    "llama-biases-tied": {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu",
+                          "qkv_bias": True, "output_bias": False, "tie_embeddings": True},
+}
+TEXTS = ["Hello world!", "  leading   spaces\n\n\ttabs  \n", "naïve café 日本語 🤖 👩‍👩‍👧",
+         "def f(x):\n    return x**2  # comment\n", "123456789 1,234.56", "I'll we've DON'T",
+         " " * 17 + "x", "\r\n\r\n", "trailing   "]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints/ (and its tokenizer store) live in the test's dir
+
+
+def llm_checkpoint(folder: Path, seed: int = 0, **model) -> Path:
+    """A tiny llm checkpoint with the bytes tokenizer and weights far from their init."""
+    recipe = build_recipe({"name": folder.name, "data": {"tokenizer": "bytes"},
+                           "model": {**TINY, **model}})
+    torch.manual_seed(seed)
+    net = build_model(recipe.model)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.15)  # peaked logits: no near-ties in greedy choices
+    path = folder / "step-00000001.safetensors"
+    save_model(path, net, recipe, tokenizer="bytes", step=1)
+    return path
+
+
+def logits_and_greedy(hf, ours, eos: int | None, new: int = 12) -> None:
+    """transformers' logits equal ours to 1e-5 and greedy decoding picks the same tokens."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, int(ours.cfg.vocab_size), (2, ours.cfg.context_length))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids)[0], atol=1e-5, rtol=0)
+        prompt = ids[:1, :5]
+        theirs = hf.generate(prompt, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)[0, 5:].tolist()
+    mine = sample(ours, prompt[0].tolist(), GenerateConfig(strategy="greedy", max_new_tokens=new),
+                  eos_id=eos)[0].tokens
+    assert mine == theirs
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(tmp_path, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS[arch])
+    code, output = invoke("export", str(ckpt.parent), "-o", "out")
+    assert code == 0, output
+    want = "LlamaForCausalLM" if arch.startswith("llama") else "GPT2LMHeadModel"
+    assert f"wrote out ({want}" in output
+    assert sorted(p.name for p in Path("out").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    hf = AutoModelForCausalLM.from_pretrained("out").eval()
+    assert type(hf).__name__ == want
+    logits_and_greedy(hf, Checkpoint.open(ckpt).load(), eos=256)
+    tok = AutoTokenizer.from_pretrained("out")
+    for text in TEXTS:
+        assert tok.encode(text, add_special_tokens=False) == get_tokenizer("bytes").encode(text)
+    assert tok.eos_token_id == 256 and hf.generation_config.eos_token_id == 256
+
+
+def test_cl100k_exports_as_a_fast_tokenizer_with_tiktokens_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from llmcli.interop.tokenizer_export import write_native
+
+    cl100k = get_tokenizer("cl100k_base")
+    assert write_native(tmp_path / "full", "cl100k_base", 100277, 128) == 100257
+    tok = AutoTokenizer.from_pretrained(tmp_path / "full")
+    assert type(tok).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    for text in [*TEXTS, "a" * 40, "x  \n  y", "1234567", "don't  stop\n\n\n  now"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == cl100k.encode(text), text
+        assert tok.decode(ids) == text
+    # transformers reads special-token text as the token; llm (and the seed's model, whose
+    # vocabulary of 100,256 has no end-of-text) read it as text
+    assert tok.encode("<|endoftext|>", add_special_tokens=False) == [100257]
+    assert tok.convert_tokens_to_ids("<|endofprompt|>") == 100276
+    assert write_native(tmp_path / "seed", "cl100k_base", 100256, 128) is None
+    seed = AutoTokenizer.from_pretrained(tmp_path / "seed")
+    text = "end<|endoftext|>"
+    assert seed.encode(text, add_special_tokens=False) == cl100k.encode(text)
+
+
+def test_lora_adapter_exports_merged(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmcli.checkpoint import base_reference, save_adapter
+    from llmcli.model.lora import apply_lora, lora_meta
+
+    base = llm_checkpoint(tmp_path / "base", **ARCHS["llama"])
+    recipe = build_recipe({"name": "lora", "data": {"tokenizer": "bytes"},
+                           "model": {**TINY, **ARCHS["llama"]},
+                           "lora": {"rank": 2, "targets": ["qkv", "proj", "ffn_in"]}})
+    net = Checkpoint.open(base).load()
+    apply_lora(net, recipe.lora)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora" in name:
+                p.copy_(torch.randn_like(p) * 0.05)  # B starts at zero: make the adapter count
+    adapter = tmp_path / "lora" / "step-00000002.safetensors"
+    save_adapter(adapter, net, recipe, tokenizer="bytes", lora=lora_meta(recipe.lora),
+                 **base_reference(adapter.parent, base))
+    merged = Checkpoint.open(adapter).load()
+    export_hf(adapter.parent, Path("out"))
+    hf = AutoModelForCausalLM.from_pretrained("out").eval()
+    logits_and_greedy(hf, merged, eos=256)
+    with torch.no_grad():
+        ids = torch.arange(10).unsqueeze(0)
+        assert not torch.allclose(Checkpoint.open(base).load()(ids)[0], merged(ids)[0])
+
+
+def test_recipes_without_a_transformers_class_name_the_keys(tmp_path):
+    seed = llm_checkpoint(tmp_path / "seed")  # the seed's defaults: output layer with a bias
+    code, output = invoke("export", str(seed), "-o", "x")
+    assert code == 2 and output.count("\n") == 1
+    assert "model.bias (output_bias: auto)" in output and "model.output_bias=false" in output
+    assert "model.positions=rope" in output and "model.activation=gelu or relu" in output
+    mixed = llm_checkpoint(tmp_path / "mixed", positions="rope", norm="layernorm",
+                           activation="gelu", output_bias=False)
+    code, output = invoke("export", str(mixed), "-o", "x")
+    assert code == 2 and "positions=rope, norm=layernorm, activation=gelu" in output
+    assert not Path("x").exists()
+
+
+def test_compact_vocabulary_and_unknown_format_are_refused(tmp_path):
+    recipe = build_recipe({"name": "c", "data": {"tokenizer": "bytes", "vocab": "compact"},
+                           "model": {**TINY, **ARCHS["llama"], "vocab_size": 4}})
+    path = tmp_path / "c" / "step-00000001.safetensors"
+    save_model(path, build_model(recipe.model), recipe, tokenizer="bytes", vocab_map=[10, 20, 30])
+    with pytest.raises(UserError, match="compact vocabulary.*data.vocab=full"):
+        export_hf(path, Path("x"))
+    code, output = invoke("export", str(path), "-o", "x", "--format", "gguf")
+    assert code == 2 and "--format gguf: use hf" in output
+
+
+def test_export_never_leaves_a_half_written_folder(tmp_path, monkeypatch):
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
+    Path("out").mkdir()
+    (Path("out") / "keep.txt").write_text("mine")
+    code, output = invoke("export", str(ckpt), "-o", "out")
+    assert code == 2 and "--overwrite" in output
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    code, output = invoke("export", str(ckpt), "-o", "out", "--overwrite")
+    assert code == 1 and "disk full" in output
+    assert [p.name for p in Path("out").iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def small_bpe(folder: Path) -> int:
+    """A byte-level BPE trained here (not one of llm's), saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. Colour red, blue?"]
+                            * 20, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+    return tok.get_vocab_size()
+
+
+def hf_folder(folder: Path, kind: str, **config) -> Path:
+    """A tiny transformers GPT-2 or Llama with its tokenizer, written by save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    vocab = small_bpe(folder)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(**{
+            "vocab_size": vocab, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
+            "bos_token_id": 0, "eos_token_id": 0, **config}))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**{
+            "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 64, "rope_theta": 1000.0, "bos_token_id": 0,
+            "eos_token_id": 0, **config}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_import_gives_transformers_logits_greedy_tokens_and_tokenizer(tmp_path, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = hf_folder(tmp_path / "src", kind)
+    code, output = invoke("import", str(source), "-o", "checkpoints/tiny-hf")
+    assert code == 0, output
+    assert "wrote checkpoints/tiny-hf/step-00000000.safetensors" in output
+    ckpt = Checkpoint.open("checkpoints/tiny-hf")
+    assert ckpt.tokenizer.startswith("hf-") and ckpt.recipe.data.tokenizer == ckpt.tokenizer
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    logits_and_greedy(hf, ckpt.load(), eos=0)
+    ours, theirs = get_tokenizer(ckpt.tokenizer), AutoTokenizer.from_pretrained(source)
+    for text in [*TEXTS, "The quick brown fox"]:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == text
+    assert ours.eot_id == 0 and ours.encode("<|endoftext|>") != [0]  # special text is text
+    code, output = invoke("generate", "checkpoints/tiny-hf", "The quick", "--strategy", "greedy",
+                          "--max-new-tokens", "5")
+    assert code == 0, output
+    code, output = invoke("params", "checkpoints/tiny-hf", "--json")
+    assert code == 0 and json.loads(output)["total"] == sum(
+        p.numel() for p in hf.parameters())
+
+
+def test_round_trip_import_export_import_gives_identical_tensors(tmp_path):
+    source = hf_folder(tmp_path / "src", "llama", tie_word_embeddings=True)
+    first = import_hf(str(source), Path("checkpoints/a"))
+    export_hf("checkpoints/a", tmp_path / "exported")
+    second = import_hf(str(tmp_path / "exported"), Path("checkpoints/b"))
+    assert first.tokenizer == second.tokenizer
+    assert first.recipe.model == second.recipe.model
+    a, b = load_file(first.path), load_file(second.path)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # llm's own tokenizers come back as themselves
+    ckpt = llm_checkpoint(tmp_path / "own", **ARCHS["gpt2"])
+    export_hf(ckpt, tmp_path / "own-hf")
+    back = import_hf(str(tmp_path / "own-hf"), Path("checkpoints/own"))
+    assert back.tokenizer == "bytes"
+    mine, theirs = load_file(ckpt), load_file(back.path)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_finetune_lora_on_an_imported_gpt2_then_export_merged(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = hf_folder(tmp_path / "src", "gpt2")
+    import_hf(str(source), Path("checkpoints/gpt2-tiny"))
+    records = [{"instruction": f"Colour {i}?", "input": "", "output": c}
+               for i, c in enumerate(["red", "blue", "green", "black"] * 5)]
+    Path("records.json").write_text(json.dumps(records))
+    Path("lora.yaml").write_text(
+        "data: {source: records.json, val_fraction: 0.2}\n"
+        "finetune: {init: checkpoints/gpt2-tiny, template: \"Q: {instruction}\\nA: \"}\n"
+        "lora: {rank: 4, targets: [qkv, proj, ffn_in]}\n"
+        "train: {batch_size: 4, max_iters: 4, lr: 0.05, eval_interval: 2, eval_iters: 1,\n"
+        "        checkpoint_interval: 2, precision: fp32}\n")
+    code, output = invoke("finetune", "lora.yaml", "--device", "cpu")
+    assert code == 0, output
+    adapter = Checkpoint.open("checkpoints/lora")
+    assert adapter.is_adapter and adapter.tokenizer.startswith("hf-")
+    code, output = invoke("generate", "checkpoints/lora", "--instruct", "Colour 3?",
+                          "--strategy", "greedy", "--max-new-tokens", "3")
+    assert code == 0, output
+    export_hf("checkpoints/lora", tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    logits_and_greedy(hf, adapter.load(), eos=0)
+
+
+def test_hub_layouts_import(tmp_path):
+    """The Hub's gpt2: GPT2Model names (no "transformer."), causal-mask buffers, no eos_token in
+    tokenizer_config.json; and weights in shards listed by model.safetensors.index.json."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    source = hf_folder(tmp_path / "gpt2", "gpt2")
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    tensors = load_file(source / "model.safetensors")
+    old = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    old |= {f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64) for i in range(2)}
+    save_file(old, source / "model.safetensors", metadata={"format": "pt"})
+    (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    result = import_hf(str(source))
+    assert result.path == Path("checkpoints/gpt2/step-00000000.safetensors")
+    assert result.eos == "<|endoftext|>"  # from config.json's eos_token_id
+    logits_and_greedy(hf, Checkpoint.open(result.path).load(), eos=0)
+
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:7],
+              "model-00002-of-00002.safetensors": names[7:]}
+    (source / "model.safetensors").unlink()
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, source / file, metadata={"format": "pt"})
+    (source / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: file for file, keys in shards.items() for k in keys}}))
+    sharded = import_hf(str(source), Path("checkpoints/sharded"))
+    a, b = load_file(result.path), load_file(sharded.path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickled_weights_are_refused_unread(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "unpickled",))
+
+    source = hf_folder(tmp_path / "src", "gpt2")
+    (source / "model.safetensors").unlink()
+    (source / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    code, output = invoke("import", str(source))
+    assert code == 2 and "pytorch_model.bin" in output and "never unpickles" in output
+    assert not (tmp_path / "unpickled").exists()
+    assert not Path("checkpoints/src").exists()
+
+
+def test_unsupported_architectures_are_named(tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    code, output = invoke("import", str(folder))
+    assert code == 2 and "BertForMaskedLM is not supported" in output
+    source = hf_folder(tmp_path / "gqa", "llama", num_key_value_heads=2)
+    code, output = invoke("import", str(source))
+    assert code == 2 and "grouped-query attention" in output and output.count("\n") == 1
+    source = hf_folder(tmp_path / "exact-gelu", "gpt2", activation_function="gelu")
+    code, output = invoke("import", str(source))
+    assert code == 2 and "activation_function is 'gelu'" in output
+
+
+def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    code, output = invoke("import", "llm-tests/no-such-model")
+    assert code == 1 and output.count("\n") == 1
+    assert "HF_HUB_OFFLINE is set" in output and "hf download llm-tests/no-such-model" in output
+    code, output = invoke("import", "./no/such/folder")
+    assert code == 2 and "no such folder" in output
+
+
+def test_imported_tokenizer_names_are_checked(tmp_path):
+    from llmcli.interop.tokenizer_store import store_root
+
+    source = hf_folder(tmp_path / "src", "gpt2")
+    result = import_hf(str(source), Path("checkpoints/g"))
+    with pytest.raises(UserError, match="data.tokenizer"):
+        build_recipe({"data": {"tokenizer": "hf-../../etc"}})
+    build_recipe({"data": {"tokenizer": result.tokenizer}})
+    (store_root() / result.tokenizer / "tokenizer_config.json").write_text("{}")
+    get_tokenizer.cache_clear()
+    try:
+        with pytest.raises(UserError, match="changed after the import"):
+            get_tokenizer(result.tokenizer)
+    finally:
+        get_tokenizer.cache_clear()

@@ -259,20 +259,23 @@ def how_to_get(model: str) -> str:
             f"here and pass --model DIR, or fill the Hugging Face cache ({_hub_cache_dir()})")
 
 
-def probe_hub(model: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
-    """None when the Hub answers for `model`; otherwise why it cannot be used.
+def probe_hub(repo_id: str, timeout: float = HUB_PROBE_SECONDS,
+              label: str | None = None) -> str | None:
+    """None when the Hub answers for `repo_id`; otherwise why it cannot be used (missing and
+    gated repositories are one-line errors here, named by `label`).
 
     Runs in a daemon thread with a deadline, because a stalled DNS lookup ignores HTTP timeouts.
-    A missing or gated repository is the user's to fix, so it fails here with its own message.
+    Shared with `llm import` (llmcli.interop.hub).
     """
     from huggingface_hub import model_info
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    label = label or f"--model {repo_id}"
     outcome: dict[str, Exception | None] = {}
 
     def ask() -> None:
         try:
-            model_info(model, timeout=timeout)
+            model_info(repo_id, timeout=timeout)
             outcome["error"] = None
         except Exception as exc:  # reported to the caller below
             outcome["error"] = exc
@@ -286,11 +289,11 @@ def probe_hub(model: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
     if error is None:
         return None
     if isinstance(error, GatedRepoError):
-        fail(f"--model {model}: this model is gated; accept its licence on "
-             f"https://huggingface.co/{model} and log in with `hf auth login`", EXIT_FAILURE)
+        fail(f"{label}: this model is gated; accept its licence on "
+             f"https://huggingface.co/{repo_id} and log in with `hf auth login`", EXIT_FAILURE)
     if isinstance(error, RepositoryNotFoundError):
-        fail(f"--model {model}: no such model on the Hugging Face Hub (or it is private: log in "
-             f"with `hf auth login`); check the id, e.g. {DEFAULT_MODEL}")
+        fail(f"{label}: no such model on the Hugging Face Hub (or it is private: log in "
+             f"with `hf auth login`); check the id, e.g. openai-community/gpt2 or {DEFAULT_MODEL}")
     return first_line(error) or type(error).__name__
 
 

@@ -62,6 +62,8 @@ def command(
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from llmcli.scaling import format_bytes
+
     total = report["total"]
     table = Table(title=f"{report['name']} ({report['kind']}: {report['source']})",
                   title_justify="left")
@@ -84,8 +86,8 @@ def print_report(report: dict[str, Any]) -> None:
     for column in ("precision", "weights", "gradients", "AdamW state", "total"):
         memory.add_column(column, justify="right" if column != "precision" else "left")
     for precision, parts in report["memory_bytes"].items():
-        memory.add_row(precision, *(_bytes(v) for v in parts.values()),
-                       _bytes(sum(parts.values())))
+        memory.add_row(precision, *(format_bytes(v) for v in parts.values()),
+                       format_bytes(sum(parts.values())))
     out.print(memory)
     flops = report["flops_per_token"]
     out.print(f"training FLOPs per token: {flops:.4g} (6N + attention at context "
@@ -100,9 +102,3 @@ def _share(part: int, total: int) -> str:
     return f"{100 * part / total:.1f}%" if total else "-"
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

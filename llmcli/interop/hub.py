@@ -9,7 +9,6 @@ pickled weights, never code. When the model is not cached and the Hub cannot be 
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 from llmcli.console import EXIT_FAILURE, fail, first_line, info
@@ -57,32 +56,7 @@ def fetch(repo_id: str) -> Path:
 
 
 def probe(repo_id: str, timeout: float = PROBE_SECONDS) -> str | None:
-    """None when the Hub answers for `repo_id`, else why not (in a thread with a deadline: a
-    stalled DNS lookup ignores HTTP timeouts). Missing and gated repositories fail here."""
-    from huggingface_hub import model_info
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    """None when the Hub answers for `repo_id`, else why not (imagine's probe, shared)."""
+    from llmcli.imagine import probe_hub
 
-    outcome: dict[str, Exception | None] = {}
-
-    def ask() -> None:
-        try:
-            model_info(repo_id, timeout=timeout)
-            outcome["error"] = None
-        except Exception as exc:  # reported below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    if "error" not in outcome:
-        return f"no answer within {timeout:g} s"
-    error = outcome["error"]
-    if error is None:
-        return None
-    if isinstance(error, GatedRepoError):
-        fail(f"{repo_id}: this model is gated; accept its licence on "
-             f"https://huggingface.co/{repo_id} and log in with `hf auth login`", EXIT_FAILURE)
-    if isinstance(error, RepositoryNotFoundError):
-        fail(f"{repo_id}: no such folder, and no such model on the Hugging Face Hub (or it is "
-             "private: log in with `hf auth login`); check the id, e.g. openai-community/gpt2")
-    return first_line(error) or type(error).__name__
+    return probe_hub(repo_id, timeout, label=repo_id)

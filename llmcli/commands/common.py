@@ -9,6 +9,7 @@ from typing import Any
 
 from llmcli.console import fail
 
+MAX_NPROC = 1024  # processes on one machine (torchrun --standalone): more GPUs than any has
 RESUME_HELP = ("Continue the run exactly from its newest checkpoint; put a checkpoint file or run "
                "directory after it to resume from that one, or `auto` to take the newest intact "
                "one when the newest is damaged.")

@@ -10,6 +10,7 @@ import typer
 from llmcli.commands.common import (
     MASTER_ADDR_HELP,
     MASTER_PORT_HELP,
+    MAX_NPROC,
     NNODES_HELP,
     NODE_RANK_HELP,
     OVERWRITE_HELP,
@@ -20,8 +21,6 @@ from llmcli.commands.common import (
 )
 from llmcli.console import check_output, check_range, check_readable, fail, out, run_guarded
 from llmcli.device import DEVICE_HELP
-
-MAX_NPROC = 1024  # processes on one machine (torchrun --standalone): more GPUs than any has
 
 
 def command(

@@ -67,7 +67,9 @@ def main() -> None:
     except usage_error as exc:
         from llmcli.console import err, one_line
 
-        err.print(f"error: {one_line(exc.format_message())} (see llm --help)")
+        message = exc.format_message()
+        if message:  # empty when the help was shown for a bare `llm` or `llm inspect`
+            err.print(f"error: {one_line(message)} (see llm --help)")
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)

@@ -62,3 +62,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# A project folder with a token file (ids 0-47) and the recipe mini.yaml: the CLI tests' workspace.
+MINI_RECIPE = {
+    "data": {"tokenizer": "bytes"},
+    "model": {"vocab_size": "auto", "context_length": 16, "d_model": 32, "num_blocks": 2,
+              "num_heads": 4, "dropout": 0.0},
+    "train": {"batch_size": 4, "max_iters": 6, "eval_interval": 3, "eval_iters": 2,
+              "log_interval": 3, "checkpoint_interval": 3, "lr": 3e-3},
+}
+
+
+def make_project(tmp_path: Path, monkeypatch: Any) -> Path:
+    """Fixture body: chdir into tmp_path with corpus.tokens and mini.yaml beside each other."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    write_tokens(tmp_path / "corpus.tokens", markov_tokens(4000))
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(MINI_RECIPE), encoding="utf-8")
+    return tmp_path

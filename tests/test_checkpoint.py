@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 import yaml
-from helpers_train import markov_tokens, one_thread, write_tokens
+from helpers_train import MINI_RECIPE, make_project, one_thread
 from typer.testing import CliRunner
 
 from llmcli.checkpoint import (
@@ -30,23 +30,13 @@ from llmcli.recipe import build_recipe
 _threads = pytest.fixture(autouse=True)(one_thread)
 runner = CliRunner()
 
-RECIPE = {
-    "data": {"tokenizer": "bytes"},
-    "model": {"vocab_size": "auto", "context_length": 16, "d_model": 32, "num_blocks": 2,
-              "num_heads": 4, "dropout": 0.0},
-    "train": {"batch_size": 4, "max_iters": 6, "eval_interval": 3, "eval_iters": 2,
-              "log_interval": 3, "checkpoint_interval": 3, "lr": 3e-3},
-}
 MODEL = {"vocab_size": 48, "context_length": 16, "d_model": 32, "num_blocks": 2, "num_heads": 4,
          "dropout": 0.0}
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_tokens(tmp_path / "corpus.tokens", markov_tokens(4000))
-    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(RECIPE), encoding="utf-8")
-    return tmp_path
+    return make_project(tmp_path, monkeypatch)
 
 
 def llm(*args: str):
@@ -111,7 +101,7 @@ def test_run_dir_that_is_a_file_is_a_one_line_error(project):
 
 @pytest.mark.parametrize("name", ["../escape", "/abs/run", "a/b", "..", ""])
 def test_recipe_name_must_be_one_path_component(project, name):
-    recipe = dict(RECIPE, name=name)
+    recipe = dict(MINI_RECIPE, name=name)
     (project / "bad.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     result = llm("pretrain", "bad.yaml", "data.source=corpus.tokens")
     assert result.exit_code == 2 and "name" in result.stderr

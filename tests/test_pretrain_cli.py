@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from helpers_train import markov_tokens, one_thread, write_tokens
+from helpers_train import make_project, markov_tokens, one_thread, write_tokens
 from typer.testing import CliRunner
 
 from llmcli.checkpoint import read_metadata, step_checkpoints
@@ -19,22 +18,11 @@ _threads = pytest.fixture(autouse=True)(one_thread)
 
 runner = CliRunner()
 
-RECIPE = {
-    "data": {"tokenizer": "bytes"},
-    "model": {"vocab_size": "auto", "context_length": 16, "d_model": 32, "num_blocks": 2,
-              "num_heads": 4, "dropout": 0.0},
-    "train": {"batch_size": 4, "max_iters": 6, "eval_interval": 3, "eval_iters": 2,
-              "log_interval": 3, "checkpoint_interval": 3, "lr": 3e-3},
-}
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A working directory with a recipe and a token file (ids 0-47) beside it."""
-    monkeypatch.chdir(tmp_path)
-    write_tokens(tmp_path / "corpus.tokens", markov_tokens(4000))
-    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(RECIPE), encoding="utf-8")
-    return tmp_path
+    return make_project(tmp_path, monkeypatch)
 
 
 def llm(*args: str):

@@ -58,6 +58,25 @@ def test_prepared_model_keeps_names_outputs_and_training(tiny_model_cfg):
     assert fast.lm_head.weight.grad is not None
 
 
+def test_bf16_decoding_layout_follows_weight_changes(tiny_model_cfg):
+    """bf16 layers decode through oneDNN's blocked copy of the weight: same outputs as plain
+    bf16 nn.Linear, and a weight loaded afterwards is used, not the stale copy."""
+    from llmcli.model.fast_decode import OneDNNLinear, onednn_works
+
+    if not onednn_works(torch.bfloat16):
+        pytest.skip("this torch build has no oneDNN bf16 linear kernel")
+    torch.manual_seed(0)
+    plain = build_model(tiny_model_cfg).eval().to(torch.bfloat16)
+    fast = prepare_model(build_model(tiny_model_cfg), torch.bfloat16)
+    assert isinstance(fast.lm_head, OneDNNLinear)
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        fast(x)  # makes the blocked copies of the first weights
+        fast.load_state_dict(plain.state_dict())
+        got, want = fast(x)[0].float(), plain(x)[0].float()
+    assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache and sliding window
 

@@ -215,3 +215,43 @@ def test_seed_init_is_pytorchs_default_and_output_bias_follows_the_key(tiny_mode
     assert gpt2.lm_head.bias is not None
     no_head_bias = build_model(dataclasses.replace(tiny_model_cfg, output_bias=False))
     assert no_head_bias.lm_head.bias is None and no_head_bias.blocks[0].ffn.fc_in.bias is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_keeps_the_expectation_and_routes_gradients_through_the_mask(dtype):
+    from llmcli.model.gpt import dropout_
+
+    torch.manual_seed(0)
+    x = torch.ones(400_000, dtype=dtype, requires_grad=True)
+    y = dropout_(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # p = 0.1 within 3 sigma-ish
+    assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.9), rtol=1e-2)
+    assert abs(y.float().mean().item() - 1.0) < 0.01  # inverted dropout: expectation kept
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # gradient flows only where the mask kept
+    assert dropout_(x, 0.1, training=False) is x and dropout_(x, 0.0, training=True) is x
+    torch.manual_seed(5)
+    a = dropout_(x.detach(), 0.3, training=True)
+    torch.manual_seed(5)
+    assert torch.equal(a, dropout_(x.detach(), 0.3, training=True))  # seeded: exact resumes
+
+
+def test_training_attention_with_dropout_uses_the_explicit_steps_and_matches_without_it(
+        tiny_model_cfg):
+    """Training on CPU with dropout takes the explicit path; with dropout off it equals SDPA."""
+    cfg = dataclasses.replace(tiny_model_cfg, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    sdpa, _ = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _ = model(idx)  # bf16 also takes the explicit steps
+    assert torch.allclose(bf16.float(), sdpa, atol=0.1)
+    dropped = build_model(dataclasses.replace(cfg, dropout=0.5)).train()
+    dropped.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    a, _ = dropped(idx)
+    torch.manual_seed(1)
+    b, _ = dropped(idx)
+    assert torch.equal(a, b) and not torch.allclose(a, sdpa)

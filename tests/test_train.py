@@ -282,6 +282,57 @@ def test_fused_output_layer_and_loss_match_the_textbook_path(bias):
     assert nothing.item() == 0.0
 
 
+def test_fused_loss_when_the_target_probability_underflows():
+    """A target 200 nats below the best logit: p(target) is 0 in fp32, the loss is still exact."""
+    from llmcli.model.loss import linear_cross_entropy
+
+    x = torch.eye(4, 8)
+    w = torch.zeros(6, 8)
+    w[0, :4] = 100.0  # logit 100 for id 0 on every row
+    w[5, :4] = -100.0  # logit -100 for id 5
+    t = torch.tensor([5, 5, 1, 0])
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), t)
+    got = linear_cross_entropy(x, w.requires_grad_(), None, t)
+    assert torch.isfinite(got) and torch.allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_loss_under_bf16_autocast_matches_autocasts_own_path(bias):
+    """bf16 logits and gradients, fp32 loss: as close to fp32 arithmetic as autocast's own
+    linear -> cross_entropy path is."""
+    from llmcli.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 32, requires_grad=True)
+    w = (torch.randn(300, 32) * 0.3).requires_grad_()
+    b = (torch.randn(300) * 0.1).requires_grad_() if bias else None
+    t = torch.randint(0, 300, (40,))
+    t[::7] = -100
+    params = [p for p in (x, w, b) if p is not None]
+
+    def run(fn, autocast):
+        for p in params:
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        loss.backward()
+        return loss, [p.grad.clone() for p in params]
+
+    def textbook():
+        logits = torch.nn.functional.linear(x, w, b).float()
+        return torch.nn.functional.cross_entropy(logits, t, ignore_index=-100)
+
+    exact, exact_grads = run(textbook, False)
+    auto, auto_grads = run(textbook, True)
+    got, got_grads = run(lambda: linear_cross_entropy(x, w, b, t), True)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - auto.item()) < 2e-3  # same bf16 logits; p(max) rounded to bf16
+    for e, a, g in zip(exact_grads, auto_grads, got_grads, strict=True):
+        assert g.dtype == torch.float32
+        auto_error = (a - e).abs().max().item()
+        assert (g - e).abs().max().item() <= 2 * auto_error + 1e-6
+
+
 def test_model_fused_loss_equals_the_logits_loss(tiny_model_cfg):
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg)

@@ -22,6 +22,7 @@ from llmcli.constants import IGNORE_INDEX
 # costs more in page faults than the softmax over it. Only the forward pass writes it, and
 # nothing in it is kept for backward.
 _workspace: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_SMALLEST = 1e-30  # fp32 probabilities below this lose precision (subnormals start ~1e-38)
 
 
 def _logits_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -40,22 +41,39 @@ def _logits_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         rows = torch.arange(x.shape[0], device=x.device)
-        logits = torch.mm(x, weight.t(), out=_logits_buffer(x.shape[0], weight.shape[0], x))
-        if bias is not None:
-            logits += bias
+        xc, wc = x.to(dtype), weight.to(dtype)
+        buffer = _logits_buffer(x.shape[0], weight.shape[0], xc)
+        if bias is None:
+            logits = torch.mm(xc, wc.t(), out=buffer)
+        else:
+            logits = torch.addmm(bias.to(dtype), xc, wc.t(), out=buffer)
         valid = targets != IGNORE_INDEX
         count = valid.sum()
         safe = targets.clamp(min=0)
-        picked = logits[rows, safe]
-        top, top_index = logits.max(dim=1)
-        # softmax in place (row by row: each x[i] is read before it is overwritten); the
-        # probability of the row's largest logit never underflows, so it gives the
-        # log-sum-exp without a second pass: lse = max - log p(max).
+        picked = logits[rows, safe].float()
+        # softmax in place (row by row: each x[i] is read before it is overwritten), and the
+        # log-sum-exp from it without another pass over the logits, from a probability whose
+        # log is exact enough: p = exp(logit - lse), so lse = logit - log p.
+        # fp32: the target's p. A target more than ~87 below its row's largest logit underflows
+        # to p = 0; those rows (rare: a loss above 87) get their log-sum-exp from their logits
+        # again. bf16 rounds p, badly for small ones, so there the row's largest logit is used
+        # (its p never underflows; the loss is then within 0.002 of fp32 arithmetic).
+        top = logits.amax(dim=1) if dtype != torch.float32 else None
         probs = torch.softmax(logits, dim=1, out=logits)
-        lse = top - probs[rows, top_index].log()
-        denom = count.clamp(min=1).to(x.dtype)  # all ignored: loss 0, not the textbook 0/0
+        if top is not None:  # p at the largest logit is the row's largest p
+            lse = top.float() - probs.amax(dim=1).float().log()
+        else:
+            p_target = probs[rows, safe]
+            lse = picked - p_target.log()
+            lost = (p_target < _SMALLEST).nonzero().flatten()
+            if lost.numel():
+                again = xc[lost] @ wc.t()
+                if bias is not None:
+                    again += bias
+                lse[lost] = torch.logsumexp(again, dim=1)
+        denom = count.clamp(min=1).float()  # all ignored: loss 0, not the textbook 0/0
         loss = torch.where(valid, lse - picked, 0.0).sum() / denom
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grads: list[torch.Tensor | None] = [None, None, None]
@@ -63,13 +81,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d loss / d logits = (softmax - onehot(target)) * valid / count; the row scale is
             # folded into the small operands instead of a pass over the logits.
             probs[rows, safe] -= 1.0
-            scale = valid.to(x.dtype) / denom
+            scale = (valid.float() / denom).to(dtype)
             if need_x:
-                grads[0] = (probs @ weight).mul_(scale.unsqueeze(1))
+                grads[0] = (probs @ wc).mul_(scale.unsqueeze(1)).to(x.dtype)
             if need_w:
-                grads[1] = probs.t() @ (x * scale.unsqueeze(1))
+                grads[1] = (probs.t() @ (xc * scale.unsqueeze(1))).to(weight.dtype)
             if need_b and bias is not None:
-                grads[2] = scale @ probs
+                grads[2] = (scale @ probs).to(bias.dtype)
         # Results, not inputs: kept on ctx and released in backward, so autograd can adopt
         # them as .grad without a copy.
         ctx.grads = grads
@@ -83,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = [g * grad_out if g is not None else None for g in grads]
         gx, gw, gb = grads
         del grads
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -91,13 +109,18 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Mean cross-entropy of `x @ weight.T + bias` against `targets` (IGNORE_INDEX skipped).
 
     x: (N, d), weight: (V, d), bias: (V,) or None, targets: (N,) int64. CPU only: elsewhere
-    in-place softmax is not promised, and `GPT` keeps the textbook path.
+    in-place softmax is not promised, and `GPT` keeps the textbook path. Under bf16 autocast the
+    logits and their gradient are bf16 and the loss fp32, as autocast's own path computes them.
     """
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or (
-            bias is not None and bias.requires_grad)):
-        with torch.no_grad():
-            return _LinearCrossEntropy.forward(_NoGradCtx(), x, weight, bias, targets)
-    return _LinearCrossEntropy.apply(x, weight, bias, targets)
+    dtype = x.dtype
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    with torch.autocast("cpu", enabled=False):
+        if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or (
+                bias is not None and bias.requires_grad)):
+            with torch.no_grad():
+                return _LinearCrossEntropy.forward(_NoGradCtx(), x, weight, bias, targets, dtype)
+        return _LinearCrossEntropy.apply(x, weight, bias, targets, dtype)
 
 
 class _NoGradCtx:
@@ -110,8 +133,9 @@ class FusedLoss(nn.Module):
     """A GPT whose training forward fuses the output layer with the loss where it can.
 
     The trainer opts in by wrapping its model (DDP and torch.compile wrap this in turn);
-    `forward(x, y)` returns `(None, loss)` on the fused path and the model's own `(logits,
-    loss)` elsewhere: under autocast, off the CPU, or when the output layer is adapted (LoRA).
+    `forward(x, y)` returns `(None, loss)` on the fused path (CPU, fp32 or bf16 autocast) and
+    the model's own `(logits, loss)` elsewhere: off the CPU, under fp16 autocast, or when the
+    output layer is adapted (LoRA).
     The attribute is called `module` so `llmcli.checkpoint.unwrap` finds the GPT inside.
     """
 
@@ -121,8 +145,11 @@ class FusedLoss(nn.Module):
 
     def fusable(self, x: torch.Tensor) -> bool:
         head = self.module.lm_head
-        return (type(head) is nn.Linear and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu"))
+        if type(head) is not nn.Linear or x.device.type != "cpu":
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            return torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return x.dtype == torch.float32
 
     def forward(self, idx: torch.Tensor,
                 targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

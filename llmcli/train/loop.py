@@ -63,6 +63,7 @@ from llmcli.data.batches import BatchSource
 from llmcli.hardware import peak_flops
 from llmcli.recipe import Recipe, TrainConfig
 from llmcli.train import distributed, state
+from llmcli.train.allocator import keep_freed_memory
 from llmcli.train.metrics import Metrics
 from llmcli.train.precision import Precision, enable_fast_matmul, resolve_precision
 from llmcli.train.schedule import lr_at
@@ -184,6 +185,8 @@ class Trainer:
 
         self.raw = unwrap(model).to(self.device)
         enable_fast_matmul(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.precision: Precision = resolve_precision(self.cfg.precision, self.device)
         # FSDP needs a process group: several processes (one process trains plainly whatever
         # the recipe says), or one whose caller set a group up itself (a one-GPU FSDP check).

@@ -220,7 +220,8 @@ def describe_run(recipe: Recipe, corpus: Corpus, params: int, tokens_per_step: i
                  resume: Path | None) -> None:
     vocab = f"vocabulary {recipe.model.vocab_size:,}"
     if corpus.vocab is not None:
-        vocab += f" (compact: {len(corpus.vocab.ids):,} distinct ids + unknown)"
+        vocab += (f" (compact: {len(corpus.vocab.ids):,} {recipe.data.tokenizer} ids: the "
+                  "corpus's, end-of-text and the prompt templates'; + unknown)")
     procs = f" x {dist.world_size} processes ({recipe.train.parallel})" if dist.enabled else ""
     info(f"{recipe.name}: {params / 1e6:.2f}M parameters, {vocab}; corpus {corpus.path} "
          f"({corpus.train_tokens:,} train / {corpus.val_tokens:,} validation tokens); "

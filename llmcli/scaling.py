@@ -405,10 +405,10 @@ def find_sidecar(
     The one "already tokenized" rule (`llmcli.data.token_cache.locate`): nothing is downloaded
     or written, and no numpy is imported.
     """
-    from llmcli.data.token_cache import locate, sidecar_path
+    from llmcli.data.token_cache import description_path, locate
 
     cached = locate(source, tokenizer, data_dir)
-    return (sidecar_path(cached.path), cached.meta) if cached is not None else None
+    return (description_path(cached.path), cached.meta) if cached is not None else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -308,6 +308,13 @@ def test_frequent_tokens_come_from_the_corpus_token_file(tmp_path, tiny_model_cf
     gen.recipe.data.source = str(text)
     ids, source = emb.frequent_ids(gen, 4, data_dir=data)
     assert ids == [ord(c) for c in "eato"] and "corpus.bytes.tokens" in source
+    # a sharded corpus (a folder of shards with an index) counts across its shards
+    from llmcli.data.tokenize import tokenize_corpus
+
+    tokenize_corpus([text], data / "sharded", "bytes", 0.1, shard_tokens=1024)
+    gen.recipe.data.source = str(data / "sharded.tokens")
+    ids, source = emb.frequent_ids(gen, 4, data_dir=data)
+    assert ids == [ord(c) for c in "eato"] and "sharded.tokens" in source
     # without a token file: the built-in English paragraph, most common first (' ', 'e', ...)
     gen.recipe.data.source = str(tmp_path / "missing.txt")
     ids, source = emb.frequent_ids(gen, 3, data_dir=data)

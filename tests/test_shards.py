@@ -245,3 +245,29 @@ def test_fetch_a_glob_of_hf_shards_resumes_verifies_and_tokenizes(tmp_path, monk
     index = tokenize_corpus([folder], tmp_path / "web", "bytes", 0.1, shard_tokens=2048,
                             workers=2)
     assert index["documents"] == 120 and len(index["sources"]) == 3
+
+
+def test_params_scaling_and_inspect_read_a_shard_folder_like_its_single_file(project):
+    """`llm params` / `llm scaling` count an auto vocabulary from the folder's index, as from the
+    single file's sidecar, and `inspect embeddings` counts token frequencies across its shards."""
+    from llmcli.data.shards import open_shards
+    from llmcli.inspect.embeddings import corpus_token_file
+    from llmcli.recipe import build_recipe
+    from llmcli.scaling import find_sidecar, recipe_vocab
+
+    counted = {}
+    for name in ("file", "shards"):
+        raw = tiny_recipe()
+        raw["data"].update(source=f"data/{name}.tokens", tokenizer="bytes", vocab="compact")
+        raw["model"]["vocab_size"] = "auto"
+        recipe = build_recipe(raw)
+        found = find_sidecar(recipe.data.source, "bytes")
+        assert found is not None, name
+        counted[name], note = recipe_vocab(recipe, found)
+        assert "not tokenized" not in note and str(found[0]) in note
+        assert corpus_token_file(recipe) == Path(f"data/{name}.tokens")
+    assert counted["file"] == counted["shards"] > 1
+    assert find_sidecar("data/shards.tokens", "bytes")[0] == Path("data/shards.tokens/index.json")
+    single = np.memmap(project / "data" / "file.tokens", dtype="<u4", mode="r")
+    assert np.array_equal(np.asarray(open_shards(Path("data/shards.tokens")).head(5000)),
+                          single[:5000])

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from llmcli.console import fail
+from llmcli.data.token_cache import SHARD_INDEX as INDEX_NAME
 
 INDEX_FORMAT = "llmcli-shards/1"
-INDEX_NAME = "index.json"
 SHARD_NAME = "shard-{:05d}.tokens"
 VAL_RULE = ("the last val_fraction of the tokens of all shards in order: val_start counts from "
             "the first token of shard 0")

@@ -21,10 +21,17 @@ from llmcli.console import fail
 from llmcli.files import sha256_file
 
 TOKENS_FORMAT = "llmcli-tokens/1"
+SHARD_INDEX = "index.json"  # a sharded corpus is a folder NAME.tokens/ with this index
 
 
 def sidecar_path(tokens: Path) -> Path:
     return Path(tokens).with_name(Path(tokens).name + ".json")
+
+
+def description_path(tokens: Path) -> Path:
+    """The JSON describing a token file (its sidecar) or a shard folder (its index)."""
+    tokens = Path(tokens)
+    return tokens / SHARD_INDEX if tokens.is_dir() else sidecar_path(tokens)
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
@@ -65,8 +72,8 @@ def candidates(sources: Path | list[Path], tokenizer: str, cache_dir: Path) -> l
 
 @dataclass
 class Cached:
-    path: Path  # the .tokens file
-    meta: dict[str, Any]  # its sidecar (with refreshed mtimes when `touched`)
+    path: Path  # the .tokens file (or shard folder)
+    meta: dict[str, Any]  # its sidecar (or index) (with refreshed mtimes when `touched`)
     touched: bool  # same bytes, newer modification times: the sidecar should be rewritten
 
 
@@ -88,8 +95,8 @@ def find_tokens(sources: Path | list[Path], tokenizer: str, cache_dir: Path) -> 
 
 def locate(source: str | list[str], tokenizer: str, data_dir: Path = Path("data")) -> Cached | None:
     """The token file already holding a recipe's `data.source`, without fetching, tokenizing
-    or writing anything: a `.tokens` source itself, else the one rule above (a preset counts
-    once `llm fetch` has put its file in `data_dir`)."""
+    or writing anything: a `.tokens` source itself (a file, or a shard folder with its index),
+    else the one rule above (a preset counts once `llm fetch` has put its file in `data_dir`)."""
     from llmcli.data.fetch import PRESETS
 
     paths = []
@@ -99,13 +106,16 @@ def locate(source: str | list[str], tokenizer: str, data_dir: Path = Path("data"
             path = Path(data_dir) / PRESETS[item].filename
         paths.append(path)
     if len(paths) == 1 and paths[0].name.endswith(".tokens"):
-        if not paths[0].is_file():
+        path = paths[0]
+        folder = path.is_dir() and (path / SHARD_INDEX).is_file()
+        if not (path.is_file() or folder):
             return None
-        meta = _read_json(sidecar_path(paths[0]))
+        meta = _read_json(description_path(path))
         if meta is None:
-            fail(f"{paths[0]}: token file without a readable sidecar {sidecar_path(paths[0])}; "
-                 "re-run `llm tokenize` to rebuild it")
-        return Cached(paths[0], meta, False)
+            what = "shard folder without a readable index" if folder else (
+                "token file without a readable sidecar")
+            fail(f"{path}: {what} {description_path(path)}; re-run `llm tokenize` to rebuild it")
+        return Cached(path, meta, False)
     return find_tokens(paths, tokenizer, data_dir)
 
 

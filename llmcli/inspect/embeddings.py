@@ -162,7 +162,12 @@ def frequent_ids(gen: Any, n: int, data_dir: Path = Path("data")) -> tuple[list[
     chosen: list[int] = []
     source = ""
     if path is not None:
-        tokens = np.memmap(path, dtype="<u4", mode="r")[:COUNT_LIMIT]
+        if path.is_dir():  # a shard folder: its first COUNT_LIMIT tokens across shards
+            from llmcli.data.shards import open_shards
+
+            tokens = np.asarray(open_shards(path).head(COUNT_LIMIT))
+        else:
+            tokens = np.memmap(path, dtype="<u4", mode="r")[:COUNT_LIMIT]
         counts = np.bincount(tokens, minlength=gen.tokenizer.n_vocab)
         if gen.vocab.compact is not None:
             ids = gen.vocab.compact.ids

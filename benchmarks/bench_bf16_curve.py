@@ -2,12 +2,13 @@
 
     python benchmarks/bench_bf16_curve.py [--steps 300]
 
-Three runs of `llm pretrain recipes/tiny.yaml` (the built-in corpus, offline), each its own
-process: fp32 with the recipe's seed, bf16 with the same seed, and fp32 with another seed. The
-last one is the noise: how far two equally good fp32 runs drift apart. bf16 matches fp32
-"within noise" when its largest gap to the fp32 curve is no larger than the two fp32 runs' gap.
-Also printed: each run's tokens/s (the tiny model is too small for bf16 to be much faster; the
-speed comparison at scale is benchmarks/bench_train.py).
+Three runs of `llm pretrain recipes/tiny.yaml` on its built-in corpus alone at context 64
+(`data.source=builtin model.context_length=64`: offline, a minute a run), each its own process:
+fp32 with the recipe's seed, bf16 with the same seed, and fp32 with another seed. The last one
+is the noise: how far two equally good fp32 runs drift apart. bf16 matches fp32 "within noise"
+when its largest gap to the fp32 curve is no larger than the two fp32 runs' gap. Also printed:
+each run's tokens/s (the tiny model is too small for bf16 to be much faster; the speed
+comparison at scale is benchmarks/bench_train.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def run(out: Path, steps: int, precision: str, seed: int, eval_every: int) -> li
     cmd = [sys.executable, "-m", "llmcli", "pretrain", str(ROOT / "recipes" / "tiny.yaml"),
            f"train.max_iters={steps}", f"train.precision={precision}", f"train.seed={seed}",
            f"train.eval_interval={eval_every}", f"train.checkpoint_interval={steps}",
+           "data.source=builtin", "model.context_length=64",
            "-o", str(out), "--overwrite"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -53,8 +55,8 @@ def main() -> None:
             rates = [r["tokens_per_s"] for r in records if r.get("kind") == "train"]
             speed[name] = sorted(rates)[len(rates) // 2] if rates else float("nan")
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
-    print(f"recipes/tiny.yaml, {args.steps} steps, validation loss (same batches for the two "
-          f"seed-{args.seed} runs)")
+    print(f"recipes/tiny.yaml (built-in corpus, context 64), {args.steps} steps, validation "
+          f"loss (same batches for the two seed-{args.seed} runs)")
     print(f"{'step':>6} " + " ".join(f"{name:>17}" for name in runs) + "   bf16 - fp32")
     for step in steps:
         row = " ".join(f"{curves[name][step]:17.4f}" for name in runs)

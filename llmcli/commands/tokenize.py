@@ -22,7 +22,8 @@ def command(
         ".txt files; each file or record is one document.", show_default=False,
     ),
     output: Path = typer.Option(
-        None, "--output", "-o", help="Token file to write [default: data/<first input>.tokens].",
+        None, "--output", "-o", help="Token file to write [default: data/<input>.tokens; "
+        "several inputs: data/<a>+<b>.tokens, the name pretraining looks for].",
         show_default=False,
     ),
     tokenizer: str = typer.Option(
@@ -109,6 +110,7 @@ def command(
 
     def _tokenize(paths: list[Path]) -> None:
         from llmcli.data.shards import is_shard_folder
+        from llmcli.data.token_cache import corpus_name
         from llmcli.data.tokenize import (
             data_bytes,
             expand_corpus_inputs,
@@ -120,9 +122,11 @@ def command(
 
         get_tokenizer(tokenizer)  # loaded before the clock starts: MB/s measures tokenizing
         expand_corpus_inputs(paths)  # missing inputs are named before any output is checked
-        target = output or Path("data") / _stem(paths[0])
+        # several inputs: the name pretraining looks for when its data.source lists them
+        name = _stem(paths[0]) if len(paths) == 1 else corpus_name(paths)
+        target = output or Path("data") / name
         if target.is_dir() and not (shard_tokens and is_shard_folder(target)):
-            target = target / _stem(paths[0])
+            target = target / name
         written = target if target.name.endswith(".tokens") else target.with_name(
             target.name + ".tokens")
         option = "--output" if output else "the default output (set one with -o)"

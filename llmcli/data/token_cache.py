@@ -58,8 +58,9 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def candidates(sources: Path | list[Path], tokenizer: str, cache_dir: Path) -> list[Path]:
-    """Where a token file of `sources` may already be, in the order they are preferred."""
+def corpus_name(sources: Path | list[Path]) -> str:
+    """The token file name of several sources: their names joined by '+' ('a+b'), or, when
+    that would be long, the first name, a count and a digest of the list."""
     sources = [Path(s) for s in (sources if isinstance(sources, list) else [sources])]
     name = "+".join(s.name if s.is_dir() else s.stem for s in sources)
     if len(name) > 80:  # many sources: a short name that still tells them apart
@@ -67,6 +68,12 @@ def candidates(sources: Path | list[Path], tokenizer: str, cache_dir: Path) -> l
 
         digest = hashlib.sha256("\0".join(map(str, sources)).encode()).hexdigest()[:8]
         name = f"{sources[0].stem[:40]}+{len(sources) - 1}-more-{digest}"
+    return name
+
+
+def candidates(sources: Path | list[Path], tokenizer: str, cache_dir: Path) -> list[Path]:
+    """Where a token file of `sources` may already be, in the order they are preferred."""
+    name = corpus_name(sources)
     return [Path(cache_dir) / f"{name}.tokens", Path(cache_dir) / f"{name}.{tokenizer}.tokens"]
 
 

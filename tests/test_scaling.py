@@ -288,7 +288,8 @@ def test_fetched_preset_counts_as_tokenized(tmp_path, monkeypatch):
     meta = tokenize_files([text], tmp_path / "data" / "python-reference.tokens", "cl100k_base")
     found = find_sidecar("builtin", "cl100k_base")
     assert found is not None and found[1]["max_id"] == meta["max_id"]
-    facts = analyse(recipe=ROOT / "recipes" / "tiny.yaml", overrides=["data.vocab=full"])
+    facts = analyse(recipe=ROOT / "recipes" / "tiny.yaml",
+                    overrides=["data.source=builtin", "data.vocab=full"])
     assert facts["recipe"]["vocab_size"] == meta["max_id"] + 1
 
 

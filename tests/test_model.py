@@ -219,22 +219,22 @@ def test_seed_init_is_pytorchs_default_and_output_bias_follows_the_key(tiny_mode
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_keeps_the_expectation_and_routes_gradients_through_the_mask(dtype):
-    from llmcli.model.gpt import dropout_
+    from llmcli.model.gpt import fast_dropout
 
     torch.manual_seed(0)
     x = torch.ones(400_000, dtype=dtype, requires_grad=True)
-    y = dropout_(x, 0.1, training=True)
+    y = fast_dropout(x, 0.1, training=True)
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.9) < 0.003  # p = 0.1 within 3 sigma-ish
     assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.9), rtol=1e-2)
     assert abs(y.float().mean().item() - 1.0) < 0.01  # inverted dropout: expectation kept
     y.sum().backward()
     assert torch.equal(x.grad != 0, kept)  # gradient flows only where the mask kept
-    assert dropout_(x, 0.1, training=False) is x and dropout_(x, 0.0, training=True) is x
+    assert fast_dropout(x, 0.1, training=False) is x and fast_dropout(x, 0.0, training=True) is x
     torch.manual_seed(5)
-    a = dropout_(x.detach(), 0.3, training=True)
+    a = fast_dropout(x.detach(), 0.3, training=True)
     torch.manual_seed(5)
-    assert torch.equal(a, dropout_(x.detach(), 0.3, training=True))  # seeded: exact resumes
+    assert torch.equal(a, fast_dropout(x.detach(), 0.3, training=True))  # seeded: exact resumes
 
 
 def test_training_attention_with_dropout_uses_the_explicit_steps_and_matches_without_it(

@@ -126,10 +126,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past:
     future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=past + 1)
     scores = scores.masked_fill(future, float("-inf"))
     weights = F.softmax(scores, dim=-1)  # bf16 scores: accumulated in fp32 all the same
-    return dropout_(weights, dropout, training) @ v, weights
+    return fast_dropout(weights, dropout, training) @ v, weights
 
 
-def dropout_(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout. On CPU the mask comes from 15-bit random integers (p rounded to a
     multiple of 2^-15), four drawn per 64-bit random number, instead of `bernoulli_`: the same
     statistics, about 2x faster forward and backward, a noticeable share of a training step
@@ -146,10 +146,10 @@ def dropout_(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout_` (its faster CPU mask)."""
+    """nn.Dropout through `fast_dropout` (its faster CPU mask)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout_(x, self.p, self.training)
+        return fast_dropout(x, self.p, self.training)
 
 
 class FeedForward(nn.Module):

@@ -116,14 +116,16 @@ def is_greedy(g: GenerateConfig) -> bool:
 
 
 def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Eval mode, the decoding dtype, and oneDNN matrix products for fp32 and bf16 on CPU
-    (`llmcli.model.fast_decode`: about 2x faster decoding, same results)."""
+    """Eval mode, the decoding dtype, and the fast CPU paths for fp32 and bf16: oneDNN matrix
+    products (`llmcli.model.fast_decode`) and, for one sequence at a time, whole native decoding
+    steps (`llmcli.model.native_decode`); same results to float rounding."""
     from llmcli.model.fast_decode import use_onednn_linears
 
     model.eval()
     if dtype is not None:
         model.to(dtype)
     use_onednn_linears(model)
+    model.native_decode = True  # Context takes the native step where the model allows it
     return model
 
 
@@ -150,6 +152,11 @@ class Context:
         self.start = 0
         self.slides = 0
         self.cache = model.new_cache(1) if use_cache else None
+        self.native = None
+        if use_cache and getattr(model, "native_decode", False):
+            from llmcli.model.native_decode import native_decoder
+
+            self.native = native_decoder(model)
 
     @property
     def batch_size(self) -> int:
@@ -164,6 +171,8 @@ class Context:
         return True
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and tokens.shape == (1, 1):
+            return self.native.step(int(tokens), self.cache)
         logits, _ = self.model(tokens, cache=self.cache, last_only=True)
         return logits[:, -1].float()
 

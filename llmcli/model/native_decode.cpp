@@ -1,0 +1,305 @@
+// One decoding step of llmcli's GPT for a single sequence, in one call: embedding, every block
+// (norm, qkv, RoPE, attention over the KV cache, projection, norm, feed-forward), the final norm
+// and the output layer. Batch-1 decoding reads every weight once per token, so its speed is the
+// speed of the matrix-vector products plus whatever runs between them; here the products read
+// each weight row as one sequential stream (what the memory system serves fastest) and nothing
+// else costs a dispatch. Weights and the KV cache are the model's own tensors (fp32 or bf16);
+// activations stay in fp32. Built and loaded by native_decode.py, which falls back to PyTorch
+// when this cannot be compiled.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+extern "C" {
+
+struct Spec {
+  int64_t d_model, heads, ffn, vocab, layers, max_len;
+  int32_t bf16, rmsnorm, activation, positions;  // activation 0 relu 1 gelu 2 swiglu;
+  int32_t threads, unused;                        // positions 0 sinusoidal 1 learned 2 rope
+  float eps, unused2;
+  const void* tok_emb;
+  const void* pos;  // sinusoidal table or learned embedding (max_len, d), or the RoPE cos table
+  const void* rope_sin;
+  const void* norm_w;
+  const void* norm_b;
+  const void* head_w;
+  const void* head_b;
+  const void* const* layer;  // 14 per block: norm1 w,b  qkv w,b  proj w,b  norm2 w,b
+                             //               fc_in w,b  fc_gate w,b  fc_out w,b  (absent: null)
+  void* k;                   // (layers, heads, max_len, head_dim), the model's dtype
+  void* v;
+  float* scratch;            // 2d + 3d + d + 2 ffn + heads * max_len floats
+};
+
+}  // extern "C"
+
+namespace {
+
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_NTA  // streamed once per token: keep it out of the caches
+#endif
+#ifndef PREFETCH_F32
+#define PREFETCH_F32 2048  // elements ahead: 8 KiB, best of 1-8 KiB here
+#endif
+#ifndef PREFETCH_BF16
+#define PREFETCH_BF16 2048  // 4 KiB
+#endif
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float at(const void* p, int64_t i, bool bf16) {
+  return bf16 ? bf16_to_float(static_cast<const uint16_t*>(p)[i])
+              : static_cast<const float*>(p)[i];
+}
+
+inline void put(void* p, int64_t i, float value, bool bf16) {
+  if (bf16)
+    static_cast<uint16_t*>(p)[i] = float_to_bf16(value);
+  else
+    static_cast<float*>(p)[i] = value;
+}
+
+float dot_f32(const float* w, const float* x, int64_t n) {
+  int64_t k = 0;
+  float sum = 0.0f;
+#ifdef __AVX512F__
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; k + 64 <= n; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32), PREFETCH_HINT);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32 + 16), PREFETCH_HINT);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32 + 32), PREFETCH_HINT);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32 + 48), PREFETCH_HINT);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+  }
+  sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = k; j < n; ++j) sum += w[j] * x[j];
+  return sum;
+}
+
+#if defined(__AVX512BF16__)
+inline __m512bh pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// x is rounded to bf16 once per product (as a bf16 model's activations are); each instruction then
+// multiplies 32 weight-activation pairs and adds them into fp32 sums.
+float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 128 <= n; k += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16), PREFETCH_HINT);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16 + 32), PREFETCH_HINT);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16 + 64), PREFETCH_HINT);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16 + 96), PREFETCH_HINT);
+    a0 = _mm512_dpbf16_ps(a0, pairs(w + k), pairs(x + k));
+    a1 = _mm512_dpbf16_ps(a1, pairs(w + k + 32), pairs(x + k + 32));
+    a2 = _mm512_dpbf16_ps(a2, pairs(w + k + 64), pairs(x + k + 64));
+    a3 = _mm512_dpbf16_ps(a3, pairs(w + k + 96), pairs(x + k + 96));
+  }
+  for (; k + 32 <= n; k += 32) a0 = _mm512_dpbf16_ps(a0, pairs(w + k), pairs(x + k));
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; k < n; ++k) sum += bf16_to_float(w[k]) * bf16_to_float(x[k]);
+  return sum;
+}
+#endif
+
+// y = W x (+ b); W is (out, in) row-major. Rows are split evenly across the threads.
+void gemv(const void* w, const void* b, const float* x, float* y, int64_t out, int64_t in,
+          bool bf16, int threads) {
+  if (!bf16) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < out; ++r) {
+      float s = dot_f32(static_cast<const float*>(w) + r * in, x, in);
+      y[r] = b ? s + at(b, r, false) : s;
+    }
+    return;
+  }
+  const uint16_t* wb = static_cast<const uint16_t*>(w);
+#if defined(__AVX512BF16__)
+  std::vector<uint16_t> xb(in);
+  for (int64_t k = 0; k < in; ++k) xb[k] = float_to_bf16(x[k]);
+  const uint16_t* xv = xb.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < out; ++r) {
+    float s = dot_bf16(wb + r * in, xv, in);
+    y[r] = b ? s + at(b, r, true) : s;
+  }
+#else
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < out; ++r) {
+    const uint16_t* row = wb + r * in;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < in; ++k) s += bf16_to_float(row[k]) * x[k];
+    y[r] = b ? s + at(b, r, true) : s;
+  }
+#endif
+}
+
+void norm(const Spec& s, const void* w, const void* b, const float* x, float* y) {
+  const int64_t d = s.d_model;
+  const bool bf16 = s.bf16;
+  double mean = 0.0, square = 0.0;
+  for (int64_t i = 0; i < d; ++i) {
+    mean += x[i];
+    square += static_cast<double>(x[i]) * x[i];
+  }
+  mean /= d;
+  square /= d;
+  float shift = s.rmsnorm ? 0.0f : static_cast<float>(mean);
+  double var = s.rmsnorm ? square : square - mean * mean;
+  float inv = static_cast<float>(1.0 / sqrt((var > 0 ? var : 0.0) + s.eps));
+  for (int64_t i = 0; i < d; ++i) {
+    float v = (x[i] - shift) * inv * at(w, i, bf16);
+    y[i] = b ? v + at(b, i, bf16) : v;
+  }
+}
+
+void rope(const Spec& s, float* x, int64_t pos) {  // every head's pairs (x[2i], x[2i+1])
+  const int64_t hd = s.d_model / s.heads, half = hd / 2;
+  for (int64_t h = 0; h < s.heads; ++h) {
+    float* p = x + h * hd;
+    for (int64_t i = 0; i < half; ++i) {
+      float c = at(s.pos, pos * half + i, s.bf16), n = at(s.rope_sin, pos * half + i, s.bf16);
+      float a = p[2 * i], b = p[2 * i + 1];
+      p[2 * i] = a * c - b * n;
+      p[2 * i + 1] = a * n + b * c;
+    }
+  }
+}
+
+inline float load(float v) { return v; }
+inline float load(uint16_t v) { return bf16_to_float(v); }
+
+// One query against the cached keys 0..pos of every head; out is head-major, as the model
+// reshapes it.
+template <typename T>
+void attend(const Spec& s, int64_t layer, const float* q, int64_t pos, float* scores,
+            float* out) {
+  const int64_t hd = s.d_model / s.heads;
+  const float scale = 1.0f / sqrtf(static_cast<float>(hd));
+#pragma omp parallel for num_threads(s.threads) schedule(static)
+  for (int64_t h = 0; h < s.heads; ++h) {
+    const int64_t base = ((layer * s.heads + h) * s.max_len) * hd;
+    const T* keys = static_cast<const T*>(s.k) + base;
+    const T* values = static_cast<const T*>(s.v) + base;
+    const float* qh = q + h * hd;
+    float* sc = scores + h * s.max_len;
+    float best = -INFINITY;
+    for (int64_t j = 0; j <= pos; ++j) {
+      const T* key = keys + j * hd;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < hd; ++i) dot += qh[i] * load(key[i]);
+      sc[j] = dot * scale;
+      best = sc[j] > best ? sc[j] : best;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j <= pos; ++j) {
+      sc[j] = expf(sc[j] - best);
+      total += sc[j];
+    }
+    float* oh = out + h * hd;
+    for (int64_t i = 0; i < hd; ++i) oh[i] = 0.0f;
+    for (int64_t j = 0; j <= pos; ++j) {
+      const T* value = values + j * hd;
+      const float p = sc[j] / total;
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) oh[i] += p * load(value[i]);
+    }
+  }
+}
+
+float activate(int activation, float x) {
+  if (activation == 0) return x > 0.0f ? x : 0.0f;
+  if (activation == 1) {  // GELU, tanh approximation
+    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+  }
+  return x / (1.0f + expf(-x));  // SiLU, SwiGLU's gate
+}
+
+}  // namespace
+
+extern "C" {
+
+// Logits (vocab floats) for `token` at position `pos`; writes its keys and values to the cache.
+// Returns 0, or 1 for a token outside the vocabulary, 2 for a position outside the context.
+int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits) {
+  const Spec& s = *spec;
+  const int64_t d = s.d_model, hd = d / s.heads;
+  const bool bf16 = s.bf16;
+  if (token < 0 || token >= s.vocab) return 1;
+  if (pos < 0 || pos >= s.max_len) return 2;
+  float* x = s.scratch;
+  float* h = x + d;
+  float* qkv = h + d;
+  float* att = qkv + 3 * d;
+  float* ff = att + d;
+  float* gate = ff + s.ffn;
+  float* scores = gate + s.ffn;
+
+  for (int64_t i = 0; i < d; ++i) {
+    float e = at(s.tok_emb, token * d + i, bf16);
+    if (s.positions != 2) e += at(s.pos, pos * d + i, bf16);
+    x[i] = e;
+  }
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const void* const* p = s.layer + 14 * l;
+    norm(s, p[0], p[1], x, h);
+    gemv(p[2], p[3], h, qkv, 3 * d, d, bf16, s.threads);
+    if (s.positions == 2) {
+      rope(s, qkv, pos);
+      rope(s, qkv + d, pos);
+    }
+    for (int64_t hh = 0; hh < s.heads; ++hh) {
+      const int64_t at_pos = ((l * s.heads + hh) * s.max_len + pos) * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        put(s.k, at_pos + i, qkv[d + hh * hd + i], bf16);
+        put(s.v, at_pos + i, qkv[2 * d + hh * hd + i], bf16);
+      }
+    }
+    if (bf16)
+      attend<uint16_t>(s, l, qkv, pos, scores, att);
+    else
+      attend<float>(s, l, qkv, pos, scores, att);
+    gemv(p[4], p[5], att, h, d, d, bf16, s.threads);
+    for (int64_t i = 0; i < d; ++i) x[i] += h[i];
+    norm(s, p[6], p[7], x, h);
+    gemv(p[8], p[9], h, ff, s.ffn, d, bf16, s.threads);
+    if (s.activation == 2) {
+      gemv(p[10], p[11], h, gate, s.ffn, d, bf16, s.threads);
+      for (int64_t i = 0; i < s.ffn; ++i) ff[i] *= activate(2, gate[i]);
+    } else {
+      for (int64_t i = 0; i < s.ffn; ++i) ff[i] = activate(s.activation, ff[i]);
+    }
+    gemv(p[12], p[13], ff, h, d, s.ffn, bf16, s.threads);
+    for (int64_t i = 0; i < d; ++i) x[i] += h[i];
+  }
+  norm(s, s.norm_w, s.norm_b, x, h);
+  gemv(s.head_w, s.head_b, h, logits, s.vocab, d, bf16, s.threads);
+  return 0;
+}
+
+}  // extern "C"

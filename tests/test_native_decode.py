@@ -1,0 +1,153 @@
+"""The native decoding step: the PyTorch model's logits and cache for every architecture option,
+the same greedy tokens through `sample`, and PyTorch wherever it cannot or should not run."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from llmcli.generate.decode import Context, prepare_model, sample
+from llmcli.model import native_decode
+from llmcli.model.gpt import build_model
+from llmcli.model.lora import apply_lora
+from llmcli.recipe import GenerateConfig, LoraConfig, ModelConfig
+
+# d_model 96 leaves a tail after the kernels' 64- and 128-wide steps; heads of 24 are even.
+CFG = ModelConfig(vocab_size=300, context_length=24, d_model=96, num_blocks=2, num_heads=4,
+                  dropout=0.0)
+BF16_TOLERANCE = 0.05  # of the largest logit: bf16 weights, activations rounded differently
+
+
+@pytest.fixture(scope="module", autouse=True)
+def needs_library():
+    if native_decode.library() is None:
+        pytest.skip("no C++ compiler with OpenMP here: decoding stays in PyTorch")
+
+
+def random_model(dtype: torch.dtype = torch.float32, seed: int = 0, **change) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(dataclasses.replace(CFG, **change)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # large weights: peaked logits, every path matters
+            p.normal_(0.0, 0.3)
+    return prepare_model(model, dtype)
+
+
+def compare_steps(model: torch.nn.Module, steps: int = 12) -> tuple[float, float]:
+    """Largest relative logit difference and largest cache difference over `steps` tokens."""
+    decoder = native_decode.native_decoder(model)
+    assert decoder is not None
+    reference, native = model.new_cache(1), model.new_cache(1)
+    prompt = torch.randint(0, CFG.vocab_size, (1, 5))
+    logit_error = 0.0
+    with torch.inference_mode():
+        model(prompt, cache=reference)
+        model(prompt, cache=native)
+        for _ in range(steps):
+            token = torch.randint(0, CFG.vocab_size, (1, 1))
+            want = model(token, cache=reference, last_only=True)[0][:, -1].float()
+            got = decoder.step(int(token), native)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            logit_error = max(logit_error, float((got - want).abs().max() / want.abs().max()))
+    assert native.length == reference.length == 5 + steps
+    scale = float(reference.k.float().abs().max())
+    cache_error = float((native.k.float() - reference.k.float()).abs().max()) / scale
+    cache_error = max(cache_error, float((native.v.float() - reference.v.float()).abs().max())
+                      / float(reference.v.float().abs().max()))
+    return logit_error, cache_error
+
+
+@pytest.mark.parametrize(("positions", "norm", "activation", "bias"), list(itertools.product(
+    ["sinusoidal", "learned", "rope"], ["layernorm", "rmsnorm"], ["relu", "gelu", "swiglu"],
+    [True, False])))
+def test_native_step_matches_the_model_fp32(positions, norm, activation, bias):
+    model = random_model(positions=positions, norm=norm, activation=activation, bias=bias,
+                         qkv_bias=bias, tie_embeddings=not bias)
+    logit_error, cache_error = compare_steps(model)
+    assert logit_error < 1e-5
+    assert cache_error < 1e-5
+
+
+@pytest.mark.parametrize(("positions", "activation"), [("sinusoidal", "relu"),
+                                                       ("learned", "gelu"), ("rope", "swiglu")])
+def test_native_step_matches_the_model_bf16(positions, activation):
+    model = random_model(torch.bfloat16, positions=positions, activation=activation,
+                         norm="rmsnorm" if positions == "rope" else "layernorm")
+    logit_error, cache_error = compare_steps(model)
+    assert logit_error < BF16_TOLERANCE
+    assert cache_error < BF16_TOLERANCE
+
+
+def test_sample_takes_the_native_step_and_gives_pytorchs_tokens():
+    model = random_model()
+    ctx = Context(model, [1, 2, 3])
+    assert ctx.native is not None
+    # 50 new tokens with context 24: the window slides; each slide re-runs through PyTorch.
+    g = dataclasses.replace(GenerateConfig(), strategy="greedy", max_new_tokens=50)
+    native = sample(model, [5, 17, 3, 40], g)[0]
+    model.native_decode = False
+    assert Context(model, [1, 2, 3]).native is None
+    plain = sample(model, [5, 17, 3, 40], g)[0]
+    assert native.tokens == plain.tokens and len(native.tokens) == 50
+    assert native.logprob == pytest.approx(plain.logprob, rel=1e-4)
+    sampled = dataclasses.replace(g, strategy="sample", top_k=5, max_new_tokens=20)
+    plain_draw = sample(model, [5, 17], sampled, generator=torch.Generator().manual_seed(3))[0]
+    model.native_decode = True
+    native_draw = sample(model, [5, 17], sampled, generator=torch.Generator().manual_seed(3))[0]
+    assert native_draw.tokens == plain_draw.tokens
+
+
+def test_models_the_step_does_not_cover_stay_in_pytorch():
+    model = random_model()
+    assert native_decode.native_decoder(model.train()) is None
+    model.eval()
+    lora = random_model()
+    apply_lora(lora, dataclasses.replace(LoraConfig(), rank=2, targets=["qkv"]))
+    assert native_decode.native_decoder(lora) is None  # unmerged adapters
+    mixed = random_model()
+    mixed.lm_head.to(torch.bfloat16)
+    assert native_decode.native_decoder(mixed) is None
+    assert native_decode.native_decoder(torch.nn.Linear(2, 2)) is None
+    # several sequences (sampling, beam search) step through PyTorch
+    ctx = Context(model, [1, 2])
+    ctx.prefill(batch_size=3)
+    assert ctx.advance(torch.tensor([4, 5, 6])).shape == (3, CFG.vocab_size)
+
+
+def test_bad_token_and_full_context_are_errors_not_crashes():
+    model = random_model()
+    decoder = native_decode.native_decoder(model)
+    cache = model.new_cache(1)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        decoder.step(CFG.vocab_size, cache)
+    assert cache.length == 0
+    cache.length = CFG.context_length
+    with pytest.raises(ValueError, match="exceeds context_length"):
+        decoder.step(1, cache)
+    with pytest.raises(ValueError, match="batch-1 cache"):
+        decoder.step(1, model.new_cache(2))
+
+
+def test_library_builds_into_the_cache_and_falls_back_without_a_compiler(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native_decode.library.cache_clear()
+    try:
+        assert native_decode.library() is not None
+        built = list((tmp_path / "llmcli" / "native").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"  # no temporary files left
+        assert native_decode.library() is native_decode.library()  # loaded once
+        native_decode.library.cache_clear()
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("PATH", str(tmp_path))
+        assert native_decode.library() is None
+        assert native_decode.native_decoder(random_model()) is None
+        native_decode.library.cache_clear()
+        monkeypatch.setenv("LLM_NATIVE_DECODE", "0")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert native_decode.library() is None
+    finally:
+        native_decode.library.cache_clear()

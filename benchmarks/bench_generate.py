@@ -1,13 +1,17 @@
 """Decoding speed on CPU, as ratios against baselines measured in the same run.
 
 1. Greedy, batch 1, the seed's scifi dimensions (d_model 512, 12 blocks, 8 heads, vocabulary
-   100,256, context 128), random weights: our KV cache vs Hugging Face transformers'
-   `GPT2LMHeadModel.generate(use_cache=True)` with the same dimensions, in fp32 and in bf16
-   (target >= 1.6x); ours with plain `nn.Linear` (MKL) instead of oneDNN; ours without a cache.
+   100,256, context 128), random weights: ours (native decoding steps, `model/native_decode.py`)
+   vs Hugging Face transformers' `GPT2LMHeadModel.generate(use_cache=True)` with the same
+   dimensions, in fp32 and in bf16 (target >= 1.6x); ours stepping through PyTorch (oneDNN
+   kernels), with plain `nn.Linear` (MKL), and without a cache.
    Batch-1 decoding reads every weight once per token, so memory bandwidth bounds it: the
-   bound is the read bandwidth measured in the same run (reductions over a 1 GiB tensor, the
-   best of several) divided by the bytes of weights one token reads (all but the embedding
-   table, of which it reads one row); target >= 80 % of it.
+   bound is the read bandwidth (reductions over a 1 GiB tensor, the best of several) divided by
+   the bytes of weights one token reads (all but the embedding table, of which it reads one
+   row); target >= 80 % of it. A shared machine's bandwidth changes from minute to minute (33 to
+   63 GB/s on the machines this was written on), so it is read just before and just after every
+   run, and each run's median step is set against the higher reading; the figure is the median
+   over runs, shown with its range and against the best reading of the whole run.
 2. Beam search, 4 beams, a small model: ours vs transformers' beam search (target >= 1x).
 
 Each variant runs once to warm up, then `--rounds` times interleaved with the others. Figures:
@@ -32,6 +36,7 @@ import torch
 
 from llmcli.generate.decode import beam_search, prepare_model, sample
 from llmcli.model.gpt import build_model
+from llmcli.model.native_decode import native_decoder
 from llmcli.recipe import GenerateConfig, ModelConfig
 
 Runner = Callable[[], list[float]]  # one generation; returns a timestamp per decoding step
@@ -115,17 +120,31 @@ class Speed:
         return Speed(self.run / other.run, self.step / other.step, self.quiet / other.quiet)
 
 
-def measure(variants: dict[str, tuple[Runner, int]], rounds: int) -> dict[str, Speed]:
+def measure(variants: dict[str, tuple[Runner, int]], rounds: int,
+            per_run: dict[str, list[float]] | None = None,
+            bandwidth: BandwidthProbe | None = None,
+            bounds: dict[str, list[float]] | None = None) -> dict[str, Speed]:
+    """Speeds over all rounds. `per_run` receives each run's tokens/s at its median step; with
+    a `bandwidth` probe, `bounds` receives the read bandwidth beside each run: the higher of the
+    readings just before and just after it (the machine's bandwidth moves while it runs)."""
     for run, _ in variants.values():
-        run()  # warm-up: allocator, oneDNN/MKL kernels
+        run()  # warm-up: allocator, oneDNN/MKL kernels, the native step's build
     runs: dict[str, list[float]] = {name: [] for name in variants}
     steps: dict[str, list[float]] = {name: [] for name in variants}
+    before = bandwidth() if bandwidth is not None else 0.0
     for _ in range(rounds):
         for name, (run, tokens) in variants.items():
             start = time.perf_counter()
             stamps = run()
             runs[name].append(tokens / (time.perf_counter() - start))
-            steps[name] += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            steps[name] += durations
+            if per_run is not None:
+                per_run.setdefault(name, []).append(1 / statistics.median(durations))
+            if bandwidth is not None and bounds is not None:
+                after = bandwidth()
+                bounds.setdefault(name, []).append(max(before, after))
+                before = after
     speeds = {}
     for name in variants:
         durations = sorted(steps[name])
@@ -145,22 +164,27 @@ def ratio(label: str, ours: Speed, baseline: Speed, target: str = "") -> None:
     print(f"  ratio {label:<38} {r.run:6.2f}x {r.step:6.2f}x {r.quiet:6.2f}x  {target}".rstrip())
 
 
-def read_bandwidth(device: torch.device, gib: float = 1.0, trials: int = 5) -> float:
-    """Bytes/s of a streaming read with the current threads: the best of `trials` of the
-    fastest of three reductions (each as light on arithmetic as torch offers)."""
-    best = 0.0
-    for dtype, reduce in ((torch.float32, torch.amax), (torch.bfloat16, torch.sum),
-                          (torch.int8, torch.amax)):
-        data = torch.ones(int(gib * 2**30) // dtype.itemsize, dtype=dtype, device=device)
-        reduce(data)  # fault the pages in
+class BandwidthProbe:
+    """Bytes/s of a streaming read with the current threads: the fastest of a few reductions
+    over a 1 GiB buffer (as light on arithmetic as torch offers), in about 0.1 s, so that it
+    can sit between decoding runs."""
+
+    def __init__(self, device: torch.device, gib: float = 1.0):
+        self.device = device
+        self.data = torch.ones(int(gib * 2**30) // 4, device=device)
+        self.data.amax()  # fault the pages in
+
+    def __call__(self, trials: int = 2) -> float:
+        best = 0.0
         for _ in range(trials):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            reduce(data).item()
-            best = max(best, gib * 2**30 / (time.perf_counter() - start))
-        del data
-    return best
+            for reduce in (lambda: self.data.amax(),
+                           lambda: self.data.view(torch.bfloat16).sum()):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                reduce().item()
+                best = max(best, self.data.nbytes / (time.perf_counter() - start))
+        return best
 
 
 def bytes_per_token(model: torch.nn.Module) -> int:
@@ -200,42 +224,65 @@ def main() -> None:
     plain = build_model(cfg).eval().to(device)
     ours = prepare_model(copy.deepcopy(plain))
     bf16 = prepare_model(copy.deepcopy(plain), torch.bfloat16)
+    stepped, stepped_bf16 = copy.deepcopy(ours), copy.deepcopy(bf16)
+    stepped.native_decode = stepped_bf16.native_decode = False
+    native = device.type == "cpu" and native_decoder(ours) is not None
     hf = hf_gpt2(cfg).to(device)
     prompt = torch.randint(0, cfg.vocab_size, (1, 8), device=device)
     ids = prompt[0].tolist()
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{args.threads} threads")
     print(f"greedy, batch 1, scifi dimensions, {where}, prompt 8, {new} new "
-          f"tokens, {args.rounds} rounds")
+          f"tokens, {args.rounds} rounds; native decoding steps: {'yes' if native else 'no'}")
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    names = {"fp32": "llm, fp32, KV cache", "bf16": "llm, bf16, KV cache"}
+    per_run: dict[str, list[float]] = {}
+    bounds: dict[str, list[float]] = {}
+    probe = BandwidthProbe(device)
     speed = measure({
         "transformers GPT2 generate (fp32, cache)": (hf_generate(hf, prompt, new), new),
         "transformers GPT2 generate (bf16, cache)": (hf_generate(hf_bf16, prompt, new), new),
-        "llm, fp32, KV cache": (ours_greedy(ours, ids, new), new),
-        "llm, bf16, KV cache": (ours_greedy(bf16, ids, new), new),
+        names["fp32"]: (ours_greedy(ours, ids, new), new),
+        names["bf16"]: (ours_greedy(bf16, ids, new), new),
+        "llm, fp32, KV cache, PyTorch steps (oneDNN)": (ours_greedy(stepped, ids, new), new),
+        "llm, bf16, KV cache, PyTorch steps (oneDNN)": (ours_greedy(stepped_bf16, ids, new),
+                                                         new),
         "llm, fp32, KV cache, nn.Linear (MKL)": (ours_greedy(plain, ids, new), new),
         "llm, fp32, no cache": (ours_greedy(ours, ids, new, use_cache=False), new),
-    }, args.rounds)
-    bandwidth = read_bandwidth(device)
+    }, args.rounds, per_run, probe, bounds)
+    del probe
     report(speed)
     print(f"  {'':<44} {'run':>7} {'step':>7} {'p10':>7}")
-    hf_speed, fp32 = speed["transformers GPT2 generate (fp32, cache)"], speed["llm, fp32, KV cache"]
-    bf16_speed = speed["llm, bf16, KV cache"]
+    hf_speed, fp32 = speed["transformers GPT2 generate (fp32, cache)"], speed[names["fp32"]]
+    bf16_speed = speed[names["bf16"]]
     ratio("fp32 cache / transformers fp32", fp32, hf_speed, "(target >= 1.6x)")
     ratio("bf16 cache / transformers bf16", bf16_speed,
           speed["transformers GPT2 generate (bf16, cache)"], "(target >= 1.6x)")
     ratio("bf16 / fp32, ours", bf16_speed, fp32)
-    ratio("oneDNN / nn.Linear (MKL), fp32", fp32, speed["llm, fp32, KV cache, nn.Linear (MKL)"])
+    ratio("native / PyTorch steps, fp32", fp32,
+          speed["llm, fp32, KV cache, PyTorch steps (oneDNN)"])
+    ratio("native / PyTorch steps, bf16", bf16_speed,
+          speed["llm, bf16, KV cache, PyTorch steps (oneDNN)"])
+    ratio("oneDNN / nn.Linear (MKL), PyTorch steps, fp32",
+          speed["llm, fp32, KV cache, PyTorch steps (oneDNN)"],
+          speed["llm, fp32, KV cache, nn.Linear (MKL)"])
     ratio("cache / no cache, fp32", fp32, speed["llm, fp32, no cache"])
-    print(f"\nmemory-bandwidth bound: read bandwidth {bandwidth / 1e9:.1f} GB/s ({where}, "
-          "same run)")
-    for name, model, got in (("fp32", ours, fp32), ("bf16", bf16, bf16_speed)):
+    best = max(b for runs in bounds.values() for b in runs)
+    print(f"\nmemory-bandwidth bound ({where}): read bandwidth beside each run "
+          f"{min(b for runs in bounds.values() for b in runs) / 1e9:.1f} to {best / 1e9:.1f} GB/s")
+    for dtype, model in (("fp32", ours), ("bf16", bf16)):
         need = bytes_per_token(model)
-        bound = bandwidth / need
-        print(f"  {name}: {need / 1e6:,.0f} MB of weights per token -> at most {bound:,.1f} "
-              f"tokens/s; measured {got.step:,.1f} at the median step = {got.step / bound:.0%} "
-              f"(p10 step {got.quiet / bound:.0%}; target >= 80%)")
-    del plain, ours, bf16, hf, hf_bf16
+        for name in (names[dtype], f"llm, {dtype}, KV cache, PyTorch steps (oneDNN)"):
+            shares = [got * need / bound
+                      for got, bound in zip(per_run[name], bounds[name], strict=True)]
+            overall = statistics.median(per_run[name]) * need / best
+            print(f"  {name}: {need / 1e6:,.0f} MB of weights per token; median step at "
+                  f"{statistics.median(shares):.0%} of the bound beside its run (runs in turn: "
+                  + " ".join(f"{share:.0%}@{bound / 1e9:.0f}"
+                             for share, bound in zip(shares, bounds[name], strict=True))
+                  + f" GB/s); {overall:.0%} of the run's best bandwidth "
+                  f"({best / need:,.1f} tokens/s); target >= 80%")
+    del plain, ours, bf16, stepped, stepped_bf16, hf, hf_bf16
     if device.type != "cpu":
         return
 

@@ -40,16 +40,6 @@ struct Spec {
 
 namespace {
 
-#ifndef PREFETCH_HINT
-#define PREFETCH_HINT _MM_HINT_NTA  // streamed once per token: keep it out of the caches
-#endif
-#ifndef PREFETCH_F32
-#define PREFETCH_F32 2048  // elements ahead: 8 KiB, best of 1-8 KiB here
-#endif
-#ifndef PREFETCH_BF16
-#define PREFETCH_BF16 2048  // 4 KiB
-#endif
-
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
@@ -77,16 +67,15 @@ inline void put(void* p, int64_t i, float value, bool bf16) {
     static_cast<float*>(p)[i] = value;
 }
 
+// Four independent sums hide the FMA latency. No software prefetch: each thread reads one long
+// run of rows, which the hardware prefetchers follow better on their own (measured: about 10 %
+// more bandwidth than prefetching 2-16 KiB ahead).
 float dot_f32(const float* w, const float* x, int64_t n) {
   int64_t k = 0;
   float sum = 0.0f;
 #ifdef __AVX512F__
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (; k + 64 <= n; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32), PREFETCH_HINT);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32 + 16), PREFETCH_HINT);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32 + 32), PREFETCH_HINT);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_F32 + 48), PREFETCH_HINT);
     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
     a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
     a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
@@ -108,10 +97,6 @@ float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t n) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 128 <= n; k += 128) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16), PREFETCH_HINT);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16 + 32), PREFETCH_HINT);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16 + 64), PREFETCH_HINT);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + PREFETCH_BF16 + 96), PREFETCH_HINT);
     a0 = _mm512_dpbf16_ps(a0, pairs(w + k), pairs(x + k));
     a1 = _mm512_dpbf16_ps(a1, pairs(w + k + 32), pairs(x + k + 32));
     a2 = _mm512_dpbf16_ps(a2, pairs(w + k + 64), pairs(x + k + 64));

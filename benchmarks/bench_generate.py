@@ -92,6 +92,21 @@ def ours_greedy(model, prompt: list[int], new: int, use_cache: bool = True) -> R
     return run
 
 
+def native_alone(model, prompt: list[int], new: int) -> Runner:
+    """The native step alone, token after token, without the sampling loop around it."""
+    decoder = native_decoder(model)
+
+    def run() -> list[float]:
+        cache = model.new_cache(1)
+        cache.length = len(prompt)  # positions as after the prompt (its keys: zeros)
+        stamps = [time.perf_counter()]
+        for token in range(new):
+            decoder.step(prompt[token % len(prompt)], cache)
+            stamps.append(time.perf_counter())
+        return stamps
+    return run
+
+
 def ours_beam(model, prompt: list[int], new: int, beams: int) -> Runner:
     g = dataclasses.replace(GenerateConfig(), strategy="beam", num_beams=beams,
                             max_new_tokens=new)
@@ -239,6 +254,8 @@ def main() -> None:
     per_run: dict[str, list[float]] = {}
     bounds: dict[str, list[float]] = {}
     probe = BandwidthProbe(device)
+    alone = {f"llm, {dtype}, native step alone": (native_alone(model, ids, new), new)
+             for dtype, model in (("fp32", ours), ("bf16", bf16))} if native else {}
     speed = measure({
         "transformers GPT2 generate (fp32, cache)": (hf_generate(hf, prompt, new), new),
         "transformers GPT2 generate (bf16, cache)": (hf_generate(hf_bf16, prompt, new), new),
@@ -249,6 +266,7 @@ def main() -> None:
                                                          new),
         "llm, fp32, KV cache, nn.Linear (MKL)": (ours_greedy(plain, ids, new), new),
         "llm, fp32, no cache": (ours_greedy(ours, ids, new, use_cache=False), new),
+        **alone,
     }, args.rounds, per_run, probe, bounds)
     del probe
     report(speed)
@@ -272,7 +290,10 @@ def main() -> None:
           f"{min(b for runs in bounds.values() for b in runs) / 1e9:.1f} to {best / 1e9:.1f} GB/s")
     for dtype, model in (("fp32", ours), ("bf16", bf16)):
         need = bytes_per_token(model)
-        for name in (names[dtype], f"llm, {dtype}, KV cache, PyTorch steps (oneDNN)"):
+        for name in (names[dtype], f"llm, {dtype}, native step alone",
+                     f"llm, {dtype}, KV cache, PyTorch steps (oneDNN)"):
+            if name not in per_run:
+                continue
             shares = [got * need / bound
                       for got, bound in zip(per_run[name], bounds[name], strict=True)]
             overall = statistics.median(per_run[name]) * need / best

@@ -4,8 +4,9 @@
 // speed of the matrix-vector products plus whatever runs between them; here the products read
 // each weight row as one sequential stream (what the memory system serves fastest) and nothing
 // else costs a dispatch. Weights and the KV cache are the model's own tensors (fp32 or bf16);
-// activations stay in fp32. Built and loaded by native_decode.py, which falls back to PyTorch
-// when this cannot be compiled.
+// activations stay in fp32 (a bf16 model's matrix products round their input to bf16, as its
+// PyTorch layers do). Built and loaded by native_decode.py, which falls back to PyTorch when
+// this cannot be compiled.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -111,10 +111,16 @@ def test_models_the_step_does_not_cover_stay_in_pytorch():
     mixed.lm_head.to(torch.bfloat16)
     assert native_decode.native_decoder(mixed) is None
     assert native_decode.native_decoder(torch.nn.Linear(2, 2)) is None
-    # several sequences (sampling, beam search) step through PyTorch
-    ctx = Context(model, [1, 2])
-    ctx.prefill(batch_size=3)
-    assert ctx.advance(torch.tensor([4, 5, 6])).shape == (3, CFG.vocab_size)
+    # several sequences (sampling, beam search) step through PyTorch: the same logits as with
+    # the native step switched off
+    steps = []
+    for native in (True, False):
+        model.native_decode = native
+        ctx = Context(model, [1, 2])
+        ctx.prefill(batch_size=3)
+        with torch.inference_mode():
+            steps.append(ctx.advance(torch.tensor([4, 5, 6])))
+    assert steps[0].shape == (3, CFG.vocab_size) and torch.equal(steps[0], steps[1])
 
 
 def test_bad_token_and_full_context_are_errors_not_crashes():

@@ -175,9 +175,9 @@ def native_decoder(model: torch.nn.Module) -> NativeDecoder | None:
     known = {f"blocks.{i}.{name}" for i in range(model.cfg.num_blocks) for name in LAYER_SLOTS}
     known |= {"tok_emb.weight", "pos_emb.weight", "norm.weight", "norm.bias", "lm_head.weight",
               "lm_head.bias"}
-    if not set(dict(model.named_parameters())) <= known:
+    if not {name for name, _ in model.named_parameters()} <= known:
         return None  # a layer this step does not know about
-    if (model.cfg.d_model // model.cfg.num_heads) % 2:
-        return None  # RoPE's pairs; and every model the recipes allow has an even head width
+    if model.cfg.positions == "rope" and (model.cfg.d_model // model.cfg.num_heads) % 2:
+        return None  # RoPE rotates pairs (recipes refuse an odd head width with it)
     lib = library()
     return None if lib is None else NativeDecoder(model, lib)

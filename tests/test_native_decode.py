@@ -100,6 +100,53 @@ def test_sample_takes_the_native_step_and_gives_pytorchs_tokens():
     assert native_draw.tokens == plain_draw.tokens
 
 
+def torch_pick(logits: torch.Tensor) -> tuple[int, float]:
+    index = int(logits.argmax())
+    return index, float(logits[0, index] - torch.logsumexp(logits[0], dim=0))
+
+
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 33, 300, 100_256])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_greedy_pick_is_torchs_argmax_and_logprob(size, scale):
+    decoder = native_decode.native_decoder(random_model())
+    generator = torch.Generator().manual_seed(size)
+    logits = torch.randn(1, size, generator=generator) * scale
+    logits[0, size // 3:size // 2] = float("-inf")  # banned ids
+    index, logprob = decoder.pick(logits)
+    expected_index, expected = torch_pick(logits)
+    assert index == expected_index
+    assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_greedy_pick_takes_the_first_of_equal_maxima(threads):
+    decoder = native_decode.native_decoder(random_model())
+    logits = torch.zeros(1, 1000)
+    logits[0, [999, 700, 433, 41]] = 2.0  # one in each thread's share
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        index, logprob = decoder.pick(logits)
+    finally:
+        torch.set_num_threads(before)
+    assert index == 41 == torch_pick(logits)[0]
+    assert logprob == pytest.approx(torch_pick(logits)[1], rel=1e-6)
+
+
+def test_greedy_pick_leaves_odd_rows_to_torch():
+    model = random_model()
+    decoder = native_decode.native_decoder(model)
+    nan, inf = torch.randn(1, 50), torch.randn(1, 50)
+    nan[0, 7], inf[0, 9] = float("nan"), float("inf")
+    for logits in (nan, inf, torch.full((1, 50), float("-inf")), torch.randn(2, 50),
+                   torch.randn(1, 50, dtype=torch.bfloat16), torch.randn(1, 100)[:, ::2]):
+        assert decoder.pick(logits) is None
+    ctx = Context(model, [1, 2])
+    for logits in (nan, inf, torch.full((1, 50), float("-inf"))):  # torch's answers stand
+        chosen, logprob = ctx.greedy_pick(logits)
+        assert int(chosen) == int(logits.argmax()) and not torch.isfinite(torch.tensor(logprob))
+
+
 def test_models_the_step_does_not_cover_stay_in_pytorch():
     model = random_model()
     assert native_decode.native_decoder(model.train()) is None

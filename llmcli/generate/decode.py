@@ -176,6 +176,15 @@ class Context:
         logits, _ = self.model(tokens, cache=self.cache, last_only=True)
         return logits[:, -1].float()
 
+    def greedy_pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Each row's argmax and its log-probability; a single row in one native pass where
+        the native step runs."""
+        picked = self.native.pick(logits) if self.native is not None else None
+        if picked is not None:
+            return torch.tensor([picked[0]], device=logits.device), [picked[1]]
+        chosen = logits.argmax(dim=-1)
+        return chosen, _logprob_of(logits, chosen).tolist()
+
     def prefill(self, batch_size: int = 1) -> torch.Tensor:
         """Run the prompt once; (batch_size, vocab) logits for the first new token."""
         self._slide()
@@ -337,7 +346,7 @@ def sample(
         for step in range(1, g.max_new_tokens + 1):
             adjusted = process_logits(logits, ctx.seq, g, banned_t)
             if greedy:
-                chosen = adjusted.argmax(dim=-1)
+                chosen, lp = ctx.greedy_pick(adjusted)
                 scaled = keep = None
             else:
                 scaled = adjusted / g.temperature
@@ -348,7 +357,7 @@ def sample(
                 if bool(blocked.any()):
                     probs[blocked] = 1.0  # any id; the row ends as blocked below
                 chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            lp = _logprob_of(adjusted, chosen).tolist()
+                lp = _logprob_of(adjusted, chosen).tolist()
             chosen_list = chosen.tolist()
             if on_step is not None:
                 for row in range(num_sequences):

@@ -92,6 +92,10 @@ def library() -> ctypes.CDLL | None:
     lib.llm_decode_step.argtypes = [ctypes.POINTER(Spec), ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_void_p]
     lib.llm_decode_step.restype = ctypes.c_int
+    lib.llm_greedy_pick.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                    ctypes.POINTER(ctypes.c_int64),
+                                    ctypes.POINTER(ctypes.c_float)]
+    lib.llm_greedy_pick.restype = ctypes.c_int
     return lib
 
 
@@ -109,6 +113,7 @@ class NativeDecoder:
         self.cache_shape = (cfg.num_blocks, 1, cfg.num_heads, self.context_length,
                             cfg.d_model // cfg.num_heads)
         self.keep: list[torch.Tensor] = []  # every tensor the pointers refer to
+        self._index, self._logprob = ctypes.c_int64(), ctypes.c_float()  # pick's answers
 
         def ptr(tensor: torch.Tensor | None) -> int | None:
             if tensor is None:
@@ -154,6 +159,19 @@ class NativeDecoder:
                              f"{self.context_length}")
         cache.length = pos + 1
         return logits
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, float] | None:
+        """The greedy token of one row of logits and its log-probability, as torch's argmax and
+        logsumexp give them, in a tenth of their time (they cost 0.1-0.4 ms a token at a vocabulary
+        of 100,256, most of the sampling loop). None where torch must answer: a NaN or +inf logit,
+        every logit -inf, or a tensor this cannot read."""
+        if not (logits.dim() == 2 and logits.shape[0] == 1 and logits.dtype == torch.float32
+                and logits.is_contiguous() and logits.device.type == "cpu"):
+            return None
+        status = self.lib.llm_greedy_pick(logits.data_ptr(), logits.shape[1],
+                                          torch.get_num_threads(), ctypes.byref(self._index),
+                                          ctypes.byref(self._logprob))
+        return None if status else (self._index.value, self._logprob.value)
 
 
 def native_decoder(model: torch.nn.Module) -> NativeDecoder | None:

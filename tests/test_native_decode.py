@@ -81,6 +81,23 @@ def test_native_step_matches_the_model_bf16(positions, activation):
     assert cache_error < BF16_TOLERANCE
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_gives_the_same_logits_on_any_number_of_threads(dtype):
+    # uneven shares: 3 threads over 4 heads, 384 feed-forward rows and 300 output rows
+    model = random_model(dtype, positions="rope", activation="swiglu")
+    decoder = native_decode.native_decoder(model)
+    before = torch.get_num_threads()
+    logits = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            cache = model.new_cache(1)
+            logits.append(torch.cat([decoder.step(token, cache) for token in (5, 9, 2, 7)]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
 def test_sample_takes_the_native_step_and_gives_pytorchs_tokens():
     model = random_model()
     ctx = Context(model, [1, 2, 3])

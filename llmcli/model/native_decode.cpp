@@ -36,7 +36,7 @@ struct Spec {
                              //               fc_in w,b  fc_gate w,b  fc_out w,b  (absent: null)
   void* k;                   // (layers, heads, max_len, head_dim), the model's dtype
   void* v;
-  float* scratch;            // 2d + 3d + d + 2 ffn + heads * max_len floats
+  float* scratch;            // 5 d + ffn + heads * max_len floats
 };
 
 }  // extern "C"
@@ -93,12 +93,15 @@ float dot_f32(const float* w, const float* x, int64_t n) {
 
 #if defined(__AVX512BF16__)
 inline __m512bh pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+#endif
 
-// x is rounded to bf16 once per product (as a bf16 model's activations are); each instruction then
-// multiplies 32 weight-activation pairs and adds them into fp32 sums.
+// Both sides in bf16 (a bf16 model's layers round their input to bf16), sums in fp32; with
+// AVX-512 BF16 each instruction multiplies 32 weight-input pairs.
 float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t n) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
+  float sum = 0.0f;
+#if defined(__AVX512BF16__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (; k + 128 <= n; k += 128) {
     a0 = _mm512_dpbf16_ps(a0, pairs(w + k), pairs(x + k));
     a1 = _mm512_dpbf16_ps(a1, pairs(w + k + 32), pairs(x + k + 32));
@@ -106,43 +109,45 @@ float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t n) {
     a3 = _mm512_dpbf16_ps(a3, pairs(w + k + 96), pairs(x + k + 96));
   }
   for (; k + 32 <= n; k += 32) a0 = _mm512_dpbf16_ps(a0, pairs(w + k), pairs(x + k));
-  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; k < n; ++k) sum += bf16_to_float(w[k]) * bf16_to_float(x[k]);
+  sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = k; j < n; ++j) sum += bf16_to_float(w[j]) * bf16_to_float(x[j]);
   return sum;
 }
-#endif
 
-// y = W x (+ b); W is (out, in) row-major. Rows are split evenly across the threads.
-void gemv(const void* w, const void* b, const float* x, float* y, int64_t out, int64_t in,
-          bool bf16, int threads) {
-  if (!bf16) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < out; ++r) {
-      float s = dot_f32(static_cast<const float*>(w) + r * in, x, in);
-      y[r] = b ? s + at(b, r, false) : s;
-    }
-    return;
+// A product's input as every thread reads it: fp32, and rounded to bf16 for bf16 weights.
+struct Input {
+  const float* f32;
+  const uint16_t* bf16;
+};
+
+Input prepare(const float* values, int64_t n, bool bf16, std::vector<uint16_t>& rounded) {
+  if (bf16) {
+    rounded.resize(n);
+    for (int64_t k = 0; k < n; ++k) rounded[k] = float_to_bf16(values[k]);
   }
-  const uint16_t* wb = static_cast<const uint16_t*>(w);
-#if defined(__AVX512BF16__)
-  std::vector<uint16_t> xb(in);
-  for (int64_t k = 0; k < in; ++k) xb[k] = float_to_bf16(x[k]);
-  const uint16_t* xv = xb.data();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < out; ++r) {
-    float s = dot_bf16(wb + r * in, xv, in);
-    y[r] = b ? s + at(b, r, true) : s;
-  }
-#else
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < out; ++r) {
-    const uint16_t* row = wb + r * in;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < in; ++k) s += bf16_to_float(row[k]) * x[k];
-    y[r] = b ? s + at(b, r, true) : s;
-  }
-#endif
+  return {values, rounded.data()};
+}
+
+// Row r of W x (+ b); W is (out, in) row-major.
+inline float row(const void* w, const void* b, int64_t r, const Input& x, int64_t in,
+                 bool bf16) {
+  const float s = bf16 ? dot_bf16(static_cast<const uint16_t*>(w) + r * in, x.bf16, in)
+                       : dot_f32(static_cast<const float*>(w) + r * in, x.f32, in);
+  return b ? s + at(b, r, bf16) : s;
+}
+
+// This thread's even share [begin, end) of n rows or heads.
+struct Share {
+  int64_t begin, end;
+  Share(int64_t n, int thread, int team) : begin(n * thread / team), end(n * (thread + 1) / team) {}
+};
+
+void rows(const void* w, const void* b, const Input& x, float* y, int64_t out, int64_t in,
+          bool bf16, int thread, int team) {
+  const Share mine(out, thread, team);
+  for (int64_t r = mine.begin; r < mine.end; ++r) y[r] = row(w, b, r, x, in, bf16);
 }
 
 void norm(const Spec& s, const void* w, const void* b, const float* x, float* y) {
@@ -164,58 +169,60 @@ void norm(const Spec& s, const void* w, const void* b, const float* x, float* y)
   }
 }
 
-void rope(const Spec& s, float* x, int64_t pos) {  // every head's pairs (x[2i], x[2i+1])
-  const int64_t hd = s.d_model / s.heads, half = hd / 2;
-  for (int64_t h = 0; h < s.heads; ++h) {
-    float* p = x + h * hd;
-    for (int64_t i = 0; i < half; ++i) {
-      float c = at(s.pos, pos * half + i, s.bf16), n = at(s.rope_sin, pos * half + i, s.bf16);
-      float a = p[2 * i], b = p[2 * i + 1];
-      p[2 * i] = a * c - b * n;
-      p[2 * i + 1] = a * n + b * c;
-    }
+void rope(const Spec& s, float* x, int64_t pos) {  // one head's pairs (x[2i], x[2i+1])
+  const int64_t half = s.d_model / s.heads / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float c = at(s.pos, pos * half + i, s.bf16), n = at(s.rope_sin, pos * half + i, s.bf16);
+    float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c - b * n;
+    x[2 * i + 1] = a * n + b * c;
   }
 }
 
 inline float load(float v) { return v; }
 inline float load(uint16_t v) { return bf16_to_float(v); }
 
-// One query against the cached keys 0..pos of every head; out is head-major, as the model
-// reshapes it.
+// Head h at position pos: RoPE on its query and key, its key and value into the cache, and its
+// query against the cached keys 0..pos; out is head-major, as the model reshapes it.
 template <typename T>
-void attend(const Spec& s, int64_t layer, const float* q, int64_t pos, float* scores,
+void attend(const Spec& s, int64_t layer, int64_t h, float* qkv, int64_t pos, float* scores,
             float* out) {
-  const int64_t hd = s.d_model / s.heads;
+  const int64_t d = s.d_model, hd = d / s.heads;
+  float* q = qkv + h * hd;
+  if (s.positions == 2) {
+    rope(s, q, pos);
+    rope(s, qkv + d + h * hd, pos);
+  }
+  const int64_t base = ((layer * s.heads + h) * s.max_len) * hd;
+  T* keys = static_cast<T*>(s.k) + base;
+  T* values = static_cast<T*>(s.v) + base;
+  for (int64_t i = 0; i < hd; ++i) {
+    put(keys, pos * hd + i, qkv[d + h * hd + i], s.bf16);
+    put(values, pos * hd + i, qkv[2 * d + h * hd + i], s.bf16);
+  }
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
-#pragma omp parallel for num_threads(s.threads) schedule(static)
-  for (int64_t h = 0; h < s.heads; ++h) {
-    const int64_t base = ((layer * s.heads + h) * s.max_len) * hd;
-    const T* keys = static_cast<const T*>(s.k) + base;
-    const T* values = static_cast<const T*>(s.v) + base;
-    const float* qh = q + h * hd;
-    float* sc = scores + h * s.max_len;
-    float best = -INFINITY;
-    for (int64_t j = 0; j <= pos; ++j) {
-      const T* key = keys + j * hd;
-      float dot = 0.0f;
+  float* sc = scores + h * s.max_len;
+  float best = -INFINITY;
+  for (int64_t j = 0; j <= pos; ++j) {
+    const T* key = keys + j * hd;
+    float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < hd; ++i) dot += qh[i] * load(key[i]);
-      sc[j] = dot * scale;
-      best = sc[j] > best ? sc[j] : best;
-    }
-    float total = 0.0f;
-    for (int64_t j = 0; j <= pos; ++j) {
-      sc[j] = expf(sc[j] - best);
-      total += sc[j];
-    }
-    float* oh = out + h * hd;
-    for (int64_t i = 0; i < hd; ++i) oh[i] = 0.0f;
-    for (int64_t j = 0; j <= pos; ++j) {
-      const T* value = values + j * hd;
-      const float p = sc[j] / total;
+    for (int64_t i = 0; i < hd; ++i) dot += q[i] * load(key[i]);
+    sc[j] = dot * scale;
+    best = sc[j] > best ? sc[j] : best;
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j <= pos; ++j) {
+    sc[j] = expf(sc[j] - best);
+    total += sc[j];
+  }
+  float* oh = out + h * hd;
+  for (int64_t i = 0; i < hd; ++i) oh[i] = 0.0f;
+  for (int64_t j = 0; j <= pos; ++j) {
+    const T* value = values + j * hd;
+    const float p = sc[j] / total;
 #pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) oh[i] += p * load(value[i]);
-    }
+    for (int64_t i = 0; i < hd; ++i) oh[i] += p * load(value[i]);
   }
 }
 
@@ -244,15 +251,15 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 #endif
 
-// Each thread's share of a row of logits: its largest value, the first index holding it, and
+// Each thread's part of a row of logits: its largest value, the first index holding it, and
 // the sum of exp(logit - max) once the row's max is known.
-struct Share {
+struct LogitPart {
   float max = -INFINITY, sum = 0.0f;
   int64_t index = -1;
   bool finite = true;
 };
 
-void share_max(const float* x, int64_t begin, int64_t end, Share& s) {
+void share_max(const float* x, int64_t begin, int64_t end, LogitPart& s) {
   float best = -INFINITY;
   int64_t k = begin;
 #ifdef __AVX512F__
@@ -273,7 +280,7 @@ void share_max(const float* x, int64_t begin, int64_t end, Share& s) {
   s.max = best;
 }
 
-void share_sum(const float* x, int64_t begin, int64_t end, float max, Share& s) {
+void share_sum(const float* x, int64_t begin, int64_t end, float max, LogitPart& s) {
   int64_t k = begin;
   float sum = 0.0f;
 #ifdef __AVX512F__
@@ -317,26 +324,26 @@ extern "C" {
 int llm_greedy_pick(const float* logits, int64_t n, int threads, int64_t* index,
                     float* logprob) {
   if (n <= 0) return 1;
-  std::vector<Share> shares(threads);
+  std::vector<LogitPart> parts(threads);
   float max = -INFINITY;
   bool finite = true;
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), count = omp_get_num_threads();
     const int64_t begin = n * t / count, end = n * (t + 1) / count;
-    share_max(logits, begin, end, shares[t]);
+    share_max(logits, begin, end, parts[t]);
 #pragma omp barrier
 #pragma omp single
     for (int i = 0; i < count; ++i) {
-      max = shares[i].max > max ? shares[i].max : max;
-      finite = finite && shares[i].finite;
+      max = parts[i].max > max ? parts[i].max : max;
+      finite = finite && parts[i].finite;
     }
-    if (finite && max > -INFINITY) share_sum(logits, begin, end, max, shares[t]);
+    if (finite && max > -INFINITY) share_sum(logits, begin, end, max, parts[t]);
   }
   if (!finite || max == -INFINITY) return 1;
   float sum = 0.0f;
   *index = -1;
-  for (const Share& s : shares) {
+  for (const LogitPart& s : parts) {
     sum += s.sum;
     if (*index < 0 && s.index >= 0) *index = s.index;
   }
@@ -348,59 +355,64 @@ int llm_greedy_pick(const float* logits, int64_t n, int threads, int64_t* index,
 
 // Logits (vocab floats) for `token` at position `pos`; writes its keys and values to the cache.
 // Returns 0, or 1 for a token outside the vocabulary, 2 for a position outside the context.
+// One parallel region for the whole step: each thread keeps its own copy of the residual stream
+// and of the normed input (a few KiB, computed alike by all), takes an even share of every
+// product's rows and of the heads, and waits only where the next phase reads what another
+// thread wrote: five barriers a block.
 int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits) {
   const Spec& s = *spec;
-  const int64_t d = s.d_model, hd = d / s.heads;
+  const int64_t d = s.d_model, ffn = s.ffn;
   const bool bf16 = s.bf16;
   if (token < 0 || token >= s.vocab) return 1;
   if (pos < 0 || pos >= s.max_len) return 2;
-  float* x = s.scratch;
-  float* h = x + d;
-  float* qkv = h + d;
+  float* qkv = s.scratch;  // shared between the threads
   float* att = qkv + 3 * d;
-  float* ff = att + d;
-  float* gate = ff + s.ffn;
-  float* scores = gate + s.ffn;
-
-  for (int64_t i = 0; i < d; ++i) {
-    float e = at(s.tok_emb, token * d + i, bf16);
-    if (s.positions != 2) e += at(s.pos, pos * d + i, bf16);
-    x[i] = e;
-  }
-  for (int64_t l = 0; l < s.layers; ++l) {
-    const void* const* p = s.layer + 14 * l;
-    norm(s, p[0], p[1], x, h);
-    gemv(p[2], p[3], h, qkv, 3 * d, d, bf16, s.threads);
-    if (s.positions == 2) {
-      rope(s, qkv, pos);
-      rope(s, qkv + d, pos);
+  float* out = att + d;
+  float* ff = out + d;
+  float* scores = ff + ffn;
+#pragma omp parallel num_threads(s.threads)
+  {
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    std::vector<float> x(d), normed(d);
+    std::vector<uint16_t> rounded;
+    for (int64_t i = 0; i < d; ++i) {
+      x[i] = at(s.tok_emb, token * d + i, bf16);
+      if (s.positions != 2) x[i] += at(s.pos, pos * d + i, bf16);
     }
-    for (int64_t hh = 0; hh < s.heads; ++hh) {
-      const int64_t at_pos = ((l * s.heads + hh) * s.max_len + pos) * hd;
-      for (int64_t i = 0; i < hd; ++i) {
-        put(s.k, at_pos + i, qkv[d + hh * hd + i], bf16);
-        put(s.v, at_pos + i, qkv[2 * d + hh * hd + i], bf16);
+    for (int64_t l = 0; l < s.layers; ++l) {
+      const void* const* p = s.layer + 14 * l;
+      norm(s, p[0], p[1], x.data(), normed.data());
+      rows(p[2], p[3], prepare(normed.data(), d, bf16, rounded), qkv, 3 * d, d, bf16, thread,
+           team);
+#pragma omp barrier
+      const Share heads(s.heads, thread, team);
+      for (int64_t h = heads.begin; h < heads.end; ++h) {
+        if (bf16)
+          attend<uint16_t>(s, l, h, qkv, pos, scores, att);
+        else
+          attend<float>(s, l, h, qkv, pos, scores, att);
       }
+#pragma omp barrier
+      rows(p[4], p[5], prepare(att, d, bf16, rounded), out, d, d, bf16, thread, team);
+#pragma omp barrier
+      for (int64_t i = 0; i < d; ++i) x[i] += out[i];
+      norm(s, p[6], p[7], x.data(), normed.data());
+      const Input in = prepare(normed.data(), d, bf16, rounded);
+      const Share mine(ffn, thread, team);
+      for (int64_t r = mine.begin; r < mine.end; ++r) {
+        const float v = row(p[8], p[9], r, in, d, bf16);
+        ff[r] = s.activation == 2 ? v * activate(2, row(p[10], p[11], r, in, d, bf16))
+                                  : activate(s.activation, v);
+      }
+#pragma omp barrier
+      rows(p[12], p[13], prepare(ff, ffn, bf16, rounded), out, d, ffn, bf16, thread, team);
+#pragma omp barrier
+      for (int64_t i = 0; i < d; ++i) x[i] += out[i];
     }
-    if (bf16)
-      attend<uint16_t>(s, l, qkv, pos, scores, att);
-    else
-      attend<float>(s, l, qkv, pos, scores, att);
-    gemv(p[4], p[5], att, h, d, d, bf16, s.threads);
-    for (int64_t i = 0; i < d; ++i) x[i] += h[i];
-    norm(s, p[6], p[7], x, h);
-    gemv(p[8], p[9], h, ff, s.ffn, d, bf16, s.threads);
-    if (s.activation == 2) {
-      gemv(p[10], p[11], h, gate, s.ffn, d, bf16, s.threads);
-      for (int64_t i = 0; i < s.ffn; ++i) ff[i] *= activate(2, gate[i]);
-    } else {
-      for (int64_t i = 0; i < s.ffn; ++i) ff[i] = activate(s.activation, ff[i]);
-    }
-    gemv(p[12], p[13], ff, h, d, s.ffn, bf16, s.threads);
-    for (int64_t i = 0; i < d; ++i) x[i] += h[i];
+    norm(s, s.norm_w, s.norm_b, x.data(), normed.data());
+    rows(s.head_w, s.head_b, prepare(normed.data(), d, bf16, rounded), logits, s.vocab, d, bf16,
+         thread, team);
   }
-  norm(s, s.norm_w, s.norm_b, x, h);
-  gemv(s.head_w, s.head_b, h, logits, s.vocab, d, bf16, s.threads);
   return 0;
 }
 

@@ -125,7 +125,7 @@ class NativeDecoder:
                  for name in LAYER_SLOTS]
         self.layer_table = (ctypes.c_void_p * len(slots))(*slots)
         d, ffn = cfg.d_model, cfg.ffn_width
-        self.scratch = torch.empty(6 * d + 2 * ffn + cfg.num_heads * self.context_length)
+        self.scratch = torch.empty(5 * d + ffn + cfg.num_heads * self.context_length)
         positions = cfg.positions
         pos = {"sinusoidal": buffers.get("pos_table"), "rope": buffers.get("rope_cos"),
                "learned": params.get("pos_emb.weight")}[positions]

@@ -116,14 +116,17 @@ def is_greedy(g: GenerateConfig) -> bool:
 
 
 def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Eval mode, the decoding dtype, and the fast CPU paths for fp32 and bf16: oneDNN matrix
-    products (`llmcli.model.fast_decode`) and, for one sequence at a time, whole native decoding
-    steps (`llmcli.model.native_decode`); same results to float rounding."""
+    """Eval mode, the decoding dtype, and the fast CPU paths for fp32 and bf16: weights in huge
+    pages (`llmcli.model.huge_pages`), oneDNN matrix products (`llmcli.model.fast_decode`) and,
+    for one sequence at a time, whole native decoding steps (`llmcli.model.native_decode`); same
+    results to float rounding."""
     from llmcli.model.fast_decode import use_onednn_linears
+    from llmcli.model.huge_pages import move_weights_to_huge_pages
 
     model.eval()
     if dtype is not None:
         model.to(dtype)
+    move_weights_to_huge_pages(model)
     use_onednn_linears(model)
     model.native_decode = True  # Context takes the native step where the model allows it
     return model

@@ -3,15 +3,18 @@
 1. Greedy, batch 1, the seed's scifi dimensions (d_model 512, 12 blocks, 8 heads, vocabulary
    100,256, context 128), random weights: ours (native decoding steps, `model/native_decode.py`)
    vs Hugging Face transformers' `GPT2LMHeadModel.generate(use_cache=True)` with the same
-   dimensions, in fp32 and in bf16 (target >= 1.6x); ours stepping through PyTorch (oneDNN
-   kernels), with plain `nn.Linear` (MKL), and without a cache.
+   dimensions, in fp32 and in bf16 (target >= 1.6x); ours with the weights in ordinary 4 KiB
+   pages instead of huge pages, stepping through PyTorch (oneDNN kernels), with plain
+   `nn.Linear` (MKL), and without a cache.
    Batch-1 decoding reads every weight once per token, so memory bandwidth bounds it: the
-   bound is the read bandwidth (reductions over a 1 GiB tensor, the best of several) divided by
-   the bytes of weights one token reads (all but the embedding table, of which it reads one
-   row); target >= 80 % of it. A shared machine's bandwidth changes from minute to minute (33 to
-   63 GB/s on the machines this was written on), so it is read just before and just after every
-   run, and each run's median step is set against the higher reading; the figure is the median
-   over runs, shown with its range and against the best reading of the whole run.
+   bound is the bytes of weights one token reads (all but the embedding table, of which it
+   reads one row) divided by the read bandwidth: the best of several reductions over a buffer of
+   the same size in the same kind of pages (huge pages, as `prepare_model` gives the weights),
+   so that the read sees the caches and page walks the step sees; target >= 80 % of it. A shared
+   machine's bandwidth changes from minute to minute (33 to 63 GB/s on the machines this was
+   written on), so it is read just before and just after every run, and each run's median step
+   is set against the higher reading; the figure is the median over runs, shown with its range
+   and against the best reading of the whole run.
 2. Beam search, 4 beams, a small model: ours vs transformers' beam search (target >= 1x).
 
 Each variant runs once to warm up, then `--rounds` times interleaved with the others. Figures:
@@ -36,6 +39,7 @@ import torch
 
 from llmcli.generate.decode import beam_search, prepare_model, sample
 from llmcli.model.gpt import build_model
+from llmcli.model.huge_pages import huge_page_buffer
 from llmcli.model.native_decode import native_decoder
 from llmcli.recipe import GenerateConfig, ModelConfig
 
@@ -137,18 +141,20 @@ class Speed:
 
 def measure(variants: dict[str, tuple[Runner, int]], rounds: int,
             per_run: dict[str, list[float]] | None = None,
-            bandwidth: BandwidthProbe | None = None,
+            probes: dict[str, BandwidthProbe] | None = None,
             bounds: dict[str, list[float]] | None = None) -> dict[str, Speed]:
-    """Speeds over all rounds. `per_run` receives each run's tokens/s at its median step; with
-    a `bandwidth` probe, `bounds` receives the read bandwidth beside each run: the higher of the
-    readings just before and just after it (the machine's bandwidth moves while it runs)."""
+    """Speeds over all rounds. `per_run` receives each run's tokens/s at its median step; for
+    the variants named in `probes`, `bounds` receives the read bandwidth beside each run: the
+    higher of the probe's readings just before and just after it (the machine's bandwidth
+    moves while it runs)."""
     for run, _ in variants.values():
         run()  # warm-up: allocator, oneDNN/MKL kernels, the native step's build
     runs: dict[str, list[float]] = {name: [] for name in variants}
     steps: dict[str, list[float]] = {name: [] for name in variants}
-    before = bandwidth() if bandwidth is not None else 0.0
     for _ in range(rounds):
         for name, (run, tokens) in variants.items():
+            probe = (probes or {}).get(name)
+            before = probe() if probe is not None else 0.0
             start = time.perf_counter()
             stamps = run()
             runs[name].append(tokens / (time.perf_counter() - start))
@@ -156,10 +162,8 @@ def measure(variants: dict[str, tuple[Runner, int]], rounds: int,
             steps[name] += durations
             if per_run is not None:
                 per_run.setdefault(name, []).append(1 / statistics.median(durations))
-            if bandwidth is not None and bounds is not None:
-                after = bandwidth()
-                bounds.setdefault(name, []).append(max(before, after))
-                before = after
+            if probe is not None and bounds is not None:
+                bounds.setdefault(name, []).append(max(before, probe()))
     speeds = {}
     for name in variants:
         durations = sorted(steps[name])
@@ -181,15 +185,18 @@ def ratio(label: str, ours: Speed, baseline: Speed, target: str = "") -> None:
 
 class BandwidthProbe:
     """Bytes/s of a streaming read with the current threads: the fastest of a few reductions
-    over a 1 GiB buffer (as light on arithmetic as torch offers), in about 0.1 s, so that it
-    can sit between decoding runs."""
+    over a buffer as large as one token's weights and laid out like them (in huge pages where
+    the decoding weights are, `llmcli.model.huge_pages`), so that it sees the same caches and
+    page walks as the step, in about 0.1 s, so that it can sit beside every run."""
 
-    def __init__(self, device: torch.device, gib: float = 1.0):
+    def __init__(self, device: torch.device, nbytes: int):
         self.device = device
-        self.data = torch.ones(int(gib * 2**30) // 4, device=device)
-        self.data.amax()  # fault the pages in
+        if device.type == "cpu":
+            self.data = huge_page_buffer(nbytes // 4 * 4).view(torch.float32).fill_(1.0)
+        else:
+            self.data = torch.ones(nbytes // 4, device=device)
 
-    def __call__(self, trials: int = 2) -> float:
+    def __call__(self, trials: int = 4) -> float:
         best = 0.0
         for _ in range(trials):
             for reduce in (lambda: self.data.amax(),
@@ -200,6 +207,15 @@ class BandwidthProbe:
                 reduce().item()
                 best = max(best, self.data.nbytes / (time.perf_counter() - start))
         return best
+
+
+def in_small_pages(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its weights copied back into ordinary (4 KiB) pages, as before
+    `prepare_model` moved them (`llmcli.model.huge_pages`)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model
 
 
 def bytes_per_token(model: torch.nn.Module) -> int:
@@ -239,7 +255,10 @@ def main() -> None:
     plain = build_model(cfg).eval().to(device)
     ours = prepare_model(copy.deepcopy(plain))
     bf16 = prepare_model(copy.deepcopy(plain), torch.bfloat16)
-    stepped, stepped_bf16 = copy.deepcopy(ours), copy.deepcopy(bf16)
+    small_pages = {dtype: in_small_pages(prepare_model(copy.deepcopy(plain), dtype))
+                   for dtype in (None, torch.bfloat16)}
+    stepped = prepare_model(copy.deepcopy(plain))
+    stepped_bf16 = prepare_model(copy.deepcopy(plain), torch.bfloat16)
     stepped.native_decode = stepped_bf16.native_decode = False
     native = device.type == "cpu" and native_decoder(ours) is not None
     hf = hf_gpt2(cfg).to(device)
@@ -253,9 +272,14 @@ def main() -> None:
     names = {"fp32": "llm, fp32, KV cache", "bf16": "llm, bf16, KV cache"}
     per_run: dict[str, list[float]] = {}
     bounds: dict[str, list[float]] = {}
-    probe = BandwidthProbe(device)
     alone = {f"llm, {dtype}, native step alone": (native_alone(model, ids, new), new)
              for dtype, model in (("fp32", ours), ("bf16", bf16))} if native else {}
+    bounded = {dtype: (names[dtype], f"llm, {dtype}, native step alone",
+                       f"llm, {dtype}, KV cache, PyTorch steps (oneDNN)") for dtype in names}
+    need = {dtype: bytes_per_token(model) for dtype, model in (("fp32", ours), ("bf16", bf16))}
+    probes = {}
+    for dtype, probe in ((dtype, BandwidthProbe(device, need[dtype])) for dtype in names):
+        probes |= {name: probe for name in bounded[dtype]}
     speed = measure({
         "transformers GPT2 generate (fp32, cache)": (hf_generate(hf, prompt, new), new),
         "transformers GPT2 generate (bf16, cache)": (hf_generate(hf_bf16, prompt, new), new),
@@ -264,11 +288,14 @@ def main() -> None:
         "llm, fp32, KV cache, PyTorch steps (oneDNN)": (ours_greedy(stepped, ids, new), new),
         "llm, bf16, KV cache, PyTorch steps (oneDNN)": (ours_greedy(stepped_bf16, ids, new),
                                                          new),
+        "llm, fp32, KV cache, 4 KiB pages": (ours_greedy(small_pages[None], ids, new), new),
+        "llm, bf16, KV cache, 4 KiB pages": (ours_greedy(small_pages[torch.bfloat16], ids, new),
+                                             new),
         "llm, fp32, KV cache, nn.Linear (MKL)": (ours_greedy(plain, ids, new), new),
         "llm, fp32, no cache": (ours_greedy(ours, ids, new, use_cache=False), new),
         **alone,
-    }, args.rounds, per_run, probe, bounds)
-    del probe
+    }, args.rounds, per_run, probes, bounds)
+    del probes
     report(speed)
     print(f"  {'':<44} {'run':>7} {'step':>7} {'p10':>7}")
     hf_speed, fp32 = speed["transformers GPT2 generate (fp32, cache)"], speed[names["fp32"]]
@@ -281,29 +308,29 @@ def main() -> None:
           speed["llm, fp32, KV cache, PyTorch steps (oneDNN)"])
     ratio("native / PyTorch steps, bf16", bf16_speed,
           speed["llm, bf16, KV cache, PyTorch steps (oneDNN)"])
+    ratio("huge / 4 KiB pages, fp32", fp32, speed["llm, fp32, KV cache, 4 KiB pages"])
+    ratio("huge / 4 KiB pages, bf16", bf16_speed, speed["llm, bf16, KV cache, 4 KiB pages"])
     ratio("oneDNN / nn.Linear (MKL), PyTorch steps, fp32",
           speed["llm, fp32, KV cache, PyTorch steps (oneDNN)"],
           speed["llm, fp32, KV cache, nn.Linear (MKL)"])
     ratio("cache / no cache, fp32", fp32, speed["llm, fp32, no cache"])
-    best = max(b for runs in bounds.values() for b in runs)
-    print(f"\nmemory-bandwidth bound ({where}): read bandwidth beside each run "
-          f"{min(b for runs in bounds.values() for b in runs) / 1e9:.1f} to {best / 1e9:.1f} GB/s")
-    for dtype, model in (("fp32", ours), ("bf16", bf16)):
-        need = bytes_per_token(model)
-        for name in (names[dtype], f"llm, {dtype}, native step alone",
-                     f"llm, {dtype}, KV cache, PyTorch steps (oneDNN)"):
+    print(f"\nmemory-bandwidth bound ({where}): the best read of a buffer the size of one token's "
+          "weights, in huge pages, just before and just after each run")
+    for dtype in names:
+        best = max(max(bounds[name]) for name in bounded[dtype] if name in bounds)
+        for name in bounded[dtype]:
             if name not in per_run:
                 continue
-            shares = [got * need / bound
+            shares = [got * need[dtype] / bound
                       for got, bound in zip(per_run[name], bounds[name], strict=True)]
-            overall = statistics.median(per_run[name]) * need / best
-            print(f"  {name}: {need / 1e6:,.0f} MB of weights per token; median step at "
+            overall = statistics.median(per_run[name]) * need[dtype] / best
+            print(f"  {name}: {need[dtype] / 1e6:,.0f} MB of weights per token; median step at "
                   f"{statistics.median(shares):.0%} of the bound beside its run (runs in turn: "
                   + " ".join(f"{share:.0%}@{bound / 1e9:.0f}"
                              for share, bound in zip(shares, bounds[name], strict=True))
-                  + f" GB/s); {overall:.0%} of the run's best bandwidth "
-                  f"({best / need:,.1f} tokens/s); target >= 80%")
-    del plain, ours, bf16, stepped, stepped_bf16, hf, hf_bf16
+                  + f" GB/s); {overall:.0%} of the best reading for {dtype} "
+                  f"({best / 1e9:.1f} GB/s, {best / need[dtype]:,.1f} tokens/s); target >= 80%")
+    del plain, ours, bf16, stepped, stepped_bf16, hf, hf_bf16, small_pages
     if device.type != "cpu":
         return
 

@@ -1,11 +1,11 @@
 """Weights in 2 MiB pages for decoding on CPU.
 
 Batch-1 decoding streams every weight once per token, and with 4 KiB pages that stream pays a
-TLB miss every 64 cache lines. On the 2-core machines this was measured on, a streaming read
-over 2 MiB pages ran at 1.2-1.6x the speed of the same read over 4 KiB pages, and the seed's
-model decoded 10-20 % faster (benchmarks/bench_generate.py). Linux gives an anonymous mapping
-transparent huge pages when it is advised to (`MADV_HUGEPAGE`, honoured unless THP is "never");
-torch's allocator does not ask, so the weights are moved into one such mapping.
+TLB miss every 64 cache lines. On the 2-core machines this was measured on, the seed's model
+decoded 1.04-1.09x faster with its weights in 2 MiB pages (benchmarks/bench_generate.py, both
+of the machine's bandwidth levels). Linux gives an anonymous mapping transparent huge pages when
+it is advised to (`MADV_HUGEPAGE`, honoured unless THP is "never"); torch's allocator does not
+ask, so the weights are moved into one such mapping.
 """
 
 from __future__ import annotations

@@ -95,3 +95,12 @@ def test_the_setting_never_switches_it_off(monkeypatch, tmp_path):
     assert huge_pages.available() == hasattr(__import__("mmap"), "MADV_HUGEPAGE")
     setting.unlink()
     assert not huge_pages.available()
+
+
+def test_a_refused_mapping_gives_plain_memory(monkeypatch, needs_huge_pages):
+    def refuse(*args, **kwargs):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    buffer = huge_pages.huge_page_buffer(4096)
+    assert buffer.numel() == 4096 and buffer.dtype == torch.uint8

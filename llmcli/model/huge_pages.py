@@ -35,8 +35,11 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     available."""
     if not available():
         return torch.empty(nbytes, dtype=torch.uint8)
-    region = mmap.mmap(-1, nbytes + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        region = mmap.mmap(-1, nbytes + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP refuses the advice; plain memory will do
+        return torch.empty(nbytes, dtype=torch.uint8)
     whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
     start = -whole.data_ptr() % PAGE
     return whole[start:start + nbytes]

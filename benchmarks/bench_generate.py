@@ -11,10 +11,10 @@
    reads one row) divided by the read bandwidth: the best of several reductions over a buffer of
    the same size in the same kind of pages (huge pages, as `prepare_model` gives the weights),
    so that the read sees the caches and page walks the step sees; target >= 80 % of it. A shared
-   machine's bandwidth changes from minute to minute (33 to 63 GB/s on the machines this was
-   written on), so it is read just before and just after every run, and each run's median step
-   is set against the higher reading; the figure is the median over runs, shown with its range
-   and against the best reading of the whole run.
+   machine's bandwidth changes from minute to minute (these reads gave 35 to 73 GB/s on the
+   machines this was written on), so it is read just before and just after every run, and each
+   run's median step is set against the higher reading; the figure is the median over runs,
+   shown with its range and against the best reading of the whole run.
 2. Beam search, 4 beams, a small model: ours vs transformers' beam search (target >= 1x).
 
 Each variant runs once to warm up, then `--rounds` times interleaved with the others. Figures:
@@ -277,9 +277,9 @@ def main() -> None:
     bounded = {dtype: (names[dtype], f"llm, {dtype}, native step alone",
                        f"llm, {dtype}, KV cache, PyTorch steps (oneDNN)") for dtype in names}
     need = {dtype: bytes_per_token(model) for dtype, model in (("fp32", ours), ("bf16", bf16))}
-    probes = {}
-    for dtype, probe in ((dtype, BandwidthProbe(device, need[dtype])) for dtype in names):
-        probes |= {name: probe for name in bounded[dtype]}
+    probes: dict[str, BandwidthProbe] = {}
+    for dtype in names:
+        probes |= dict.fromkeys(bounded[dtype], BandwidthProbe(device, need[dtype]))
     speed = measure({
         "transformers GPT2 generate (fp32, cache)": (hf_generate(hf, prompt, new), new),
         "transformers GPT2 generate (bf16, cache)": (hf_generate(hf_bf16, prompt, new), new),

@@ -141,7 +141,8 @@ inline float row(const void* w, const void* b, int64_t r, const Input& x, int64_
 // This thread's even share [begin, end) of n rows or heads.
 struct Share {
   int64_t begin, end;
-  Share(int64_t n, int thread, int team) : begin(n * thread / team), end(n * (thread + 1) / team) {}
+  Share(int64_t n, int thread, int team)
+      : begin(n * thread / team), end(n * (thread + 1) / team) {}
 };
 
 void rows(const void* w, const void* b, const Input& x, float* y, int64_t out, int64_t in,

@@ -4,6 +4,7 @@ advised to the kernel, and plain memory where the system has no transparent huge
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def test_the_setting_never_switches_it_off(monkeypatch, tmp_path):
     setting.write_text("always madvise [never]\n")
     assert not huge_pages.available()
     setting.write_text("always [madvise] never\n")
-    assert huge_pages.available() == hasattr(__import__("mmap"), "MADV_HUGEPAGE")
+    assert huge_pages.available() == hasattr(mmap, "MADV_HUGEPAGE")
     setting.unlink()
     assert not huge_pages.available()
 
@@ -101,6 +102,6 @@ def test_a_refused_mapping_gives_plain_memory(monkeypatch, needs_huge_pages):
     def refuse(*args, **kwargs):
         raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    monkeypatch.setattr(mmap, "mmap", refuse)
     buffer = huge_pages.huge_page_buffer(4096)
     assert buffer.numel() == 4096 and buffer.dtype == torch.uint8

@@ -180,8 +180,123 @@ void rope(const Spec& s, float* x, int64_t pos) {  // one head's pairs (x[2i], x
   }
 }
 
+// exp(x) for x <= 0 (x = logit - max): 2^n e^r with |r| <= ln 2 / 2 and a degree-6 Taylor
+// series (error about 1e-7, an ulp); x is clamped at -127, where the result underflows to 0.
+#ifdef __AVX512F__
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2, split in two
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 inline float load(float v) { return v; }
 inline float load(uint16_t v) { return bf16_to_float(v); }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VECTOR_ATTENTION 1
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
+
+// Softmax of q against the cached keys 0..pos, then the weighted sum of the values into out.
+// Scalar: any head width, any CPU.
+template <typename T>
+void attend_scalar(const float* q, const T* keys, const T* values, int64_t hd, int64_t pos,
+                   float* sc, float* out) {
+  const float scale = 1.0f / sqrtf(static_cast<float>(hd));
+  float best = -INFINITY;
+  for (int64_t j = 0; j <= pos; ++j) {
+    const T* key = keys + j * hd;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < hd; ++i) dot += q[i] * load(key[i]);
+    sc[j] = dot * scale;
+    best = sc[j] > best ? sc[j] : best;
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j <= pos; ++j) {
+    sc[j] = expf(sc[j] - best);
+    total += sc[j];
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.0f;
+  for (int64_t j = 0; j <= pos; ++j) {
+    const T* value = values + j * hd;
+    const float p = sc[j] / total;
+#pragma omp simd
+    for (int64_t i = 0; i < hd; ++i) out[i] += p * load(value[i]);
+  }
+}
+
+#ifdef VECTOR_ATTENTION
+// The same with AVX-512, 16 lanes of a head at a time (the last masked): on cached data 2.6x the
+// scalar loops' speed in bf16, 1.6x in fp32. In a step (scifi dimensions, bf16, positions
+// 60-100) the phase went from 165 to 115-130 us of 3.2 ms: the rest is waiting for the cache's
+// keys and values, which every step's stream of weights has pushed out to memory.
+constexpr int64_t kMaxVectorHead = 256;
+
+template <typename T>
+void attend_vector(const float* q, const T* keys, const T* values, int64_t hd, int64_t pos,
+                   float* sc, float* out) {
+  const int64_t chunks = (hd + 15) / 16;
+  __mmask16 mask[kMaxVectorHead / 16];
+  __m512 qv[kMaxVectorHead / 16];
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t left = hd - 16 * c;
+    mask[c] = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    qv[c] = load16(q + 16 * c, mask[c]);
+  }
+  const float scale = 1.0f / sqrtf(static_cast<float>(hd));
+  for (int64_t j = 0; j <= pos; ++j) {
+    const T* key = keys + j * hd;
+    __m512 acc = _mm512_mul_ps(qv[0], load16(key, mask[0]));
+    for (int64_t c = 1; c < chunks; ++c)
+      acc = _mm512_fmadd_ps(qv[c], load16(key + 16 * c, mask[c]), acc);
+    sc[j] = _mm512_reduce_add_ps(acc) * scale;
+  }
+  const int64_t n = pos + 1;
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sc + j));
+  float best = _mm512_reduce_max_ps(top);
+  for (int64_t k = j; k < n; ++k) best = sc[k] > best ? sc[k] : best;
+  const __m512 shift = _mm512_set1_ps(best);
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j), shift));
+    _mm512_mask_storeu_ps(sc + j, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+  for (int64_t b = 0; b < chunks; b += 4) {  // four 16-lane sums held in registers per pass
+    const __mmask16 m0 = mask[b], m1 = b + 1 < chunks ? mask[b + 1] : 0,
+                    m2 = b + 2 < chunks ? mask[b + 2] : 0, m3 = b + 3 < chunks ? mask[b + 3] : 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < n; ++k) {
+      const T* value = values + k * hd + 16 * b;
+      const __m512 p = _mm512_set1_ps(sc[k] * inv);
+      a0 = _mm512_fmadd_ps(p, load16(value, m0), a0);
+      if (m1) a1 = _mm512_fmadd_ps(p, load16(value + 16, m1), a1);
+      if (m2) a2 = _mm512_fmadd_ps(p, load16(value + 32, m2), a2);
+      if (m3) a3 = _mm512_fmadd_ps(p, load16(value + 48, m3), a3);
+    }
+    _mm512_mask_storeu_ps(out + 16 * b, m0, a0);
+    _mm512_mask_storeu_ps(out + 16 * b + 16, m1, a1);
+    _mm512_mask_storeu_ps(out + 16 * b + 32, m2, a2);
+    _mm512_mask_storeu_ps(out + 16 * b + 48, m3, a3);
+  }
+}
+#endif
 
 // Head h at position pos: RoPE on its query and key, its key and value into the cache, and its
 // query against the cached keys 0..pos; out is head-major, as the model reshapes it.
@@ -201,30 +316,11 @@ void attend(const Spec& s, int64_t layer, int64_t h, float* qkv, int64_t pos, fl
     put(keys, pos * hd + i, qkv[d + h * hd + i], s.bf16);
     put(values, pos * hd + i, qkv[2 * d + h * hd + i], s.bf16);
   }
-  const float scale = 1.0f / sqrtf(static_cast<float>(hd));
   float* sc = scores + h * s.max_len;
-  float best = -INFINITY;
-  for (int64_t j = 0; j <= pos; ++j) {
-    const T* key = keys + j * hd;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < hd; ++i) dot += q[i] * load(key[i]);
-    sc[j] = dot * scale;
-    best = sc[j] > best ? sc[j] : best;
-  }
-  float total = 0.0f;
-  for (int64_t j = 0; j <= pos; ++j) {
-    sc[j] = expf(sc[j] - best);
-    total += sc[j];
-  }
-  float* oh = out + h * hd;
-  for (int64_t i = 0; i < hd; ++i) oh[i] = 0.0f;
-  for (int64_t j = 0; j <= pos; ++j) {
-    const T* value = values + j * hd;
-    const float p = sc[j] / total;
-#pragma omp simd
-    for (int64_t i = 0; i < hd; ++i) oh[i] += p * load(value[i]);
-  }
+#ifdef VECTOR_ATTENTION
+  if (hd <= kMaxVectorHead) return attend_vector(q, keys, values, hd, pos, sc, out + h * hd);
+#endif
+  attend_scalar(q, keys, values, hd, pos, sc, out + h * hd);
 }
 
 float activate(int activation, float x) {
@@ -235,22 +331,6 @@ float activate(int activation, float x) {
   }
   return x / (1.0f + expf(-x));  // SiLU, SwiGLU's gate
 }
-
-// exp(x) for x <= 0 (x = logit - max): 2^n e^r with |r| <= ln 2 / 2 and a degree-6 Taylor
-// series (error about 1e-7, an ulp); x is clamped at -127, where the result underflows to 0.
-#ifdef __AVX512F__
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2, split in two
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 // Each thread's part of a row of logits: its largest value, the first index holding it, and
 // the sum of exp(logit - max) once the row's max is known.

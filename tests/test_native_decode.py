@@ -82,6 +82,18 @@ def test_native_step_matches_the_model_bf16(positions, activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("d_model", "heads"), [(96, 3), (96, 1), (288, 1)])
+def test_native_step_matches_the_model_at_every_head_width(dtype, d_model, heads):
+    # heads of 32 and 96 lanes (whole 16-lane chunks, more than four of them) and of 288 (past
+    # the vector attention's 256: the scalar loops); CFG's heads of 24 end in a partial chunk
+    model = random_model(dtype, d_model=d_model, num_heads=heads, positions="rope")
+    logit_error, cache_error = compare_steps(model)
+    limit = 1e-5 if dtype == torch.float32 else BF16_TOLERANCE
+    assert logit_error < limit
+    assert cache_error < limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_step_gives_the_same_logits_on_any_number_of_threads(dtype):
     # uneven shares: 3 threads over 4 heads, 384 feed-forward rows and 300 output rows
     model = random_model(dtype, positions="rope", activation="swiglu")

@@ -39,6 +39,12 @@ struct Spec {
   float* scratch;            // 5 d + ffn + heads * max_len floats
 };
 
+struct Pick {  // a greedy choice: the first index of the largest logit and its log-probability
+  int64_t index;
+  float logprob;
+  int32_t ok;  // 0 where torch must answer: a NaN or +inf logit, or every logit -inf
+};
+
 }  // extern "C"
 
 namespace {
@@ -332,8 +338,8 @@ float activate(int activation, float x) {
   return x / (1.0f + expf(-x));  // SiLU, SwiGLU's gate
 }
 
-// Each thread's part of a row of logits: its largest value, the first index holding it, and
-// the sum of exp(logit - max) once the row's max is known.
+// A thread's part of a row of logits, added up chunk by chunk: its largest value, the first
+// index holding it, and the sum of exp(logit - max).
 struct LogitPart {
   float max = -INFINITY, sum = 0.0f;
   int64_t index = -1;
@@ -393,54 +399,84 @@ void share_sum(const float* x, int64_t begin, int64_t end, float max, LogitPart&
     }
 }
 
+
+// Logits [begin, end) into a running part: a larger max rescales the sum so far (an online
+// softmax), so each chunk is read while it is still in L1, right after it was computed.
+void add_chunk(const float* x, int64_t begin, int64_t end, LogitPart& run) {
+  LogitPart chunk;
+  share_max(x, begin, end, chunk);
+  run.finite = run.finite && chunk.finite;
+  if (!run.finite || chunk.max == -INFINITY) return;
+  if (chunk.max > run.max) {
+    run.sum = run.max == -INFINITY ? 0.0f : run.sum * expf(run.max - chunk.max);
+    run.max = chunk.max;
+    run.index = -1;
+  }
+  share_sum(x, begin, end, run.max, chunk);
+  run.sum += chunk.sum;
+  if (run.index < 0) run.index = chunk.index;
+}
+
+constexpr int64_t kPickChunk = 512;  // logits, 2 KiB
+
+void add_range(const float* x, int64_t begin, int64_t end, LogitPart& run) {
+  for (int64_t at = begin; at < end; at += kPickChunk)
+    add_chunk(x, at, at + kPickChunk < end ? at + kPickChunk : end, run);
+}
+
+// The threads' parts, in order, as one choice.
+Pick combine(const LogitPart* parts, int count) {
+  Pick pick{-1, 0.0f, 0};
+  float max = -INFINITY;
+  for (int i = 0; i < count; ++i) {
+    if (!parts[i].finite) return pick;
+    max = parts[i].max > max ? parts[i].max : max;
+  }
+  if (max == -INFINITY) return pick;
+  float sum = 0.0f;
+  for (int i = 0; i < count; ++i) {
+    if (parts[i].max == -INFINITY) continue;
+    sum += parts[i].sum * expf(parts[i].max - max);
+    if (pick.index < 0 && parts[i].max == max) pick.index = parts[i].index;
+  }
+  const float lse = max + logf(sum);  // rounded as torch's logsumexp is
+  pick.logprob = max - lse;
+  pick.ok = 1;
+  return pick;
+}
+
 }  // namespace
 
 extern "C" {
 
 // Greedy choice from n logits, as torch's argmax and logsumexp give it: the first index of the
-// largest value and its log-probability, max - (max + log sum exp(logit - max)). Returns 0, or
-// 1 when a logit is NaN or +inf or every one is -inf (the caller falls back to torch, whose
-// answers for those it keeps). One pass for the max and one for the sum, over logits still in
-// cache: 17 us against 165 us for torch's argmax and logsumexp over 100,256 logits (timed alone).
+// largest value and its log-probability. Returns 0, or 1 where torch must answer (Pick.ok).
+// 17 us against 165 us for torch's argmax and logsumexp over 100,256 logits (timed alone).
 int llm_greedy_pick(const float* logits, int64_t n, int threads, int64_t* index,
                     float* logprob) {
-  if (n <= 0) return 1;
   std::vector<LogitPart> parts(threads);
-  float max = -INFINITY;
-  bool finite = true;
+  int count = 1;
 #pragma omp parallel num_threads(threads)
   {
-    const int t = omp_get_thread_num(), count = omp_get_num_threads();
-    const int64_t begin = n * t / count, end = n * (t + 1) / count;
-    share_max(logits, begin, end, parts[t]);
-#pragma omp barrier
-#pragma omp single
-    for (int i = 0; i < count; ++i) {
-      max = parts[i].max > max ? parts[i].max : max;
-      finite = finite && parts[i].finite;
-    }
-    if (finite && max > -INFINITY) share_sum(logits, begin, end, max, parts[t]);
+    const int t = omp_get_thread_num();
+    if (t == 0) count = omp_get_num_threads();
+    const Share mine(n, t, omp_get_num_threads());
+    add_range(logits, mine.begin, mine.end, parts[t]);
   }
-  if (!finite || max == -INFINITY) return 1;
-  float sum = 0.0f;
-  *index = -1;
-  for (const LogitPart& s : parts) {
-    sum += s.sum;
-    if (*index < 0 && s.index >= 0) *index = s.index;
-  }
-  const float lse = max + logf(sum);
-  *logprob = max - lse;
-  return 0;
+  const Pick pick = combine(parts.data(), count);
+  *index = pick.index;
+  *logprob = pick.logprob;
+  return pick.ok ? 0 : 1;
 }
-
 
 // Logits (vocab floats) for `token` at position `pos`; writes its keys and values to the cache.
 // Returns 0, or 1 for a token outside the vocabulary, 2 for a position outside the context.
 // One parallel region for the whole step: each thread keeps its own copy of the residual stream
 // and of the normed input (a few KiB, computed alike by all), takes an even share of every
 // product's rows and of the heads, and waits only where the next phase reads what another
-// thread wrote: five barriers a block.
-int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits) {
+// thread wrote: five barriers a block. With `pick`, also the greedy choice from the logits, each
+// chunk added up while still in L1 (a separate pass read them back from memory: 50 us a token).
+int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits, Pick* pick) {
   const Spec& s = *spec;
   const int64_t d = s.d_model, ffn = s.ffn;
   const bool bf16 = s.bf16;
@@ -451,9 +487,12 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits)
   float* out = att + d;
   float* ff = out + d;
   float* scores = ff + ffn;
+  std::vector<LogitPart> parts(s.threads);
+  int count = 1;
 #pragma omp parallel num_threads(s.threads)
   {
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    if (thread == 0) count = team;
     std::vector<float> x(d), normed(d);
     std::vector<uint16_t> rounded;
     for (int64_t i = 0; i < d; ++i) {
@@ -491,9 +530,15 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits)
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
     }
     norm(s, s.norm_w, s.norm_b, x.data(), normed.data());
-    rows(s.head_w, s.head_b, prepare(normed.data(), d, bf16, rounded), logits, s.vocab, d, bf16,
-         thread, team);
+    const Input in = prepare(normed.data(), d, bf16, rounded);
+    const Share mine(s.vocab, thread, team);
+    for (int64_t at = mine.begin; at < mine.end; at += kPickChunk) {
+      const int64_t end = at + kPickChunk < mine.end ? at + kPickChunk : mine.end;
+      for (int64_t r = at; r < end; ++r) logits[r] = row(s.head_w, s.head_b, r, in, d, bf16);
+      if (pick) add_chunk(logits, at, end, parts[thread]);
+    }
   }
+  if (pick) *pick = combine(parts.data(), count);
   return 0;
 }
 

@@ -150,16 +150,65 @@ def test_greedy_pick_is_torchs_argmax_and_logprob(size, scale):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_greedy_pick_takes_the_first_of_equal_maxima(threads):
     decoder = native_decode.native_decoder(random_model())
-    logits = torch.zeros(1, 1000)
-    logits[0, [999, 700, 433, 41]] = 2.0  # one in each thread's share
+    logits = torch.zeros(1, 3000)
+    logits[0, 5] = 1.0  # a smaller maximum in an earlier 512-logit chunk
+    logits[0, [2999, 1400, 1100, 600]] = 2.0  # in later chunks and other threads' shares
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         index, logprob = decoder.pick(logits)
     finally:
         torch.set_num_threads(before)
-    assert index == 41 == torch_pick(logits)[0]
+    assert index == 600 == torch_pick(logits)[0]
     assert logprob == pytest.approx(torch_pick(logits)[1], rel=1e-6)
+
+
+class CountingLibrary:
+    """The native library, counting the greedy picks that take a pass of their own."""
+
+    def __init__(self, lib):
+        self.lib, self.picks = lib, 0
+
+    def llm_decode_step(self, *args):
+        return self.lib.llm_decode_step(*args)
+
+    def llm_greedy_pick(self, *args):
+        self.picks += 1
+        return self.lib.llm_greedy_pick(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_step_gives_the_greedy_choice_of_its_own_logits(dtype, threads):
+    # a vocabulary of 5,000: several 512-logit chunks a thread, maxima rising between them
+    model = random_model(dtype, vocab_size=5000)
+    decoder = native_decode.native_decoder(model)
+    decoder.lib = CountingLibrary(decoder.lib)
+    cache = model.new_cache(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for token in (5, 9, 2, 7):
+            logits = decoder.step(token, cache)
+            index, logprob = decoder.pick(logits)
+            expected_index, expected = torch_pick(logits)
+            assert index == expected_index
+            assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-6)
+            changed = logits.clone()  # processed logits (a ban here) get a pass of their own
+            changed[0, index] = float("-inf")
+            assert decoder.pick(changed)[0] == torch_pick(changed)[0] != index
+    finally:
+        torch.set_num_threads(before)
+    assert decoder.lib.picks == 4
+
+
+def test_the_step_leaves_odd_logits_to_torch():
+    model = random_model()
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")
+    decoder = native_decode.native_decoder(model)
+    logits = decoder.step(5, model.new_cache(1))
+    assert torch.isnan(logits[0, 3]) and decoder.pick(logits) is None
 
 
 def test_greedy_pick_leaves_odd_rows_to_torch():
@@ -173,7 +222,7 @@ def test_greedy_pick_leaves_odd_rows_to_torch():
     ctx = Context(model, [1, 2])
     for logits in (nan, inf, torch.full((1, 50), float("-inf"))):  # torch's answers stand
         chosen, logprob = ctx.greedy_pick(logits)
-        assert int(chosen) == int(logits.argmax()) and not torch.isfinite(torch.tensor(logprob))
+        assert chosen == [int(logits.argmax())] and not torch.isfinite(torch.tensor(logprob))
 
 
 def test_models_the_step_does_not_cover_stay_in_pytorch():

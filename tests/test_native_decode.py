@@ -95,7 +95,7 @@ def test_native_step_matches_the_model_at_every_head_width(dtype, d_model, heads
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_step_gives_the_same_logits_on_any_number_of_threads(dtype):
-    # uneven shares: 3 threads over 4 heads, 384 feed-forward rows and 300 output rows
+    # uneven parts: 3 threads over 4 heads, 384 feed-forward rows and 300 output rows
     model = random_model(dtype, positions="rope", activation="swiglu")
     decoder = native_decode.native_decoder(model)
     before = torch.get_num_threads()
@@ -105,8 +105,17 @@ def test_native_step_gives_the_same_logits_on_any_number_of_threads(dtype):
             torch.set_num_threads(threads)
             cache = model.new_cache(1)
             logits.append(torch.cat([decoder.step(token, cache) for token in (5, 9, 2, 7)]))
+            # each thread's part of each product's rows, moved toward its measured speed after
+            # every step: whole, and within half and one and a half even parts
+            parts = decoder.balance
+            assert parts.shape == (4 * model.cfg.num_blocks + 1, threads)
+            if threads > 1:
+                assert torch.allclose(parts.sum(1), torch.ones(len(parts)))
+                assert bool(((parts >= 0.5 / threads - 1e-6)
+                             & (parts <= 1.5 / threads + 1e-6)).all())
     finally:
         torch.set_num_threads(before)
+    # the parts move between steps, yet every row is still computed whole by one thread
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
 
 

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <chrono>
 #include <vector>
 
 #include <omp.h>
@@ -37,6 +38,7 @@ struct Spec {
   void* k;                   // (layers, heads, max_len, head_dim), the model's dtype
   void* v;
   float* scratch;            // 5 d + ffn + heads * max_len floats
+  float* balance;            // (4 layers + 1, threads): each thread's part of each product's rows
 };
 
 struct Pick {  // a greedy choice: the first index of the largest logit and its log-probability
@@ -151,10 +153,83 @@ struct Share {
       : begin(n * thread / team), end(n * (thread + 1) / team) {}
 };
 
+// Each thread's part of every matrix product's rows, moved toward the threads' measured speeds
+// after every step: the two cores of a virtual machine read memory at rates that differ by up
+// to 30 % for minutes at a time (a busy sibling on the host, or pages on a farther node), and
+// with even parts the faster thread waited at every barrier: 20 % of a step in fp32. Parts stay
+// contiguous runs of rows (what the memory system serves fastest); only their borders move.
+// Each row is still computed whole by one thread, so the logits do not depend on the parts.
+class Balance {
+ public:
+  Balance(float* parts, int64_t products, int threads)
+      : parts_(parts), products_(products), threads_(threads), rows_(products, 0),
+        seconds_(products * threads, 0.0) {}
+
+  // This thread's rows of product p (n rows); even parts until measured, or for another team.
+  Share rows(int64_t p, int64_t n, int thread, int team) const {
+    const float* f = parts_ + p * threads_;
+    if (team != threads_ || f[0] == 0.0f) return Share(n, thread, team);
+    double before = 0.0;
+    for (int t = 0; t < thread; ++t) before += f[t];
+    Share mine(n, thread, team);
+    mine.begin = thread == 0 ? 0 : llround(n * before);
+    mine.end = thread == team - 1 ? n : llround(n * (before + f[thread]));
+    return mine;
+  }
+
+  // Runs body(begin, end) on this thread's rows of product p and times it.
+  template <typename Body>
+  void run(int64_t p, int64_t n, int thread, int team, Body body) {
+    const Share mine = rows(p, n, thread, team);
+    const auto start = std::chrono::steady_clock::now();
+    body(mine.begin, mine.end);
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+    seconds_[p * threads_ + thread] = took.count();
+    if (thread == 0) rows_[p] = n;
+  }
+
+  // After the step, on one thread: each part moves halfway to the share its thread's speed
+  // earns, within half and one and a half even shares (a thread stalled once by the system
+  // cannot lose all its rows).
+  void update(int team) {
+    if (team != threads_ || team < 2) return;
+    std::vector<double> speed(team);
+    for (int64_t p = 0; p < products_; ++p) {
+      float* f = parts_ + p * threads_;
+      double total = 0.0;
+      bool timed = rows_[p] > 0;
+      for (int t = 0; t < team && timed; ++t) {
+        const Share mine = rows(p, rows_[p], t, team);
+        const double seconds = seconds_[p * threads_ + t];
+        timed = seconds > 0.0 && mine.end > mine.begin;
+        speed[t] = timed ? (mine.end - mine.begin) / seconds : 0.0;
+        total += speed[t];
+      }
+      if (!timed) continue;
+      const double even = 1.0 / team;
+      double sum = 0.0;
+      std::vector<double> next(team);
+      for (int t = 0; t < team; ++t) {
+        const double now = f[0] == 0.0f ? even : f[t];
+        const double moved = now + 0.5 * (speed[t] / total - now);
+        next[t] = moved < 0.5 * even ? 0.5 * even : moved > 1.5 * even ? 1.5 * even : moved;
+        sum += next[t];
+      }
+      for (int t = 0; t < team; ++t) f[t] = static_cast<float>(next[t] / sum);
+    }
+  }
+
+ private:
+  float* parts_;
+  int64_t products_;
+  int threads_;
+  std::vector<int64_t> rows_;
+  std::vector<double> seconds_;
+};
+
 void rows(const void* w, const void* b, const Input& x, float* y, int64_t out, int64_t in,
-          bool bf16, int thread, int team) {
-  const Share mine(out, thread, team);
-  for (int64_t r = mine.begin; r < mine.end; ++r) y[r] = row(w, b, r, x, in, bf16);
+          bool bf16, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) y[r] = row(w, b, r, x, in, bf16);
 }
 
 void norm(const Spec& s, const void* w, const void* b, const float* x, float* y) {
@@ -488,6 +563,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
   float* ff = out + d;
   float* scores = ff + ffn;
   std::vector<LogitPart> parts(s.threads);
+  Balance balance(s.balance, 4 * s.layers + 1, s.threads);
   int count = 1;
 #pragma omp parallel num_threads(s.threads)
   {
@@ -502,8 +578,10 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
     for (int64_t l = 0; l < s.layers; ++l) {
       const void* const* p = s.layer + 14 * l;
       norm(s, p[0], p[1], x.data(), normed.data());
-      rows(p[2], p[3], prepare(normed.data(), d, bf16, rounded), qkv, 3 * d, d, bf16, thread,
-           team);
+      Input in = prepare(normed.data(), d, bf16, rounded);
+      balance.run(4 * l, 3 * d, thread, team, [&](int64_t begin, int64_t end) {
+        rows(p[2], p[3], in, qkv, 3 * d, d, bf16, begin, end);
+      });
 #pragma omp barrier
       const Share heads(s.heads, thread, team);
       for (int64_t h = heads.begin; h < heads.end; ++h) {
@@ -513,31 +591,40 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
           attend<float>(s, l, h, qkv, pos, scores, att);
       }
 #pragma omp barrier
-      rows(p[4], p[5], prepare(att, d, bf16, rounded), out, d, d, bf16, thread, team);
+      in = prepare(att, d, bf16, rounded);
+      balance.run(4 * l + 1, d, thread, team, [&](int64_t begin, int64_t end) {
+        rows(p[4], p[5], in, out, d, d, bf16, begin, end);
+      });
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
       norm(s, p[6], p[7], x.data(), normed.data());
-      const Input in = prepare(normed.data(), d, bf16, rounded);
-      const Share mine(ffn, thread, team);
-      for (int64_t r = mine.begin; r < mine.end; ++r) {
-        const float v = row(p[8], p[9], r, in, d, bf16);
-        ff[r] = s.activation == 2 ? v * activate(2, row(p[10], p[11], r, in, d, bf16))
-                                  : activate(s.activation, v);
-      }
+      in = prepare(normed.data(), d, bf16, rounded);
+      balance.run(4 * l + 2, ffn, thread, team, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float v = row(p[8], p[9], r, in, d, bf16);
+          ff[r] = s.activation == 2 ? v * activate(2, row(p[10], p[11], r, in, d, bf16))
+                                    : activate(s.activation, v);
+        }
+      });
 #pragma omp barrier
-      rows(p[12], p[13], prepare(ff, ffn, bf16, rounded), out, d, ffn, bf16, thread, team);
+      in = prepare(ff, ffn, bf16, rounded);
+      balance.run(4 * l + 3, d, thread, team, [&](int64_t begin, int64_t end) {
+        rows(p[12], p[13], in, out, d, ffn, bf16, begin, end);
+      });
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
     }
     norm(s, s.norm_w, s.norm_b, x.data(), normed.data());
     const Input in = prepare(normed.data(), d, bf16, rounded);
-    const Share mine(s.vocab, thread, team);
-    for (int64_t at = mine.begin; at < mine.end; at += kPickChunk) {
-      const int64_t end = at + kPickChunk < mine.end ? at + kPickChunk : mine.end;
-      for (int64_t r = at; r < end; ++r) logits[r] = row(s.head_w, s.head_b, r, in, d, bf16);
-      if (pick) add_chunk(logits, at, end, parts[thread]);
-    }
+    balance.run(4 * s.layers, s.vocab, thread, team, [&](int64_t begin, int64_t end) {
+      for (int64_t at = begin; at < end; at += kPickChunk) {
+        const int64_t stop = at + kPickChunk < end ? at + kPickChunk : end;
+        for (int64_t r = at; r < stop; ++r) logits[r] = row(s.head_w, s.head_b, r, in, d, bf16);
+        if (pick) add_chunk(logits, at, stop, parts[thread]);
+      }
+    });
   }
+  balance.update(count);
   if (pick) *pick = combine(parts.data(), count);
   return 0;
 }

@@ -321,8 +321,8 @@ void attend_scalar(const float* q, const T* keys, const T* values, int64_t hd, i
 #ifdef VECTOR_ATTENTION
 // The same with AVX-512, 16 lanes of a head at a time (the last masked): on cached data 2.6x the
 // scalar loops' speed in bf16, 1.6x in fp32. In a step (scifi dimensions, bf16, positions
-// 60-100) the phase went from 165 to 115-130 us of 3.2 ms: the rest is waiting for the cache's
-// keys and values, which every step's stream of weights has pushed out to memory.
+// 60-100) the phase went from 165 to 97-112 us of 3.2 ms: the rest is mostly waiting for the
+// cache's keys and values, which every step's stream of weights has pushed out to memory.
 constexpr int64_t kMaxVectorHead = 256;
 
 template <typename T>
@@ -341,7 +341,7 @@ void attend_vector(const float* q, const T* keys, const T* values, int64_t hd, i
   for (int64_t j = 0; j <= pos; ++j) {
     const T* key = keys + j * hd;
     // Value rows asked for beside the key rows: two runs from memory at once, not one after
-    // the other (attention went from 120-140 to 97-112 us of the step above).
+    // the other (20-30 us of the phase).
     const char* value = reinterpret_cast<const char*>(values + j * hd);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(value + b);
     __m512 acc = _mm512_mul_ps(qv[0], load16(key, mask[0]));

@@ -21,7 +21,10 @@ Each variant runs once to warm up, then `--rounds` times interleaved with the ot
 whole runs (median tokens/s, prompt included), and single decoding steps, timed one by one
 (tokens/s at the median step and at the 10th-percentile step). On a machine shared with other
 work the fast steps are the ones nobody disturbed, so the p10 column is the steadiest.
+`--by-level SECONDS` then runs our greedy decoding (fp32 and bf16) for that long, each run
+between two readings of the bandwidth, and gives the share of the bound at each level apart.
 Run: python benchmarks/bench_generate.py [--rounds 5] [--new-tokens 100] [--wait-quiet 600]
+     [--by-level 300]
 """
 
 from __future__ import annotations
@@ -209,6 +212,39 @@ class BandwidthProbe:
         return best
 
 
+def shares_by_level(variants: dict[str, tuple[Runner, BandwidthProbe, int]],
+                    seconds: float) -> None:
+    """Each variant's share of the bound, run after run for `seconds`, grouped by the machine's
+    bandwidth level. A shared machine's bandwidth jumps between levels (35 and 60-73 GB/s on
+    the machines this was written on) and a five-round run mixes them; here a run counts only
+    when the readings just before and just after it are at the same level."""
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for name, (run, probe, need) in variants.items():
+            before, stamps, after = probe(), run(), probe()
+            step = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+            runs[name].append((min(before, after), max(before, after),
+                               need / step / max(before, after)))
+    readings = [reading for kept in runs.values() for run in kept for reading in run[:2]]
+    low, high = min(readings), max(readings)
+    split = (low + high) / 2 if high > 1.2 * low else None  # one level: no split
+    print(f"\nshare of the bound by bandwidth level, {seconds:.0f} s of runs "
+          + ("(one level)" if split is None else f"(levels split at {split / 1e9:.0f} GB/s)"))
+    for name, kept in runs.items():
+        groups = {"every run": kept} if split is None else {
+            "lower level": [run for run in kept if run[1] < split],
+            "higher level": [run for run in kept if run[0] >= split]}
+        for level, group in groups.items():
+            if not group:
+                continue
+            shares = [run[2] for run in group]
+            print(f"  {name}, {level} ({min(run[0] for run in group) / 1e9:.0f}-"
+                  f"{max(run[1] for run in group) / 1e9:.0f} GB/s): median "
+                  f"{statistics.median(shares):.1%} over {len(group)} runs "
+                  f"(range {min(shares):.0%}-{max(shares):.0%}); target >= 80%")
+
+
 def in_small_pages(model: torch.nn.Module) -> torch.nn.Module:
     """The model with its weights copied back into ordinary (4 KiB) pages, as before
     `prepare_model` moved them (`llmcli.model.huge_pages`)."""
@@ -242,6 +278,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: greedy part only)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="first wait up to SECONDS for the machine to be idle")
+    parser.add_argument("--by-level", type=float, default=0, metavar="SECONDS",
+                        help="then run our greedy decoding for SECONDS more and give its share "
+                             "of the bound at each bandwidth level")
     args = parser.parse_args()
     wait_quiet(args.wait_quiet)
     torch.set_num_threads(args.threads)
@@ -330,6 +369,10 @@ def main() -> None:
                              for share, bound in zip(shares, bounds[name], strict=True))
                   + f" GB/s); {overall:.0%} of the best reading for {dtype} "
                   f"({best / 1e9:.1f} GB/s, {best / need[dtype]:,.1f} tokens/s); target >= 80%")
+    if args.by_level > 0:
+        shares_by_level({names[dtype]: (ours_greedy(model, ids, new),
+                                        BandwidthProbe(device, need[dtype]), need[dtype])
+                         for dtype, model in (("fp32", ours), ("bf16", bf16))}, args.by_level)
     del plain, ours, bf16, stepped, stepped_bf16, hf, hf_bf16, small_pages
     if device.type != "cpu":
         return

@@ -143,8 +143,8 @@ class Context:
 
     New tokens wait in a list until something reads `seq`: a step on the native path then costs
     no tensor operation at all. Between two native steps every tensor operation runs with cold
-    caches (each step streams all the weights through them), 5-40 us each, and the loop's own
-    work came to 120 us a token against a 3.3 ms step.
+    caches (each step streams all the weights through them), 5-40 us each: the greedy loop's own
+    work went from about 140 to 30 us a token (scifi dimensions, bf16, against a 3.3 ms step).
     """
 
     def __init__(self, model: torch.nn.Module, prompt: Sequence[int], use_cache: bool = True,

@@ -125,6 +125,7 @@ class NativeDecoder:
         self._pick_ref = ctypes.byref(self._pick)
         self._checked: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._picked: tuple[torch.Tensor, int, float] | None = None  # logits, index, log p
+        self.balance: torch.Tensor | None = None  # (4 blocks + 1, threads), for the threads set
 
         def ptr(tensor: torch.Tensor | None) -> int | None:
             if tensor is None:

@@ -188,12 +188,13 @@ class Balance {
     if (thread == 0) rows_[p] = n;
   }
 
-  // After the step, on one thread: each part moves halfway to the share its thread's speed
-  // earns, within half and one and a half even shares (a thread stalled once by the system
-  // cannot lose all its rows).
+  // After the step, on one thread: each part moves up to halfway to the share its thread's
+  // speed earns, as far as every part stays within half and one and a half even shares (a
+  // thread stalled once by the system cannot lose all its rows).
   void update(int team) {
     if (team != threads_ || team < 2) return;
-    std::vector<double> speed(team);
+    const double even = 1.0 / team, low = 0.5 * even, high = 1.5 * even;
+    std::vector<double> now(team), target(team);
     for (int64_t p = 0; p < products_; ++p) {
       float* f = parts_ + p * threads_;
       double total = 0.0;
@@ -202,20 +203,21 @@ class Balance {
         const Share mine = rows(p, rows_[p], t, team);
         const double seconds = seconds_[p * threads_ + t];
         timed = seconds > 0.0 && mine.end > mine.begin;
-        speed[t] = timed ? (mine.end - mine.begin) / seconds : 0.0;
-        total += speed[t];
+        target[t] = timed ? (mine.end - mine.begin) / seconds : 0.0;
+        total += target[t];
       }
       if (!timed) continue;
-      const double even = 1.0 / team;
-      double sum = 0.0;
-      std::vector<double> next(team);
+      double step = 0.5;  // the same step for every part keeps their sum at one
       for (int t = 0; t < team; ++t) {
-        const double now = f[0] == 0.0f ? even : f[t];
-        const double moved = now + 0.5 * (speed[t] / total - now);
-        next[t] = moved < 0.5 * even ? 0.5 * even : moved > 1.5 * even ? 1.5 * even : moved;
-        sum += next[t];
+        now[t] = f[0] == 0.0f ? even : f[t];
+        target[t] /= total;
+        const double move = target[t] - now[t];
+        if (move > 0.0 && now[t] + step * move > high) step = (high - now[t]) / move;
+        if (move < 0.0 && now[t] + step * move < low) step = (low - now[t]) / move;
       }
-      for (int t = 0; t < team; ++t) f[t] = static_cast<float>(next[t] / sum);
+      step = step > 0.0 ? step : 0.0;  // a part a rounding past its bound stays put
+      for (int t = 0; t < team; ++t)
+        f[t] = static_cast<float>(now[t] + step * (target[t] - now[t]));
     }
   }
 

@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <chrono>
+#include <atomic>
 #include <vector>
 
 #include <omp.h>
@@ -38,7 +38,6 @@ struct Spec {
   void* k;                   // (layers, heads, max_len, head_dim), the model's dtype
   void* v;
   float* scratch;            // 5 d + ffn + heads * max_len floats
-  float* balance;            // (4 layers + 1, threads): each thread's part of each product's rows
 };
 
 struct Pick {  // a greedy choice: the first index of the largest logit and its log-probability
@@ -153,80 +152,71 @@ struct Share {
       : begin(n * thread / team), end(n * (thread + 1) / team) {}
 };
 
-// Each thread's part of every matrix product's rows, moved toward the threads' measured speeds
-// after every step: the two cores of a virtual machine read memory at rates that differ by up
-// to 30 % for minutes at a time (a busy sibling on the host, or pages on a farther node), and
-// with even parts the faster thread waited at every barrier: 20 % of a step in fp32. Parts stay
-// contiguous runs of rows (what the memory system serves fastest); only their borders move.
-// Each row is still computed whole by one thread, so the logits do not depend on the parts.
-class Balance {
+// The rows of every matrix product of a step, shared out as the threads go: each thread takes
+// its own even part from the front, in runs that shrink as the part drains, and when it is done
+// takes runs from the back of the others' parts. Each thread still reads long contiguous runs
+// (what the memory system serves fastest; handing out small chunks in turn was much slower),
+// and no thread waits at a barrier for more than the last run of another. The two cores of a
+// virtual machine read memory at rates that differ, by up to 30 % for minutes at a time and
+// from one product to the next; with fixed parts the faster one waited at every barrier (20 %
+// of an fp32 step). Each row is still computed whole by one thread: the logits do not depend
+// on who took it.
+class Work {
  public:
-  Balance(float* parts, int64_t products, int threads)
-      : parts_(parts), products_(products), threads_(threads), rows_(products, 0),
-        seconds_(products * threads, 0.0) {}
-
-  // This thread's rows of product p (n rows); even parts until measured, or for another team.
-  Share rows(int64_t p, int64_t n, int thread, int team) const {
-    const float* f = parts_ + p * threads_;
-    if (team != threads_ || f[0] == 0.0f) return Share(n, thread, team);
-    double before = 0.0;
-    for (int t = 0; t < thread; ++t) before += f[t];
-    Share mine(n, thread, team);
-    mine.begin = thread == 0 ? 0 : llround(n * before);
-    mine.end = thread == team - 1 ? n : llround(n * (before + f[thread]));
-    return mine;
+  Work(const Spec& s, int threads) : threads_(threads), parts_(products(s) * threads) {
+    for (int64_t p = 0; p < products(s); ++p)
+      for (int t = 0; t < threads; ++t) {
+        const Share even(rows_of(s, p), t, threads);
+        parts_[p * threads + t].rows.store(even.begin | even.end << 32, std::memory_order_relaxed);
+      }
   }
 
-  // Runs body(begin, end) on this thread's rows of product p and times it.
+  // Runs body(begin, end) on every run of product p's n rows this thread takes.
   template <typename Body>
   void run(int64_t p, int64_t n, int thread, int team, Body body) {
-    const Share mine = rows(p, n, thread, team);
-    const auto start = std::chrono::steady_clock::now();
-    body(mine.begin, mine.end);
-    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-    seconds_[p * threads_ + thread] = took.count();
-    if (thread == 0) rows_[p] = n;
+    if (team != threads_) {  // the runtime gave fewer threads than asked: fixed parts
+      const Share mine(n, thread, team);
+      return body(mine.begin, mine.end);
+    }
+    take(p, thread, true, body);
+    for (int k = 1; k < team; ++k) take(p, (thread + k) % team, false, body);
   }
 
-  // After the step, on one thread: each part moves up to halfway to the share its thread's
-  // speed earns, as far as every part stays within half and one and a half even shares (a
-  // thread stalled once by the system cannot lose all its rows).
-  void update(int team) {
-    if (team != threads_ || team < 2) return;
-    const double even = 1.0 / team, low = 0.5 * even, high = 1.5 * even;
-    std::vector<double> now(team), target(team);
-    for (int64_t p = 0; p < products_; ++p) {
-      float* f = parts_ + p * threads_;
-      double total = 0.0;
-      bool timed = rows_[p] > 0;
-      for (int t = 0; t < team && timed; ++t) {
-        const Share mine = rows(p, rows_[p], t, team);
-        const double seconds = seconds_[p * threads_ + t];
-        timed = seconds > 0.0 && mine.end > mine.begin;
-        target[t] = timed ? (mine.end - mine.begin) / seconds : 0.0;
-        total += target[t];
-      }
-      if (!timed) continue;
-      double step = 0.5;  // the same step for every part keeps their sum at one
-      for (int t = 0; t < team; ++t) {
-        now[t] = f[0] == 0.0f ? even : f[t];
-        target[t] /= total;
-        const double move = target[t] - now[t];
-        if (move > 0.0 && now[t] + step * move > high) step = (high - now[t]) / move;
-        if (move < 0.0 && now[t] + step * move < low) step = (low - now[t]) / move;
-      }
-      step = step > 0.0 ? step : 0.0;  // a part a rounding past its bound stays put
-      for (int t = 0; t < team; ++t)
-        f[t] = static_cast<float>(now[t] + step * (target[t] - now[t]));
-    }
+  static int64_t products(const Spec& s) { return 4 * s.layers + 1; }
+
+  // Product p: per block qkv, projection, feed-forward in, feed-forward out; then the output.
+  static int64_t rows_of(const Spec& s, int64_t p) {
+    if (p == 4 * s.layers) return s.vocab;
+    return p % 4 == 0 ? 3 * s.d_model : p % 4 == 2 ? s.ffn : s.d_model;
   }
 
  private:
-  float* parts_;
-  int64_t products_;
+  struct alignas(64) Part {  // [begin, end) of the rows still to take: begin | end << 32
+    std::atomic<int64_t> rows;
+  };
+
+  template <typename Body>
+  void take(int64_t p, int owner, bool front, Body& body) {
+    std::atomic<int64_t>& rows = parts_[p * threads_ + owner].rows;
+    int64_t now = rows.load(std::memory_order_acquire);
+    for (;;) {
+      const int64_t begin = now & 0xffffffff, end = now >> 32, left = end - begin;
+      if (left <= 0) return;
+      int64_t run = left / (front ? 8 : 4);  // the owner keeps the larger share of what is left
+      run = run < 16 ? (left < 16 ? left : 16) : run;
+      const int64_t next = front ? (begin + run) | end << 32 : begin | (end - run) << 32;
+      if (rows.compare_exchange_weak(now, next, std::memory_order_acq_rel)) {
+        if (front)
+          body(begin, begin + run);
+        else
+          body(end - run, end);
+        now = rows.load(std::memory_order_acquire);
+      }
+    }
+  }
+
   int threads_;
-  std::vector<int64_t> rows_;
-  std::vector<double> seconds_;
+  std::vector<Part> parts_;
 };
 
 void rows(const void* w, const void* b, const Input& x, float* y, int64_t out, int64_t in,
@@ -420,8 +410,8 @@ float activate(int activation, float x) {
   return x / (1.0f + expf(-x));  // SiLU, SwiGLU's gate
 }
 
-// A thread's part of a row of logits, added up chunk by chunk: its largest value, the first
-// index holding it, and the sum of exp(logit - max).
+// A thread's part of a row of logits, added up chunk by chunk (in whatever order its runs
+// come): its largest value, the smallest index holding it, and the sum of exp(logit - max).
 struct LogitPart {
   float max = -INFINITY, sum = 0.0f;
   int64_t index = -1;
@@ -496,7 +486,7 @@ void add_chunk(const float* x, int64_t begin, int64_t end, LogitPart& run) {
   }
   share_sum(x, begin, end, run.max, chunk);
   run.sum += chunk.sum;
-  if (run.index < 0) run.index = chunk.index;
+  if (chunk.index >= 0 && (run.index < 0 || chunk.index < run.index)) run.index = chunk.index;
 }
 
 constexpr int64_t kPickChunk = 512;  // logits, 2 KiB
@@ -506,7 +496,8 @@ void add_range(const float* x, int64_t begin, int64_t end, LogitPart& run) {
     add_chunk(x, at, at + kPickChunk < end ? at + kPickChunk : end, run);
 }
 
-// The threads' parts, in order, as one choice.
+// The threads' parts as one choice: the smallest index holding the largest value, as torch's
+// argmax gives it.
 Pick combine(const LogitPart* parts, int count) {
   Pick pick{-1, 0.0f, 0};
   float max = -INFINITY;
@@ -519,7 +510,8 @@ Pick combine(const LogitPart* parts, int count) {
   for (int i = 0; i < count; ++i) {
     if (parts[i].max == -INFINITY) continue;
     sum += parts[i].sum * expf(parts[i].max - max);
-    if (pick.index < 0 && parts[i].max == max) pick.index = parts[i].index;
+    if (parts[i].max == max && (pick.index < 0 || parts[i].index < pick.index))
+      pick.index = parts[i].index;
   }
   const float lse = max + logf(sum);  // rounded as torch's logsumexp is
   pick.logprob = max - lse;
@@ -570,7 +562,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
   float* ff = out + d;
   float* scores = ff + ffn;
   std::vector<LogitPart> parts(s.threads);
-  Balance balance(s.balance, 4 * s.layers + 1, s.threads);
+  Work work(s, s.threads);
   int count = 1;
 #pragma omp parallel num_threads(s.threads)
   {
@@ -586,7 +578,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
       const void* const* p = s.layer + 14 * l;
       norm(s, p[0], p[1], x.data(), normed.data());
       Input in = prepare(normed.data(), d, bf16, rounded);
-      balance.run(4 * l, 3 * d, thread, team, [&](int64_t begin, int64_t end) {
+      work.run(4 * l, 3 * d, thread, team, [&](int64_t begin, int64_t end) {
         rows(p[2], p[3], in, qkv, 3 * d, d, bf16, begin, end);
       });
 #pragma omp barrier
@@ -599,14 +591,14 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
       }
 #pragma omp barrier
       in = prepare(att, d, bf16, rounded);
-      balance.run(4 * l + 1, d, thread, team, [&](int64_t begin, int64_t end) {
+      work.run(4 * l + 1, d, thread, team, [&](int64_t begin, int64_t end) {
         rows(p[4], p[5], in, out, d, d, bf16, begin, end);
       });
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
       norm(s, p[6], p[7], x.data(), normed.data());
       in = prepare(normed.data(), d, bf16, rounded);
-      balance.run(4 * l + 2, ffn, thread, team, [&](int64_t begin, int64_t end) {
+      work.run(4 * l + 2, ffn, thread, team, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const float v = row(p[8], p[9], r, in, d, bf16);
           ff[r] = s.activation == 2 ? v * activate(2, row(p[10], p[11], r, in, d, bf16))
@@ -615,7 +607,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
       });
 #pragma omp barrier
       in = prepare(ff, ffn, bf16, rounded);
-      balance.run(4 * l + 3, d, thread, team, [&](int64_t begin, int64_t end) {
+      work.run(4 * l + 3, d, thread, team, [&](int64_t begin, int64_t end) {
         rows(p[12], p[13], in, out, d, ffn, bf16, begin, end);
       });
 #pragma omp barrier
@@ -623,7 +615,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
     }
     norm(s, s.norm_w, s.norm_b, x.data(), normed.data());
     const Input in = prepare(normed.data(), d, bf16, rounded);
-    balance.run(4 * s.layers, s.vocab, thread, team, [&](int64_t begin, int64_t end) {
+    work.run(4 * s.layers, s.vocab, thread, team, [&](int64_t begin, int64_t end) {
       for (int64_t at = begin; at < end; at += kPickChunk) {
         const int64_t stop = at + kPickChunk < end ? at + kPickChunk : end;
         for (int64_t r = at; r < stop; ++r) logits[r] = row(s.head_w, s.head_b, r, in, d, bf16);
@@ -631,7 +623,6 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
       }
     });
   }
-  balance.update(count);
   if (pick) *pick = combine(parts.data(), count);
   return 0;
 }

@@ -49,7 +49,7 @@ class Spec(ctypes.Structure):
         ("eps", ctypes.c_float), ("unused2", ctypes.c_float)] + [
         (name, ctypes.c_void_p) for name in
         ("tok_emb", "pos", "rope_sin", "norm_w", "norm_b", "head_w", "head_b", "layer", "k",
-         "v", "scratch", "balance")]
+         "v", "scratch")]
 
 
 class Pick(ctypes.Structure):
@@ -126,7 +126,6 @@ class NativeDecoder:
         self._pick_ref = ctypes.byref(self._pick)
         self._checked: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._picked: tuple[torch.Tensor, int, float] | None = None  # logits, index, log p
-        self.balance: torch.Tensor | None = None  # (4 blocks + 1, threads), for the threads set
 
         def ptr(tensor: torch.Tensor | None) -> int | None:
             if tensor is None:
@@ -147,7 +146,7 @@ class NativeDecoder:
             layers=cfg.num_blocks, max_len=self.context_length,
             bf16=int(self.dtype == torch.bfloat16), rmsnorm=int(cfg.norm == "rmsnorm"),
             activation=ACTIVATIONS[cfg.activation], positions=POSITIONS[positions],
-            threads=0, eps=cfg.norm_eps, tok_emb=ptr(model.tok_emb.weight), pos=ptr(pos),
+            threads=1, eps=cfg.norm_eps, tok_emb=ptr(model.tok_emb.weight), pos=ptr(pos),
             rope_sin=ptr(buffers.get("rope_sin")), norm_w=ptr(params["norm.weight"]),
             norm_b=ptr(params.get("norm.bias")), head_w=ptr(model.lm_head.weight),
             head_b=ptr(params.get("lm_head.bias")),
@@ -164,10 +163,7 @@ class NativeDecoder:
                                  "model's dtype and context length")
             self.spec.k, self.spec.v = k.data_ptr(), v.data_ptr()
             self._checked = (k, v)
-        threads = torch.get_num_threads()
-        if threads != self.spec.threads:  # each thread's part of each product, learnt anew
-            self.balance = torch.zeros(4 * self.spec.layers + 1, threads)
-            self.spec.threads, self.spec.balance = threads, self.balance.data_ptr()
+        self.spec.threads = torch.get_num_threads()
         logits = torch.empty(1, self.spec.vocab)
         self._picked = None
         status = self.lib.llm_decode_step(self._spec_ref, token, pos, logits.data_ptr(),

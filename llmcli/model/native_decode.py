@@ -6,8 +6,8 @@ lower bandwidth level, benchmarks/bench_generate.py): the library matrix-vector 
 weights slower than a plain streaming read does, and each block costs some twenty dispatches.
 `native_decode.cpp` runs a whole step (embedding to logits) in one call and one parallel
 region, with kernels that stream each weight row, on the model's own weights and KV cache, and
-gives the greedy choice of the logits it computes: the greedy loop reaches 88-90 % of the bound
-at this machine's lower bandwidth level, 78-81 % at its higher one (fp32-bf16).
+gives the greedy choice of the logits it computes: the greedy loop reaches 88-92 % of the bound
+at this machine's lower bandwidth level, 74-79 % at its higher one (fp32-bf16).
 
 On Linux it is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`; OpenMP,
 tuned for this CPU) into `~/.cache/llmcli/native/` (`$XDG_CACHE_HOME` honoured), keyed by the

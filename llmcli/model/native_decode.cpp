@@ -219,8 +219,9 @@ class Work {
   std::vector<Part> parts_;
 };
 
-void rows(const void* w, const void* b, const Input& x, float* y, int64_t out, int64_t in,
-          bool bf16, int64_t begin, int64_t end) {
+// Rows [begin, end) of W x (+ b) into y.
+void rows(const void* w, const void* b, const Input& x, float* y, int64_t in, bool bf16,
+          int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) y[r] = row(w, b, r, x, in, bf16);
 }
 
@@ -546,9 +547,9 @@ int llm_greedy_pick(const float* logits, int64_t n, int threads, int64_t* index,
 // Logits (vocab floats) for `token` at position `pos`; writes its keys and values to the cache.
 // Returns 0, or 1 for a token outside the vocabulary, 2 for a position outside the context.
 // One parallel region for the whole step: each thread keeps its own copy of the residual stream
-// and of the normed input (a few KiB, computed alike by all), takes an even share of every
-// product's rows and of the heads, and waits only where the next phase reads what another
-// thread wrote: five barriers a block. With `pick`, also the greedy choice from the logits, each
+// and of the normed input (a few KiB, computed alike by all), takes rows of every product as
+// they are shared out (`Work`) and an even share of the heads, and waits only where the next
+// phase reads what another thread wrote: five barriers a block. With `pick`, also the greedy choice from the logits, each
 // chunk added up while still in L1 (a separate pass read them back from memory: 50 us a token).
 int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits, Pick* pick) {
   const Spec& s = *spec;
@@ -579,7 +580,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
       norm(s, p[0], p[1], x.data(), normed.data());
       Input in = prepare(normed.data(), d, bf16, rounded);
       work.run(4 * l, 3 * d, thread, team, [&](int64_t begin, int64_t end) {
-        rows(p[2], p[3], in, qkv, 3 * d, d, bf16, begin, end);
+        rows(p[2], p[3], in, qkv, d, bf16, begin, end);
       });
 #pragma omp barrier
       const Share heads(s.heads, thread, team);
@@ -592,7 +593,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
 #pragma omp barrier
       in = prepare(att, d, bf16, rounded);
       work.run(4 * l + 1, d, thread, team, [&](int64_t begin, int64_t end) {
-        rows(p[4], p[5], in, out, d, d, bf16, begin, end);
+        rows(p[4], p[5], in, out, d, bf16, begin, end);
       });
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
@@ -608,7 +609,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
 #pragma omp barrier
       in = prepare(ff, ffn, bf16, rounded);
       work.run(4 * l + 3, d, thread, team, [&](int64_t begin, int64_t end) {
-        rows(p[12], p[13], in, out, d, ffn, bf16, begin, end);
+        rows(p[12], p[13], in, out, ffn, bf16, begin, end);
       });
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];

@@ -3,6 +3,7 @@ the same greedy tokens through `sample`, and PyTorch wherever it cannot or shoul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 
@@ -25,6 +26,17 @@ BF16_TOLERANCE = 0.05  # of the largest logit: bf16 weights, activations rounded
 def needs_library():
     if native_decode.library() is None:
         pytest.skip("no C++ compiler with OpenMP here: decoding stays in PyTorch")
+
+
+@contextlib.contextmanager
+def num_threads(threads: int):
+    """torch's (and so the native step's) thread count, for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def random_model(dtype: torch.dtype = torch.float32, seed: int = 0, **change) -> torch.nn.Module:
@@ -98,15 +110,11 @@ def test_native_step_gives_the_same_logits_on_any_number_of_threads(dtype):
     # uneven parts: 3 threads over 4 heads, 384 feed-forward rows and 300 output rows
     model = random_model(dtype, positions="rope", activation="swiglu")
     decoder = native_decode.native_decoder(model)
-    before = torch.get_num_threads()
     logits = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 3):
+        with num_threads(threads):
             cache = model.new_cache(1)
             logits.append(torch.cat([decoder.step(token, cache) for token in (5, 9, 2, 7)]))
-    finally:
-        torch.set_num_threads(before)
     # which thread takes which rows changes from step to step, but every row is computed whole
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
 
@@ -154,12 +162,8 @@ def test_greedy_pick_takes_the_first_of_equal_maxima(threads):
     logits = torch.zeros(1, 3000)
     logits[0, 5] = 1.0  # a smaller maximum in an earlier 512-logit chunk
     logits[0, [2999, 1400, 1100, 600]] = 2.0  # in later chunks and other threads' shares
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         index, logprob = decoder.pick(logits)
-    finally:
-        torch.set_num_threads(before)
     assert index == 600 == torch_pick(logits)[0]
     assert logprob == pytest.approx(torch_pick(logits)[1], rel=1e-6)
 
@@ -186,9 +190,7 @@ def test_the_step_gives_the_greedy_choice_of_its_own_logits(dtype, threads):
     decoder = native_decode.native_decoder(model)
     decoder.lib = CountingLibrary(decoder.lib)
     cache = model.new_cache(1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for token in (5, 9, 2, 7):
             logits = decoder.step(token, cache)
             index, logprob = decoder.pick(logits)
@@ -198,8 +200,6 @@ def test_the_step_gives_the_greedy_choice_of_its_own_logits(dtype, threads):
             changed = logits.clone()  # processed logits (a ban here) get a pass of their own
             changed[0, index] = float("-inf")
             assert decoder.pick(changed)[0] == torch_pick(changed)[0] != index
-    finally:
-        torch.set_num_threads(before)
     assert decoder.lib.picks == 4
 
 
@@ -212,15 +212,11 @@ def test_the_step_takes_the_first_of_equal_maxima(threads):
         model.lm_head.bias[[3, 250]] = 1e3
     decoder = native_decode.native_decoder(model)
     cache = model.new_cache(1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for token in (5, 9, 2, 7):
             logits = decoder.step(token, cache)
             assert logits[0, 3] == logits[0, 250] == logits.max()
             assert decoder.pick(logits)[0] == 3 == torch_pick(logits)[0]
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_the_step_leaves_odd_logits_to_torch():

@@ -549,8 +549,9 @@ int llm_greedy_pick(const float* logits, int64_t n, int threads, int64_t* index,
 // One parallel region for the whole step: each thread keeps its own copy of the residual stream
 // and of the normed input (a few KiB, computed alike by all), takes rows of every product as
 // they are shared out (`Work`) and an even share of the heads, and waits only where the next
-// phase reads what another thread wrote: five barriers a block. With `pick`, also the greedy choice from the logits, each
-// chunk added up while still in L1 (a separate pass read them back from memory: 50 us a token).
+// phase reads what another thread wrote: five barriers a block. With `pick`, also the greedy
+// choice from the logits, each chunk added up while still in L1 (a separate pass read them
+// back from memory: 40-50 us a token).
 int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits, Pick* pick) {
   const Spec& s = *spec;
   const int64_t d = s.d_model, ffn = s.ffn;
@@ -571,6 +572,13 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
     if (thread == 0) count = team;
     std::vector<float> x(d), normed(d);
     std::vector<uint16_t> rounded;
+    // Product `index` (n rows of W x + b, `in` columns) into y, this thread's runs of it.
+    auto product = [&](int64_t index, int64_t n, const void* w, const void* b, const Input& x,
+                       float* y, int64_t in) {
+      work.run(index, n, thread, team, [&](int64_t begin, int64_t end) {
+        rows(w, b, x, y, in, bf16, begin, end);
+      });
+    };
     for (int64_t i = 0; i < d; ++i) {
       x[i] = at(s.tok_emb, token * d + i, bf16);
       if (s.positions != 2) x[i] += at(s.pos, pos * d + i, bf16);
@@ -578,10 +586,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
     for (int64_t l = 0; l < s.layers; ++l) {
       const void* const* p = s.layer + 14 * l;
       norm(s, p[0], p[1], x.data(), normed.data());
-      Input in = prepare(normed.data(), d, bf16, rounded);
-      work.run(4 * l, 3 * d, thread, team, [&](int64_t begin, int64_t end) {
-        rows(p[2], p[3], in, qkv, d, bf16, begin, end);
-      });
+      product(4 * l, 3 * d, p[2], p[3], prepare(normed.data(), d, bf16, rounded), qkv, d);
 #pragma omp barrier
       const Share heads(s.heads, thread, team);
       for (int64_t h = heads.begin; h < heads.end; ++h) {
@@ -591,14 +596,11 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
           attend<float>(s, l, h, qkv, pos, scores, att);
       }
 #pragma omp barrier
-      in = prepare(att, d, bf16, rounded);
-      work.run(4 * l + 1, d, thread, team, [&](int64_t begin, int64_t end) {
-        rows(p[4], p[5], in, out, d, bf16, begin, end);
-      });
+      product(4 * l + 1, d, p[4], p[5], prepare(att, d, bf16, rounded), out, d);
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
       norm(s, p[6], p[7], x.data(), normed.data());
-      in = prepare(normed.data(), d, bf16, rounded);
+      const Input in = prepare(normed.data(), d, bf16, rounded);
       work.run(4 * l + 2, ffn, thread, team, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const float v = row(p[8], p[9], r, in, d, bf16);
@@ -607,10 +609,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
         }
       });
 #pragma omp barrier
-      in = prepare(ff, ffn, bf16, rounded);
-      work.run(4 * l + 3, d, thread, team, [&](int64_t begin, int64_t end) {
-        rows(p[12], p[13], in, out, ffn, bf16, begin, end);
-      });
+      product(4 * l + 3, d, p[12], p[13], prepare(ff, ffn, bf16, rounded), out, ffn);
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
     }

@@ -163,7 +163,7 @@ struct Share {
 // on who took it.
 class Work {
  public:
-  Work(const Spec& s, int threads) : threads_(threads), parts_(products(s) * threads) {
+  Work(const Spec& s, int threads) : spec_(s), threads_(threads), parts_(products(s) * threads) {
     for (int64_t p = 0; p < products(s); ++p)
       for (int t = 0; t < threads; ++t) {
         const Share even(rows_of(s, p), t, threads);
@@ -171,11 +171,11 @@ class Work {
       }
   }
 
-  // Runs body(begin, end) on every run of product p's n rows this thread takes.
+  // Runs body(begin, end) on every run of product p's rows this thread takes.
   template <typename Body>
-  void run(int64_t p, int64_t n, int thread, int team, Body body) {
+  void run(int64_t p, int thread, int team, Body body) {
     if (team != threads_) {  // the runtime gave fewer threads than asked: fixed parts
-      const Share mine(n, thread, team);
+      const Share mine(rows_of(spec_, p), thread, team);
       return body(mine.begin, mine.end);
     }
     take(p, thread, true, body);
@@ -215,6 +215,7 @@ class Work {
     }
   }
 
+  const Spec& spec_;
   int threads_;
   std::vector<Part> parts_;
 };
@@ -572,10 +573,10 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
     if (thread == 0) count = team;
     std::vector<float> x(d), normed(d);
     std::vector<uint16_t> rounded;
-    // Product `index` (n rows of W x + b, `in` columns) into y, this thread's runs of it.
-    auto product = [&](int64_t index, int64_t n, const void* w, const void* b, const Input& x,
-                       float* y, int64_t in) {
-      work.run(index, n, thread, team, [&](int64_t begin, int64_t end) {
+    // Product `index` (W x + b, `in` columns) into y, this thread's runs of it.
+    auto product = [&](int64_t index, const void* w, const void* b, const Input& x, float* y,
+                       int64_t in) {
+      work.run(index, thread, team, [&](int64_t begin, int64_t end) {
         rows(w, b, x, y, in, bf16, begin, end);
       });
     };
@@ -586,7 +587,7 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
     for (int64_t l = 0; l < s.layers; ++l) {
       const void* const* p = s.layer + 14 * l;
       norm(s, p[0], p[1], x.data(), normed.data());
-      product(4 * l, 3 * d, p[2], p[3], prepare(normed.data(), d, bf16, rounded), qkv, d);
+      product(4 * l, p[2], p[3], prepare(normed.data(), d, bf16, rounded), qkv, d);
 #pragma omp barrier
       const Share heads(s.heads, thread, team);
       for (int64_t h = heads.begin; h < heads.end; ++h) {
@@ -596,12 +597,12 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
           attend<float>(s, l, h, qkv, pos, scores, att);
       }
 #pragma omp barrier
-      product(4 * l + 1, d, p[4], p[5], prepare(att, d, bf16, rounded), out, d);
+      product(4 * l + 1, p[4], p[5], prepare(att, d, bf16, rounded), out, d);
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
       norm(s, p[6], p[7], x.data(), normed.data());
       const Input in = prepare(normed.data(), d, bf16, rounded);
-      work.run(4 * l + 2, ffn, thread, team, [&](int64_t begin, int64_t end) {
+      work.run(4 * l + 2, thread, team, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const float v = row(p[8], p[9], r, in, d, bf16);
           ff[r] = s.activation == 2 ? v * activate(2, row(p[10], p[11], r, in, d, bf16))
@@ -609,13 +610,13 @@ int llm_decode_step(const Spec* spec, int64_t token, int64_t pos, float* logits,
         }
       });
 #pragma omp barrier
-      product(4 * l + 3, d, p[12], p[13], prepare(ff, ffn, bf16, rounded), out, ffn);
+      product(4 * l + 3, p[12], p[13], prepare(ff, ffn, bf16, rounded), out, ffn);
 #pragma omp barrier
       for (int64_t i = 0; i < d; ++i) x[i] += out[i];
     }
     norm(s, s.norm_w, s.norm_b, x.data(), normed.data());
     const Input in = prepare(normed.data(), d, bf16, rounded);
-    work.run(4 * s.layers, s.vocab, thread, team, [&](int64_t begin, int64_t end) {
+    work.run(4 * s.layers, thread, team, [&](int64_t begin, int64_t end) {
       for (int64_t at = begin; at < end; at += kPickChunk) {
         const int64_t stop = at + kPickChunk < end ? at + kPickChunk : end;
         for (int64_t r = at; r < stop; ++r) logits[r] = row(s.head_w, s.head_b, r, in, d, bf16);

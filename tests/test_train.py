@@ -382,3 +382,51 @@ def test_evaluating_more_or_less_often_never_changes_the_training(tmp_path):
         finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name, value in finals[0].items():
         assert torch.equal(value, finals[1][name]), name
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_compiled_forward_runs_the_fused_loss_as_written(precision):
+    """torch.compile runs the hand-fused loss as written: the same loss and gradients as eager,
+    and no attempt to trace its backward (which broke at the upstream gradient's value, with a
+    warning on every run)."""
+    from llmcli.model.loss import linear_cross_entropy
+
+    torch.manual_seed(2)
+    x = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    t = torch.randint(0, 40, (12,))
+
+    def loss_and_grads(fn):
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=precision, enabled=precision != torch.float32):
+            loss = fn(torch.tanh(x), w, None, t)
+        loss.backward()
+        return loss.detach(), x.grad.clone(), w.grad.clone()
+
+    torch._dynamo.reset()
+    got = loss_and_grads(torch.compile(linear_cross_entropy, backend="eager"))
+    assert all(torch.equal(a, b) for a, b in zip(got, loss_and_grads(linear_cross_entropy),
+                                                  strict=True))
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=precision, enabled=precision != torch.float32):
+        explained = torch._dynamo.explain(linear_cross_entropy)(torch.tanh(x), w, None, t)
+    torch._dynamo.reset()
+    assert not [r for r in explained.break_reasons if "item()" in str(r.reason)]
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_compiled_training_forward_breaks_only_at_the_fused_loss(precision):
+    """The blocks compile as one graph: a break inside them (the CPU dropout mask once made
+    one per dropout) costs speed and, replayed from torch's compile cache in a later run,
+    crashed training (a corrupt view after the break, torch 2.13)."""
+    from pathlib import Path
+
+    recipe, model, _ = setup()
+    net = FusedLoss(model).train()
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+        explained = torch._dynamo.explain(net)(x, y)
+    torch._dynamo.reset()
+    assert explained.graph_count >= 1
+    assert {Path(r.user_stack[-1].filename).name for r in explained.break_reasons} <= {"loss.py"}

@@ -93,7 +93,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.grads = grads
         return loss
 
+    # Out of torch.compile's reach: dynamo, tracing the backward to put the whole function in a
+    # graph, would break at float(grad_out) with a warning on every run; this way it runs the
+    # function as written (it is fused by hand already). Disabling the whole function instead
+    # crashed compiled bf16 training in torch 2.13 (a corrupt view replayed after the break).
     @staticmethod
+    @torch.compiler.disable
     def backward(ctx, grad_out: torch.Tensor):
         grads, ctx.grads = ctx.grads, None
         # An upstream gradient of exactly 1 (no accumulation scaling) needs no 205 MB multiply.

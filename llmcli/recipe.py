@@ -135,6 +135,11 @@ class TrainConfig:
         "auto", "auto = bf16 autocast on CUDA, fp32 elsewhere"
     )
     compile: bool = _doc(False, "wrap the model in torch.compile")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = _doc(
+        "default", "torch.compile's mode, with compile: true; reduce-overhead replays CUDA "
+        "graphs (fewer kernel launches: for small models on a GPU), max-autotune also searches "
+        "matrix-product kernels (minutes of compiling)")
     parallel: Literal["ddp", "fsdp"] = _doc(
         "ddp", "with several processes: ddp = a full copy per process; fsdp = FSDP2, weights, "
         "gradients and AdamW state sharded across processes (for models that do not fit one "

@@ -414,6 +414,26 @@ def test_compiled_forward_runs_the_fused_loss_as_written(precision):
     assert not [r for r in explained.break_reasons if "item()" in str(r.reason)]
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, mode):
+    from llmcli.train.loop import Trainer
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: seen.append((net, kw)) or net)
+    recipe, model, batches = setup([f"train.compile_mode={mode}"], compile=True)
+    net = Trainer(recipe, model, batches, tmp_path, torch.device("cpu"), None, None).training_net()
+    assert isinstance(net, FusedLoss) and seen == [(net, {"mode": None if mode == "default"
+                                                          else mode})]
+    plain = setup([f"train.compile_mode={mode}"])
+    Trainer(*plain, tmp_path / "plain", torch.device("cpu"), None, None).training_net()
+    assert len(seen) == 1  # compile: false ignores the mode
+
+
+def test_an_unknown_compile_mode_is_a_one_line_error():
+    with pytest.raises(UserError, match=r"train\.compile_mode.*reduce-overhead"):
+        build_recipe(tiny_recipe(), ["train.compile_mode=fastest"])
+
+
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
 def test_compiled_training_forward_breaks_only_at_the_fused_loss(precision):
     """The blocks compile as one graph: a break inside them (the CPU dropout mask once made

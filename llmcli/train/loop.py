@@ -301,8 +301,7 @@ class Trainer:
         self.precision = dataclasses.replace(self.precision, dtype=None)
         self.optimizer = build_optimizer(self.raw, self.cfg, self.device)
         self.trainable = [p for p in self.raw.parameters() if p.requires_grad]
-        if self.cfg.compile:
-            net = torch.compile(net)
+        net = self.compiled(net)
         return net, net
 
     def training_net(self) -> torch.nn.Module:
@@ -311,7 +310,14 @@ class Trainer:
         from llmcli.model.loss import FusedLoss
 
         net = FusedLoss(self.raw) if hasattr(self.raw, "hidden") else self.raw
-        return torch.compile(net) if self.cfg.compile else net
+        return self.compiled(net)
+
+    def compiled(self, net: torch.nn.Module) -> torch.nn.Module:
+        """`net` under torch.compile in the recipe's mode, when the recipe asks."""
+        if not self.cfg.compile:
+            return net
+        mode = self.cfg.compile_mode
+        return torch.compile(net, mode=None if mode == "default" else mode)
 
     # -- one step -------------------------------------------------------------------------
 

@@ -359,6 +359,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", action="store_true", help="compile ours and nanoGPT")
+    ap.add_argument("--compile-mode", default="default",
+                    help="ours' train.compile_mode; several, comma-separated, run ours once in "
+                    "each (the first is the one the ratios are of); nanoGPT compiles as its "
+                    "train.py does")
     ap.add_argument("--dropout", type=float, default=None, help="override model.dropout")
     ap.add_argument("--steps", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--warmup", type=int, default=1)
@@ -383,11 +387,14 @@ def main() -> None:
     fpt = flops_per_token(meta_model, args.context)
     label = args.precision + (" + compile" if args.compile else "")
 
-    def spec(kind: str, precision: str, compile_: bool) -> dict:
+    def spec(kind: str, precision: str, compile_: bool, extra: tuple[str, ...] = ()) -> dict:
         return {"kind": kind, "precision": precision, "compile": compile_,
-                "recipe": args.recipe, "overrides": overrides}
+                "recipe": args.recipe, "overrides": overrides + list(extra)}
 
-    specs = {f"ours {label}": spec("ours", args.precision, args.compile)}
+    modes = args.compile_mode.split(",") if args.compile else ["default"]
+    specs = {f"ours {label}" + (f" ({mode})" if len(modes) > 1 or mode != "default" else ""):
+             spec("ours", args.precision, args.compile, (f"train.compile_mode={mode}",))
+             for mode in modes}
     baseline = args.precision != "fp32" or args.compile
     if baseline:  # the same code in fp32, eager: what the faster path is measured against
         specs["ours fp32"] = spec("ours", "fp32", False)

@@ -435,13 +435,23 @@ def test_an_unknown_compile_mode_is_a_one_line_error():
 
 
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
-def test_compiled_training_forward_breaks_only_at_the_fused_loss(precision):
+@pytest.mark.parametrize("model_overrides", [
+    (),
+    ("model.positions=learned", "model.activation=gelu", "model.tie_embeddings=true"),
+    ("model.positions=rope", "model.norm=rmsnorm", "model.activation=swiglu", "lora.rank=4",
+     "lora.targets=[qkv,proj,ffn_in,ffn_out,head]"),
+])
+def test_compiled_training_forward_breaks_only_at_the_fused_loss(precision, model_overrides):
     """The blocks compile as one graph: a break inside them (the CPU dropout mask once made
     one per dropout) costs speed and, replayed from torch's compile cache in a later run,
     crashed training (a corrupt view after the break, torch 2.13)."""
     from pathlib import Path
 
-    recipe, model, _ = setup()
+    from llmcli.model.lora import apply_lora
+
+    recipe, model, _ = setup(model_overrides)
+    if recipe.lora.rank:
+        apply_lora(model, recipe.lora)
     net = FusedLoss(model).train()
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     torch._dynamo.reset()

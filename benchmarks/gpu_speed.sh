@@ -3,11 +3,13 @@
 # gpu_distributed.sh after it took 314 s): every figure is measured against a baseline in the
 # same run. benchmarks/results/README.md holds what it measured there.
 #   1. training step, scifi dimensions, batch 96 x 128, bf16 + torch.compile: ours vs the
-#      nanoGPT-shaped baseline (also compiled), with eager fp32 (TF32) of both; MFU against the
-#      card's dense bf16 peak (llmcli.hardware's table). Goals: >= 40 % MFU, >= 1.2x nanoGPT.
+#      nanoGPT-shaped baseline (also compiled), with eager fp32 (TF32) of both and ours eager in
+#      bf16 (what compiling alone buys); MFU against the card's dense bf16 peak
+#      (llmcli.hardware's table). Goals: >= 40 % MFU, >= 1.2x nanoGPT.
 #   2. greedy decoding, batch 1, scifi dimensions: ours (fp32, bf16) vs transformers' generate.
 #   3. `llm imagine` with a tiny randomly initialised SDXL-shaped pipeline built on the spot.
-#   4. the commands a user runs: `llm pretrain` (bf16 + train.compile) on the built-in corpus,
+#   4. where the compiled step's time goes: benchmarks/profile_train.py on part 1's step.
+#   5. the commands a user runs: `llm pretrain` (bf16 + train.compile) on the built-in corpus,
 #      `--resume` past its last checkpoint, then `llm generate` (greedy, beam, sample) on CUDA.
 #
 #   bash benchmarks/gpu_speed.sh [RESULTS_DIR]     (default benchmarks/results)
@@ -39,7 +41,10 @@ $LIMIT python benchmarks/bench_generate.py --device cuda --rounds 3 2>&1 \
 echo "== 3. llm imagine, tiny pipeline"
 $LIMIT python benchmarks/bench_imagine.py --device cuda 2>&1 | tee "$RESULTS/gpu-imagine-$CARD.txt" \
     || status=1
-echo "== 4. the commands: pretrain (bf16 + compile), resume, generate"
+echo "== 4. where the compiled step's time goes"
+$LIMIT python benchmarks/profile_train.py --device cuda --batch-size 96 --precision bf16 \
+    --compile --top 25 2>&1 | tee "$RESULTS/gpu-profile-$CARD.txt" || status=1
+echo "== 5. the commands: pretrain (bf16 + compile), resume, generate"
 RUN=$(mktemp -d)
 {
     set -e

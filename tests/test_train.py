@@ -460,3 +460,42 @@ def test_compiled_training_forward_breaks_only_at_the_fused_loss(precision, mode
     torch._dynamo.reset()
     assert explained.graph_count >= 1
     assert {Path(r.user_stack[-1].filename).name for r in explained.break_reasons} <= {"loss.py"}
+
+
+def test_mean_cross_entropy_is_zero_not_nan_without_targets():
+    from llmcli.model.loss import mean_cross_entropy
+
+    torch.manual_seed(3)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :3] = -100
+    want = torch.nn.functional.cross_entropy(logits.view(-1, 11), targets.view(-1))
+    assert torch.allclose(mean_cross_entropy(logits, targets), want, atol=1e-6)
+    none = mean_cross_entropy(logits, torch.full_like(targets, -100))
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("overrides", [(), ("lora.rank=4", "lora.targets=[head]")])
+def test_the_training_forward_returns_no_logits(overrides):
+    """Under torch.compile a returned output that backward does not use still gets a gradient:
+    a zero-filled tensor the size of the logits, every step. Fused or not (an adapted output
+    layer is not), the training forward returns the loss alone."""
+    from llmcli.model.lora import apply_lora
+
+    recipe, model, _ = setup(overrides)
+    if recipe.lora.rank:
+        apply_lora(model, recipe.lora)
+    model.eval()  # no dropout: the two paths see the same activations
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    logits, loss = FusedLoss(model)(x, y)
+    assert logits is None and torch.allclose(loss, model(x, y)[1], atol=1e-6)
+    torch._dynamo.reset()
+    net = torch.compile(FusedLoss(model), backend="aot_eager")
+    net(x, y)[1].backward()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        net(x, y)[1].backward()
+    torch._dynamo.reset()
+    fills = [e.input_shapes for e in prof.key_averages(group_by_input_shape=True)
+             if e.key in ("aten::fill_", "aten::zero_")]
+    assert [2, 16, 64] not in [shape[0] for shape in fills if shape]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.constants import IGNORE_INDEX
+from llmcli.model.loss import mean_cross_entropy
 from llmcli.recipe import ModelConfig
 
 
@@ -277,13 +277,9 @@ class GPT(nn.Module):
     def head(self, x: torch.Tensor,
              targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output layer on the residual stream, and the mean cross-entropy when given targets
-        (targets equal to IGNORE_INDEX add nothing)."""
+        (targets equal to IGNORE_INDEX add nothing; none at all give 0)."""
         logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return logits, None if targets is None else mean_cross_entropy(logits, targets)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
                keep: list[torch.Tensor] | None = None) -> torch.Tensor:

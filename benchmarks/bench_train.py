@@ -351,20 +351,33 @@ def worker(conn, spec: dict, device_name: str, threads: int, warmup: int) -> Non
             conn.send(timed(step, device))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that say which training step to run (profile_train.py takes them too)."""
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "scifi.yaml"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--compile", action="store_true", help="compile ours and nanoGPT")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile ours (and nanoGPT, as its train.py does)")
     ap.add_argument("--compile-mode", default="default",
                     help="ours' train.compile_mode; several, comma-separated, run ours once in "
-                    "each (the first is the one the ratios are of); nanoGPT compiles as its "
-                    "train.py does")
+                    "each (in this benchmark the first is the one the ratios are of)")
     ap.add_argument("--dropout", type=float, default=None, help="override model.dropout")
+
+
+def step_overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe overrides those options make."""
+    overrides = [f"train.batch_size={args.batch_size}", f"model.context_length={args.context}"]
+    if args.dropout is not None:
+        overrides.append(f"model.dropout={args.dropout}")
+    return overrides
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_arguments(ap)
     ap.add_argument("--steps", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-seed", action="store_true",
@@ -377,9 +390,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    overrides = [f"train.batch_size={args.batch_size}", f"model.context_length={args.context}"]
-    if args.dropout is not None:
-        overrides.append(f"model.dropout={args.dropout}")
+    overrides = step_overrides(args)
     recipe = load_recipe(args.recipe, overrides)
     m = recipe.model
     tokens = args.batch_size * args.context

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import ROOT, ours_step, sync  # noqa: E402
+from bench_train import add_step_arguments, ours_step, step_overrides, sync  # noqa: E402
 
 KINDS = [  # first match wins; names as cuBLAS, cuDNN, inductor and PyTorch give them
     ("matrix products", r"gemm|cutlass|nvjet|xmma|cublas|addmm|\bb?mm\b|matmul|linear"),
@@ -45,10 +45,7 @@ def kind(name: str) -> str:
 def profile(args: argparse.Namespace, mode: str) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    overrides = [f"train.batch_size={args.batch_size}", f"model.context_length={args.context}",
-                 f"train.compile_mode={mode}"]
-    if args.dropout is not None:
-        overrides.append(f"model.dropout={args.dropout}")
+    overrides = step_overrides(args) + [f"train.compile_mode={mode}"]
     with tempfile.TemporaryDirectory() as scratch:
         _, _, step = ours_step(args.recipe, overrides, args.precision, args.compile, device,
                                Path(scratch))
@@ -91,7 +88,7 @@ def profile(args: argparse.Namespace, mode: str) -> None:
     for name, seconds in per_step.items():
         by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + seconds
     for label, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:<22} {seconds * 1e3:8.2f} ms  {seconds / busy:6.1%}")
+        print(f"  {label:<26} {seconds * 1e3:8.2f} ms  {seconds / busy:6.1%}")
     print(f"  costliest {args.top}:")
     for name, seconds in sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"    {seconds * 1e3:7.3f} ms  {seconds / busy:6.1%}  {name[:100]}")
@@ -99,16 +96,7 @@ def profile(args: argparse.Namespace, mode: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "scifi.yaml"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--compile-mode", default="default",
-                    help="train.compile_mode; several, comma-separated, each in its own process")
-    ap.add_argument("--dropout", type=float, default=None, help="override model.dropout")
+    add_step_arguments(ap)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--profile-steps", type=int, default=3)

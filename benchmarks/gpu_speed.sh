@@ -39,8 +39,8 @@ echo "== 2. greedy decoding"
 $LIMIT python benchmarks/bench_generate.py --device cuda --rounds 3 2>&1 \
     | tee "$RESULTS/gpu-generate-$CARD.txt" || status=1
 echo "== 3. llm imagine, tiny pipeline"
-$LIMIT python benchmarks/bench_imagine.py --device cuda 2>&1 | tee "$RESULTS/gpu-imagine-$CARD.txt" \
-    || status=1
+$LIMIT python benchmarks/bench_imagine.py --device cuda 2>&1 \
+    | tee "$RESULTS/gpu-imagine-$CARD.txt" || status=1
 echo "== 4. where the compiled step's time goes"
 $LIMIT python benchmarks/profile_train.py --device cuda --batch-size 96 --precision bf16 \
     --compile --top 25 2>&1 | tee "$RESULTS/gpu-profile-$CARD.txt" || status=1

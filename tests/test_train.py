@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -434,6 +435,16 @@ def test_an_unknown_compile_mode_is_a_one_line_error():
         build_recipe(tiny_recipe(), ["train.compile_mode=fastest"])
 
 
+def adapted(overrides=()):
+    """The tiny model, with the recipe's LoRA layers when it asks for them."""
+    from llmcli.model.lora import apply_lora
+
+    recipe, model, _ = setup(overrides)
+    if recipe.lora.rank:
+        apply_lora(model, recipe.lora)
+    return model
+
+
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
 @pytest.mark.parametrize("model_overrides", [
     (),
@@ -445,14 +456,7 @@ def test_compiled_training_forward_breaks_only_at_the_fused_loss(precision, mode
     """The blocks compile as one graph: a break inside them (the CPU dropout mask once made
     one per dropout) costs speed and, replayed from torch's compile cache in a later run,
     crashed training (a corrupt view after the break, torch 2.13)."""
-    from pathlib import Path
-
-    from llmcli.model.lora import apply_lora
-
-    recipe, model, _ = setup(model_overrides)
-    if recipe.lora.rank:
-        apply_lora(model, recipe.lora)
-    net = FusedLoss(model).train()
+    net = FusedLoss(adapted(model_overrides)).train()
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     torch._dynamo.reset()
     with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
@@ -481,12 +485,7 @@ def test_the_training_forward_returns_no_logits(overrides):
     """Under torch.compile a returned output that backward does not use still gets a gradient:
     a zero-filled tensor the size of the logits, every step. Fused or not (an adapted output
     layer is not), the training forward returns the loss alone."""
-    from llmcli.model.lora import apply_lora
-
-    recipe, model, _ = setup(overrides)
-    if recipe.lora.rank:
-        apply_lora(model, recipe.lora)
-    model.eval()  # no dropout: the two paths see the same activations
+    model = adapted(overrides).eval()  # no dropout: the two paths see the same activations
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     logits, loss = FusedLoss(model)(x, y)
     assert logits is None and torch.allclose(loss, model(x, y)[1], atol=1e-6)

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +43,8 @@ class Server:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.drop_after: dict[str, int] = {}  # send this many body bytes, then cut (once)
+        self.always_drop: dict[str, int] = {}  # the same, every time
+        self.stall_after: dict[str, tuple[int, float]] = {}  # send n bytes, then wait s
         self.fail_times: dict[str, int] = {}  # answer 503 this many times first
         self.status: dict[str, int] = {}  # always answer with this status
         self.no_range: set[str] = set()  # ignore Range headers
@@ -105,7 +108,13 @@ class Server:
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                cut = server.drop_after.pop(path, None)
+                if path in server.stall_after:
+                    sent, pause = server.stall_after[path]
+                    self.wfile.write(body[:sent])
+                    self.wfile.flush()
+                    time.sleep(pause)
+                    return
+                cut = server.drop_after.pop(path, server.always_drop.get(path))
                 if cut is not None:
                     self.wfile.write(body[:cut])
                     self.wfile.flush()
@@ -213,6 +222,92 @@ def test_gives_up_with_a_one_line_hint(server: Server, tmp_path: Path) -> None:
     assert "\n" not in message
     assert len(server.requests) == 3
     assert not (tmp_path / "down.txt").exists()
+
+
+def test_restarting_from_zero_is_not_progress(server: Server, tmp_path: Path) -> None:
+    """A server that cannot resume and keeps dropping the connection sends the same first bytes
+    every time: the retries run out instead of going on for ever."""
+    server.files["/short.bin"] = BODY
+    server.no_range.add("/short.bin")
+    server.always_drop["/short.bin"] = 30_000
+    with pytest.raises(UserError) as info:
+        fetch(f"{server.url}/short.bin", tmp_path, retries=2, backoff=0)
+    assert info.value.exit_code == EXIT_FAILURE
+    # the first attempt's 30 KB are progress; the next three (retries=2) get no further
+    assert "gave up after 4 attempts" in str(info.value)
+    assert len(server.requests) == 4
+    with pytest.raises(UserError, match="gave up after 1 attempt\\)"):  # 0: no retry at all
+        fetch(f"{server.url}/short.bin", tmp_path, retries=0, backoff=0)
+
+
+def test_a_resume_that_gets_further_resets_the_retries(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    server.always_drop["/big.bin"] = 20_000  # each attempt adds 20 KB: five cuts, then done
+    path = fetch(f"{server.url}/big.bin", tmp_path, retries=1, backoff=0)
+    assert path.read_bytes() == BODY
+    assert len(server.requests) == 6
+
+
+def test_bytes_are_kept_as_they_arrive(server: Server, tmp_path: Path) -> None:
+    """A slow server's bytes reach the .part file as they come, not a MiB at a time, so an
+    interrupted download keeps them for the next run."""
+    server.files["/slow.bin"] = BODY
+    server.stall_after["/slow.bin"] = (1_000, 2.0)
+    with pytest.raises(UserError, match="gave up after 1 attempt\\)"):
+        fetch(f"{server.url}/slow.bin", tmp_path, retries=0, backoff=0, timeout=0.3)
+    assert (tmp_path / "slow.bin.part").stat().st_size == 1_000
+
+
+def test_the_run_says_what_it_downloaded_after_a_resume(server: Server, tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    interrupted(server, tmp_path, "/big.bin", 12_345)
+    result = run_cli("fetch", f"{server.url}/big.bin", "-o", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert f"downloaded {(len(BODY) - 12_345) / 1000:.1f} KB" in result.stderr
+    assert "resumed after 12.3 KB from an earlier run" in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.txt", "http://127.0.0.1:abc/p.txt",
+                                 "http://127.0.0.1:99999/p.txt", "http://127.0.0.1:0/p.txt",
+                                 "http://127.0.0.1/a b.txt", "http://127.0.0.1/a\tb.txt",
+                                 "http://:80/p.txt"])
+def test_malformed_urls_are_refused_before_any_request(url: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info:
+        fetch(url, tmp_path, backoff=0)
+    assert info.value.exit_code == EXIT_USAGE
+    assert "\n" not in str(info.value) and url.split("/")[2][:5] in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_redirect_loop_is_one_line(server: Server, tmp_path: Path) -> None:
+    server.redirects["/loop"] = "/loop"
+    with pytest.raises(UserError) as info:
+        fetch(f"{server.url}/loop", tmp_path, backoff=0)
+    assert "\n" not in str(info.value) and "redirecting" in str(info.value)
+
+
+def test_a_symlink_out_of_the_folder_is_named_as_such(server: Server, tmp_path: Path) -> None:
+    server.files["/ok.txt"] = b"new\n"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "v.txt").write_text("v\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "ok.txt").symlink_to(tmp_path / "real" / "v.txt")
+    with pytest.raises(UserError, match="ok.txt is a symbolic link to .*outside"):
+        fetch(f"{server.url}/ok.txt", tmp_path / "data", force=True, backoff=0)
+    assert (tmp_path / "real" / "v.txt").read_text() == "v\n"
+
+
+def test_control_characters_in_a_file_name_are_named(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="control character"):
+        fetch(f"{server.url}/named/%00.txt", tmp_path, backoff=0)
+    assert server.requests == []
+
+
+def test_builtin_checks_a_given_sha256(tmp_path: Path) -> None:
+    path = fetch("builtin", tmp_path)
+    assert fetch("builtin", tmp_path, sha256=sha(path.read_bytes())) == path
+    with pytest.raises(UserError, match="SHA-256 is .*expected 0{64}"):
+        fetch("builtin", tmp_path, sha256="0" * 64)
 
 
 def test_unreachable_host_says_what_failed(tmp_path: Path) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from llmcli.console import check_output, check_range, check_readable, fail, out, run_guarded
+from llmcli.console import (
+    check_output,
+    check_range,
+    check_readable,
+    fail,
+    out,
+    run_guarded,
+    warn,
+)
 
 MAX_RETRIES = 100
 
@@ -18,7 +26,8 @@ def command(
         "or a local path.", show_default=False,
     ),
     output_dir: Path = typer.Option(
-        Path("data"), "--output-dir", "-o", help="Directory to download into."
+        None, "--output-dir", "-o", help="Directory to download into [default: data].",
+        show_default=False,
     ),
     sha256: str = typer.Option(
         None, "--sha256", help="Expected SHA-256 of the file (presets carry their own).",
@@ -26,7 +35,9 @@ def command(
     ),
     force: bool = typer.Option(False, "--force", help="Download again even if the file exists."),
     list_presets: bool = typer.Option(False, "--list", help="List the presets and exit."),
-    retries: int = typer.Option(5, "--retries", help="Retries of a failing download."),
+    retries: int = typer.Option(
+        5, "--retries", help="Retries in a row that get no further (0: fail at once)."
+    ),
 ) -> None:
     """Download a corpus (or write the built-in one) into data/, ready for `llm tokenize`.
 
@@ -48,10 +59,15 @@ def command(
         if not source:
             fail("give a SOURCE to fetch (a preset, URL, hf:// address or path); "
                  "`llm fetch --list` shows the presets")
-        check_output(output_dir, "--output-dir", file=False)
+        directory = output_dir if output_dir is not None else Path("data")
+        check_output(directory, "--output-dir", file=False)
         if "://" not in source:
-            check_readable(Path(source).expanduser(), "SOURCE")
-        path = fetch(source, output_dir, sha256=sha256, force=force, retries=retries)
+            local = Path(source).expanduser()
+            check_readable(local, "SOURCE")
+            if output_dir is not None and source not in PRESETS and local.exists():
+                warn(f"{source} is a local path, used where it is: --output-dir only places "
+                     "downloads")
+        path = fetch(source, directory, sha256=sha256, force=force, retries=retries)
         out.print(str(path), markup=False)
 
     run_guarded(body)

@@ -146,7 +146,12 @@ def fetch(
     expected = _check_sha256(sha256) if sha256 is not None else None  # '' is an error too
     preset = PRESETS.get(source)
     if preset is not None and not preset.source:
-        return write_builtin(data_dir)
+        path = write_builtin(data_dir)
+        if expected and (actual := sha256_file(path)) != expected:
+            fail(f"{path}: SHA-256 is {actual}, expected {expected}; the built-in corpus is "
+                 "written from this Python's own documentation, so its checksum follows the "
+                 "Python version: check the --sha256 value")
+        return path
     if preset is not None:
         url, filename = preset.source, preset.filename
         expected = expected or preset.sha256
@@ -193,10 +198,27 @@ def resolve_url(source: str) -> tuple[str, dict[str, str]]:
         fail(f"{source}: unsupported URL scheme '{scheme}'; use http(s)://, "
              "hf://datasets/OWNER/NAME/PATH or a local path")
     if scheme != "hf":
-        if not urllib.parse.urlsplit(source).netloc:
-            fail(f"{source}: the URL has no host; write it as {scheme}://HOST/PATH")
+        _check_url(source)
         return source, {}
     return _hf_url(source)
+
+
+def _check_url(url: str) -> None:
+    """Refuse, before any request, what no retry can fix: no host, a port that is not a number
+    from 1 to 65535, a malformed IPv6 address, spaces or control characters."""
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        fail(f"{url}: not a valid URL ({exc}); write it as {scheme}://HOST[:PORT]/PATH")
+    if not parts.hostname:
+        fail(f"{url}: the URL has no host; write it as {scheme}://HOST/PATH")
+    if port == 0:
+        fail(f"{url}: port 0 is not a valid port; use one from 1 to 65535")
+    if re.search(r"[\x00-\x20\x7f]", url):
+        fail(f"{url!r}: the URL holds a space or a control character; percent-encode it "
+             "(a space is %20)")
 
 
 def _hf_url(source: str) -> tuple[str, dict[str, str]]:
@@ -231,9 +253,18 @@ def safe_filename(name: str, data_dir: Path) -> str:
     if size > MAX_NAME_BYTES:
         fail(f"file name {name[:40]!r}... is {size} bytes long, more than {MAX_NAME_BYTES}; "
              "download it another way under a shorter name and pass its local path")
-    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
-            or Path(name).is_absolute()
-            or (Path(data_dir) / name).resolve().parent != Path(data_dir).resolve()):
+    if re.search(r"[\x00-\x1f\x7f]", name):
+        fail(f"refusing file name {name!r}: it holds a control character; download it another "
+             "way under a plain name and pass its local path")
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or Path(name).is_absolute()):
+        fail(f"refusing file name {name!r}: it would be written outside {data_dir}/; "
+             "download from a URL whose last part is a plain file name")
+    path = Path(data_dir) / name
+    if path.resolve().parent != Path(data_dir).resolve():
+        if path.is_symlink():
+            fail(f"{path} is a symbolic link to {path.resolve()}, outside {data_dir}/; "
+                 "refusing to write through it; delete the link and retry")
         fail(f"refusing file name {name!r}: it would be written outside {data_dir}/; "
              "download from a URL whose last part is a plain file name")
     return name
@@ -254,9 +285,13 @@ def _check_sha256(value: str) -> str:
 class _Retry(Exception):
     """A transient failure: try again after a pause, resuming from the .part file."""
 
-    def __init__(self, reason: str, received: int = 0) -> None:
+    def __init__(self, reason: str, reached: int | None = None, kept: int | None = None) -> None:
         super().__init__(reason)
-        self.received = received  # bytes this attempt added: progress resets the retry count
+        # Bytes the .part holds after this attempt, and those of them it held before (None:
+        # the attempt did not touch it). Only going past the furthest point any attempt
+        # reached counts as progress and resets the retry count: a server that cannot resume
+        # sends the same first bytes every time, which is no progress.
+        self.reached, self.kept = reached, kept
 
 
 class _Restart(Exception):
@@ -313,7 +348,7 @@ def download(
         if force:
             _discard(part, meta)
         started = time.monotonic()
-        _transfer(url, part, meta, headers or {}, retries, backoff, timeout, target.name)
+        kept = _transfer(url, part, meta, headers or {}, retries, backoff, timeout, target.name)
         actual = sha256_file(part)
         if sha256 and actual != sha256:
             bad = target.with_name(target.name + ".bad")
@@ -326,7 +361,9 @@ def download(
         publish(part, target)
         meta.unlink(missing_ok=True)
     seconds = max(time.monotonic() - started, 1e-9)
-    info(f"downloaded {_human(size)} in {seconds:.1f} s to {target} (sha256 {actual})")
+    resumed = f", resumed after {_human(kept)} from an earlier run" if kept else ""
+    info(f"downloaded {_human(size - kept)} in {seconds:.1f} s to {target}{resumed} "
+         f"(sha256 {actual})")
     return target
 
 
@@ -336,27 +373,43 @@ def _discard(part: Path, meta: Path) -> None:
 
 
 def _transfer(url: str, part: Path, meta: Path, headers: dict[str, str], retries: int,
-              backoff: float, timeout: float, label: str) -> None:
-    failures = 0
+              backoff: float, timeout: float, label: str) -> int:
+    """Bring `part` to the whole remote file; the bytes it already held and this run kept.
+
+    `retries` counts failures in a row without progress (an attempt that took the file further
+    than any before starts the count again), so a large download over a flaky line resumes as
+    long as it gets somewhere; with 0 the first failure ends it.
+    """
+    failures = furthest = attempts = 0
+    kept = None
     with byte_progress() as bar:
         task = bar.add_task(label, total=None)
         while True:
+            attempts += 1
             offset, validator = _resume_point(url, part, meta)
+            if kept is None:
+                kept = furthest = offset
             try:
-                _attempt(url, part, meta, offset, validator, headers, timeout, bar, task)
-                return
+                if not _attempt(url, part, meta, offset, validator, headers, timeout, bar, task):
+                    kept = 0  # the server sent the whole file again
+                return kept
             except _Restart as exc:
                 warn(f"{label}: {exc}; starting the download again")
                 _discard(part, meta)
+                kept = 0
                 failures += 1
                 reason = str(exc)
             except _Retry as exc:
                 reason = str(exc)
-                failures = 0 if exc.received else failures + 1
+                reached = offset if exc.reached is None else exc.reached
+                kept = min(kept, offset if exc.kept is None else exc.kept)
+                failures = 0 if reached > furthest and retries else failures + 1
+                furthest = max(furthest, reached)
             if failures > retries:
-                fail(f"could not download {url}: {reason} (gave up after {retries + 1} "
-                     "attempts); check the network, or fetch the file another way and pass its "
-                     "local path (e.g. data.source=path/to/file)", exit_code=EXIT_FAILURE)
+                tries = f"{attempts} attempt" + ("s" if attempts > 1 else "")
+                fail(f"could not download {url}: {reason} (gave up after {tries}); check "
+                     "the network, or fetch the file another way and pass its local path (e.g. "
+                     "data.source=path/to/file)", exit_code=EXIT_FAILURE)
             delay = min(60.0, backoff * 2 ** max(failures - 1, 0)) * random.uniform(0.8, 1.2)
             warn(f"{label}: {reason}; retrying in {delay:.1f} s")
             time.sleep(delay)
@@ -416,7 +469,8 @@ def _validator(headers: Any) -> str | None:
 
 def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | None,
              headers: dict[str, str], timeout: float,
-             bar, task) -> None:  # noqa: ANN001 (rich progress objects)
+             bar, task) -> bool:  # noqa: ANN001 (rich progress objects)
+    """One request, appended to `part` from `offset`; whether the bytes before it were kept."""
     request = urllib.request.Request(url, headers={"User-Agent": f"llmcli/{__version__}"})
     for key, value in headers.items():
         request.add_unredirected_header(key, value)  # not sent on to redirect targets
@@ -428,7 +482,7 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
     except urllib.error.HTTPError as exc:
         with exc:
             _http_error(url, exc, offset)
-        return  # 416 on a complete .part
+        return True  # 416 on a complete .part
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, socket.gaierror):  # no such host, or no network: retrying won't help
@@ -441,7 +495,7 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
         if offset and not resumed:
             warn(f"{part.name}: the remote file changed (or the server cannot resume); "
                         "downloading it again from the start")
-        size = start = offset if resumed else 0
+        size = offset if resumed else 0
         with _open_part(part, append=resumed) as fh:
             if not resumed:  # after truncating: a crash never pairs old bytes with a new record
                 record = {"url": url, "validator": _validator(response.headers)}
@@ -451,7 +505,7 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
                     meta.unlink(missing_ok=True)
             bar.update(task, total=total, completed=size)
             try:
-                while block := response.read(BLOCK):
+                while block := response.read1(BLOCK):
                     fh.write(block)
                     size += len(block)
                     bar.update(task, completed=size)
@@ -459,11 +513,13 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
                 if isinstance(exc, OSError) and exc.errno is not None and not _is_network(exc):
                     raise  # disk full, permissions: not a network problem
                 raise _Retry(f"connection lost after {_human(size)} ({_describe(exc)})",
-                             size - start) from None
+                             size, offset if resumed else 0) from None
     if total is not None and size < total:
-        raise _Retry(f"connection closed after {_human(size)} of {_human(total)}", size - start)
+        raise _Retry(f"connection closed after {_human(size)} of {_human(total)}", size,
+                     offset if resumed else 0)
     if total is not None and size > total:
         raise _Restart(f"received {_human(size)}, more than the announced {_human(total)}")
+    return resumed
 
 
 def _length(response: http.client.HTTPResponse) -> int | None:
@@ -495,15 +551,20 @@ def _http_error(url: str, exc: urllib.error.HTTPError, offset: int) -> None:
         if match and int(match.group(1)) == offset:
             return  # the .part file already holds everything
         raise _Restart("the partial file no longer fits the remote file")
+    reason = " ".join(str(exc.reason).split())  # urllib's own reasons can span lines
     if code in RETRYABLE_STATUS:
-        raise _Retry(f"HTTP {code} {exc.reason}")
+        raise _Retry(f"HTTP {code} {reason}")
     hint = "check the URL"
-    if code in (401, 403):
+    if 300 <= code < 400:
+        reason, hint = "redirects", ("the server keeps redirecting (a loop, or more than "
+                                     "urllib's 10 hops); check the URL, or download the file "
+                                     "another way and pass its local path")
+    elif code in (401, 403):
         hint = ("for a gated or private Hugging Face dataset, accept its terms and set HF_TOKEN"
                 if "/resolve/" in url else "the server refused access")
     elif code == 404:
         hint = "check the URL (for hf:// the owner, dataset name and file path)"
-    raise UserError(f"could not download {url}: HTTP {code} {exc.reason}; {hint}")
+    raise UserError(f"could not download {url}: HTTP {code} {reason}; {hint}")
 
 
 def _is_network(exc: OSError) -> bool:

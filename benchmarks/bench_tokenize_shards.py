@@ -2,7 +2,7 @@
 
 Builds FILES gzip'd jsonl files (FineWeb's layout: one {"text": ...} record per line) from the
 shared corpora (sales textbook, Tiny Shakespeare, Alpaca en/zh text cut into paragraph-sized
-documents), then runs `tokenize_corpus` into a sharded folder (--shard-tokens) in a fresh
+documents), then runs `tokenize_files` into a sharded folder (--shard-tokens) in a fresh
 subprocess per measurement, so peak RSS means something:
 
   workers 1 vs 2   seconds (best of --rounds, alternating), the ratio t(1) / t(2) and MB/s of
@@ -82,11 +82,11 @@ def worker(folder: Path, out: Path, workers: int, shard_tokens: int) -> dict:
     if workers == 0:  # one worker, one thread
         workers, threads = 1, 1
     sys.path.insert(0, str(ROOT))
-    from llmcli.data.tokenize import tokenize_corpus
+    from llmcli.data.tokenize import tokenize_files
 
     inputs = sorted(folder.glob("*.jsonl.gz"))
     start = time.perf_counter()
-    index = tokenize_corpus(inputs, out, "cl100k_base", 0.01, shard_tokens=shard_tokens,
+    index = tokenize_files(inputs, out, "cl100k_base", 0.01, shard_tokens=shard_tokens,
                             workers=workers, threads=threads)
     seconds = time.perf_counter() - start
     digest = hashlib.sha256()

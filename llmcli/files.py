@@ -6,10 +6,13 @@ A run killed at any instant leaves either the old file or the new one, never hal
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +29,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:  # named after the file asked for, not after our temporary one
+        if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from llmcli.console import UserError
+
+        raise UserError(f"{target}: cannot create files in {target.parent} "
+                        f"({(exc.strerror or str(exc)).lower()}); write it elsewhere") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -85,6 +96,26 @@ def publish(staged: str | os.PathLike[str], target: str | os.PathLike[str]) -> N
         os.fsync(fh.fileno())
     os.replace(staged, target)
     _fsync_dir(Path(target).parent)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while files that belong together are replaced (a token file
+    and its sidecar), and deliver them after: an interrupt never leaves a new file beside its
+    old partner. Outside the main thread (where handlers cannot be set) it holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)  # the previous handler answers, as if it came now
 
 
 def _umask() -> int:

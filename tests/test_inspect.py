@@ -309,9 +309,9 @@ def test_frequent_tokens_come_from_the_corpus_token_file(tmp_path, tiny_model_cf
     ids, source = emb.frequent_ids(gen, 4, data_dir=data)
     assert ids == [ord(c) for c in "eato"] and "corpus.bytes.tokens" in source
     # a sharded corpus (a folder of shards with an index) counts across its shards
-    from llmcli.data.tokenize import tokenize_corpus
+    from llmcli.data.tokenize import tokenize_files
 
-    tokenize_corpus([text], data / "sharded", "bytes", 0.1, shard_tokens=1024)
+    tokenize_files([text], data / "sharded", "bytes", 0.1, shard_tokens=1024)
     gen.recipe.data.source = str(data / "sharded.tokens")
     ids, source = emb.frequent_ids(gen, 4, data_dir=data)
     assert ids == [ord(c) for c in "eato"] and "sharded.tokens" in source

@@ -20,7 +20,7 @@ from llmcli.cli import app
 from llmcli.console import UserError
 from llmcli.data.readers import iter_texts
 from llmcli.data.shards import ShardedTokens, open_shards, read_index
-from llmcli.data.tokenize import open_tokens, read_sidecar, tokenize_corpus, tokenize_files
+from llmcli.data.tokenize import open_tokens, read_sidecar, tokenize_files
 
 _threads = pytest.fixture(autouse=True)(one_thread)
 
@@ -62,7 +62,7 @@ def test_shards_concatenate_to_the_single_file_whatever_the_workers(tmp_path):
     assert single["documents"] == 1 + 5 + 4 * 60
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        index = tokenize_corpus(files, out, "cl100k_base", 0.1, shard_tokens=1024,
+        index = tokenize_files(files, out, "cl100k_base", 0.1, shard_tokens=1024,
                                 workers=workers)
         folder = tmp_path / f"w{workers}.tokens"
         assert index == read_index(folder)
@@ -78,7 +78,7 @@ def test_shards_concatenate_to_the_single_file_whatever_the_workers(tmp_path):
             [s["sha256"] for s in single["sources"]]
         open_shards(folder, verify=True)  # every shard's SHA-256 matches the index
     # Workers without shards: the same single file.
-    tokenize_corpus(files, tmp_path / "two", "cl100k_base", 0.1, workers=2)
+    tokenize_files(files, tmp_path / "two", "cl100k_base", 0.1, workers=2)
     assert (tmp_path / "two.tokens").read_bytes() == (tmp_path / "single.tokens").read_bytes()
 
 
@@ -87,7 +87,7 @@ def test_text_records_stream_and_bad_records_are_one_line_errors(tmp_path):
     for name in ("c.jsonl", "d.jsonl.gz", "e.jsonl.zst", "f.parquet"):
         assert len(list(iter_texts(files[name]))) == 5
     (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"body": "b"}\n'))
-    with pytest.raises(UserError, match="line 2: no string field 'text'.*--text-field"):
+    with pytest.raises(UserError, match="line 2: no field 'text'.*--text-field"):
         list(iter_texts(tmp_path / "bad.jsonl.gz"))
     with pytest.raises(UserError, match="no column 'content'"):
         list(iter_texts(files["f.parquet"], "content"))
@@ -116,7 +116,7 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     files = corpus_files(tmp_path / "in", records=40)
     tokenize_files(files, tmp_path / "data" / "file", "bytes", 0.1)
-    tokenize_corpus(files, tmp_path / "data" / "shards", "bytes", 0.1, shard_tokens=4096,
+    tokenize_files(files, tmp_path / "data" / "shards", "bytes", 0.1, shard_tokens=4096,
                     workers=2)
     return tmp_path
 
@@ -242,7 +242,7 @@ def test_fetch_a_glob_of_hf_shards_resumes_verifies_and_tokenizes(tmp_path, monk
         server.httpd.shutdown()
         server.httpd.server_close()
     # The downloaded folder is a corpus as it stands.
-    index = tokenize_corpus([folder], tmp_path / "web", "bytes", 0.1, shard_tokens=2048,
+    index = tokenize_files([folder], tmp_path / "web", "bytes", 0.1, shard_tokens=2048,
                             workers=2)
     assert index["documents"] == 120 and len(index["sources"]) == 3
 

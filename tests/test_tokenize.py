@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +189,7 @@ def test_records_reader(tmp_path: Path) -> None:
     assert record_problem({"instruction": "a", "output": "c"}) is None
     assert "no 'output'" in record_problem({"instruction": "a"})
     assert "'instruction' is a number" in record_problem({"instruction": 1, "output": "c"})
-    assert "'input' is a array" in record_problem({"instruction": "a", "input": [], "output": ""})
+    assert "'input' is an array" in record_problem({"instruction": "a", "input": [], "output": ""})
     assert "not an object" in record_problem(["a"])
     assert record_text(good) == "a\n\nb\n\nc"
     jsonl_named_json = tmp_path / "lines.json"  # many datasets use .json for JSON Lines
@@ -408,3 +410,109 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert result.exit_code == EXIT_USAGE
     assert words in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by an adversarial sweep: pairs, sizes, messages
+
+
+def test_an_interrupt_never_leaves_new_tokens_beside_an_old_sidecar(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "c.tokens"
+    tokenize_files([write(tmp_path / "a.txt", "first corpus\n")], out)
+    before = out.read_bytes(), sidecar_path(out).read_text()
+    big = write(tmp_path / "b.txt", "a second, longer corpus with more words\n" * 50)
+
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt  # Ctrl-C while the vocabulary is counted, before publishing
+
+    monkeypatch.setattr(tokenize_mod, "compact_vocab_ids", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_files([big], out)
+    assert (out.read_bytes(), sidecar_path(out).read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.tokens",
+                                                           "c.tokens.json"]
+    monkeypatch.undo()
+
+    real_write_json = tokenize_mod.write_json
+
+    def ctrl_c_then_write(*args: object) -> None:  # Ctrl-C between the two files
+        os.kill(os.getpid(), signal.SIGINT)
+        real_write_json(*args)
+
+    monkeypatch.setattr(tokenize_mod, "write_json", ctrl_c_then_write)
+    with pytest.raises(KeyboardInterrupt):  # delivered once the pair is whole
+        tokenize_files([big], out)
+    assert open_tokens(out).shape[0] == read_sidecar(out)["num_tokens"] > 100
+
+
+def test_bytes_per_token_counts_the_text_not_the_files(tmp_path: Path) -> None:
+    lines = "".join(json.dumps({"text": f"line {i} with some words"}) + "\n" for i in range(50))
+    plain = write(tmp_path / "t.jsonl", lines)
+    packed = tmp_path / "t.jsonl.gz"
+    packed.write_bytes(gzip.compress(lines.encode()))
+    text = sum(len(f"line {i} with some words") for i in range(50))
+    for source in (plain, packed):
+        meta = tokenize_files([source], tmp_path / f"{source.name}.tokens")
+        assert tokenize_mod.data_bytes(meta) == meta["text_bytes"] == text
+    two = tokenize_files([plain, packed], tmp_path / "two", workers=2)
+    assert two["text_bytes"] == 2 * text
+    assert tokenize_mod.data_bytes({"sources": [{"bytes": 7}]}) == 7  # an older sidecar
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 20)[:20], "not a valid gzip file"),
+    ("fake.jsonl.gz", b"not gzip\n", "not a valid gzip file"),
+    ("fake.jsonl.zst", b"x\n", "not a valid zstd file"),
+    ("num.jsonl", b'{"text": "a"}\n{"text": 5}\n', "line 2: field 'text' holds a number"),
+    ("list.jsonl.gz", gzip.compress(b'{"text": "a"}\n[1, 2]\n'), "line 2: an array, not a record"),
+    ("garbage.json", b'[{"instruction": "x", "input": "", "output": "y"}] garbage',
+     "invalid JSON (Extra data)"),
+    ("blank.json", b'[{"instruction": "", "input": "", "output": ""}]', "every record is empty"),
+    ("kinds.json", b'[{"instruction": "x", "output": {}}]', "'output' is an object"),
+    ("none.json", b'[]', "holds no records"),
+])
+def test_damaged_inputs_are_named(tmp_path: Path, name: str, data: bytes, words: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(UserError) as info:
+        tokenize_files([path], tmp_path / "out")
+    assert info.value.exit_code == EXIT_USAGE
+    assert words in str(info.value) and name in str(info.value)
+    assert "jsonl file must" not in str(info.value)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_short_validation_split_is_named_as_such() -> None:
+    meta = {"num_tokens": 1000, "val_start": 990, "val_fraction": 0.01}
+    warning = short_corpus_warning(meta, context_length=16)
+    assert warning and warning.startswith("the validation split is shorter")
+    assert "raise val_fraction" in warning
+
+
+def test_cli_json_with_show_and_head(tmp_path: Path) -> None:
+    shown = run_cli("tokenize", "--show", "hi 我", "--json")
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    assert data["tokenizer"] == "cl100k_base" and data["ids"][0] == 6151
+    assert b"".join(bytes.fromhex(h) for h in data["bytes"]).decode() == "hi 我"
+    src = write(tmp_path / "h.txt", "hello world\n")
+    head = run_cli("tokenize", str(src), "--head", "2", "--json")
+    assert json.loads(head.stdout)["ids"] == [15339, 1917]
+
+
+def test_cli_duplicate_inputs_and_odd_outputs(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "a.txt", "hello there\n")
+    twice = run_cli("tokenize", "a.txt", "./a.txt", "-o", "two")
+    assert twice.exit_code == 0, twice.output
+    assert "a.txt: given twice" in twice.stderr
+    sharded = run_cli("tokenize", "a.txt", "-o", "sh", "--shard-tokens", "1024",
+                      "--tokenizer", "bytes")
+    assert sharded.exit_code == 0, sharded.output
+    into = run_cli("tokenize", "a.txt", "-o", "sh.tokens")
+    assert into.exit_code == EXIT_USAGE and "is a sharded corpus" in into.stderr
+    assert not (tmp_path / "sh.tokens" / "a.tokens").exists()
+    device = run_cli("tokenize", "/dev/null")
+    assert device.exit_code == EXIT_USAGE and "not a regular file" in device.stderr

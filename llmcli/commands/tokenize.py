@@ -48,7 +48,10 @@ def command(
         None, "--head", help="Render the first N tokens of the inputs (writes nothing).",
         show_default=False,
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the sidecar as JSON."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the sidecar as JSON (with --show or --head: the ids and "
+        "their text)."
+    ),
     shard_tokens: int = typer.Option(
         None, "--shard-tokens", help="Write a folder NAME.tokens/ of shards of N tokens each "
         "with one index.json (pretraining reads the folder); e.g. 100000000.",
@@ -101,6 +104,13 @@ def command(
                 if not inputs:
                     fail("--head N needs input files to read")
                 ids = head_tokens(inputs, head, tokenizer, errors)
+            if json_out:
+                raw = [tok.token_bytes(i) for i in ids]  # a token may be part of a character
+                out.print(json.dumps({
+                    "tokenizer": tok.name, "ids": [int(i) for i in ids],
+                    "tokens": [b.decode("utf-8", errors="replace") for b in raw],
+                    "bytes": [b.hex() for b in raw]}, ensure_ascii=False), soft_wrap=True)
+                return
             out.print(render(tok, ids, color=out.is_terminal))
             return
         if not inputs:
@@ -121,10 +131,19 @@ def command(
         from llmcli.data.tokenizer import get_tokenizer
 
         get_tokenizer(tokenizer)  # loaded before the clock starts: MB/s measures tokenizing
-        expand_corpus_inputs(paths)  # missing inputs are named before any output is checked
+        files = expand_corpus_inputs(paths)  # missing inputs named before any output is checked
+        seen: dict[Path, Path] = {}
+        for path in files:
+            first = seen.setdefault(path.resolve(), path)
+            if first is not path:
+                again = "given twice" if str(first) == str(path) else f"the same file as {first}"
+                warn(f"{path}: {again}; its text is tokenized each time it is given")
         # several inputs: the name pretraining looks for when its data.source lists them
         name = _stem(paths[0]) if len(paths) == 1 else corpus_name(paths)
         target = output or Path("data") / name
+        if is_shard_folder(target) and not shard_tokens:
+            fail(f"--output {target}: is a sharded corpus (a folder with index.json); add "
+                 "--shard-tokens N to rewrite it, or choose another path")
         if target.is_dir() and not (shard_tokens and is_shard_folder(target)):
             target = target / name
         written = target if target.name.endswith(".tokens") else target.with_name(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llmcli.console import fail
+from llmcli.data.records import json_kind
 
 STREAM_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".parquet")  # always text records
 PARQUET_BATCH = 1024  # rows per record batch: a few MB of text at web-page sizes
@@ -103,7 +104,7 @@ def iter_texts(path: Path, text_field: str = "text",
         return
     with open(path, "rb") as raw, _open_binary(path, kind, raw) as fh:
         progress = _Progress(raw)
-        for number, line in enumerate(fh, 1):
+        for number, line in _lines(path, kind, fh):
             if number % 256 == 0 and on_bytes is not None:
                 on_bytes(progress.advance())
             if not line.strip():
@@ -113,14 +114,40 @@ def iter_texts(path: Path, text_field: str = "text",
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 fail(f"{path}: line {number}: not JSON ({exc}); each line must be one record")
             text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(record, dict):
+                fail(f"{path}: line {number}: {json_kind(record)}, not a record "
+                     f"(an object with a '{text_field}' field); each line must be one record")
+            if text_field in record and not isinstance(text, str):
+                fail(f"{path}: line {number}: field '{text_field}' holds "
+                     f"{json_kind(text)}, not text; fix the record or drop it")
             if not isinstance(text, str):
-                keys = ", ".join(list(record)[:8]) if isinstance(record, dict) else "none"
-                fail(f"{path}: line {number}: no string field '{text_field}' (fields: {keys}); "
+                keys = ", ".join(list(record)[:8]) or "none"
+                fail(f"{path}: line {number}: no field '{text_field}' (fields: {keys}); "
                      "name the text field with --text-field")
             if text:
                 yield text
         if on_bytes is not None:
             on_bytes(progress.advance())
+
+
+_BROKEN = {"jsonl.gz": "gzip", "jsonl.zst": "zstd"}
+
+
+def _lines(path: Path, kind: str, fh: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines of the decompressed stream; a damaged or truncated .gz/.zst is one line
+    naming the file (the decompressors raise their own exception types)."""
+    lines = enumerate(fh, 1)
+    while True:
+        try:
+            item = next(lines)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - gzip and zstandard raise their own kinds
+            if kind not in _BROKEN:
+                raise
+            fail(f"{path}: not a valid {_BROKEN[kind]} file, or cut short "
+                 f"({type(exc).__name__}: {exc}); download it again")
+        yield item
 
 
 def _parquet_texts(path: Path, text_field: str, on_bytes: Any) -> Iterator[str]:

@@ -35,12 +35,12 @@ def read_records(path: Path) -> list:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and text[:exc.pos].rstrip().endswith(("}", "]")):
+        if exc.msg == "Extra data" and text[:exc.pos].rstrip().endswith("}"):
             return _read_lines(path, text)
         fail(f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); "
              "fix the file at that place")
     if not isinstance(data, list):
-        fail(f"{path}: expected a JSON array of records, found a JSON {_json_type(data)}; "
+        fail(f"{path}: expected a JSON array of records, found {json_kind(data)}; "
              "put the records in [ ... ] or write one record per line as .jsonl")
     return data
 
@@ -54,21 +54,21 @@ def _read_lines(path: Path, text: str) -> list:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             fail(f"{path}: line {number} column {exc.colno}: invalid JSON ({exc.msg}); "
-                 "each line of a .jsonl file must be one JSON record")
+                 "in JSON Lines each line must be one JSON record")
     return records
 
 
 def record_problem(rec: Any) -> str | None:
     """Why `rec` is not a usable Alpaca record, or None when it is."""
     if not isinstance(rec, dict):
-        return f"is a JSON {_json_type(rec)}, not an object with instruction/input/output"
+        return f"is {json_kind(rec)}, not an object with instruction/input/output"
     for key in ("instruction", "output"):
         if key not in rec:
             return f"has no '{key}' field"
         if not isinstance(rec[key], str):
-            return f"'{key}' is a {_json_type(rec[key])}, not a string"
+            return f"'{key}' is {json_kind(rec[key])}, not a string"
     if "input" in rec and rec["input"] is not None and not isinstance(rec["input"], str):
-        return f"'input' is a {_json_type(rec['input'])}, not a string"
+        return f"'input' is {json_kind(rec['input'])}, not a string"
     return None
 
 
@@ -78,8 +78,9 @@ def record_text(rec: dict) -> str:
     return "\n\n".join(p for p in parts if isinstance(p, str) and p.strip())
 
 
-def _json_type(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """A JSON value's kind as a message names it: 'an object', 'a number', 'null'."""
     if value is None:
         return "null"
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "an array", str: "a string", bool: "true or false",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)

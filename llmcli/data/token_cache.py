@@ -50,6 +50,9 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
                 fail(f"{path}: is already a token file; give the text it was made from, or use "
                      "it directly as data.source")
             files.append(path)
+        elif path.exists():
+            fail(f"{path}: not a regular file (a device, pipe or socket); give a text, "
+                 ".json/.jsonl file or a directory")
         else:
             fail(f"{path}: no such file or directory; check the path (`llm fetch --list` shows "
                  "the downloadable corpora)")

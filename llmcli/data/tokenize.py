@@ -43,7 +43,7 @@ from llmcli.data.token_cache import (
     sidecar_path,
 )
 from llmcli.data.tokenizer import Tokenizer, cpu_threads, get_tokenizer
-from llmcli.files import atomic_path, sha256_file, write_json
+from llmcli.files import atomic_path, interrupts_held, sha256_file, write_json
 
 FORMAT = TOKENS_FORMAT
 BLOCK = 1 << 18  # bytes read at a time and encoded as one job: small keeps RSS low
@@ -113,6 +113,7 @@ class _Reading:
 
     sources: list[_Source] = field(default_factory=list)
     documents: int = 0
+    text_bytes: int = 0  # UTF-8 bytes of the text tokenized (not of the files: JSON, gzip)
 
 
 def _text_jobs(path: Path, errors: str, reading: _Reading, source: _Source, block: int,
@@ -188,9 +189,16 @@ def _record_jobs(path: Path, reading: _Reading, source: _Source, block: int,
         index, problem = skipped[0]
         warn(f"{path}: skipped {len(skipped):,} of {len(records):,} records that are not "
              f"Alpaca records (record {index} {problem})")
+    if not records:
+        fail(f"{path}: holds no records; give a JSON array (or JSON Lines) of "
+             "{instruction, input, output} records")
+    if not texts and len(skipped) < len(records):
+        fail(f"{path}: every record is empty (no text in instruction, input or output); "
+             "give records that hold text")
     if not texts:
-        fail(f"{path}: no usable records (objects with string 'instruction' and 'output'); "
-             "check the file's layout")
+        index, problem = skipped[0]
+        fail(f"{path}: no usable records (objects with string 'instruction' and 'output'; "
+             f"record {index} {problem}); check the file's layout")
     batch: list[str] = []
     size = 0
     for text in texts:
@@ -210,14 +218,19 @@ def _jobs(files: list[Path], errors: str, reading: _Reading, block: int,
         stat = path.stat()
         source = _Source(path.resolve(), stat.st_size, stat.st_mtime_ns)
         reading.sources.append(source)
+        plain = False
         if text_field is not None and is_text_records(path, text_field):
-            yield from _stream_jobs(path, text_field, reading, source, block, on_bytes)
+            jobs = _stream_jobs(path, text_field, reading, source, block, on_bytes)
         elif path.suffix.lower() in RECORD_EXTENSIONS:
-            yield from _record_jobs(path, reading, source, block, on_bytes)
+            jobs = _record_jobs(path, reading, source, block, on_bytes)
         else:
-            yield from _text_jobs(path, errors, reading, source, block, on_bytes)
-            if not source.started and len(files) > 1:
-                warn(f"{path}: empty, skipped")
+            jobs, plain = _text_jobs(path, errors, reading, source, block, on_bytes), True
+        for job in jobs:
+            texts = [job.text] if isinstance(job.text, str) else job.text
+            reading.text_bytes += sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+            yield job
+        if plain and not source.started and len(files) > 1:
+            warn(f"{path}: empty, skipped")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,94 +286,6 @@ def _encode_all(jobs: Iterable[_Job], tok: Tokenizer,
         while window:
             new_document, future = window.popleft()
             emit(new_document, future.result())
-
-
-def tokenize_files(
-    inputs: list[Path],
-    out: Path,
-    tokenizer: str = "cl100k_base",
-    val_fraction: float = 0.1,
-    errors: str = "strict",
-    *,
-    threads: int | None = None,
-    block: int = BLOCK,
-    text_field: str = "text",
-    shard_tokens: int | None = None,
-    workers: int = 1,
-) -> dict:
-    """Tokenize `inputs` into `out` (a .tokens path) and its sidecar; returns the sidecar.
-
-    Inputs are .txt files (any other extension is read as UTF-8 text too), .json/.jsonl
-    Alpaca records (one document per record), text records (.jsonl, .jsonl.gz, .jsonl.zst,
-    .parquet: `text_field` of each record, see `llmcli.data.readers`) and directories of them.
-    Both files are written atomically: an error or interrupt leaves the previous ones untouched.
-    `shard_tokens` (a folder of shards with one index) or `workers` > 1 (processes, one input
-    file at a time): see `tokenize_corpus`.
-    """
-    if shard_tokens is not None or workers > 1:
-        return tokenize_corpus(inputs, out, tokenizer, val_fraction, errors, threads=threads,
-                               block=block, text_field=text_field, shard_tokens=shard_tokens,
-                               workers=workers)
-    if errors not in ERRORS:
-        fail(f"--errors {errors!r}: choose {' or '.join(ERRORS)}")
-    if not 0 <= val_fraction < 1:
-        fail(f"val_fraction {val_fraction}: must be in [0, 1) (0.1 keeps the last 10% for "
-             "validation)")
-    out = Path(out)
-    if not out.name.endswith(".tokens"):
-        out = out.with_name(out.name + ".tokens")
-    files = expand_corpus_inputs(inputs)
-    tok = get_tokenizer(tokenizer)
-    reading = _Reading()
-    counter = _Counter(tok.n_vocab)
-    eot = np.array([tok.eot_id], dtype=np.uint32)
-    total_bytes = sum(p.stat().st_size for p in files)
-
-    with atomic_path(out) as tmp, open(tmp, "wb", buffering=BLOCK) as fh, \
-            byte_progress() as bar:
-        task = bar.add_task(f"tokenizing ({tok.name})", total=total_bytes)
-        written_documents = 0
-
-        def emit(new_document: bool, ids: np.ndarray) -> None:
-            nonlocal written_documents
-            if new_document:
-                if written_documents:
-                    fh.write(eot.data)
-                    counter.add(eot)
-                written_documents += 1
-            fh.write(ids.astype("<u4", copy=False).data)
-            counter.add(ids)
-
-        def on_bytes(n: int) -> None:
-            bar.advance(task, n)
-
-        jobs = _jobs(files, errors, reading, block, on_bytes, text_field)
-        _encode_all(jobs, tok, emit, threads or cpu_threads())
-        if counter.count == 0:
-            fail(f"{', '.join(str(p) for p in files)}: no text to tokenize (the corpus is "
-                 "empty); give files that contain text")
-        fh.flush()
-
-    meta = {
-        "format": FORMAT,
-        "tokenizer": tok.name,
-        "vocab_size": tok.n_vocab,
-        "dtype": "uint32",
-        "num_tokens": counter.count,
-        "max_id": counter.max_id,
-        "distinct_ids": int(counter.seen.sum()),
-        "eot_id": tok.eot_id,
-        "val_fraction": val_fraction,
-        "val_start": val_start(counter.count, val_fraction),
-        "compact_vocab_ids": compact_vocab_ids(out, val_start(counter.count, val_fraction), tok),
-        "documents": reading.documents,
-        "sources": [
-            {"path": str(s.path), "sha256": s.sha256, "bytes": s.size, "mtime_ns": s.mtime_ns}
-            for s in reading.sources
-        ],
-    }
-    write_json(sidecar_path(out), meta)
-    return meta
 
 
 def compact_vocab_ids(path: Path, end: int, tokenizer: Tokenizer) -> int:
@@ -447,11 +372,14 @@ def short_corpus_warning(meta: dict, context_length: int) -> str | None:
     need = context_length + 1
     train = meta["val_start"]
     val = meta["num_tokens"] - train
-    if train < need or (meta["val_fraction"] > 0 and val < need):
-        return (f"the corpus is shorter than one context window: {train:,} training and "
-                f"{val:,} validation tokens, and a window needs {need:,} ({context_length} "
-                "+ 1); add text, lower val_fraction or use a smaller model.context_length")
-    return None
+    short_val = meta["val_fraction"] > 0 and val < need
+    if train >= need and not short_val:
+        return None
+    which = ("the corpus is shorter than one context window" if train < need else
+             "the validation split is shorter than one context window")
+    fix = "add text, lower val_fraction" if train < need else "add text, raise val_fraction"
+    return (f"{which}: {train:,} training and {val:,} validation tokens, and a window needs "
+            f"{need:,} ({context_length} + 1); {fix} or use a smaller model.context_length")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +428,10 @@ def ensure_tokens(source: Path | list[Path], tokenizer: str, val_fraction: float
 
 
 def data_bytes(meta: dict) -> int:
-    """Bytes of text behind a token file (for bytes/token and MB/s)."""
+    """Bytes of text behind a token file (for bytes/token and MB/s): the UTF-8 text tokenized;
+    for sidecars written before that was recorded, the size of the source files."""
+    if isinstance(meta.get("text_bytes"), int):
+        return meta["text_bytes"]
     return sum(int(s.get("bytes", 0)) for s in meta.get("sources", []))
 
 
@@ -542,29 +473,39 @@ def _stream_jobs(path: Path, text_field: str, reading: _Reading, source: _Source
 
 
 class _FileSink:
-    """One .tokens file written atomically, fed like a `ShardWriter`."""
+    """One .tokens file, staged in `tmp` beside its target and published with its sidecar by
+    `finish`; fed like a `ShardWriter`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._atomic = atomic_path(path)
-        self._tmp = self._atomic.__enter__()
-        self._fh = open(self._tmp, "wb", buffering=BLOCK)  # noqa: SIM115 - closed in finish
+        self.tmp = self._atomic.__enter__()
+        self._fh = open(self.tmp, "wb", buffering=BLOCK)  # noqa: SIM115 - closed in finish
 
     def __enter__(self) -> _FileSink:
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-        if kind is not None and not self._fh.closed:
+        if kind is not None and self.tmp.exists():  # failed before `finish` published it
             self._fh.close()
             self._atomic.__exit__(kind, value, tb)
 
     def write(self, ids: np.ndarray) -> None:
         self._fh.write(np.ascontiguousarray(ids, dtype="<u4").data)
 
-    def finish(self, meta: dict) -> dict:
+    def _close(self) -> None:
         self._fh.close()
-        self._atomic.__exit__(None, None, None)
-        write_json(sidecar_path(self.path), meta)
+
+    def finish(self, meta: dict) -> dict:
+        """Replace the token file and its sidecar as a pair. The old sidecar goes first: even a
+        crash between the two renames leaves a token file without one (named as missing when
+        read), never one whose sidecar describes other tokens."""
+        self._close()
+        side = sidecar_path(self.path)
+        with interrupts_held():
+            side.unlink(missing_ok=True)
+            self._atomic.__exit__(None, None, None)
+            write_json(side, meta)
         return meta
 
 
@@ -593,6 +534,7 @@ def _tokenize_part(job: tuple[str, str, str, int, str, str]) -> dict:
         return {"part": part, "error": str(exc), "exit_code": exc.exit_code}
     s = reading.sources[0]
     return {"part": part, "tokens": counts["tokens"], "documents": reading.documents,
+            "text_bytes": reading.text_bytes,
             "source": {"path": str(s.path), "sha256": s.sha256, "bytes": s.size,
                        "mtime_ns": s.mtime_ns}}
 
@@ -615,7 +557,7 @@ def _read_part(path: Path, chunk: int = 1 << 20) -> Iterator[np.ndarray]:
             yield ids
 
 
-def tokenize_corpus(
+def tokenize_files(
     inputs: list[Path],
     out: Path,
     tokenizer: str = "cl100k_base",
@@ -628,7 +570,13 @@ def tokenize_corpus(
     threads: int | None = None,
     block: int = BLOCK,
 ) -> dict:
-    """`tokenize_files` for corpora beyond one file; returns the sidecar or shard index.
+    """Tokenize `inputs` into `out` (a .tokens path) and its sidecar; returns the sidecar.
+
+    Inputs are .txt files (any other extension is read as UTF-8 text too), .json/.jsonl
+    Alpaca records (one document per record), text records (.jsonl, .jsonl.gz, .jsonl.zst,
+    .parquet: `text_field` of each record, see `llmcli.data.readers`) and directories of them.
+    The token file and its sidecar are replaced together, with interrupts held off meanwhile:
+    an error or Ctrl-C leaves the previous pair untouched, never a new file beside an old one.
 
     - `shard_tokens`: write `out` as a folder `NAME.tokens/` of shards of that many tokens with
       one `index.json` (`llmcli.data.shards`); their concatenation is the single file.
@@ -660,7 +608,7 @@ def tokenize_corpus(
             target = target.with_name(target.name + ".tokens")
         sink = _FileSink(target)
     sources: list[dict] = []
-    documents = 0
+    documents = text_bytes = 0
     pool = _pool(workers) if workers > 1 else None  # forked before the progress thread starts
     tag = uuid.uuid4().hex[:8]
     parts = [target.parent / f".{target.name}.part-{i:06d}.{tag}.tmp" for i in range(len(files))]
@@ -687,7 +635,7 @@ def tokenize_corpus(
                 jobs = _jobs(files, errors, reading, block, lambda n: bar.advance(task, n),
                              text_field)
                 _encode_all(jobs, tok, emit, threads or cpu_threads())
-                documents = reading.documents
+                documents, text_bytes = reading.documents, reading.text_bytes
                 sources = [{"path": str(s.path), "sha256": s.sha256, "bytes": s.size,
                             "mtime_ns": s.mtime_ns} for s in reading.sources]
             else:
@@ -708,6 +656,7 @@ def tokenize_corpus(
                     part.unlink(missing_ok=True)
                     sources.append(result["source"])
                     documents += result["documents"]
+                    text_bytes += result["text_bytes"]
                     bar.advance(task, result["source"]["bytes"])
             if counter.count == 0:
                 fail(f"{', '.join(str(p) for p in files)}: no text to tokenize (the corpus is "
@@ -718,14 +667,12 @@ def tokenize_corpus(
                 "dtype": "uint32", "num_tokens": counter.count, "max_id": counter.max_id,
                 "distinct_ids": int(counter.seen.sum()), "eot_id": tok.eot_id,
                 "val_fraction": val_fraction, "val_start": start, "documents": documents,
-                "text_field": text_field, "sources": sources,
+                "text_bytes": text_bytes, "text_field": text_field, "sources": sources,
             }
-            if shard_tokens is None:
-                sink.finish({**meta, "compact_vocab_ids": 0})
-                meta["compact_vocab_ids"] = compact_vocab_ids(target, start, tok)
-                write_json(sidecar_path(target), meta)
-                return meta
             sink._close()
+            if shard_tokens is None:
+                meta["compact_vocab_ids"] = compact_vocab_ids(sink.tmp, start, tok)
+                return sink.finish(meta)
             from llmcli.data.shards import ShardedTokens
             from llmcli.data.vocab import compact_vocab
 

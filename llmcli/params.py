@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmcli.checkpoint import Checkpoint, latest_run
 from llmcli.console import fail
-from llmcli.model.count import Part, breakdown, flops_per_token, named_counts, training_memory
+from llmcli.model.count import (
+    Part,
+    breakdown,
+    count_parameters,
+    flops_per_token,
+    named_counts,
+    training_memory,
+)
 from llmcli.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = Path("recipes") / "scifi.yaml"
@@ -37,6 +45,63 @@ def is_checkpoint(path: Path) -> bool:
     return path.suffix == ".safetensors" or path.is_dir()
 
 
+@dataclass
+class Trained:
+    """What training a recipe builds and which part of it learns (`training_view`)."""
+
+    recipe: Recipe  # the model section as training builds it: a fine-tune's is its base's
+    vocab_note: str  # where model.vocab_size came from
+    adapter: int | None = None  # LoRA adapter parameters, the only ones that train; else None
+    notes: list[str] = field(default_factory=list)
+
+
+def training_view(recipe: Recipe) -> Trained:
+    """The model a recipe trains, as `llm finetune`/`llm pretrain` would build it: a fine-tune
+    (`finetune.init`) trains its base checkpoint's model, and with `lora.rank` > 0 only the
+    adapter trains. `llm params` and `llm scaling --recipe` both count through here, so they
+    agree with each other and with the training run."""
+    notes: list[str] = []
+    vocab_note = "from the recipe"
+    init = recipe.finetune.init
+    if init and Path(init).exists():
+        from llmcli.finetune import base_checkpoint, reconcile  # imports torch: fine-tunes only
+
+        base = Checkpoint.read(base_checkpoint(recipe, None))
+        recipe = reconcile(recipe, base.recipe, base.meta, recipe.path or "recipe")
+        vocab_note = "from the base checkpoint"
+        notes.append(f"fine-tuning recipe: counting its base checkpoint {base.path} "
+                     "(finetune.init), the model fine-tuning trains")
+    elif init:
+        notes.append(f"finetune.init {init!r}: base checkpoint not found (from {Path.cwd()}); "
+                     "counting the recipe's own model section instead, which fine-tuning "
+                     "would replace with the base's")
+    if recipe.model.vocab_size == "auto":
+        recipe, vocab_note = resolve_vocab(recipe)
+        notes.append(f"model.vocab_size is {vocab_note}")
+    adapter = None
+    if recipe.lora.rank > 0:
+        adapter = lora_parameters(recipe)
+        how = "" if init else " (by `llm finetune`: `llm pretrain` ignores the lora section)"
+        notes.append(f"LoRA rank {recipe.lora.rank} on {', '.join(recipe.lora.targets)}: only "
+                     f"the adapter's {adapter:,} parameters train{how}, the model's stay "
+                     "frozen; FLOPs are the full model's")
+    return Trained(recipe, vocab_note, adapter, notes)
+
+
+def lora_parameters(recipe: Recipe) -> int:
+    """The LoRA adapter's size: `apply_lora` itself on a meta-device model, so the count (and
+    any refusal, e.g. 'head' on a tied output layer) is exactly what fine-tuning gets."""
+    from llmcli.model.gpt import build_model
+    from llmcli.model.lora import apply_lora
+
+    model = build_model(recipe.model, device="meta")
+    try:
+        apply_lora(model, recipe.lora)
+    except ValueError as exc:
+        fail(f"lora: {exc}")
+    return count_parameters(model)[1]
+
+
 def count_target(target: Path, overrides: tuple[str, ...] | list[str] = (), *,
                  processes: int | None = None, device_bytes: int | None = None
                  ) -> dict[str, Any]:
@@ -45,6 +110,7 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = (), *,
     from llmcli.model.gpt import build_model
 
     notes: list[str] = []
+    adapter: int | None = None  # LoRA parameters: what trains, beside the frozen model
     if is_checkpoint(target):
         if overrides:
             fail(f"{target}: overrides apply to recipes, not checkpoints; drop "
@@ -54,30 +120,27 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = (), *,
         counts = {name: math.prod(shape) for name, shape in ckpt.shapes().items()}
         source, kind = str(ckpt.path), "checkpoint"
         if ckpt.is_adapter:  # what runs is base + adapter; what trained is the adapter
-            adapter = counts
+            adapter = sum(counts.values())
             base = Checkpoint.read(ckpt.base_path)
             counts = {name: math.prod(shape) for name, shape in base.shapes().items()}
-            notes.append(f"LoRA adapter (rank {recipe.lora.rank}) of {sum(adapter.values()):,} "
+            notes.append(f"LoRA adapter (rank {recipe.lora.rank}) of {adapter:,} "
                          f"parameters on the base {base.path} ({sum(counts.values()):,}); "
                          "FLOPs are the full model's")
     else:
-        recipe = load_recipe(target, overrides)
+        trained = training_view(load_recipe(target, overrides))
+        recipe, adapter, notes = trained.recipe, trained.adapter, trained.notes
         source, kind = str(target), "recipe"
-        recipe = resolve_vocab_for_counting(recipe, notes)
         counts = None
     model = build_model(recipe.model, device="meta")
     if counts is None:
         counts = named_counts(model)
-    total = sum(counts.values())
-    trainable = total
-    if kind == "recipe":
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = trainable = sum(counts.values())
     parts = breakdown(recipe.model, counts)
-    if kind == "checkpoint" and ckpt.is_adapter:
-        trainable = sum(adapter.values())
-        total += trainable
+    if adapter is not None:
+        trainable = adapter
+        total += adapter
         parts.append(Part(f"LoRA adapter (rank {recipe.lora.rank}: "
-                          f"{', '.join(recipe.lora.targets)})", trainable))
+                          f"{', '.join(recipe.lora.targets)})", adapter))
     flops = flops_per_token(model)
     per_device = None
     if processes is not None:
@@ -106,19 +169,19 @@ def memory_per_device(recipe: Recipe, counts: dict[str, int], total: int, traina
     precision = "fp32" if recipe.train.precision == "fp32" else "bf16"
     return device_memory(total, processes, trainable=trainable, block=block,
                          blocks=recipe.model.num_blocks, precision=precision,
-                         device_bytes=device_bytes or DEFAULT_DEVICE_MEMORY)
+                         device_bytes=DEFAULT_DEVICE_MEMORY if device_bytes is None
+                      else device_bytes)
 
 
-def resolve_vocab_for_counting(recipe: Recipe, notes: list[str]) -> Recipe:
+def resolve_vocab(recipe: Recipe) -> tuple[Recipe, str]:
     """`vocab_size: auto` is set by the corpus: counted as pretraining would resolve it when the
-    corpus is tokenized already, else with the tokenizer's full vocabulary (and said so)."""
+    corpus is tokenized already, else with the tokenizer's full vocabulary (the note says which).
+    """
     from llmcli.scaling import find_sidecar, recipe_vocab
 
-    if recipe.model.vocab_size != "auto":
-        return recipe
     vocab, note = recipe_vocab(recipe, find_sidecar(recipe.data.source, recipe.data.tokenizer))
-    notes.append(f"model.vocab_size is {note}")
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=vocab))
+    model = dataclasses.replace(recipe.model, vocab_size=vocab)
+    return dataclasses.replace(recipe, model=model), note
 
 
 def _part_dict(part: Part) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ TOKENIZER_VOCAB = {"cl100k_base": 100277, "bytes": 257}  # ids each tokenizer ca
 
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: 400M -> 8.0B tokens, 1B -> 20.2B, ...
 DEFAULT_MFU = 0.4  # a well-tuned dense transformer on modern GPUs reaches about 35-50 %
+MIN_MFU = 0.001  # 0.1 %: below it a utilisation is a typo, and wall-clock times overflow
 MAX_VALUE = 1e30  # beyond any training run; also keeps the power laws inside float range
 
 
@@ -156,8 +158,9 @@ def make_hardware(
     """
     if num_gpus < 1:
         fail(f"--num-gpus {num_gpus}: must be 1 or more")
-    if not 0 < mfu <= 1:
-        fail(f"--mfu {mfu:g}: utilisation is a fraction in (0, 1], e.g. 0.4 or 40%")
+    if not MIN_MFU <= mfu <= 1:
+        fail(f"--mfu {mfu:g}: utilisation must be from 0.1% to 100% (a fraction like 0.4, or a "
+             "percentage like 40%)")
     card = get_gpu(gpu) if gpu else None
     gpus = f"{num_gpus}× " if num_gpus > 1 else ""
     if tokens_per_second is not None:
@@ -209,7 +212,11 @@ def plans_for(
     One quantity: the 20-tokens-per-parameter rule beside the fitted law's optimum.
     Two: the plan as given, the rule for the same N, and the fit's optimum for the same compute.
     """
-    given = [k for k, v in (("params", params), ("tokens", tokens), ("flops", flops)) if v]
+    values = {"params": params, "tokens": tokens, "flops": flops}
+    given = [k for k, v in values.items() if v is not None]  # a 0 is given (and refused)
+    for key in given:
+        if not values[key] >= 1:  # parse_number's rule, for callers of the API too
+            fail(f"--{key} {values[key]:g}: must be positive, at least 1")
     if not given:
         fail("nothing to plan: give --params, --tokens, --flops or --recipe, e.g. "
              "llm scaling --params 140M")
@@ -234,9 +241,17 @@ def plans_for(
     if params is None:
         assert tokens is not None and flops is not None
         params = flops / (6.0 * tokens)
+        if params < 1:  # parse_number's rule for a given N, applied to the derived one
+            fail(f"--tokens {format_count(tokens)} and --flops {format_count(flops)} leave "
+                 f"N = C / 6D = {format_ratio(params)} parameters; a model needs at least 1 "
+                 "parameter: raise --flops or lower --tokens")
     elif tokens is None:
         assert flops is not None
         tokens = flops / (6.0 * params)
+        if tokens < 1:
+            fail(f"--params {format_count(params)} and --flops {format_count(flops)} leave "
+                 f"D = C / 6N = {format_ratio(tokens)} tokens; training needs at least 1 "
+                 "token: raise --flops or lower --params")
     return "plan", given_plans(fit, params, tokens)
 
 
@@ -254,11 +269,11 @@ def verdict(fit: Fit, plans: dict[str, Plan]) -> str:
     n, d = given.params, given.tokens
     target = chinchilla_tokens(n)
     ratio = d / target
-    head = (f"{format_count(d)} tokens for {format_count(n)} parameters "
-            f"({d / n:.3g} tokens per parameter)")
+    head = (f"{counted(d, 'token')} for {counted(n, 'parameter')} "
+            f"({counted_ratio(d / n, 'token')} per parameter)")
     same_compute = (f"the same compute ({format_flops(given.flops)} FLOPs) is best spent, by the "
-                    f"{fit.name} law, on {format_count(optimal.params)} parameters and "
-                    f"{format_count(optimal.tokens)} tokens: predicted loss "
+                    f"{fit.name} law, on {counted(optimal.params, 'parameter')} and "
+                    f"{counted(optimal.tokens, 'token')}: predicted loss "
                     f"{fit.loss(optimal.params, optimal.tokens):.3f} instead of "
                     f"{fit.loss(n, d):.3f}")
     if ratio < 0.5:
@@ -293,7 +308,7 @@ def analyse(
     law = get_fit(fit)
     report: dict[str, Any] = {"fit": law.to_dict()}
     if recipe is not None:
-        if params or tokens or flops:
+        if params is not None or tokens is not None or flops is not None:
             fail("--recipe gives the parameters and tokens itself; drop --params/--tokens/"
                  "--flops, or override the recipe (e.g. train.max_iters=100000)")
         facts = recipe_facts(recipe, overrides)
@@ -319,12 +334,12 @@ def analyse(
                 f"Chinchilla trade-off is about pretraining from scratch, and fine-tuning needs "
                 f"far fewer tokens; as if pretraining, {report['verdict']}")
     report["device_memory"] = None
-    cap = device_bytes or DEFAULT_DEVICE_MEMORY
+    cap = DEFAULT_DEVICE_MEMORY if device_bytes is None else device_bytes
     if recipe is not None:
         facts = report["recipe"]
         report["device_memory"] = device_memory(
-            facts["params"], num_gpus, block=facts["block_params"], blocks=facts["num_blocks"],
-            precision=facts["precision"], device_bytes=cap)
+            facts["params"], num_gpus, trainable=facts["trainable"], block=facts["block_params"],
+            blocks=facts["num_blocks"], precision=facts["precision"], device_bytes=cap)
     elif params is not None:
         report["device_memory"] = device_memory(int(params), num_gpus, device_bytes=cap)
     return report
@@ -335,26 +350,32 @@ def analyse(
 
 
 def recipe_facts(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """N, planned tokens and where the vocabulary size came from, for one recipe."""
+    """N (counted as `llm params` counts it: `llmcli.params.training_view`), planned tokens and
+    where the vocabulary size came from, for one recipe."""
     from llmcli.model.count import formula_parameters
+    from llmcli.params import training_view
     from llmcli.recipe import load_recipe
 
-    recipe = load_recipe(path, list(overrides))
+    trained = training_view(load_recipe(path, list(overrides)))
+    recipe = trained.recipe
     sidecar = find_sidecar(recipe.data.source, recipe.data.tokenizer)
-    vocab, vocab_note = recipe_vocab(recipe, sidecar)
     t, m = recipe.train, recipe.model
     steps = t.max_iters * t.batch_size * t.grad_accum * m.context_length
     planned = min(steps, t.max_tokens) if t.max_tokens else steps
+    model = formula_parameters(m)
     facts: dict[str, Any] = {
         "name": recipe.name, "path": str(path),
-        "params": formula_parameters(m, vocab), "vocab_size": vocab, "vocab_note": vocab_note,
+        "params": model + (trained.adapter or 0),
+        "trainable": model if trained.adapter is None else trained.adapter,
+        "vocab_size": int(m.vocab_size), "vocab_note": trained.vocab_note,
+        "notes": trained.notes,
         "max_iters": t.max_iters, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
         "context_length": m.context_length, "max_tokens": t.max_tokens,
         "step_tokens": steps, "planned_tokens": planned, "corpus_tokens": None, "epochs": None,
         "finetune_init": recipe.finetune.init,
         "num_blocks": m.num_blocks,
-        "block_params": (formula_parameters(dataclasses.replace(m, num_blocks=1), vocab)
-                         - formula_parameters(dataclasses.replace(m, num_blocks=0), vocab)),
+        "block_params": (formula_parameters(dataclasses.replace(m, num_blocks=1))
+                         - formula_parameters(dataclasses.replace(m, num_blocks=0))),
         "precision": "fp32" if t.precision == "fp32" else "bf16",
     }
     if sidecar is not None:
@@ -390,8 +411,8 @@ def recipe_vocab(recipe: Any, sidecar: tuple[Path, dict] | None) -> tuple[int, s
             return int(meta["max_id"]) + 1, f"auto: largest id in {path} + 1"
     name = recipe.data.tokenizer
     vocab = TOKENIZER_VOCAB[name]
-    why = (f"auto, and data '{recipe.data.source}' is not tokenized yet: counted with the full "
-           f"{name} vocabulary of {vocab:,}")
+    why = (f"auto, and data '{', '.join(recipe.data.sources)}' is not tokenized yet: counted "
+           f"with the full {name} vocabulary of {vocab:,}")
     if compact:
         why += " (an upper bound: a compact vocabulary keeps only the corpus's ids)"
     return vocab, why + "; run `llm tokenize` first for the exact figure"
@@ -440,17 +461,28 @@ def parse_number(text: str, option: str = "value") -> float:
     return value
 
 
+def parse_count(text: str, option: str, noun: str) -> float:
+    """A count of `noun`s (parameters, tokens): parse_number, whole numbers only, as
+    --num-gpus; '140.6M' is whole, '2.5' is refused rather than planned with half a parameter."""
+    value = parse_number(text, option)
+    whole = round(value)
+    if abs(value - whole) > 1e-12 * value:  # float noise in '0.3M' is no fraction
+        fail(f"{option} {str(text).strip()!r}: must be a whole number of {noun}, e.g. "
+             f"{math.floor(value):,} or {math.ceil(value):,}")
+    return float(whole)
+
+
 def parse_fraction(text: str, option: str = "--mfu") -> float:
-    """'40%' or '0.4' -> 0.4."""
+    """'40%' or '0.4' -> 0.4, from 0.1% to 100%."""
     raw = str(text).strip()
     percent = raw.endswith("%")
     try:
         value = float(raw.rstrip("%").strip()) / (100.0 if percent else 1.0)
     except ValueError:
         fail(f"{option} {raw!r}: not a fraction; write it like 0.4 or 40%")
-    if not 0 < value <= 1:
-        fail(f"{option} {raw!r}: must be in (0, 1] (a fraction like 0.4, or a percentage "
-             f"like 40%)")
+    if not MIN_MFU <= value <= 1:
+        fail(f"{option} {raw!r}: must be from 0.1% to 100% (a fraction like 0.4, or a "
+             "percentage like 40%); below 0.1% no GPU trains")
     return value
 
 
@@ -467,6 +499,23 @@ def format_count(x: float) -> str:
                 return f"{x / bigger:.1f}{big_suffix}"
             return text + suffix
     return f"{x:.0f}" if x == int(x) or x >= 100 else f"{x:.3g}"
+
+
+def counted(x: float, noun: str) -> str:
+    """'1 parameter', '2.5M parameters'."""
+    text = format_count(x)
+    return f"{text} {noun}" + ("" if text == "1" else "s")
+
+
+def counted_ratio(x: float, noun: str) -> str:
+    """'1 token', '0.0824 tokens', '1.00e30 tokens' (per something)."""
+    text = format_ratio(x)
+    return f"{text} {noun}" + ("" if text == "1" else "s")
+
+
+def format_ratio(x: float) -> str:
+    """3 significant digits, in e-notation (1.00e30, 1.67e-31) outside 0.001 to a million."""
+    return f"{x:.3g}" if 1e-3 <= x < 1e6 else format_flops(x)
 
 
 def format_flops(x: float) -> str:
@@ -486,11 +535,16 @@ def format_duration(seconds: float) -> str:
         return f"{seconds / 3600:.1f} h"
     if seconds < 365.25 * 86400:
         return f"{seconds / 86400:.1f} days"
-    return f"{seconds / (365.25 * 86400):.1f} years"
+    return f"{_big(seconds / (365.25 * 86400), '.1f')} years"
 
 
 def _about(x: float) -> str:
-    return f"{x:.1f}" if x < 10 else f"{x:.2g}" if x < 100 else f"{round(x, -1):,.0f}"
+    return f"{x:.1f}" if x < 10 else f"{x:.2g}" if x < 100 else _big(round(x, -1), ",.0f")
+
+
+def _big(x: float, spec: str) -> str:
+    """x in `spec`, or in e-notation (1.46e19) from a million on: never a 20-digit string."""
+    return format_flops(x) if x >= 1e6 else format(x, spec)
 
 
 def _suggest(word: str, choices: Any) -> str:
@@ -577,14 +631,17 @@ def parse_bytes(text: str, option: str = "--device-memory") -> int:
     """'80GiB', '80GB' (10^9), '141G' (GiB), '24576MiB' -> bytes. One-line error else."""
     raw = str(text).strip()
     match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)", raw.lower())
-    if not match or not float(match.group(1)) > 0:
+    if not match:
         fail(f"{option} {raw!r}: not a memory size; write it like 80GiB, 80GB or 141G")
     power = " kmgt".index(match.group(2) or " ")
     decimal = match.group(3) == "b"  # GB: 10^9; GiB or a bare G: 2^30
-    size = float(match.group(1)) * ((1000 if decimal else 1024) ** power)
+    size = round(float(match.group(1)) * ((1000 if decimal else 1024) ** power))
+    if size < 1:  # 0, 0.5, 0.4B: no device, and never "not given" (the default)
+        fail(f"{option} {raw!r}: less than 1 byte; write a device's memory like 80GiB, 80GB "
+             "or 141G")
     if size > 2**60:
         fail(f"{option} {raw!r}: larger than any device")
-    return int(size)
+    return size
 
 
 def device_memory(params: int, processes: int, *, trainable: int | None = None,
@@ -651,6 +708,22 @@ def memory_verdict(mem: dict[str, Any]) -> str:
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{_big(n, '.1f')} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def strict_json(data: Any) -> str:
+    """`--json` text that is always strict JSON: a non-finite float (which the checks above
+    should make impossible) becomes null instead of the invalid Infinity/NaN tokens."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), allow_nan=False)

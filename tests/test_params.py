@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -164,3 +165,125 @@ def test_lora_adapter_counts_base_plus_adapter(tmp_path):
     assert report["trainable"] == adapter_total
     assert report["flops_per_token"] == count_target(base)["flops_per_token"]
     assert "LoRA adapter" in report["notes"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning recipes count what fine-tuning trains: the base's model, the LoRA adapter
+
+BASE_MODEL = {"vocab_size": 64, "context_length": 16, "d_model": 32, "num_blocks": 2,
+              "num_heads": 4}
+ALL_TARGETS = ["qkv", "proj", "ffn_in", "ffn_out", "head"]
+
+
+def write_base(tmp_path: Path, activation: str = "relu") -> int:
+    """A tiny base run in tmp_path/checkpoints/base; returns its parameter count."""
+    recipe = build_recipe({"data": {"tokenizer": "bytes"},
+                           "model": {**BASE_MODEL, "activation": activation}})
+    model = GPT(recipe.model)
+    save_model(tmp_path / "checkpoints" / "base" / "step-00000001.safetensors", model, recipe,
+               step=1, tokenizer="bytes")
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_finetune(tmp_path: Path, init: str = "checkpoints/base", rank: int = 0) -> Path:
+    """A fine-tuning recipe without a model section (the default one is 140M parameters)."""
+    path = tmp_path / "ft.yaml"
+    path.write_text(f"finetune:\n  init: {init}\nlora:\n  rank: {rank}\n  targets: "
+                    f"[{', '.join(ALL_TARGETS)}]\n", encoding="utf-8")
+    return path
+
+
+def adapter_size(rank: int, activation: str = "relu") -> int:
+    """The adapter `llm finetune` trains on the base: apply_lora on a real model."""
+    from llmcli.model.lora import apply_lora
+
+    recipe = build_recipe({"model": {**BASE_MODEL, "activation": activation},
+                           "lora": {"rank": rank, "targets": ALL_TARGETS}})
+    model = GPT(recipe.model)
+    apply_lora(model, recipe.lora)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_finetune_recipe_counts_its_base_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base_total = write_base(tmp_path)
+    report = count_target(write_finetune(tmp_path))
+    assert report["total"] == report["trainable"] == base_total == parts_total(report)
+    assert report["context_length"] == 16  # the base's, not the default section's 128
+    assert "base checkpoint checkpoints/base/step-00000001.safetensors" in report["notes"][0]
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_lora_finetune_recipe_trains_only_the_adapter(tmp_path, monkeypatch, activation):
+    monkeypatch.chdir(tmp_path)
+    base_total = write_base(tmp_path, activation)
+    adapter = adapter_size(4, activation)
+    result = runner.invoke(app, ["params", str(write_finetune(tmp_path, rank=4)), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["trainable"] == adapter
+    assert report["total"] == base_total + adapter == parts_total(report)
+    assert report["parts"][-1]["name"].startswith("LoRA adapter (rank 4: qkv, proj")
+    assert report["memory_bytes"]["fp32"]["gradients"] == 4 * adapter
+    assert any("only the adapter's" in note for note in report["notes"])
+
+
+def test_lora_count_matches_the_real_tiny_lora_finetune():
+    """`llm finetune recipes/tiny-lora.yaml` on a tiny base of 16,945 ids reported "training
+    210,312 of 5,401,352 parameters"."""
+    from llmcli.params import lora_parameters
+    from llmcli.recipe import load_recipe
+
+    tiny = load_recipe(ROOT / "recipes" / "tiny.yaml", ["model.vocab_size=16945"])
+    lora = load_recipe(ROOT / "recipes" / "tiny-lora.yaml").lora
+    assert lora_parameters(dataclasses.replace(tiny, lora=lora)) == 210_312
+    assert count_target(ROOT / "recipes" / "tiny.yaml", ["model.vocab_size=16945"]
+                        )["total"] == 5_401_352 - 210_312
+
+
+def test_lora_override_on_a_plain_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n" + "".join(f"  {k}: {v}\n" for k, v in BASE_MODEL.items()),
+                    encoding="utf-8")
+    full = count_target(path)
+    lora = count_target(path, ["lora.rank=8", f"lora.targets=[{','.join(ALL_TARGETS)}]"])
+    assert full["trainable"] == full["total"]
+    assert lora["trainable"] == adapter_size(8) == lora["total"] - full["total"]
+
+
+def test_lora_on_a_tied_output_layer_is_one_line_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n" + "".join(f"  {k}: {v}\n" for k, v in BASE_MODEL.items())
+                    + "  tie_embeddings: true\nlora:\n  rank: 4\n  targets: [head]\n",
+                    encoding="utf-8")
+    result = runner.invoke(app, ["params", str(path)])
+    assert result.exit_code == 2 and "lora:" in result.stderr and "tied" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_finetune_recipe_with_missing_base_counts_its_own_section(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_finetune(tmp_path, init="checkpoints/nowhere")
+    path.write_text(path.read_text() + "model:\n" + "".join(
+        f"  {k}: {v}\n" for k, v in BASE_MODEL.items()), encoding="utf-8")
+    report = count_target(path)
+    assert report["total"] == report["trainable"]
+    assert report["total"] == sum(p.numel() for p in GPT(build_recipe(
+        {"model": BASE_MODEL}).model).parameters())
+    assert "not found" in report["notes"][0] and "recipe's own model section" in report["notes"][0]
+
+
+@pytest.mark.parametrize("size", ["0.5", "0.4B", "0.000000000001GB", "0B"])
+def test_device_memory_below_one_byte_is_refused(size):
+    result = runner.invoke(app, ["params", str(ROOT / "recipes" / "tiny.yaml"),
+                                 "--device-memory", size])
+    assert result.exit_code == 2 and "less than 1 byte" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_device_memory_of_zero_is_not_the_default():
+    from llmcli.params import memory_per_device
+    from llmcli.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "scifi.yaml")
+    assert memory_per_device(recipe, {}, 10, 10, 1, 0)["device_bytes"] == 0

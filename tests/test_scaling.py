@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -381,3 +382,143 @@ def test_scaling_imports_neither_torch_nor_numpy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning recipes, absurd inputs, strict JSON
+
+
+def test_recipe_counts_agree_with_llm_params_for_finetunes(tmp_path, monkeypatch):
+    """A LoRA fine-tune counts its base checkpoint's model plus the adapter, as `llm params`
+    does, and its memory is the adapter's gradients and AdamW state, not the model's."""
+    import torch
+
+    from llmcli.checkpoint import save_model
+    from llmcli.model.gpt import GPT
+    from llmcli.params import count_target
+    from llmcli.recipe import build_recipe
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    base = build_recipe({"data": {"tokenizer": "bytes"},
+                         "model": {"vocab_size": 64, "context_length": 16, "d_model": 32,
+                                   "num_blocks": 2, "num_heads": 4}})
+    save_model(tmp_path / "checkpoints" / "base" / "step-00000001.safetensors",
+               GPT(base.model), base, step=1, tokenizer="bytes")
+    path = tmp_path / "ft.yaml"
+    path.write_text("finetune:\n  init: checkpoints/base\nlora:\n  rank: 4\n"
+                    "train:\n  max_iters: 10\n  batch_size: 2\n", encoding="utf-8")
+    report = analyse(recipe=path, device_bytes=2**30)
+    counted = count_target(path)
+    facts = report["recipe"]
+    assert (facts["params"], facts["trainable"]) == (counted["total"], counted["trainable"])
+    assert facts["trainable"] < facts["params"] < 100_000  # not the default 140M section
+    assert facts["planned_tokens"] == 10 * 2 * 16  # the base's context length
+    assert report["device_memory"]["ddp"]["gradients"] == 4 * facts["trainable"]
+    missing = analyse(recipe=path, overrides=["finetune.init=checkpoints/none"])["recipe"]
+    assert missing["params"] > 100_000_000 and "not found" in missing["notes"][0]
+
+
+@pytest.mark.parametrize("size", ["0.5", "0.4B", "0.000000000001GB", "0B", "0"])
+def test_device_memory_below_one_byte_is_refused(size):
+    result = scaling("--params", "140M", "--device-memory", size)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "less than 1 byte" in lines[0]
+
+
+def test_device_memory_of_zero_bytes_is_not_the_default():
+    assert analyse(params=1e8, device_bytes=0)["device_memory"]["device_bytes"] == 0
+    assert analyse(params=1e8)["device_memory"]["device_bytes"] == 80 * 2**30
+
+
+def test_mfu_below_a_tenth_of_a_percent_is_refused():
+    assert parse_fraction("0.1%") == pytest.approx(0.001)
+    for bad in ("1e-300", "0.0009", "0.09%"):
+        with pytest.raises(UserError, match="from 0.1% to 100%"):
+            parse_fraction(bad)
+    with pytest.raises(UserError, match="from 0.1% to 100%"):
+        make_hardware(mfu=1e-300)
+    result = scaling("--params", "1e30", "--mfu", "1e-300", "--json")
+    assert result.exit_code == 2 and "--mfu '1e-300'" in result.stderr
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"not strict JSON: {name}")
+
+
+@pytest.mark.parametrize("args", [
+    ["--params", "1e30", "--mfu", "0.1%", "--gpu", "v100"],
+    ["--params", "1", "--tokens", "1e30", "--tokens-per-second", "1"],
+    ["--flops", "1e30", "--fit", "epoch"],
+])
+def test_json_is_strict_at_the_extremes(args):
+    result = scaling(*args, "--json")
+    assert result.exit_code == 0, result.output
+    json.loads(result.stdout, parse_constant=_no_constants)
+
+
+def test_strict_json_turns_non_finite_numbers_into_null():
+    from llmcli.scaling import strict_json
+
+    text = strict_json({"a": math.inf, "b": [math.nan, 1.5], "c": (-math.inf,)})
+    assert json.loads(text, parse_constant=_no_constants) == {"a": None, "b": [None, 1.5],
+                                                              "c": [None]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "1e30", "--flops", "1"], "a model needs at least 1 parameter"),
+    (["--params", "1e30", "--flops", "1e29"], "training needs at least 1 token"),
+    (["--params", "2.5"], "--params '2.5': must be a whole number of parameters, e.g. 2 or 3"),
+    (["--tokens", "1e3", "--params", "7.5"], "whole number of parameters"),
+    (["--tokens", "0.5k", "--params", "1"], None),
+])
+def test_derived_and_fractional_counts(args, message):
+    result = scaling(*args)
+    if message is None:
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_counts_are_whole_numbers():
+    from llmcli.scaling import parse_count
+
+    assert parse_count("140.6M", "--params", "parameters") == 140_600_000
+    assert parse_count("0.3M", "--params", "parameters") == 300_000
+    with pytest.raises(UserError, match="whole number of tokens"):
+        parse_count("1.5", "--tokens", "tokens")
+    with pytest.raises(UserError, match="at least 1"):
+        analyse(params=0)
+
+
+def test_huge_numbers_are_printed_in_e_notation():
+    long_digits = re.compile(r"\d[\d,]{12,}")
+    assert format_duration(1e30 * 365.25 * 86400) == "1.00e30 years"
+    from llmcli.scaling import format_bytes
+
+    assert format_bytes(1.6e31) == "1.46e19 TiB"
+
+    def texts(value) -> list[str]:  # the sentences of a JSON report (its numbers are data)
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in texts(v)]
+        if isinstance(value, list):
+            return [t for v in value for t in texts(v)]
+        return [value] if isinstance(value, str) else []
+
+    for args in (["--params", "1e30"], ["--params", "1", "--tokens", "1e30"],
+                 ["--params", "1e30", "--num-gpus", "2"], ["--params", "1", "--flops", "1e30"]):
+        table = scaling(*args)
+        assert table.exit_code == 0, table.output
+        assert not long_digits.search(table.stdout), table.stdout
+        report = json.loads(scaling(*args, "--json").stdout)
+        assert not any(long_digits.search(t) for t in texts(report)), texts(report)
+
+
+def test_one_parameter_and_one_token_are_singular():
+    verdict = analyse(params=1, tokens=1)["verdict"]
+    assert "1 token for 1 parameter (1 token per parameter)" in verdict
+    assert "tokens for 140.0M parameters (20 tokens per parameter)" in analyse(
+        params=140e6, tokens=2.8e9)["verdict"]

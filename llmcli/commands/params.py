@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,9 @@ def command(
         report = count_target(path, tuple(overrides or ()), processes=processes,
                               device_bytes=device_bytes)
         if json_out:
-            out.print_json(json.dumps(report))
+            from llmcli.scaling import strict_json
+
+            out.print_json(strict_json(report))
         else:
             print_report(report)
 

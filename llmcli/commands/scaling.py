@@ -67,12 +67,22 @@ def command(
     """
 
     def body() -> None:
-        from llmcli.scaling import analyse, parse_fraction, parse_number, plot_isoflops
+        from llmcli.scaling import (
+            analyse,
+            parse_count,
+            parse_fraction,
+            parse_number,
+            plot_isoflops,
+            strict_json,
+        )
 
         # Every number is checked, even with --list-gpus: a typo is never silently ignored.
-        given = {"--params": params, "--tokens": tokens, "--flops": flops,
-                 "--tokens-per-second": tokens_per_second}
-        n = {k: None if v is None else parse_number(v, k) for k, v in given.items()}
+        # N and D are counts (whole numbers, as --num-gpus); C and a throughput need not be.
+        n = {"--params": None if params is None else parse_count(params, "--params",
+                                                                 "parameters"),
+             "--tokens": None if tokens is None else parse_count(tokens, "--tokens", "tokens")}
+        n |= {k: None if v is None else parse_number(v, k)
+              for k, v in (("--flops", flops), ("--tokens-per-second", tokens_per_second))}
         gpus = parse_number(num_gpus, "--num-gpus")
         if gpus != int(gpus) or gpus > MAX_GPUS:
             fail(f"--num-gpus {num_gpus!r}: must be a whole number of GPUs, at most "
@@ -99,7 +109,7 @@ def command(
             report["plot"] = str(plot_isoflops(plot, report))
             info(f"wrote {plot}")
         if json_out:
-            out.print_json(json.dumps(report))
+            out.print_json(strict_json(report))
         else:
             print_report(report)
             if report["device_memory"] and (gpus > 1 or device_bytes is not None):
@@ -111,7 +121,7 @@ def command(
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from llmcli.scaling import format_count, format_duration, format_flops
+    from llmcli.scaling import format_count, format_duration, format_flops, format_ratio
 
     fit = report["fit"]
     if "recipe" in report:
@@ -124,7 +134,7 @@ def print_report(report: dict[str, Any]) -> None:
     rows = [
         ("N parameters", lambda p: format_count(p["params"])),
         ("D tokens", lambda p: format_count(p["tokens"])),
-        ("D / N", lambda p: f"{p['tokens_per_param']:.3g}"),
+        ("D / N", lambda p: format_ratio(p["tokens_per_param"])),
         ("C = 6ND FLOPs", lambda p: format_flops(p["flops"])),
         ("loss L(N, D)", lambda p: f"{p['loss']:.3f}"),
         ("wall-clock", lambda p: format_duration(p["seconds"])),
@@ -150,9 +160,11 @@ def print_recipe(facts: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("")
     table.add_row("parameters", f"{facts['params']:,} ({format_count(facts['params'])})")
-    from_recipe = facts["vocab_note"] == "from the recipe"
-    table.add_row("vocabulary", f"{facts['vocab_size']:,}" + (" (from the recipe)" if from_recipe
-                                                              else " (model.vocab_size: auto)"))
+    if facts["trainable"] != facts["params"]:
+        table.add_row("  trainable", f"{facts['trainable']:,} (the LoRA adapter)")
+    auto = facts["vocab_note"].startswith("auto")
+    table.add_row("vocabulary", f"{facts['vocab_size']:,} "
+                  f"({'model.vocab_size: auto' if auto else facts['vocab_note']})")
     table.add_row("planned tokens", f"{facts['planned_tokens']:,} "
                   f"({format_count(facts['planned_tokens'])})")
     table.add_row("  = iters × batch × accum × context", f"{facts['max_iters']:,} × "
@@ -163,8 +175,8 @@ def print_recipe(facts: dict[str, Any]) -> None:
         table.add_row("corpus", f"{format_count(facts['corpus_tokens'])} training tokens in "
                       f"{facts['corpus']}: {facts['epochs']:.2g} epochs")
     out.print(table)
-    if not from_recipe:
-        out.print(f"note: vocabulary {facts['vocab_note']}")
+    for note in facts["notes"]:
+        out.print(f"note: {note}")
 
 
 def print_gpus(json_out: bool) -> None:

@@ -19,15 +19,19 @@ name the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmcli.console import fail, first_line, warn
+from llmcli.constants import TOKENIZER_VOCAB
+from llmcli.files import Busy, locked
 from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
 
 FORMAT = "llmcli-checkpoint/1"
@@ -141,6 +145,34 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     if swept:
         warn(f"removed {len(swept)} unfinished temporary file(s) of an interrupted write in "
              f"{run_dir}")
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
+                  main: bool = True) -> Iterator[Path | None]:
+    """A run directory held for the length of one training run; yields the checkpoint to
+    resume from (None for a fresh run).
+
+    One run at a time per directory: two would interleave their metrics and replace each
+    other's checkpoints. The process that writes (the main one of a process group) holds a lock
+    beside the directory (`llmcli.files.locked`); a second run is refused, naming the first.
+    """
+    if resume not in (None, False) and overwrite:
+        fail("--resume and --overwrite contradict each other: --resume continues the run in "
+             "the directory, --overwrite deletes it first; give one of them")
+    run_dir = Path(run_dir)
+    with contextlib.ExitStack() as stack:
+        if main:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(locked(run_dir, wait=False))
+            except Busy as exc:
+                by = f" (process {exc.holder})" if exc.holder.isdigit() else ""
+                fail(f"{run_dir} is in use by another run{by}; wait for it to finish, or write "
+                     "this run elsewhere with -o DIR")
+        resume_path = resolve_resume(resume, run_dir)
+        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
+        yield resume_path
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -302,6 +334,17 @@ def damage(path: Path) -> str | None:
     return None
 
 
+def raw_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata as stored (JSON strings), or {} when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
 def _data_end(path: Path) -> int:
     """Where the last tensor ends, from the header; a file shorter than this is truncated."""
     with open(path, "rb") as fh:
@@ -353,6 +396,13 @@ def check_metadata(meta: dict[str, Any], recipe: Recipe, path: Path) -> None:
         if len(vocab_map) + 1 != recipe.model.vocab_size:
             bad("vocab_map", f"has {len(vocab_map)} ids + unknown, but the model's vocabulary is "
                 f"{recipe.model.vocab_size}")
+        limit = TOKENIZER_VOCAB.get(tokenizer or recipe.data.tokenizer)
+        if limit is not None and vocab_map and vocab_map[-1] >= limit:
+            bad("vocab_map", f"holds id {vocab_map[-1]:,}, beyond the {limit:,} ids of the "
+                f"{tokenizer or recipe.data.tokenizer} tokenizer it names")
+    elif recipe.data.vocab == "compact" and "lora" not in meta:
+        bad("vocab_map", "is missing, but the model was trained on a compact vocabulary "
+            "(data.vocab: compact) and its ids mean nothing without it")
     for key in ("template", "base", "base_sha256"):
         if key in meta and not isinstance(meta[key], str):
             bad(key, "is not a string")
@@ -569,6 +619,19 @@ def resume_damage(path: Path) -> str | None:
         return f"{state.name}: {first_line(exc)}"
     if _data_end(state) > state.stat().st_size:
         return f"{state.name}: truncated"
+    return _pair_problem(path, state)
+
+
+def _pair_problem(path: Path, state: Path) -> str | None:
+    """Why a step file and the trainer state beside it were not saved together, or None: a
+    file copied or merged over the weights would otherwise resume with another run's state."""
+    weights, trainer = raw_metadata(path), raw_metadata(state)
+    for key in ("save_id", "step"):
+        mine, theirs = weights.get(key), trainer.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            return (f"{path.name} and {state.name} were not saved together ({key} "
+                    f"{first_line(mine)[:32]} vs {first_line(theirs)[:32]}): the weights were "
+                    "replaced after the run wrote them")
     return None
 
 

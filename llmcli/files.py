@@ -118,6 +118,58 @@ def interrupts_held() -> Iterator[None]:
             signal.raise_signal(sig)  # the previous handler answers, as if it came now
 
 
+class Busy(Exception):
+    """`locked(..., wait=False)` found the lock held; `holder` is the process id it wrote."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows, which has no such symlink attack
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+@contextlib.contextmanager
+def locked(target: str | os.PathLike[str], *, wait: bool = True) -> Iterator[None]:
+    """One process at a time for `target` (a download, a run directory), by a lock file
+    `.NAME.lock` beside it that holds the owner's process id; `wait=False` raises `Busy`.
+
+    The lock file is opened without following symlinks and deleted when done, while still
+    held. That is race-free on POSIX: a process that opened the file meanwhile and then gets
+    the lock sees that the path no longer names the file it locked, and starts over with a
+    fresh one, so two processes never both believe they hold the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        yield
+        return
+    target = Path(target)
+    path = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise Busy(os.pread(fd, 32, 0).decode("ascii", "replace").strip()) from None
+            try:
+                current = os.path.samestat(os.fstat(fd), os.lstat(path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)
+                return
+        finally:
+            os.close(fd)  # releases the lock
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

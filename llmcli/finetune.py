@@ -21,11 +21,11 @@ from llmcli.checkpoint import (
     MERGED_NAME,
     Checkpoint,
     base_reference,
+    claim_run_dir,
     default_run_dir,
     load_model,
-    prepare_run_dir,
+    raw_metadata,
     resolve_checkpoint,
-    resolve_resume,
     save_adapter,
     save_model,
 )
@@ -217,33 +217,33 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
     dist, dev = distributed.setup(resolve_device(device))
     try:
-        resume_path = resolve_resume(resume, run_dir)
-        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
-        prep = prepare(recipe, run_dir=run_dir, resume=resume_path, strict=strict,
-                       rank=dist.rank, main=dist.is_main)
-        total, trainable = count_parameters(prep.model)
-        if dist.is_main:
-            kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
-            info(f"{kind}: training {trainable:,} of {total:,} parameters "
-                 f"({trainable / total:.2%}) from {prep.base}; run directory {run_dir}")
-            if resume_path is not None:
-                info(f"resuming from {resume_path}")
+        with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
+                           main=dist.is_main) as resume_path:
+            prep = prepare(recipe, run_dir=run_dir, resume=resume_path, strict=strict,
+                           rank=dist.rank, main=dist.is_main)
+            total, trainable = count_parameters(prep.model)
+            if dist.is_main:
+                kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
+                info(f"{kind}: training {trainable:,} of {total:,} parameters "
+                     f"({trainable / total:.2%}) from {prep.base}; run directory {run_dir}")
+                if resume_path is not None:
+                    info(f"resuming from {resume_path}")
 
-        save_weights = None
-        if prep.lora:
-            def save_weights(path: Path, model: Any, meta: dict) -> None:
-                save_adapter(path, model, prep.recipe, **meta)
+            save_weights = None
+            if prep.lora:
+                def save_weights(path: Path, model: Any, meta: dict) -> None:
+                    save_adapter(path, model, prep.recipe, **meta)
 
-        result = train(prep.recipe, prep.model, prep.batches, run_dir, device=dev,
-                       resume=resume_path, save_weights=save_weights,
-                       extra_meta=prep.extra_meta)
-        run = FinetuneRun(result, run_dir, prep.base, trainable, total, prep.lora)
-        if merge and dist.is_main:
-            if not prep.lora:
-                info("--merge: a full fine-tune's checkpoints are already complete models")
-            elif result.checkpoint is not None:
-                run.merged = merge_adapter(result.checkpoint, run_dir / MERGED_NAME)
-        return run
+            result = train(prep.recipe, prep.model, prep.batches, run_dir, device=dev,
+                           resume=resume_path, save_weights=save_weights,
+                           extra_meta=prep.extra_meta)
+            run = FinetuneRun(result, run_dir, prep.base, trainable, total, prep.lora)
+            if merge and dist.is_main:
+                if not prep.lora:
+                    info("--merge: a full fine-tune's checkpoints are already complete models")
+                elif result.checkpoint is not None:
+                    run.merged = merge_adapter(result.checkpoint, run_dir / MERGED_NAME)
+            return run
     finally:
         distributed.cleanup()
 
@@ -264,8 +264,11 @@ def merge_adapter(adapter: str | Path, out: str | Path | None = None) -> Path:
     if target.suffix != ".safetensors":
         fail(f"-o {target}: the merged checkpoint is a .safetensors file; give a name ending in "
              ".safetensors or a directory")
+    if target.exists() and "merged_from" not in raw_metadata(target):
+        fail(f"-o {target}: exists and is not an earlier merge (a run's checkpoint?); "
+             "merging never replaces other weights: give a new file name")
     model, recipe, meta, _ = load_model(path, "cpu")
-    dropped = ("format", "recipe", "lora", "base", "base_sha256")
+    dropped = ("format", "recipe", "lora", "base", "base_sha256", "save_id")
     kept = {k: v for k, v in meta.items() if k not in dropped}
     kept["merged_from"] = str(path)
     recipe = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, rank=0))

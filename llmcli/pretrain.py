@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcli.checkpoint import default_run_dir, prepare_run_dir, read_metadata, resolve_resume
+from llmcli.checkpoint import claim_run_dir, default_run_dir, read_metadata
 from llmcli.console import fail, info
 from llmcli.data.batches import TokenWindows, dense_lookup
 from llmcli.data.vocab import CompactVocab
@@ -199,18 +199,18 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
     dist, dev = distributed.setup(resolve_device(device))
     try:
-        resume_path = resolve_resume(resume, run_dir)
-        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
-        recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
-        seed_everything(recipe.train.seed)
-        model = build_model(recipe.model, dev)
-        batches = make_batches(recipe, corpus, dist.rank)
-        if dist.is_main:
-            total, _ = count_parameters(model)
-            describe_run(recipe, corpus, total, batches.tokens_per_batch * recipe.train.grad_accum
-                         * dist.world_size, run_dir, dev, dist, resume_path)
-        return train(recipe, model, batches, run_dir, device=dev, resume=resume_path,
-                     extra_meta=extra_meta(recipe, corpus))
+        with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
+                           main=dist.is_main) as resume_path:
+            recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
+            seed_everything(recipe.train.seed)
+            model = build_model(recipe.model, dev)
+            batches = make_batches(recipe, corpus, dist.rank)
+            if dist.is_main:
+                total, _ = count_parameters(model)
+                per_step = batches.tokens_per_batch * recipe.train.grad_accum * dist.world_size
+                describe_run(recipe, corpus, total, per_step, run_dir, dev, dist, resume_path)
+            return train(recipe, model, batches, run_dir, device=dev, resume=resume_path,
+                         extra_meta=extra_meta(recipe, corpus))
     finally:
         distributed.cleanup()
 

@@ -656,7 +656,7 @@ def test_lock_excludes_while_its_file_is_removed(tmp_path: Path) -> None:
 
     def worker() -> None:
         for _ in range(25):
-            with fetch_mod._locked(target):
+            with fetch_mod.locked(target):
                 active[0] += 1
                 overlaps.append(active[0] > 1)
                 os.sched_yield()

@@ -204,6 +204,13 @@ def test_cli_runs_lora_and_merges(base, records, tmp_path):
     result = runner.invoke(app, ["finetune", "--merge", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "merged.safetensors").exists()
+    again = runner.invoke(app, ["finetune", "--merge", str(out)])  # an earlier merge: replaced
+    assert again.exit_code == 0, again.output
+    # never over other weights: the base's step file stays as it was
+    before = base.read_bytes()
+    result = runner.invoke(app, ["finetune", "--merge", str(out), "-o", str(base)])
+    assert result.exit_code == 2 and "is not an earlier merge" in result.stderr
+    assert base.read_bytes() == before
 
     # --strict turns the malformed record into a one-line error with its index, exit 2
     result = runner.invoke(app, ["finetune", str(recipe), "--strict", "-o", str(tmp_path / "s")])

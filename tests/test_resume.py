@@ -15,7 +15,13 @@ import pytest
 import torch
 from helpers_train import markov_tokens, one_thread, tiny_recipe
 
-from llmcli.checkpoint import load_model, step_checkpoints, trainer_path
+from llmcli.checkpoint import (
+    claim_run_dir,
+    load_model,
+    resolve_resume,
+    step_checkpoints,
+    trainer_path,
+)
 from llmcli.console import UserError
 from llmcli.data.batches import TokenWindows
 from llmcli.model.gpt import build_model
@@ -149,8 +155,6 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert list(run.glob(".step-00000004.safetensors.*.tmp"))
     model, _, meta, _ = load_model(run / "step-00000002.safetensors")
     assert meta["step"] == 2
-    from llmcli.pretrain import resolve_resume
-
     assert resolve_resume(True, run).name == "step-00000002.safetensors"
     recipe, model, batches = fresh(max_iters=4, checkpoint_interval=2, eval_interval=100)
     result = train(recipe, model, batches, run, device="cpu",
@@ -235,3 +239,36 @@ def test_ctrl_c_during_an_evaluation_abandons_it_at_once(tmp_path):
     assert took < 30  # one batch of 0.5 s, not the remaining 100 s
     assert "nothing was saved" in stderr and "Traceback" not in stderr
     assert step_checkpoints(run) == []
+
+
+def test_weights_replaced_after_the_save_are_not_resumed(tmp_path):
+    """A step file and its trainer state carry one save id: weights copied or merged over the
+    step file would otherwise continue with another run's optimizer state."""
+    recipe, model, batches = fresh(max_iters=4, checkpoint_interval=2, eval_interval=100)
+    run = tmp_path / "run"
+    train(recipe, model, batches, run, device="cpu")
+    other = tmp_path / "other"
+    recipe, model, batches = fresh(["train.seed=5"], max_iters=4, checkpoint_interval=2,
+                                   eval_interval=100)
+    train(recipe, model, batches, other, device="cpu")
+    shutil.copy2(other / "step-00000004.safetensors", run / "step-00000004.safetensors")
+    with pytest.raises(UserError, match="were not saved together \\(save_id"):
+        resolve_resume(True, run)
+    assert resolve_resume("auto", run).name == "step-00000002.safetensors"
+
+
+def test_one_run_at_a_time_per_directory(tmp_path):
+    run = tmp_path / "run"
+    busy = f"{run} is in use by another run \\(process {os.getpid()}\\)"
+    with claim_run_dir(run, resume=None, overwrite=False):
+        with pytest.raises(UserError, match=busy), \
+                claim_run_dir(run, resume=None, overwrite=False):
+            pass
+        with claim_run_dir(run, resume=None, overwrite=False, main=False):
+            pass  # the other ranks of the same run do not take the lock
+    with claim_run_dir(run, resume=None, overwrite=False):
+        pass  # released
+    assert not list(tmp_path.glob(".*.lock"))
+    with pytest.raises(UserError, match="--resume and --overwrite contradict"), \
+            claim_run_dir(run, resume=True, overwrite=True):
+        pass

@@ -39,15 +39,13 @@ from llmcli import __version__
 from llmcli.console import EXIT_FAILURE, EXIT_USAGE, UserError, byte_progress, fail, info, warn
 from llmcli.data.corpus import FILENAME as BUILTIN_FILENAME
 from llmcli.data.corpus import write_builtin
-from llmcli.files import publish, sha256_file, write_json
+from llmcli.files import CLOEXEC, NOFOLLOW, locked, publish, sha256_file, write_json
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 SCHEMES = ("http", "https", "hf")
 BLOCK = 1 << 20
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_NAME_BYTES = 200  # leaves room for `.NAME.lock`, `NAME.part.json` and its temporary file
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows, which has no such symlink attack
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -335,7 +333,7 @@ def download(
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     meta = target.with_name(target.name + ".part.json")
-    with _locked(target):
+    with locked(target):
         if target.exists() and not force:
             if sha256:
                 actual = sha256_file(target)
@@ -439,7 +437,7 @@ def _resume_point(url: str, part: Path, meta: Path) -> tuple[int, str | None]:
 
 def _read_record(meta: Path) -> dict[str, Any]:
     try:
-        fd = os.open(meta, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        fd = os.open(meta, os.O_RDONLY | NOFOLLOW | CLOEXEC)
         with os.fdopen(fd, "rb") as fh:
             record = json.loads(fh.read(1 << 16))
     except (OSError, ValueError):
@@ -449,7 +447,7 @@ def _read_record(meta: Path) -> dict[str, Any]:
 
 def _open_part(part: Path, append: bool) -> BinaryIO:
     """`part` for writing, never through a symlink planted there (O_NOFOLLOW: ELOOP)."""
-    flags = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | _CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | NOFOLLOW | CLOEXEC
     try:
         fd = os.open(part, flags | (os.O_APPEND if append else os.O_TRUNC), 0o666)
     except OSError as exc:
@@ -578,39 +576,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
         return f"{exc.reason}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-@contextlib.contextmanager
-def _locked(target: Path) -> Iterator[None]:
-    """One download per file at a time (two training ranks may ask for the same corpus).
-
-    The lock file is opened without following symlinks and deleted when done, while still
-    held. That is race-free on POSIX: a process that opened the file meanwhile and then gets
-    the lock sees that the path no longer names the file it locked, and starts over with a
-    fresh one, so two processes never both believe they hold the lock.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; a lone download is the common case
-        yield
-        return
-    path = target.with_name(f".{target.name}.lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.path.samestat(os.fstat(fd), os.lstat(path))
-            except FileNotFoundError:
-                current = False
-            if current:
-                try:
-                    yield
-                finally:
-                    path.unlink(missing_ok=True)
-                return
-        finally:
-            os.close(fd)  # releases the lock
 
 
 def _human(size: float) -> str:

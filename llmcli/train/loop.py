@@ -38,6 +38,7 @@ import math
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,20 +405,22 @@ class Trainer:
         full = distributed.full_model_state(self.raw)
         return distributed.FullWeights(full) if self.main else None
 
-    def write_weights(self, path: Path, weights: Any = None) -> None:
-        """Every rank calls this; rank 0 writes."""
+    def write_weights(self, path: Path, weights: Any = None, **extra: Any) -> None:
+        """Every rank calls this; rank 0 writes (`extra`: more metadata)."""
         weights = self.weights_to_save() if weights is None else weights
         if not self.main:
             return
-        meta = self.weights_meta()
+        meta = {**self.weights_meta(), **extra}
         if self.save_weights is not None:
             self.save_weights(path, weights, meta)
         else:
             save_model(path, weights, self.recipe, **meta)
 
     def save(self) -> Path:
-        """Trainer state first, then the weights: a step file always has its state beside it."""
+        """Trainer state first, then the weights: a step file always has its state beside it.
+        Both carry one `save_id`, so a resume can tell that they were saved together."""
         path = step_path(self.run_dir, self.step)
+        save_id = uuid.uuid4().hex
         rng_tensors, rng_meta = state.rng_state()
         ranked = {**rng_tensors, **state.prefixed(self.batches.state_dict(), "batches.")}
         gathered = distributed.gather_objects((ranked, rng_meta), self.dist)
@@ -442,9 +445,10 @@ class Trainer:
                 "optimizer": opt_meta, "rng": {str(r): m for r, (_, m) in enumerate(gathered)},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "recipe": {"name": self.recipe.name, **self.recipe.to_dict()},
+                "save_id": save_id,
             }
             save_trainer_state(trainer_path(path), tensors, meta)
-            self.write_weights(path, weights)
+            self.write_weights(path, weights, save_id=save_id)
             prune_checkpoints(self.run_dir, self.cfg.keep_last)
         distributed.barrier(self.dist)
         self.result.checkpoint = path

@@ -237,6 +237,26 @@ def check_output(path: Path, option: str, *, file: bool | None = True) -> None:
         fail(f"{option} {path}: is a directory; give a file name (or remove the directory)")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_output(path: Path, option: str) -> None:
+    """`check_output` for a picture: a .png name, and never over a file that is not a PNG (a
+    checkpoint given by mistake is not replaced by a picture of itself)."""
+    check_output(path, option)
+    if path.suffix.lower() != ".png":
+        fail(f"{option} {path}: give a file name ending in .png")
+    if path.exists():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(PNG_SIGNATURE))
+        except OSError as exc:
+            fail(f"{option} {path}: cannot read it ({exc.strerror or exc}); choose another path")
+        if head != PNG_SIGNATURE:
+            fail(f"{option} {path}: exists and is not a PNG image; it is not replaced: choose "
+                 "another name")
+
+
 def check_readable(path: Path, option: str) -> None:
     """Refuse an input file that exists but cannot be read (a device, a /proc entry): one line
     naming the option, where reading it later would fail with a bare EIO."""

@@ -380,6 +380,21 @@ def test_every_view_prints_json_and_writes_readable_pngs(tmp_path, ckpt):
     for name in ("pca.png", "pos.png", "att.png", "one.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert sorted(p.name for p in out.iterdir()) == ["att.png", "one.png", "pca.png", "pos.png"]
+    again = llm("positions", str(ckpt), "--png", str(out / "pos.png"))  # a PNG is redrawn
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("view", [["positions"], ["attention", "_", "hi"], ["embeddings"]])
+def test_png_never_replaces_a_file_that_is_not_a_picture(ckpt, tmp_path, view):
+    args = [view[0], str(ckpt), *view[2:]]
+    before = ckpt.read_bytes()
+    result = llm(*args, "--png", str(ckpt))  # the checkpoint itself, by mistake
+    assert result.exit_code == 2 and "ending in .png" in result.stderr
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes")
+    result = llm(*args, "--png", str(notes))
+    assert result.exit_code == 2 and "is not a PNG image" in result.stderr
+    assert ckpt.read_bytes() == before and notes.read_text() == "my notes"
 
 
 def test_terminal_views_show_tokens_and_numbers(ckpt, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from llmcli.console import fail, info, out, run_guarded
+from llmcli.console import check_png_output, fail, info, out, run_guarded
 
 
 class _Views(TyperGroup):
@@ -107,6 +107,8 @@ def embeddings(
     """
 
     def body() -> None:
+        if png is not None:
+            check_png_output(png, "--png")
         from llmcli.inspect import embeddings as emb
         from llmcli.inspect import render
         from llmcli.inspect.tokens import single_id, text_ids
@@ -157,6 +159,8 @@ def positions(
     """
 
     def body() -> None:
+        if png is not None:
+            check_png_output(png, "--png")
         from llmcli.inspect import render
         from llmcli.inspect.positions import load_positions
 
@@ -207,6 +211,8 @@ def attention(
     """
 
     def body() -> None:
+        if png is not None:
+            check_png_output(png, "--png")
         from llmcli.inspect import render
         from llmcli.inspect.attention import attention_maps
         from llmcli.inspect.tokens import prompt_ids

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from llmcli.commands.common import DEVICE_MEMORY_HELP, print_device_memory
-from llmcli.console import check_output, check_readable, fail, info, out, run_guarded
+from llmcli.console import check_png_output, check_readable, fail, info, out, run_guarded
 
 MAX_GPUS = 10_000_000  # more than any cluster: a bound, so typos fail rather than overflow
 
@@ -97,7 +97,7 @@ def command(
             print_gpus(json_out)
             return
         if plot is not None:
-            check_output(plot, "--plot")
+            check_png_output(plot, "--plot")
         if recipe is not None:
             check_readable(recipe, "--recipe")
         report = analyse(params=n["--params"], tokens=n["--tokens"], flops=n["--flops"],

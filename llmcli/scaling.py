@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.console import fail
+from llmcli.constants import TOKENIZER_VOCAB
 from llmcli.hardware import GPU, GPUS, get_gpu
-
-TOKENIZER_VOCAB = {"cl100k_base": 100277, "bytes": 257}  # ids each tokenizer can produce
 
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: 400M -> 8.0B tokens, 1B -> 20.2B, ...
 DEFAULT_MFU = 0.4  # a well-tuned dense transformer on modern GPUs reaches about 35-50 %

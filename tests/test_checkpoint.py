@@ -211,6 +211,11 @@ def test_weights_with_nan_are_refused_at_load(tmp_path):
     (lambda m: m.__setitem__("template", '"no field"'), "template"),
     (lambda m: m.__setitem__("stop", '"x"'), "stop"),
     (lambda m: m.__setitem__("lora", '{"rank": 2}'), "base"),
+    # ids the named tokenizer cannot decode (a cl100k map under 'bytes'), and a compact model
+    # whose map was removed: generating would fail half-way or print another text
+    (lambda m: m.__setitem__("vocab_map", json.dumps(list(range(1000, 1047)))), "beyond the 257"),
+    (lambda m: m.__setitem__("recipe", m["recipe"].replace('"vocab": "full"',
+                                                           '"vocab": "compact"')), "compact"),
 ])
 def test_crafted_metadata_is_a_one_line_error(tmp_path, patch, words):
     path = write_checkpoint(tmp_path / "x.safetensors", meta_patch=patch)

@@ -16,6 +16,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any, Literal, NoReturn, Union
@@ -307,6 +308,8 @@ class Recipe:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     # "section.key" -> "default" | "file" | "override"
     provenance: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # "section.key" -> the `section.key=value` argument that set it, as typed: errors name it
+    override_items: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved values, section by section (stored in every checkpoint)."""
@@ -339,6 +342,69 @@ def describe_keys() -> list[tuple[str, Any, str]]:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+# YAML 1.1's int and float patterns less their base-60 forms, which read `records: 10:20` as 620
+# and `1:30:00` as 5400: the rest (0x10, 1_000, .inf, 1.5e3) as PyYAML reads them.
+_INT = re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X)
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping, which PyYAML would let the last one win silently."""
+
+    def __init__(self, key: str, mark: yaml.Mark, first: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} (first at line {first.line + 1})",
+                         mark)
+        self.key, self.line, self.first_line = key, mark.line + 1, first.line + 1
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader for recipes and overrides: no base-60 numbers, no silently repeated keys."""
+
+    # Copied per class (PyYAML looks the dict up on the class): SafeLoader itself is untouched.
+    yaml_implicit_resolvers = {
+        first: [(tag, {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}
+                 .get(tag, regexp)) for tag, regexp in resolvers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+        self._paths: dict[int, str] = {}  # id(mapping node) -> its dotted key, for messages
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Every mapping passes here once before merge keys (`<<: *base`) are spliced into it,
+        # so its own keys are checked, never the keys a merge legitimately overrides.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._check_unique(node)
+        super().flatten_mapping(node)
+
+    def _check_unique(self, node: yaml.MappingNode) -> None:
+        prefix = self._paths.get(id(node))
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                continue
+            key = self.construct_object(key_node)
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if key in first:
+                raise _DuplicateKey(dotted, key_node.start_mark, first[key])
+            first[key] = key_node.start_mark
+            if isinstance(value_node, yaml.MappingNode):
+                self._paths[id(value_node)] = dotted
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `section.key=value` overrides, validate; exit 2 on bad input."""
@@ -356,7 +422,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as exc:
         fail(f"{where}: cannot be read ({exc.strerror or exc}); give a readable YAML file")
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
+    except _DuplicateKey as exc:
+        fail(f"{where}: line {exc.line}: duplicate key {_show(exc.key)} (first at line "
+             f"{exc.first_line}); a key may appear once: keep one of them and delete the other")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -409,6 +478,7 @@ def build_recipe(
     for item in overrides:
         section, key, value = parse_override(item)
         _set(recipe, section, key, value, f"override {_quote(item)}", "override")
+        recipe.override_items[f"{section}.{key}"] = item
     validate(recipe, where)
     return recipe
 
@@ -436,7 +506,9 @@ def check_name(name: Any, where: str = "recipe") -> str:
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
-    """`model.dropout=0` -> ("model", "dropout", 0); the value is read as YAML."""
+    """`model.dropout=0` -> ("model", "dropout", 0); the value is read as YAML, except that a
+    key taking a string gets the text as typed when YAML makes something else of it: a shell
+    user writing `data.records=10:` or `finetune.template={input}` means the text."""
     dotted, sep, text = item.partition("=")
     section, dot, key = dotted.strip().partition(".")
     if not sep or not dot or not key:
@@ -445,13 +517,36 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         fail(f"override {_quote(item)}: unknown section {_quote(section)}"
              f"{_suggest(section, SECTIONS)}; sections are {', '.join(SECTIONS)}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
         fail(f"override {_quote(item)}: {_unreadable(exc)}; give a plain value, e.g. "
              "train.max_iters=100")
+    tp = _hints(SECTIONS[section]).get(key)
+    if tp is not None and _wants_text(tp, value):
+        value = text
     return section, key, value
+
+
+def _type_args(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def _wants_text(tp: Any, value: Any) -> bool:
+    """Whether a YAML value that is not a string (a mapping, a number, a bool) goes to a key
+    of type `tp` as its text instead: when `tp` takes strings and none of its other types fits.
+    Null stays null (the key's off value, or an error naming the expected type)."""
+    args = _type_args(tp)
+    if value is None or isinstance(value, str) or str not in args:
+        return False
+    for other in (a for a in args if a is not str):
+        try:
+            _coerce_to(value, other)
+        except (_NoMatch, _NotFinite):
+            continue
+        return False  # e.g. data.source=[a, b]: a list, as YAML read it
+    return True
 
 
 def _set(recipe: Recipe, section: str, key: str, value: Any, where: str, origin: str) -> None:
@@ -500,9 +595,23 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     try:
         return _coerce_to(value, tp)
     except _NoMatch:
-        fail(f"{where}: {key}: expected {_type_name(tp)}, got {_show(value)}; fix the value")
+        fix = "fix the value"
+        if isinstance(value, dict) and str in _type_args(tp):  # template: {input} unquoted
+            fix = (f"YAML reads {{...}} as a mapping: quote the value, e.g. "
+                   f"{key.partition('.')[2]}: \"{_as_typed(value)}\"")
+        fail(f"{where}: {key}: expected {_type_name(tp)}, got {_show(value)}; {fix}")
     except _NotFinite:
         _out_of_range(where, key, value, finite=False)
+
+
+def _as_typed(mapping: dict[Any, Any]) -> str:
+    """{'input': None} back to the `{input}` a user wrote, for a quoting hint."""
+    items = list(mapping.items())[:4]
+    try:  # str() of a 5000-digit int raises
+        text = ", ".join(str(k) if v is None else f"{k}: {v}" for k, v in items)
+    except ValueError:
+        return "{...}"
+    return f"{{{text}}}" if len(items) == len(mapping) and len(text) <= 60 else "{...}"
 
 
 def _float(value: Any) -> float:
@@ -582,33 +691,48 @@ def _coerce_to(value: Any, tp: Any) -> Any:
 # Validation: impossible values, named with the fix
 
 
+Blame = Callable[..., str]  # the keys a message names -> where to say the bad value came from
+
+
+def _blamer(recipe: Recipe, where: str) -> Blame:
+    """Errors name the override that set one of their keys, else `where` (the file): the user
+    must fix the command line, not the recipe, after `llm pretrain r.yaml model.d_model=0`."""
+    def at(*keys: str) -> str:
+        item = next((recipe.override_items[k] for k in keys if k in recipe.override_items), None)
+        return where if item is None else f"override {_quote(item)}"
+    return at
+
+
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     """Every value in its LIMITS range and consistent with the others, before any allocation."""
-    def bad(key: str, problem: str) -> None:
-        fail(f"{where}: {key}: {problem}")
+    at = _blamer(recipe, where)
+
+    def bad(key: str, problem: str, *others: str) -> None:
+        fail(f"{at(key, *others)}: {key}: {problem}")
 
     for section in ("data", "model", "train", "lora"):
-        _check_ranges(getattr(recipe, section), section, where)
-    check_generate(recipe.generate, where)
+        _check_ranges(getattr(recipe, section), section, at)
+    check_generate(recipe.generate, where, at=at)
 
     m, t, d = recipe.model, recipe.train, recipe.data
     if m.d_model % m.num_heads:
         divisors = [h for h in range(1, min(m.d_model, 64) + 1) if m.d_model % h == 0]
         hint = min(divisors, key=lambda h: abs(h - m.num_heads))
         bad("model.num_heads", f"d_model {m.d_model} is not divisible by num_heads "
-            f"{m.num_heads}; use a divisor of d_model such as {hint}")
+            f"{m.num_heads}; use a divisor of d_model such as {hint}", "model.d_model")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
         bad("model.positions", f"rope needs an even head size, d_model/num_heads = "
-            f"{m.d_model // m.num_heads}; change d_model or num_heads")
+            f"{m.d_model // m.num_heads}; change d_model or num_heads", "model.d_model",
+            "model.num_heads")
     if t.min_lr > t.lr:
-        bad("train.min_lr", f"{t.min_lr} is above train.lr {t.lr}; lower it")
-    _check_sizes(recipe, where)
+        bad("train.min_lr", f"{t.min_lr} is above train.lr {t.lr}; lower it", "train.lr")
+    _check_sizes(recipe, at)
 
     if d.tokenizer not in TOKENIZER_NAMES and not HF_TOKENIZER.fullmatch(str(d.tokenizer)):
         bad("data.tokenizer", f"expected 'cl100k_base', 'bytes' or an imported 'hf-<digest>', "
             f"got {_show(d.tokenizer)}; fix the value")
     if d.records is not None:
-        parse_records(d.records, where)
+        parse_records(d.records, at("data.records"))
     if isinstance(d.source, list) and not 1 <= len(d.source) <= 1000:
         bad("data.source", f"a list of 1 to 1000 sources, got {len(d.source)}; name the corpus "
             "files, e.g. [builtin, ../shared/data/alpaca_en_demo.json]")
@@ -619,20 +743,24 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
                 f"choose from {', '.join(known)}")
 
 
-def check_generate(cfg: GenerateConfig, where: str = "generate") -> None:
-    """The decoding settings' ranges, for recipes and for `llm generate`'s flags alike."""
-    _check_ranges(cfg, "generate", where)
+def check_generate(cfg: GenerateConfig, where: str = "generate", *, at: Blame | None = None
+                   ) -> None:
+    """The decoding settings' ranges, for recipes and for `llm generate`'s flags alike; `at`
+    names the override behind a key (a recipe's), else every error is `where`'s."""
+    at = at or (lambda *_: where)
+    _check_ranges(cfg, "generate", at)
     for key in ("strategy", "window"):  # choices, also when set in code or by flags, not YAML
         choices = typing.get_args(_hints(GenerateConfig)[key])
         if getattr(cfg, key) not in choices:
-            fail(f"{where}: generate.{key}: {_show(getattr(cfg, key))} is not one of "
-                 f"{', '.join(choices)}; pick one of them")
+            fail(f"{at(f'generate.{key}')}: generate.{key}: {_show(getattr(cfg, key))} is not "
+                 f"one of {', '.join(choices)}; pick one of them")
     if 0 < cfg.temperature < MIN_TEMPERATURE:
-        fail(f"{where}: generate.temperature: {_show(cfg.temperature)} is too small (the logits "
-             f"divided by it overflow); use 0 for greedy decoding, or {MIN_TEMPERATURE} to 100")
+        fail(f"{at('generate.temperature')}: generate.temperature: {_show(cfg.temperature)} is "
+             "too small (the logits divided by it overflow); use 0 for greedy decoding, or "
+             f"{MIN_TEMPERATURE} to 100")
 
 
-def _check_ranges(obj: Any, section: str, where: str) -> None:
+def _check_ranges(obj: Any, section: str, at: Blame) -> None:
     """Each LIMITS key of one section; also catches wrong types set in code, not via YAML."""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -642,10 +770,10 @@ def _check_ranges(obj: Any, section: str, where: str) -> None:
             continue
         integral = int in (typing.get_args(hints[f.name]) or (hints[f.name],))
         if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
-            fail(f"{where}: {key}: expected {'an integer' if integral else 'a number'}, got "
+            fail(f"{at(key)}: {key}: expected {'an integer' if integral else 'a number'}, got "
                  f"{_show(value)}; fix the value")
         if isinstance(value, float) and not math.isfinite(value) or value not in bound:
-            _out_of_range(where, key, value)
+            _out_of_range(at(key), key, value)
 
 
 def _out_of_range(where: str, key: str, value: Any, finite: bool = True) -> NoReturn:
@@ -658,23 +786,27 @@ def _out_of_range(where: str, key: str, value: Any, finite: bool = True) -> NoRe
          f"{_show(value)}; set it within that range, {fix}")
 
 
-def _check_sizes(recipe: Recipe, where: str) -> None:
+def _check_sizes(recipe: Recipe, at: Blame) -> None:
     """Products of in-range keys can still be absurd: a batch of activations, the weights."""
     m, t = recipe.model, recipe.train
     vocab = 0 if m.vocab_size == "auto" else int(m.vocab_size)
-    sizes = {
-        "train.batch_size × model.context_length × max(d_model, ffn_hidden) (activations)":
-            t.batch_size * m.context_length * max(m.d_model, m.ffn_width),
-        "train.batch_size × model.context_length × model.vocab_size (logits)":
-            t.batch_size * m.context_length * vocab,
-        "model.vocab_size × model.d_model (embedding)": vocab * m.d_model,
-        "model.num_blocks × model.d_model × (4·d_model + 3·ffn_hidden) (weights)":
-            m.num_blocks * m.d_model * (4 * m.d_model + 3 * m.ffn_width),
-    }
-    for names, size in sizes.items():
+    batch, ctx, width, ffn = ("train.batch_size", "model.context_length", "model.d_model",
+                              "model.ffn_hidden")
+    sizes = [
+        ("train.batch_size × model.context_length × max(d_model, ffn_hidden) (activations)",
+         (batch, ctx, width, ffn), t.batch_size * m.context_length * max(m.d_model, m.ffn_width)),
+        ("train.batch_size × model.context_length × model.vocab_size (logits)",
+         (batch, ctx, "model.vocab_size"), t.batch_size * m.context_length * vocab),
+        ("model.vocab_size × model.d_model (embedding)", ("model.vocab_size", width),
+         vocab * m.d_model),
+        ("model.num_blocks × model.d_model × (4·d_model + 3·ffn_hidden) (weights)",
+         ("model.num_blocks", width, ffn),
+         m.num_blocks * m.d_model * (4 * m.d_model + 3 * m.ffn_width)),
+    ]
+    for names, keys, size in sizes:
         if size > MAX_ELEMENTS:
-            fail(f"{where}: {names} = {size:.2e} elements, above {MAX_ELEMENTS:.2e} (4 TiB of "
-                 "fp32), which no machine can hold; lower these keys")
+            fail(f"{at(*keys)}: {names} = {size:.2e} elements, above {MAX_ELEMENTS:.2e} (4 TiB "
+                 "of fp32), which no machine can hold; lower these keys")
 
 
 def parse_records(spec: str, where: str = "recipe") -> slice:
@@ -685,5 +817,6 @@ def parse_records(spec: str, where: str = "recipe") -> slice:
             raise ValueError
         start, stop = (int(p) if p.strip() else None for p in parts)
     except ValueError:
-        fail(f"{where}: data.records: expected 'start:stop' such as '1000:5001', got {spec!r}")
+        fail(f"{where}: data.records: expected 'start:stop' such as '1000:5001', got "
+             f"{_quote(str(spec))}; give a record range, either end may be left out: '10:'")
     return slice(start, stop)

@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from llmcli.cli import app
 from llmcli.console import UserError
-from llmcli.recipe import Recipe, build_recipe, describe_keys, load_recipe, parse_override
+from llmcli.recipe import (
+    Recipe,
+    build_recipe,
+    describe_keys,
+    load_recipe,
+    parse_override,
+    parse_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,3 +155,100 @@ def test_cli_reports_recipe_errors_in_one_line_with_exit_2(tmp_path):
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "not divisible by num_heads 7" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML 1.1's base-60 numbers, string keys given by override, blame, duplicate keys
+
+
+def test_colon_numbers_are_text_not_base_60(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data:\n  records: 10:30\n"))
+    assert recipe.data.records == "10:30"  # YAML 1.1 reads 630
+    for spec, span in [("10:20", slice(10, 20)), ("1:5", slice(1, 5)), ("10:", slice(10, None)),
+                       (":30", slice(None, 30))]:
+        recipe = load_recipe(write(tmp_path, ""), [f"data.records={spec}"])
+        assert recipe.data.records == spec and parse_records(recipe.data.records) == span
+    assert "train.max_iters: expected an integer, got '10:20'" in error_of(
+        write(tmp_path, ""), ("train.max_iters=10:20",))  # not 620 iterations
+    assert "train.max_time: expected a number or null, got '1:30:00'" in error_of(
+        write(tmp_path, "train:\n  max_time: 1:30:00\n"))
+    assert yaml.safe_load("a: 10:20") == {"a": 620}  # PyYAML's own loader left as it was
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("finetune.template={input}", "{input}"),
+    ("finetune.template=Q: {instruction} A:", "Q: {instruction} A:"),
+    ("data.records=10:", "10:"),
+    ("data.source=123", "123"),
+    ("data.source=0x10", "0x10"),  # not '16'
+    ("data.source=true", "true"),
+    ("finetune.init=007", "007"),
+    ("data.source=[a, b]", ["a", "b"]),  # a list is one of data.source's types
+    ("data.records=null", None),
+])
+def test_string_keys_take_the_override_text_as_typed(override, expected):
+    dotted, _, _ = override.partition("=")
+    section, key = dotted.split(".")
+    assert parse_override(override) == (section, key, expected)
+    recipe = build_recipe({}, [override])
+    assert getattr(getattr(recipe, section), key) == expected
+
+
+def test_a_mapping_for_a_string_key_in_a_file_says_to_quote_it(tmp_path):
+    message = error_of(write(tmp_path, "finetune:\n  template: {input}\n"))
+    assert "finetune.template: expected a string, got {'input': None}" in message
+    assert 'quote the value, e.g. template: "{input}"' in message
+
+
+@pytest.mark.parametrize(("text", "override", "expected"), [
+    ("", "model.d_model=0", "model.d_model: must be in [1, 65_536], got 0"),
+    ("", "model.dropout=1", "model.dropout: must be in [0, 1), got 1.0"),
+    ("", "train.seed=-1", "train.seed: must be in [0,"),
+    ("", "lora.rank=-1", "lora.rank: must be in [0, 4096], got -1"),
+    ("", "data.records=abc", "data.records: expected 'start:stop'"),
+    ("", "data.tokenizer=gpt9", "data.tokenizer: expected 'cl100k_base'"),
+    ("", "lora.targets=qvk", "lora.targets: unknown target 'qvk'"),
+    ("", "generate.top_p=2", "generate.top_p: must be in (0, 1]"),
+    ("", "generate.temperature=1e-5", "generate.temperature: 1e-05 is too small"),
+    ("model:\n  num_heads: 4\n", "model.d_model=30", "d_model 30 is not divisible by num_heads"),
+    ("train:\n  min_lr: 0.01\n", "train.lr=0.001", "train.min_lr: 0.01 is above train.lr"),
+    ("model:\n  context_length: 1048576\n", "train.batch_size=65536", "no machine can hold"),
+])
+def test_validation_errors_name_the_override_that_set_the_value(tmp_path, text, override,
+                                                                 expected):
+    message = error_of(write(tmp_path, text), ("train.max_iters=5", override))
+    assert message.startswith(f"override '{override}': ") and expected in message
+
+
+def test_validation_errors_of_file_values_still_name_the_file(tmp_path):
+    path = write(tmp_path, "model:\n  d_model: 0\n")
+    message = error_of(path, ("train.max_iters=5", "model.dropout=0"))
+    assert message.startswith(f"{path}: model.d_model: must be in [1, 65_536], got 0")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("model:\n  d_model: 32\n  num_heads: 4\n  d_model: 64\n",
+     "line 4: duplicate key 'model.d_model' (first at line 2)"),
+    ("train:\n  lr: 0.1\nmodel:\n  d_model: 64\ntrain:\n  max_iters: 3\n",
+     "line 5: duplicate key 'train' (first at line 1)"),
+    ("model: {d_model: 64, 'd_model': 32}\n", "line 1: duplicate key 'model.d_model'"),
+])
+def test_duplicate_keys_are_refused_naming_key_and_line(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    message = error_of(path)
+    assert message.startswith(f"{path}: {expected}") and "delete the other" in message
+
+
+def test_merge_keys_may_still_override_what_they_merge(tmp_path):
+    text = "generate: {<<: {top_k: 5, num_beams: 2}, top_k: 6}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert (recipe.generate.top_k, recipe.generate.num_beams) == (6, 2)
+
+
+def test_cli_blames_the_override_in_one_line(tmp_path):
+    path = write(tmp_path, "model:\n  d_model: 64\n  num_heads: 4\n")
+    result = CliRunner().invoke(app, ["pretrain", str(path), "model.d_model=0", "--dry-run"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert "override 'model.d_model=0': model.d_model: must be in [1, 65_536], got 0" in lines[0]

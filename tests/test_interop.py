@@ -184,10 +184,10 @@ def test_compact_vocabulary_and_unknown_format_are_refused(tmp_path):
 
 def test_export_never_leaves_a_half_written_folder(tmp_path, monkeypatch):
     ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
-    Path("out").mkdir()
-    (Path("out") / "keep.txt").write_text("mine")
+    assert invoke("export", str(ckpt), "-o", "out")[0] == 0
+    before = {p.name: p.read_bytes() for p in Path("out").iterdir()}
     code, output = invoke("export", str(ckpt), "-o", "out")
-    assert code == 2 and "--overwrite" in output
+    assert code == 2 and "earlier export" in output and "--overwrite" in output
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -195,8 +195,95 @@ def test_export_never_leaves_a_half_written_folder(tmp_path, monkeypatch):
     monkeypatch.setattr("safetensors.torch.save_file", broken)
     code, output = invoke("export", str(ckpt), "-o", "out", "--overwrite")
     assert code == 1 and "disk full" in output
-    assert [p.name for p in Path("out").iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in Path("out").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_replaces_only_an_earlier_output_never_a_run_or_other_files(tmp_path):
+    """--overwrite once deleted whatever -o named: a training run's checkpoints, anyone's files."""
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["llama"])
+    run = tmp_path / "run"
+    (run / "step-00000001.trainer.safetensors").write_bytes(b"optimizer state")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    other = Path("other")
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    kept = {run: snapshot(run), other: snapshot(other)}
+    for command in (("export", str(ckpt)), ("import", "exported")):
+        if command[0] == "import":
+            assert invoke("export", str(ckpt), "-o", "exported")[0] == 0
+        for target, what in ((run, "holds an llm run (3 files, e.g. step-00000001"),
+                             (other, "holds notes.txt, sub/ (not part of an earlier")):
+            for flags in ((), ("--overwrite",)):
+                code, output = invoke(*command, "-o", str(target), *flags)
+                assert code == 2 and output.count("\n") == 1, output
+                assert what in output and "--overwrite never deletes" in output, output
+                assert snapshot(target) == kept[target]
+    # an earlier export or import is replaced; each refuses the other's output
+    assert invoke("export", str(ckpt), "-o", "exported", "--overwrite")[0] == 0
+    assert invoke("import", "exported", "-o", "imported")[0] == 0
+    code, output = invoke("import", "exported", "-o", "imported")
+    assert code == 2 and "already holds an earlier import" in output
+    assert invoke("import", "exported", "-o", "imported", "--overwrite")[0] == 0
+    code, output = invoke("export", str(ckpt), "-o", "imported", "--overwrite")
+    assert code == 2 and "holds an llm run (1 file: step-00000000.safetensors)" in output
+    code, output = invoke("import", "exported", "-o", "exported", "--overwrite")
+    assert code == 2 and "config.json" in output and "not part of an earlier import" in output
+    assert (Path("imported") / "step-00000000.safetensors").is_file()
+    assert (Path("exported") / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where", ["empty", "full"])
+def test_the_current_directory_is_never_an_output(tmp_path, monkeypatch, where):
+    """-o . once failed with "error: ValueError: PosixPath('.') has an empty name"; replacing
+    it would delete the directory llm runs in."""
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    if where == "full":
+        (cwd / "notes.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    for command in (("export", str(ckpt)), ("import", str(tmp_path / "run"))):
+        for out in (".", "..", str(cwd), f"../{cwd.name}"):
+            for flags in ((), ("--overwrite",)):
+                code, output = invoke(*command, "-o", out, *flags)
+                assert code == 2 and output.count("\n") == 1, output
+                assert "the current directory, which llm will not replace" in output, output
+    code, output = invoke("export", str(ckpt), "-o", "x/y/..", "--overwrite")
+    assert code == 2 and "not '..'" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "run"]
+    assert [p.name for p in cwd.iterdir()] == (["notes.txt"] if where == "full" else [])
+
+
+def test_outputs_that_cannot_be_folders_are_one_line(tmp_path):
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
+    Path("file").write_text("mine")
+    Path("loop-a").symlink_to("loop-b")
+    Path("loop-b").symlink_to("loop-a")
+    for out, message in (("file/x", "file is a file, not a directory"),
+                         ("loop-a/x", "symbolic link to nothing (or a link loop)"),
+                         ("loop-a", "symbolic link to nothing (or a link loop)")):
+        for command in (("export", str(ckpt)), ("import", str(tmp_path / "run"))):
+            code, output = invoke(*command, "-o", out, "--overwrite")
+            assert code == 2 and output.count("\n") == 1 and message in output, output
+    assert Path("file").read_text() == "mine"
+
+
+def test_a_run_started_in_the_target_meanwhile_is_not_replaced(tmp_path):
+    from llmcli.interop.staging import staged_folder
+
+    target = tmp_path / "out"
+    with pytest.raises(UserError, match="holds an llm run"), \
+            staged_folder(target, True, "export") as tmp:
+        (tmp / "config.json").write_text("{}")
+        target.mkdir()
+        (target / "metrics.jsonl").write_text("{}\n")  # a training run began there
+    assert [p.name for p in target.iterdir()] == ["metrics.jsonl"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +461,125 @@ def test_unsupported_architectures_are_named(tmp_path):
     source = hf_folder(tmp_path / "exact-gelu", "gpt2", activation_function="gelu")
     code, output = invoke("import", str(source))
     assert code == 2 and "activation_function is 'gelu'" in output
+
+
+def config_folder(folder: Path, config: dict) -> Path:
+    """A folder holding only config.json: the config is checked before anything else is read."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32,
+                "num_attention_heads": 4, "max_position_embeddings": 64,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}
+GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "n_embd": 32, "n_head": 4}
+BAD_VALUES = [  # (config, the one line's specific part): null, wrong types, out of range
+    (LLAMA_CONFIG, {"rms_norm_eps": None}, "rms_norm_eps is null; expected a number in (0, 1]"),
+    (LLAMA_CONFIG, {"num_attention_heads": 0},
+     "num_attention_heads is 0; expected an integer in [1, "),
+    (LLAMA_CONFIG, {"hidden_size": "32"}, 'hidden_size is "32" (a string); expected an integer'),
+    (LLAMA_CONFIG, {"hidden_size": 32.0}, "hidden_size is 32.0; expected an integer"),
+    (LLAMA_CONFIG, {"num_hidden_layers": -2}, "num_hidden_layers is -2; expected an integer in"),
+    (LLAMA_CONFIG, {"intermediate_size": [64]}, "intermediate_size is [64] (a list)"),
+    (LLAMA_CONFIG, {"tie_word_embeddings": "false"},
+     'tie_word_embeddings is "false" (a string); expected true or false'),
+    (LLAMA_CONFIG, {"attention_bias": 1}, "attention_bias is 1; expected true or false"),
+    (LLAMA_CONFIG, {"max_position_embeddings": 0}, "max_position_embeddings is 0"),
+    (LLAMA_CONFIG, {"vocab_size": None}, "vocab_size is null"),
+    (LLAMA_CONFIG, {"rope_parameters": {"rope_theta": None}},
+     "rope_parameters.rope_theta is null; expected a number in (0, "),
+    (LLAMA_CONFIG, {"rope_parameters": [10000]}, "rope_parameters is [10000] (a list)"),
+    (LLAMA_CONFIG, {"rope_scaling": {"rope_type": 2}}, "rope_scaling.rope_type is 2"),
+    (LLAMA_CONFIG, {"hidden_act": None}, None),  # null: transformers' default, silu
+    (LLAMA_CONFIG, {"num_key_value_heads": 8},
+     "num_key_value_heads is 8; expected at most num_attention_heads (4)"),
+    (LLAMA_CONFIG, {"hidden_size": 30}, "hidden_size 30 is not divisible by num_attention_heads 4"),
+    (LLAMA_CONFIG, {"hidden_size": 12},
+     "the head size hidden_size / num_attention_heads = 3 is odd"),
+    (LLAMA_CONFIG, {"architectures": 5}, "architectures is 5; expected a list of strings"),
+    (GPT2_CONFIG, {"n_embd": [32]}, "n_embd is [32] (a list); expected an integer in [1, "),
+    (GPT2_CONFIG, {"n_head": True}, "n_head is true (a boolean); expected an integer"),
+    (GPT2_CONFIG, {"n_layer": 0}, "n_layer is 0; expected an integer in [1, 1024]"),
+    (GPT2_CONFIG, {"n_inner": 0}, "n_inner is 0; expected an integer in [1, "),
+    (GPT2_CONFIG, {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon is NaN"),
+    (GPT2_CONFIG, {"resid_pdrop": 1.5}, "resid_pdrop is 1.5; expected a number in [0, 1)"),
+    (GPT2_CONFIG, {"initializer_range": "0.02"}, 'initializer_range is "0.02" (a string)'),
+    (GPT2_CONFIG, {"scale_attn_weights": "no"}, 'scale_attn_weights is "no" (a string)'),
+    (GPT2_CONFIG, {"activation_function": ["relu"]}, "activation_function is [\"relu\"] (a list)"),
+    (GPT2_CONFIG, {"n_embd": 30}, "n_embd 30 is not divisible by n_head 4"),
+    (GPT2_CONFIG, {"model_type": 2}, "model_type is 2; expected a string"),
+]
+
+
+@pytest.mark.parametrize(("base", "update", "message"), BAD_VALUES)
+def test_bad_config_values_are_one_line_naming_key_and_file(tmp_path, base, update, message):
+    """A null or mistyped config.json value leaked "error: TypeError: float() argument ..."."""
+    folder = config_folder(tmp_path / "src", {**base, **update})
+    code, output = invoke("import", str(folder))
+    if message is None:  # accepted: the next problem is the missing weights
+        assert code == 2 and "no model.safetensors" in output
+        return
+    assert code == 2 and output.count("\n") == 1, output
+    assert output.startswith(f"error: {folder / 'config.json'}: {message}"), output
+    assert not Path("checkpoints").exists()
+
+
+UNSUPPORTED = [  # keys transformers honours (or honoured) that llm's model cannot compute
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}},
+     "RoPE is scaled (rope_scaling type 'linear')"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None},
+     "RoPE is scaled (rope_scaling rope_type 'dynamic')"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+     "RoPE is scaled (rope_parameters rope_type 'yarn')"),
+    ({"partial_rotary_factor": 0.5}, "RoPE turns only part of each head"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25}},
+     "partial_rotary_factor 0.25"),
+    ({"sliding_window": 4}, "sliding_window 4 < max_position_embeddings 64"),
+    ({"head_dim": 16}, "head_dim is 16, not hidden_size / num_attention_heads = 8"),
+    ({"num_key_value_heads": 2}, "grouped-query attention"),
+    ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
+]
+GPT2_UNSUPPORTED = [
+    ({"scale_attn_weights": False}, "scale_attn_weights false"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ({"add_cross_attention": True}, "cross-attention"),
+    ({"activation_function": "gelu"}, "activation_function is 'gelu'"),
+    ({"activation_function": "silu"}, "activation_function is 'silu'"),
+]
+
+
+@pytest.mark.parametrize(("base", "update", "message"),
+                         [(LLAMA_CONFIG, *case) for case in UNSUPPORTED]
+                         + [(GPT2_CONFIG, *case) for case in GPT2_UNSUPPORTED])
+def test_keys_that_change_the_computation_are_refused(tmp_path, base, update, message):
+    """rope_scaling beside rope_parameters (as a hand-edited or converted config has it) was
+    silently dropped, so the import computed other logits than transformers."""
+    folder = config_folder(tmp_path / "src", {**base, **update})
+    code, output = invoke("import", str(folder))
+    assert code == 2 and output.count("\n") == 1, output
+    assert message in output and "it cannot be imported" in output, output
+
+
+@pytest.mark.parametrize(("kind", "config", "edit"), [
+    ("llama", {"attention_bias": True}, {}),
+    ("llama", {"mlp_bias": True}, {}),
+    ("llama", {"tie_word_embeddings": True, "sliding_window": None}, {"sliding_window": 64}),
+    # a non-empty rope_scaling replaces rope_parameters in transformers: rope_theta 10000, not 1000
+    ("llama", {}, {"rope_scaling": {"rope_type": "default"}}),
+    ("llama", {}, {"rope_scaling": None, "head_dim": 8, "partial_rotary_factor": 1.0}),
+    ("gpt2", {"tie_word_embeddings": False, "n_inner": 48, "activation_function": "relu"}, {}),
+    ("gpt2", {"reorder_and_upcast_attn": True, "activation_function": "gelu_pytorch_tanh"}, {}),
+])
+def test_keys_that_map_give_transformers_logits(tmp_path, kind, config, edit):
+    from transformers import AutoModelForCausalLM
+
+    source = hf_folder(tmp_path / "src", kind, **config)
+    path = source / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    result = import_hf(str(source), Path("checkpoints/x"))
+    logits_and_greedy(hf, Checkpoint.open(result.path).load(), eos=0)
 
 
 def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):

@@ -17,14 +17,17 @@ def command(
         show_default=False,
     ),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Folder to write: new or empty (or use --overwrite).",
+        ..., "--output", "-o", help="Folder to write: new or empty (or an earlier export, with "
+        "--overwrite).",
         show_default=False,
     ),
     fmt: str = typer.Option(
         "hf", "--format", "-f", help="hf: config.json, model.safetensors and the tokenizer, "
         "loaded by transformers' AutoModelForCausalLM and AutoTokenizer.",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier export there (never a run or other files).",
+    ),
 ) -> None:
     """Export a checkpoint (LoRA merged) for transformers: GPT-2 or Llama, by its recipe."""
 

@@ -22,7 +22,10 @@ def command(
         "auto", "--tokenizer", help="auto: the folder's tokenizer.json; cl100k_base or bytes: "
         "llm's own instead.",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier import there (never a training run or "
+        "other files).",
+    ),
 ) -> None:
     """Import a GPT2LMHeadModel or LlamaForCausalLM (safetensors only) as an llm checkpoint."""
 

@@ -50,7 +50,7 @@ def export_hf(spec: str | Path | None, out: Path, *, overwrite: bool = False) ->
              "export a model trained with data.vocab=full")
     cls = export_class(cfg, where)
     out = Path(out)
-    check_target(out, overwrite)
+    check_target(out, overwrite, "export")
     tokenizer = get_tokenizer(ckpt.tokenizer)
     model = ckpt.load("cpu")  # an adapter comes back merged into its base
     dtype = ckpt.stored_dtype()
@@ -62,7 +62,7 @@ def export_hf(spec: str | Path | None, out: Path, *, overwrite: bool = False) ->
         warn(f"the tokenizer has {ordinary:,} ids but the model's vocabulary only {vocab:,}: "
              "transformers will fail on text that tokenizes to the others")
     dtype_name = str(dtype).removeprefix("torch.")
-    with staged_folder(out, overwrite) as tmp:
+    with staged_folder(out, overwrite, "export") as tmp:
         if ckpt.tokenizer in NATIVE:
             eos = write_native(tmp, ckpt.tokenizer, vocab, cfg.context_length)
             bos = eos

@@ -195,11 +195,11 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     folder = locate(source)
     where = str(folder)
     out = Path(out) if out is not None else default_output(source, folder)
+    check_target(out, overwrite, "import")  # first: "-o ." is the current directory
     name = check_name(out.name, f"-o {out}")
-    check_target(out, overwrite)
     config = read_config(folder)
-    cls = import_class(config, where)
-    keys = model_keys(config, cls, where)
+    cls = import_class(config, str(folder / "config.json"))
+    keys = model_keys(config, cls, str(folder / "config.json"))
     files = weight_files(folder)
     tok_name, eos = read_tokenizer(folder, config, keys["context_length"], tokenizer)
     recipe = build_recipe({"name": name, "data": {"tokenizer": tok_name, "vocab": "full"},
@@ -222,7 +222,7 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     from llmcli.model.count import unique_parameters
 
     params = sum(p.numel() for p in unique_parameters(model.named_parameters()).values())
-    with staged_folder(out, overwrite) as tmp:
+    with staged_folder(out, overwrite, "import") as tmp:
         save_model(step_path(tmp, 0), model, recipe, tokenizer=tok_name, step=0,
                    imported_from=str(source), architecture=cls)
     return ImportResult(step_path(out, 0), folder, cls, recipe, tok_name, eos, params,

@@ -26,6 +26,12 @@ Tensor names, ours → transformers (i = block; GPT-2's Conv1D weights are store
     norm                      transformer.ln_f                model.norm
     lm_head                   lm_head (absent when tied)      lm_head (absent when tied)
 
+Importing reads config.json through `ConfigFields`: every key either maps exactly (biases,
+tying, n_inner, reorder_and_upcast_attn, which only changes the precision of the scores) or is
+refused in one line (scaled RoPE in rope_parameters or the legacy rope_scaling, partial rotary,
+a sliding window, grouped-query attention, unscaled or layer-scaled GPT-2 attention, other
+activations); a null, mistyped or out-of-range value is a one-line error naming the key.
+
 RoPE: ours rotates interleaved pairs (x[2i], x[2i+1]); transformers' Llama rotates halves
 (x[i], x[i + head_dim/2]). The same frequency i applies to both members of a pair, so the
 rows of q and k are permuted within each head on the way out (and back on the way in).
@@ -33,13 +39,15 @@ rows of q and k are permuted within each head on the way out (and back on the wa
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from llmcli.console import fail
-from llmcli.recipe import ModelConfig
+from llmcli.console import clip, fail
+from llmcli.recipe import LIMITS, Bound, ModelConfig
 
 GPT2 = "GPT2LMHeadModel"
 LLAMA = "LlamaForCausalLM"
@@ -109,75 +117,208 @@ def hf_config(cfg: ModelConfig, cls: str, *, bos_id: int | None, eos_id: int | N
 
 def import_class(config: Mapping[str, Any], where: str) -> str:
     """The supported class a transformers config.json describes, or a one-line error naming it."""
-    archs = config.get("architectures") or []
-    model_type = config.get("model_type")
+    fields = ConfigFields(config, where)
+    archs = fields.names("architectures")
+    model_type = fields.text("model_type", None)
     for cls, kind in MODEL_TYPES.items():
         if cls in archs or (not archs and model_type == kind):
             return cls
     if model_type in MODEL_TYPES.values() and archs:
-        named = f"{', '.join(map(str, archs))} (model_type {model_type})"
+        named = f"{', '.join(archs)} (model_type {model_type})"
     else:
-        named = ", ".join(map(str, archs)) or f"model_type {model_type!r}"
+        named = ", ".join(archs) or f"model_type {model_type!r}"
     fail(f"{where}: architecture {named} is not supported; llm imports {GPT2} and {LLAMA} "
          "checkpoints")
 
 
+def _shown(value: Any) -> str:
+    """A config value as JSON spells it, with its kind when that is the problem ("32" is a
+    string, not a number)."""
+    if value is None:
+        return "null"
+    text = clip(json.dumps(value, ensure_ascii=False), 60)
+    kinds = ((bool, "a boolean"), (str, "a string"), (list, "a list"), (dict, "a mapping"))
+    kind = next((name for tp, name in kinds if isinstance(value, tp)), None)
+    return f"{text} ({kind})" if kind else text
+
+
+class ConfigFields:
+    """Checked reads of a transformers config.json. A missing key takes transformers' default;
+    null, a wrong type or a value out of range is a one-line error naming the key and the file,
+    because int("32"), bool("false") or float(None) would silently read something else (or
+    fail deep inside). Sizes get the recipe's own LIMITS, so what passes here builds."""
+
+    def __init__(self, config: Mapping[str, Any], where: str, prefix: str = "") -> None:
+        self.config = config
+        self.where = where
+        self.prefix = prefix  # "rope_parameters." for a nested mapping
+
+    def bad(self, key: str, value: Any, expected: str) -> NoReturn:
+        fail(f"{self.where}: {self.prefix}{key} is {_shown(value)}; expected {expected}")
+
+    def _get(self, key: str, default: Any, nullable: bool, expected: str) -> tuple[bool, Any]:
+        """(whether to check the value, the value): absent keys and allowed nulls are not."""
+        if key not in self.config:
+            return False, default
+        value = self.config[key]
+        if value is None:
+            if not nullable:
+                self.bad(key, value, expected)
+            return False, default
+        return True, value
+
+    def integer(self, key: str, default: int | None, limit: str | Bound, *,
+                nullable: bool = False) -> Any:
+        """An integer within `limit`: a Bound, or the LIMITS of a recipe key (model.d_model)."""
+        bound = LIMITS[limit] if isinstance(limit, str) else limit
+        expected = f"an integer in {bound}" + (" or null" if nullable else "")
+        check, value = self._get(key, default, nullable, expected)
+        if check and (isinstance(value, bool) or not isinstance(value, int)
+                      or value not in bound):
+            self.bad(key, value, expected)
+        return value
+
+    def number(self, key: str, default: float | None, limit: str | Bound, *,
+               nullable: bool = False) -> Any:
+        """A finite number within `limit` (a LIMITS key or a Bound)."""
+        bound = LIMITS[limit] if isinstance(limit, str) else limit
+        expected = f"a number in {bound}" + (" or null" if nullable else "")
+        check, value = self._get(key, default, nullable, expected)
+        if check and (isinstance(value, bool) or not isinstance(value, (int, float))
+                      or not math.isfinite(value) or value not in bound):
+            self.bad(key, value, expected)
+        return float(value) if value is not None else None
+
+    def flag(self, key: str, default: bool) -> bool:
+        check, value = self._get(key, default, False, "true or false")
+        if check and not isinstance(value, bool):
+            self.bad(key, value, "true or false")
+        return value
+
+    def text(self, key: str, default: str | None) -> Any:
+        """A string; null or absent gives `default`."""
+        check, value = self._get(key, default, True, "a string")
+        if check and not isinstance(value, str):
+            self.bad(key, value, "a string")
+        return value
+
+    def names(self, key: str) -> list[str]:
+        """A list of strings (architectures); null or absent is empty."""
+        check, value = self._get(key, [], True, "a list of strings")
+        if check and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            self.bad(key, value, "a list of strings")
+        return value
+
+    def mapping(self, key: str) -> ConfigFields:
+        """A nested mapping (rope_parameters) read the same way; null or absent is empty."""
+        check, value = self._get(key, {}, True, "a mapping or null")
+        if check and not isinstance(value, dict):
+            self.bad(key, value, "a mapping or null")
+        return ConfigFields(value, self.where, f"{self.prefix}{key}.")
+
+
+UNIT = Bound(0, 1, "(]")  # partial_rotary_factor
+WINDOW = Bound(1, 2**31 - 1)  # sliding_window
+
+
 def model_keys(config: Mapping[str, Any], cls: str, where: str) -> dict[str, Any]:
-    """The recipe's `model` section that rebuilds the checkpoint `config` describes."""
+    """The recipe's `model` section that rebuilds the checkpoint `config` (read from `where`)
+    describes. Every key transformers' class reads is checked: each either maps exactly onto
+    llm's model or the config is refused in one line, so an import never silently computes
+    something other than transformers does."""
     def need(ok: bool, what: str) -> None:
         if not ok:
             fail(f"{where}: {what}, which llm's model does not have; it cannot be imported")
 
-    get = config.get
+    f = ConfigFields(config, where)
     if cls == GPT2:
-        act = get("activation_function", "gelu_new")
+        act = f.text("activation_function", "gelu_new")
         need(act in GPT2_FROM_HF, f"activation_function is {act!r}")
-        need(get("scale_attn_weights", True), "attention scores are not scaled (scale_attn_weights "
-             "false)")
-        need(not get("scale_attn_by_inverse_layer_idx", False), "attention scores are scaled by "
-             "layer (scale_attn_by_inverse_layer_idx)")
-        need(not get("add_cross_attention", False), "it has cross-attention")
-        d_model = int(get("n_embd", 768))
+        need(f.flag("scale_attn_weights", True), "attention scores are not scaled "
+             "(scale_attn_weights false)")
+        need(not f.flag("scale_attn_by_inverse_layer_idx", False), "attention scores are scaled "
+             "by layer (scale_attn_by_inverse_layer_idx)")
+        need(not f.flag("add_cross_attention", False), "it has cross-attention")
+        f.flag("reorder_and_upcast_attn", False)  # the precision of the scores only: the same
+        d_model = f.integer("n_embd", 768, "model.d_model")
+        heads = f.integer("n_head", 12, "model.num_heads")
+        divisible(d_model, heads, ("n_embd", "n_head"), where)
         return {
-            "vocab_size": int(get("vocab_size", 50257)),
-            "context_length": int(get("n_positions", 1024)),
-            "d_model": d_model, "num_blocks": int(get("n_layer", 12)),
-            "num_heads": int(get("n_head", 12)),
-            "dropout": float(get("resid_pdrop", 0.1)),
+            "vocab_size": f.integer("vocab_size", 50257, "model.vocab_size"),
+            "context_length": f.integer("n_positions", 1024, "model.context_length"),
+            "d_model": d_model, "num_blocks": f.integer("n_layer", 12, "model.num_blocks"),
+            "num_heads": heads,
+            "dropout": f.number("resid_pdrop", 0.1, "model.dropout"),
             "positions": "learned", "norm": "layernorm", "activation": GPT2_FROM_HF[act],
-            "ffn_hidden": int(get("n_inner") or 4 * d_model),
+            "ffn_hidden": f.integer("n_inner", 4 * d_model, "model.ffn_hidden", nullable=True),
             "bias": True, "qkv_bias": True, "output_bias": False,
-            "tie_embeddings": bool(get("tie_word_embeddings", True)),
-            "norm_eps": float(get("layer_norm_epsilon", 1e-5)),
-            "init_std": float(get("initializer_range", 0.02)),
+            "tie_embeddings": f.flag("tie_word_embeddings", True),
+            "norm_eps": f.number("layer_norm_epsilon", 1e-5, "model.norm_eps"),
+            "init_std": f.number("initializer_range", 0.02, "model.init_std"),
         }
-    heads = int(get("num_attention_heads", 32))
-    hidden = int(get("hidden_size", 4096))
-    kv = get("num_key_value_heads") or heads
-    need(kv == heads, f"it shares keys and values between heads (grouped-query attention: "
+    heads = f.integer("num_attention_heads", 32, "model.num_heads")
+    hidden = f.integer("hidden_size", 4096, "model.d_model")
+    context = f.integer("max_position_embeddings", 2048, "model.context_length")
+    divisible(hidden, heads, ("hidden_size", "num_attention_heads"), where)
+    kv = f.integer("num_key_value_heads", heads, "model.num_heads", nullable=True)
+    need(kv >= heads, f"it shares keys and values between heads (grouped-query attention: "
          f"num_key_value_heads {kv} < num_attention_heads {heads})")
-    act = get("hidden_act", "silu")
+    if kv > heads:
+        f.bad("num_key_value_heads", kv, f"at most num_attention_heads ({heads})")
+    head_dim = f.integer("head_dim", hidden // heads, "model.d_model", nullable=True)
+    need(head_dim == hidden // heads, f"head_dim is {head_dim}, not hidden_size / "
+         f"num_attention_heads = {hidden // heads} (attention wider or narrower than the model)")
+    if head_dim % 2:
+        fail(f"{where}: the head size hidden_size / num_attention_heads = {head_dim} is odd, and "
+             "RoPE rotates pairs of dimensions; the config is inconsistent (transformers cannot "
+             "run it either)")
+    act = f.text("hidden_act", "silu")
     need(act in ("silu", "swish"), f"hidden_act is {act!r} (a SwiGLU model needs silu)")
-    need(hidden % heads == 0 and (get("head_dim") or hidden // heads) == hidden // heads,
-         f"head_dim {get('head_dim')} is not hidden_size / num_attention_heads")
-    rope = dict(get("rope_parameters") or {})
-    scaling = get("rope_scaling") or {}
-    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    need(kind == "default", f"RoPE is scaled (rope_type {kind!r})")
-    theta = rope.get("rope_theta", get("rope_theta", 10000.0))
-    attention_bias, mlp_bias = bool(get("attention_bias", False)), bool(get("mlp_bias", False))
+    rope = rope_fields(f)
+    theta = rope.number("rope_theta", f.number("rope_theta", 10000.0, "model.rope_theta",
+                                               nullable=True), "model.rope_theta")
+    partial = rope.number("partial_rotary_factor",
+                          f.number("partial_rotary_factor", 1.0, UNIT, nullable=True), UNIT,
+                          nullable=True)
+    need(partial == 1.0, f"RoPE turns only part of each head (partial_rotary_factor {partial})")
+    window = f.integer("sliding_window", None, WINDOW, nullable=True)
+    need(window is None or window >= context, f"attention only sees the last {window} tokens "
+         f"(sliding_window {window} < max_position_embeddings {context})")
+    attention_bias = f.flag("attention_bias", False)
+    mlp_bias = f.flag("mlp_bias", False)
     return {
-        "vocab_size": int(get("vocab_size", 32000)),
-        "context_length": int(get("max_position_embeddings", 2048)),
-        "d_model": hidden, "num_blocks": int(get("num_hidden_layers", 32)), "num_heads": heads,
-        "dropout": float(get("attention_dropout", 0.0)),
+        "vocab_size": f.integer("vocab_size", 32000, "model.vocab_size"),
+        "context_length": context,
+        "d_model": hidden, "num_blocks": f.integer("num_hidden_layers", 32, "model.num_blocks"),
+        "num_heads": heads,
+        "dropout": f.number("attention_dropout", 0.0, "model.dropout", nullable=True),
         "positions": "rope", "norm": "rmsnorm", "activation": "swiglu",
-        "ffn_hidden": int(get("intermediate_size", 11008)),
+        "ffn_hidden": f.integer("intermediate_size", 11008, "model.ffn_hidden"),
         "bias": attention_bias or mlp_bias, "qkv_bias": attention_bias, "output_bias": False,
-        "tie_embeddings": bool(get("tie_word_embeddings", False)),
-        "norm_eps": float(get("rms_norm_eps", 1e-6)), "rope_theta": float(theta),
-        "init_std": float(get("initializer_range", 0.02)),
+        "tie_embeddings": f.flag("tie_word_embeddings", False),
+        "norm_eps": f.number("rms_norm_eps", 1e-6, "model.norm_eps"), "rope_theta": theta,
+        "init_std": f.number("initializer_range", 0.02, "model.init_std"),
     }
+
+
+def divisible(width: int, heads: int, keys: tuple[str, str], where: str) -> None:
+    if width % heads:
+        fail(f"{where}: {keys[0]} {width} is not divisible by {keys[1]} {heads}; the config is "
+             "inconsistent (transformers refuses it too)")
+
+
+def rope_fields(f: ConfigFields) -> ConfigFields:
+    """The RoPE settings transformers uses. Either rope_parameters or the legacy rope_scaling
+    asking for any scaling is refused (llm's RoPE is unscaled); a non-empty rope_scaling
+    replaces rope_parameters, as in transformers, so rope_theta is read from the same place."""
+    found = {name: f.mapping(name) for name in ("rope_parameters", "rope_scaling")}
+    for name, rope in found.items():
+        for key in ("rope_type", "type"):
+            kind = rope.text(key, "default")
+            if kind != "default":
+                fail(f"{f.where}: RoPE is scaled ({name} {key} {kind!r}), which llm's model does "
+                     "not have; it cannot be imported")
+    return found["rope_scaling"] if found["rope_scaling"].config else found["rope_parameters"]
 
 
 # ---------------------------------------------------------------------------------------------

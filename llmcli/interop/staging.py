@@ -1,37 +1,109 @@
 """Writing a whole output folder atomically: into a hidden sibling, renamed into place at the end.
 
 A failure (or Ctrl-C) at any point leaves the target as it was: absent, or the earlier folder
-when `--overwrite` replaces one.
+when `--overwrite` replaces one. `--overwrite` only ever replaces what the same command wrote
+before (an earlier export: a transformers model folder; an earlier import: a run directory
+holding only the imported step-00000000.safetensors) or an empty folder. A training run, any
+other file, and the current directory (or one holding it) are refused, never deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
-from llmcli.console import fail
+from llmcli.checkpoint import raw_metadata, run_files, step_path
+from llmcli.console import check_output, fail, first_line
+
+Kind = Literal["export", "import"]
+# What `llm export` writes, and the other files of a transformers model folder
+EXPORT_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+})
+SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+HINT = {"export": "-o hf-model", "import": "-o checkpoints/NAME"}
 
 
-def check_target(target: Path, overwrite: bool, flag: str = "-o") -> None:
-    """Refuse a target that is a file, or a folder with something in it (without --overwrite)."""
-    if target.exists() or target.is_symlink():
-        if not target.is_dir() or target.is_symlink():
-            fail(f"{target}: exists and is not a folder; give {flag} a new folder")
-        if any(target.iterdir()) and not overwrite:
-            fail(f"{target}: already exists and is not empty; give {flag} a new folder, or "
-                 "replace it with --overwrite")
+def check_target(target: Path, overwrite: bool, kind: Kind, flag: str = "-o") -> None:
+    """Refuse a target that is a file, the current directory (or holds it), a folder holding
+    something other than an earlier `kind` output, and a non-empty folder without --overwrite."""
+    target = Path(target)
+    new = f"give {flag} a new folder (e.g. {HINT[kind]})"
+    check_output(target, flag, file=False)  # long names, files and dangling links on the way
+    try:
+        resolved = target.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop
+        fail(f"{flag} {target}: cannot resolve it ({first_line(exc)}); {new}")
+    if resolved == cwd or resolved in cwd.parents:
+        where = "is" if resolved == cwd else "holds"
+        fail(f"{flag} {target}: {where} the current directory, which llm will not replace; {new}")
+    if target.name in ("", ".."):
+        fail(f"{flag} {target}: name the folder itself ({resolved}), not '..'")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir() or target.is_symlink():
+        kind_of = "a symbolic link" if target.is_symlink() else "a file"
+        fail(f"{target}: exists and is {kind_of}, not a folder; {new}")
+    if not any(target.iterdir()):
+        return
+    held = foreign(target, kind)
+    if held is not None:
+        fail(f"{target}: holds {held}, which --overwrite never deletes (it replaces only an "
+             f"earlier {kind} or an empty folder); {new}")
+    if not overwrite:
+        fail(f"{target}: already holds an earlier {kind}; replace it with --overwrite, or {new}")
+
+
+def foreign(folder: Path, kind: Kind) -> str | None:
+    """What `folder` holds that is not an earlier output of `llm {kind}`, or None.
+
+    A run directory is recognised as checkpoint.run_files does; an import is only a run
+    directory when its one checkpoint says it was imported."""
+    entries = sorted(folder.iterdir())
+    run = run_files(folder)
+    if kind == "import" and entries == [step_path(folder, 0)] and imported(entries[0]):
+        return None
+    if run:
+        files = f"{len(run)} files, e.g." if len(run) > 1 else "1 file:"
+        return f"an llm run ({files} {run[0].name})"
+    others = entries if kind == "import" else [p for p in entries if not export_file(p)]
+    if not others:
+        return None
+    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in others[:3])
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    return f"{shown}{more} (not part of an earlier {kind})"
+
+
+def export_file(path: Path) -> bool:
+    """Whether `path` is a file an earlier export (a transformers model folder) holds."""
+    plain = path.is_file() and not path.is_symlink()
+    return plain and (path.name in EXPORT_FILES or SHARD.fullmatch(path.name) is not None)
+
+
+def imported(path: Path) -> bool:
+    """Whether a checkpoint file was written by `llm import` (its metadata says so)."""
+    plain = path.is_file() and not path.is_symlink()
+    return plain and "imported_from" in raw_metadata(path)
 
 
 @contextlib.contextmanager
-def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `target`; on success it becomes `target`."""
+def staged_folder(target: Path, overwrite: bool, kind: Kind) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; on success it becomes `target`.
+
+    The target is checked again just before it is replaced: the work in between can take
+    minutes, and a run started there meanwhile must not be lost."""
     target = Path(target)
-    check_target(target, overwrite)
+    check_target(target, overwrite, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     umask = os.umask(0)
@@ -39,6 +111,7 @@ def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
+        check_target(target, overwrite, kind)
         if target.exists():
             old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
             os.replace(target, old)

@@ -154,6 +154,8 @@ def run_guarded(func: Callable[[], T]) -> T:
             err.print("interrupted", style="yellow")
             sys.exit(EXIT_INTERRUPTED)
         message, code = _describe(exc)
+        if code == EXIT_INTERRUPTED and os.environ.get("RANK", "0") != "0":
+            sys.exit(code)  # every rank of a process group stops alike: rank 0 says so
         if code == EXIT_INTERRUPTED:  # asked for, not a failure: said in yellow, no "error:"
             err.print(Text.assemble(("interrupted:", "yellow"), " ", clip(one_line(message))))
         else:

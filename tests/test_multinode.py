@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def test_torchrun_arguments_for_one_machine_and_for_several():
     assert static == ["--nnodes=2", "--node-rank=1", "--nproc-per-node=8",
                       "--master-addr=10.0.0.1", "--master-port=29500"]
     assert "--standalone" not in torchrun_command(Launch(2, 2, None, "h:1"), ["pretrain"])
+    assert torchrun_command(2, ["pretrain"])[-3:] == ["-m", "llmcli", "pretrain"]
     assert not Launch().needed and Launch(nnodes=2).needed and Launch(nproc=2).needed
     argv = ["pretrain", "r.yaml", "--nproc", "8", "--nnodes=2", "--node-rank", "1",
             "--master-addr", "h", "--master-port=5", "--rdzv-endpoint", "h:1", "-o", "run"]
@@ -193,3 +195,25 @@ def test_two_machines_train_as_one_then_resume_after_srun(tmp_path, monkeypatch)
     assert "saved by 2 process(es), this run has 1" in note
     assert "optimizer moments, step and schedule continue exactly" in note
     assert "no longer step-for-step identical" in note
+
+
+def test_ctrl_c_ends_torchrun_with_130_not_a_traceback(monkeypatch: pytest.MonkeyPatch):
+    """torchrun's agent answers a Ctrl-C with SignalException (a traceback, exit 1); the
+    workers save and say so, and the launcher exits 130 like a one-process run."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from llmcli.train import distributed
+
+    seen = []
+
+    def interrupted(argv):
+        seen.append(argv)
+        raise SignalException("Process 1 got signal: 2", sigval=signal.SIGINT)
+
+    monkeypatch.setattr(torch.distributed.run, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["-c", "--standalone", "--nproc-per-node=2", "-m", "llmcli"])
+    with pytest.raises(SystemExit) as info:
+        distributed.torchrun_main()
+    assert info.value.code == 130
+    assert seen == [["--standalone", "--nproc-per-node=2", "-m", "llmcli"]]

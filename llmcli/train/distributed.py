@@ -105,6 +105,10 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
     info = from_env()
     if not info.enabled:
         return info, device
+    if info.rank != 0:  # one voice: rank 0 reports progress for the whole group
+        from llmcli.console import settings
+
+        settings["quiet"] = True
     if "WORLD_SIZE" not in os.environ:
         _adopt_slurm(info)
     if device.type == "cuda":
@@ -481,8 +485,20 @@ def torchrun_command(launch: Launch | int, argv: list[str]) -> list[str]:
     """The command line that runs `llm <argv>` under torchrun."""
     if isinstance(launch, int):
         launch = Launch(nproc=launch)
-    return [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(),
-            "-m", "llmcli", *argv]
+    return [sys.executable, "-c", "from llmcli.train.distributed import torchrun_main; "
+            "torchrun_main()", *launch.torchrun_args(), "-m", "llmcli", *argv]
+
+
+def torchrun_main() -> None:
+    """torchrun itself, except that a Ctrl-C ends it as it ends the workers (which save a
+    checkpoint and say so): exit 130, not torchrun's traceback and exit 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(sys.argv[1:])
+    except SignalException as exc:
+        sys.exit(128 + int(exc.sigval))
 
 
 def relaunch(launch: Launch | int, argv: list[str]) -> int:

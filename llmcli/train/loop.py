@@ -150,9 +150,9 @@ class _StopFlag:
             raise KeyboardInterrupt
         if self.requested_at is None:
             self.requested_at = now
-            err.print("\nstopping: finishing this step (an evaluation is dropped) to save a "
-                      "checkpoint "
-                      "(Ctrl-C again to abort without saving)", style="yellow")
+            if distributed.from_env().rank == 0:  # each rank hears the keypress: one says so
+                err.print("\nstopping: finishing this step (an evaluation is dropped) to save "
+                          "a checkpoint (Ctrl-C again to abort without saving)", style="yellow")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

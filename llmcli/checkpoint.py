@@ -83,7 +83,10 @@ def run_files(run_dir: Path) -> list[Path]:
         return []
     found = [p for _, p in step_checkpoints(run_dir)]
     found += [trainer_path(p) for p in found if trainer_path(p).exists()]
-    found += [run_dir / n for n in (BEST_NAME, MERGED_NAME, *RUN_FILES) if (run_dir / n).exists()]
+    found += [run_dir / n for n in (BEST_NAME, MERGED_NAME) if (run_dir / n).exists()]
+    # an empty metrics.jsonl is a start that stopped before it logged anything: not a run
+    found += [run_dir / n for n in RUN_FILES
+              if (run_dir / n).exists() and (run_dir / n).stat().st_size > 0]
     return found
 
 

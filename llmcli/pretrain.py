@@ -9,6 +9,8 @@ both are plain functions so tests and notebooks call them directly. Everything r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from llmcli.checkpoint import claim_run_dir, default_run_dir, read_metadata
-from llmcli.console import fail, info
+from llmcli.console import fail, info, warn
 from llmcli.data.batches import TokenWindows, dense_lookup
 from llmcli.data.vocab import CompactVocab
 from llmcli.recipe import Recipe
@@ -153,16 +155,40 @@ def make_batches(recipe: Recipe, corpus: Corpus, rank: int = 0) -> TokenWindows:
     t, m = recipe.train, recipe.model
     try:
         return TokenWindows(corpus.tokens, corpus.val_start, t.batch_size, m.context_length,
-                            seed=t.seed, rank=rank, lookup=corpus.lookup)
+                            seed=t.seed, rank=rank, lookup=corpus.lookup,
+                            limit=int(m.vocab_size), name=str(corpus.path))
     except ValueError as exc:
         fail(f"{corpus.path}: {exc}")
 
 
 def extra_meta(recipe: Recipe, corpus: Corpus) -> dict[str, Any]:
-    meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer}
+    meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer, "corpus": corpus_digest(corpus)}
     if corpus.vocab is not None:
         meta["vocab_map"] = corpus.vocab.to_list()
     return meta
+
+
+def corpus_digest(corpus: Corpus) -> str:
+    """What the token file was made from (its sources' SHA-256s) and its length, as one short
+    digest: a resume on other data is then told, not silently continued."""
+    sources = sorted(str(s.get("sha256", "")) for s in corpus.sidecar.get("sources", []))
+    text = json.dumps([sources, corpus.sidecar.get("num_tokens"), corpus.sidecar.get("tokenizer")])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_resume_data(recipe: Recipe, meta: dict[str, Any], resume: Path) -> None:
+    """The tokenizer and vocabulary kind a run was trained with are fixed: its ids mean nothing
+    under another. Refused when the recipe asks for others; told when the corpus changed."""
+    theirs = meta.get("tokenizer")
+    if theirs is not None and theirs != recipe.data.tokenizer:
+        fail(f"--resume {resume}: the run was trained with the {theirs} tokenizer, but "
+             f"data.tokenizer is {recipe.data.tokenizer}; resume with data.tokenizer={theirs}, "
+             "or start a new run elsewhere (-o DIR)")
+    compact = meta.get("vocab_map") is not None
+    if compact != (recipe.data.vocab == "compact"):
+        was = "compact" if compact else "full"
+        fail(f"--resume {resume}: the run was trained on a {was} vocabulary, but data.vocab is "
+             f"{recipe.data.vocab}; resume with data.vocab={was}, or start a new run elsewhere")
 
 
 def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
@@ -171,8 +197,11 @@ def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
     every other machine (which finds the files on a shared file system, or makes its own copy
     on a local one), then the rest: no two processes ever write the same file."""
     vocab_map = None
+    meta: dict[str, Any] = {}
     if resume is not None:
-        vocab_map = read_metadata(resume).get("vocab_map")
+        meta = read_metadata(resume)
+        check_resume_data(recipe, meta, resume)
+        vocab_map = meta.get("vocab_map")
     phases = (dist.is_main, dist.is_local_main and not dist.is_main, not dist.is_local_main)
     result = None
     for mine in phases:
@@ -180,6 +209,11 @@ def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
             result = load_corpus(recipe, data_dir=data_dir, vocab_map=vocab_map)
         distributed.barrier(dist)
     assert result is not None
+    before = meta.get("corpus")
+    if before is not None and before != corpus_digest(result[1]) and dist.is_main:
+        warn(f"the corpus is not the one {resume} was trained on (its text or tokens changed): "
+             "training continues on the new data, so the run is no longer the one an "
+             "uninterrupted run would have given")
     return result
 
 

@@ -6,10 +6,11 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from helpers_train import MINI_RECIPE, make_project, one_thread
+from helpers_train import MINI_RECIPE, make_project, markov_tokens, one_thread, write_tokens
 from typer.testing import CliRunner
 
 from llmcli.checkpoint import (
@@ -318,3 +319,43 @@ def test_resuming_toward_a_different_end_warns_that_the_schedule_changes(project
     assert "schedule changes" in result.stderr
     constant = pretrain("train.max_iters=12", "--resume")
     assert "schedule changes" not in constant.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming on other data, and inputs that are not what they say (found by an adversarial sweep)
+
+
+def test_resume_refuses_another_tokenizer_or_vocabulary_and_tells_of_another_corpus(project):
+    assert pretrain().exit_code == 0
+    other = pretrain("--resume", "train.max_iters=9", "data.tokenizer=cl100k_base")
+    assert other.exit_code == 2 and "trained with the bytes tokenizer" in other.stderr
+    compact = pretrain("--resume", "train.max_iters=9", "data.vocab=compact")
+    assert compact.exit_code == 2 and "trained on a full vocabulary" in compact.stderr
+    write_tokens(project / "corpus.tokens", markov_tokens(5000, seed=3))
+    moved = pretrain("--resume", "train.max_iters=9")
+    assert moved.exit_code == 0, moved.output
+    assert "the corpus is not the one" in moved.stderr
+    again = pretrain("--resume", "train.max_iters=12")  # the same corpus as the last save
+    assert again.exit_code == 0 and "the corpus is not" not in again.stderr
+
+
+def test_an_empty_metrics_file_is_not_a_run(project):
+    (project / "checkpoints" / "mini").mkdir(parents=True)
+    (project / "checkpoints" / "mini" / "metrics.jsonl").touch()  # a start stopped early
+    assert pretrain().exit_code == 0
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda p: write_tokens(p / "corpus.tokens", markov_tokens(4000), val_fraction=0),
+     "validation split is empty"),
+    (lambda p: (p / "corpus.tokens").write_bytes(np.full(4000, 300, "<u4").tobytes()),
+     "holds token id 300"),
+    (lambda p: (p / "folder.tokens").mkdir(), "a folder without the index.json"),
+])
+def test_corpus_problems_are_one_line(project, setup, words):
+    setup(project)
+    source = "folder.tokens" if "folder" in words else "corpus.tokens"
+    result = pretrain(f"data.source={source}")
+    assert result.exit_code == 2, result.output
+    last = result.stderr.strip().splitlines()[-1]  # after the run's description, if it began
+    assert last.startswith("error:") and words in last and result.stderr.count("error:") == 1

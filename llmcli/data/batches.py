@@ -83,13 +83,23 @@ class TokenWindows:
         seed: int = 1337,
         rank: int = 0,
         lookup: np.ndarray | None = None,
+        limit: int | None = None,
+        name: str = "the token file",
     ) -> None:
         self.tokens = tokens
+        # ids must be below this (the model's vocabulary, or the compact lookup's length): a
+        # token file edited or made for another tokenizer is named, not an IndexError
+        self.limit = len(lookup) if lookup is not None else limit
+        self.name = name
         self.batch_size = batch_size
         self.context_length = context_length
         self.lookup = lookup
         self.bounds = {"train": (0, val_start), "val": (val_start, len(tokens))}
         for split, (lo, hi) in self.bounds.items():
+            if split == "val" and hi == lo:
+                raise ValueError("the validation split is empty (data.val_fraction 0): "
+                                 "pretraining measures its loss on held-out tokens; set "
+                                 "data.val_fraction above 0, e.g. 0.1")
             if hi - lo < context_length + 1:
                 raise ValueError(
                     f"the {split} split has {hi - lo} tokens, fewer than context_length + 1 = "
@@ -109,6 +119,12 @@ class TokenWindows:
         starts = torch.randint(lo, hi - T, (self.batch_size,), generator=gen)
         index = starts.numpy()[:, None] + self._offsets  # (B, T + 1)
         window = np.asarray(self.tokens[index], dtype=np.int64)
+        if self.limit is not None and int(window.max()) >= self.limit:
+            from llmcli.console import fail
+
+            fail(f"{self.name}: holds token id {int(window.max()):,}, beyond the "
+                 f"{self.limit:,} ids the model reads; the file was altered or made with "
+                 "another tokenizer: tokenize the text again with `llm tokenize`")
         if self.lookup is not None:
             window = self.lookup[window]
         window = torch.from_numpy(window)

@@ -168,7 +168,8 @@ def _decode(piece: bytes, path: Path, errors: str, offset: int, lines: int) -> s
         line = lines + piece.count(b"\n", 0, exc.start) + 1
         bad = piece[exc.start:exc.end].hex(" ")
         fail(f"{path}: line {line} (byte {offset + exc.start}): not UTF-8 (bytes {bad}); "
-             "convert the file to UTF-8, or pass --errors replace to substitute U+FFFD")
+             "convert the file to UTF-8, or substitute U+FFFD for such bytes: `llm tokenize "
+             f"{path} --errors replace` (and train on the .tokens file it writes)")
 
 
 def _record_jobs(path: Path, reading: _Reading, source: _Source, block: int,
@@ -332,6 +333,9 @@ def read_sidecar(path: Path) -> dict:
     path = Path(path)
     if is_shard_folder(path):
         return read_index(path)
+    if path.is_dir():
+        fail(f"{path}: a folder without the index.json of a sharded corpus (`llm tokenize "
+             "--shard-tokens` writes one); make the corpus again, or give its text files")
     side = path if path.name.endswith(".tokens.json") else sidecar_path(path)
     if not side.is_file():
         fail(f"{side}: missing; a token file needs the sidecar `llm tokenize` writes beside "

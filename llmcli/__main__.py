@@ -1,3 +1,3 @@
-from llmcli.cli import main
+from llmcli.entry import main
 
 main()

@@ -1,0 +1,38 @@
+"""The `llm` console script's first moments: a Ctrl-C while the libraries load ends the command
+at once (exit 130, "interrupted"), not in a traceback or an abort.
+
+The default handler raises KeyboardInterrupt wherever Python happens to be, and during the first
+second that is inside `import torch`, whose C++ set-up can swallow it (the command then runs to
+the end), turn it into an unrelated error or abort the process. Nothing is written while
+libraries load, so leaving at once is safe; the command itself runs with the usual handler, so
+its interrupts save checkpoints and remove temporary files as before. Only the standard library
+is imported here, and torch only for the commands that load it anyway, so `llm --help` and the
+pure-Python commands stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+# Commands that import torch whatever they are asked (their --help excepted).
+TORCH_COMMANDS = frozenset({"pretrain", "finetune", "generate", "inspect", "params", "export",
+                            "import", "imagine"})
+
+
+def _leave(signum: int, frame: object) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+def main() -> None:
+    previous = signal.signal(signal.SIGINT, _leave)
+    from llmcli.cli import main as run
+
+    words = sys.argv[1:]
+    command = next((w for w in words if not w.startswith("-")), None)
+    if command in TORCH_COMMANDS and not {"--help", "-h", "--keys"} & set(words):
+        import torch  # noqa: F401  (loaded here, where an interrupt is answered at once)
+    signal.signal(signal.SIGINT, previous)
+    run()

@@ -28,6 +28,7 @@ from typing import Any
 from llmcli.checkpoint import CHECKPOINTS_DIR
 from llmcli.console import (
     EXIT_FAILURE,
+    check_png_output,
     fail,
     first_line,
     info,
@@ -140,15 +141,19 @@ def slug(prompt: str, max_len: int = 48) -> str:
     return text[:max_len].rstrip("-_") or "image"
 
 
-def output_paths(out: Path | None, prompt: str, seed: int, count: int) -> list[Path]:
+def output_paths(out: str | Path | None, prompt: str, seed: int, count: int) -> list[Path]:
     """Where the images go: `out`, or checkpoints/images/<prompt>-<seed>.png; numbered if several.
 
-    `out` may be a directory (existing, or written with a trailing slash) for the default names.
+    `out` may be a directory (existing, or written with a trailing slash: a str, as typed, since
+    a Path drops the slash) for the default names. A file there that is not a PNG is refused:
+    an image never replaces other work.
     """
     default_name = f"{slug(prompt)}-{seed}.png"
+    folder = isinstance(out, str) and out.endswith(("/", "\\"))
+    out = Path(out) if out is not None else None
     if out is None:
         base = IMAGES_DIR / default_name
-    elif out.is_dir() or str(out).endswith(("/", "\\")):
+    elif out.is_dir() or folder:
         base = out / default_name
     else:
         base = out
@@ -156,10 +161,14 @@ def output_paths(out: Path | None, prompt: str, seed: int, count: int) -> list[P
             fail(f"-o {out}: images are saved as PNG (their prompt and seed go in the PNG "
                  f"metadata); use a name ending in .png, e.g. -o {out.with_suffix('.png')}")
     _check_writable(base.parent)
-    if count == 1:
-        return [base]
-    width = len(str(count))
-    return [base.with_name(f"{base.stem}-{k:0{width}d}{base.suffix}") for k in range(1, count + 1)]
+    paths = [base]
+    if count > 1:
+        width = len(str(count))
+        paths = [base.with_name(f"{base.stem}-{k:0{width}d}{base.suffix}")
+                 for k in range(1, count + 1)]
+    for path in paths:
+        check_png_output(path, "-o")
+    return paths
 
 
 def _check_writable(directory: Path) -> None:
@@ -488,7 +497,7 @@ def draw(loaded: LoadedPipeline, request: ImageRequest, seed: int,
     return result.images[0]
 
 
-def imagine(request: ImageRequest, out: Path | None = None, model: str = DEFAULT_MODEL,
+def imagine(request: ImageRequest, out: str | Path | None = None, model: str = DEFAULT_MODEL,
             device: str = "auto", dtype: str = "auto",
             on_saved: Callable[[SavedImage], None] | None = None) -> ImagineResult:
     """Load once, then draw and save `request.num_images` images (seeds seed, seed+1, ...)."""

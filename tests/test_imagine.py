@@ -194,6 +194,22 @@ def test_output_names_and_slugs(tmp_path):
     assert output_paths(tmp_path, "a sea", 5, 1) == [tmp_path / "a-sea-5.png"]
     names = [p.name for p in output_paths(tmp_path / "x.PNG", "p", 0, 10)]
     assert names[0] == "x-01.PNG" and names[-1] == "x-10.PNG" and len(set(names)) == 10
+    folder = f"{tmp_path}/new/"  # a new folder, said with its slash (a Path would drop it)
+    assert output_paths(folder, "a sea", 5, 1) == [tmp_path / "new" / "a-sea-5.png"]
+
+
+def test_an_image_never_replaces_a_file_that_is_not_a_png(tmp_path):
+    from llmcli.console import UserError
+    from llmcli.imagine import output_paths
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes")
+    with pytest.raises(UserError, match="is not a PNG image"):
+        output_paths(notes, "sea", 1, 1)
+    (tmp_path / "sea-1.png").write_text("also mine")
+    with pytest.raises(UserError, match="is not a PNG image"):
+        output_paths(tmp_path, "sea", 1, 1)
+    assert notes.read_text() == "my notes"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ MAX_IMAGES = 10_000
 
 def command(
     prompt: str = typer.Argument(..., help="What to draw, e.g. \"画一个大海\" (draw a sea)."),
-    out: Path | None = typer.Option(
+    out: str | None = typer.Option(
         None, "--out", "-o",
         help="PNG file, or a folder for default names (default: "
         "checkpoints/images/<prompt>-<seed>.png); numbered -1, -2, ... with --num-images."),
@@ -59,7 +59,13 @@ def command(
     def body() -> None:
         from llmcli.console import out as stdout
         from llmcli.console import warn
-        from llmcli.imagine import ImageRequest, SavedImage, imagine, random_seed
+        from llmcli.imagine import (
+            ImageRequest,
+            SavedImage,
+            imagine,
+            output_paths,
+            random_seed,
+        )
 
         for name, value, lo, hi in (("--steps", steps, 1, MAX_STEPS),
                                     ("--num-images", num_images, 1, MAX_IMAGES),
@@ -74,7 +80,8 @@ def command(
         request.validate()
         check_range("--guidance", guidance, 0, MAX_GUIDANCE, "0 for turbo models, 5-8 others")
         if out is not None:
-            check_output(out, "--out", file=None)
+            check_output(Path(out), "--out", file=None)
+            output_paths(out, prompt, request.seed, request.num_images)  # before the slow load
         if steps is None and "turbo" not in model.lower():
             warn("1 step is for turbo models; others need e.g. --steps 30 --guidance 7")
 

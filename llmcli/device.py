@@ -37,6 +37,10 @@ def resolve_device(spec: str = "auto"):
             fail(f"--device {spec}: MPS is not available on this machine; use --device cpu")
     elif device.type != "cpu":
         fail(f"--device {spec}: unsupported device type; use {DEVICE_HELP}")
+    elif device.index not in (None, 0):
+        fail(f"--device {spec}: there is one CPU device; use --device cpu")
+    else:
+        device = torch.device("cpu")  # cpu:0 is the CPU; tensors moved there say just "cpu"
     return device
 
 

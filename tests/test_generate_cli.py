@@ -259,6 +259,9 @@ def test_instruct_without_a_template_is_an_error(ckpt):
      "at most --num-beams"),
     (["--input", "x"], "--input goes with --instruct"),
     (["--dtype", "fp8"], "dtype 'fp8'"),
+    (["--stop", ""], "--stop '': an empty stop text"),
+    (["--prompt-file", "anything.txt"], "either as PROMPT or with --prompt-file, not both"),
+    (["--device", "cpu:1"], "--device cpu:1: there is one CPU device"),
 ])
 def test_bad_knobs_are_one_line_errors(ckpt, args, message):
     result = gen(str(ckpt), "Hi", *args)
@@ -304,3 +307,8 @@ def test_unseen_prompt_token_of_a_compact_vocabulary_reads_as_unknown(tmp_path, 
     result = gen(str(path), "help", "-n", "3", "--json")
     assert result.exit_code == 0  # read as the unknown id, as training did, and named
     assert "1 prompt token(s) never appeared" in result.stderr and "'p'" in result.stderr
+
+
+def test_cpu_0_is_the_cpu(ckpt):
+    result = gen(str(ckpt), "Hi", "-n", "2", "--device", "cpu:0", "--strategy", "greedy")
+    assert result.exit_code == 0, result.output

@@ -465,3 +465,8 @@ def test_bad_input_is_one_line(tmp_path, ckpt, tiny_model_cfg, args, words):
     paths = {"ckpt": str(ckpt), "compact": str(compact), "missing": str(tmp_path / "no.txt")}
     line = error_line(llm(*(a.format(**paths) for a in args)))
     assert words in line, line
+
+
+def test_score_needs_text(ckpt):
+    result = llm("score", str(ckpt))
+    assert result.exit_code == 2 and "no text given" in result.stderr

@@ -136,6 +136,11 @@ def command(
         if instruct is not None and (text is not None or prompt_file or batch):
             fail("--instruct replaces the prompt; give either --instruct or a prompt "
                  "(PROMPT, --prompt-file, --batch), not both")
+        if text is not None and prompt_file is not None:
+            fail("give the prompt either as PROMPT or with --prompt-file, not both")
+        if stop and any(s == "" for s in stop):
+            fail("--stop '': an empty stop text would end every answer at once; give the text "
+                 "to stop at, e.g. --stop '\\n\\n'")
         if input_text is not None and instruct is None:
             fail("--input goes with --instruct (it is the instruction's context)")
         if strategies and (num_return_sequences or 0) > 1:

@@ -264,7 +264,9 @@ def score(
         from llmcli.inspect.score import score_text
 
         started = time.perf_counter()
-        if (text is None) == (file is None):
+        if text is None and file is None:
+            fail("score: no text given; give the text to score as TEXT or with --file FILE")
+        if text is not None and file is not None:
             fail("score: give the text to score either as TEXT or with --file, not both")
         content = text if file is None else _read(file)
         gen = _load(checkpoint, device)

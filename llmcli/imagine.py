@@ -231,6 +231,9 @@ class ModelSource:
 
 def locate_model(model: str) -> ModelSource:
     """A local pipeline directory, or a Hugging Face model id (the repository may be remote)."""
+    if not model.strip():
+        fail(f"--model '': give a pipeline folder or a Hugging Face model id, e.g. "
+             f"{DEFAULT_MODEL}")
     path = Path(model).expanduser()
     if path.exists():
         if path.is_file():

@@ -227,6 +227,7 @@ def test_an_image_never_replaces_a_file_that_is_not_a_png(tmp_path):
     (["--dtype", "fp8"], "--dtype fp8: use auto, fp32, fp16, bf16"),
     (["--device", "tpu"], "--device tpu"),
     (["--model", "./no/such/dir"], "no such folder, and not a Hugging Face model id"),
+    (["--model", ""], "--model '': give a pipeline folder or a Hugging Face model id"),
 ])
 def test_bad_input_is_one_line_exit_2(args, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

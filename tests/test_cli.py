@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -27,29 +28,31 @@ def test_version():
     assert result.exit_code == 0 and result.output.strip() == f"llm {__version__}"
 
 
-def test_module_entry_point_and_help_import_no_heavy_library():
-    code = ("import sys, runpy; sys.argv = ['llm', '--help']\n"
+HEAVY = ("torch", "tiktoken", "diffusers", "transformers", "numpy")
+
+
+def run_module(argv: list[str]) -> tuple[str, list[str]]:
+    """`python -m llmcli ARGV` in a fresh interpreter: (its stdout, the heavy libraries it
+    imported)."""
+    code = (f"import json, sys, runpy; sys.argv = ['llm', *{argv!r}]\n"
             "try:\n    runpy.run_module('llmcli', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'tiktoken', 'diffusers', 'transformers', 'numpy')"
-            " if m in sys.modules]\n"
-            "print('HEAVY', heavy)\n")
+            f"print('HEAVY', json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
-    assert "Usage" in result.stdout
-    assert "HEAVY []" in result.stdout
+    head, _, heavy = result.stdout.rpartition("HEAVY ")
+    return head, json.loads(heavy)
+
+
+def test_module_entry_point_and_help_import_no_heavy_library():
+    stdout, heavy = run_module(["--help"])
+    assert "Usage" in stdout and heavy == []
 
 
 @pytest.mark.parametrize("argv", [["generate", "--help"], ["scaling", "--params", "1M"],
                                   ["pretrain", "--keys"]])
 def test_help_keys_and_pure_python_commands_do_not_load_torch(argv):
-    code = (f"import sys, runpy; sys.argv = ['llm', *{argv!r}]\n"
-            "try:\n    runpy.run_module('llmcli', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "print('TORCH', 'torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
-    assert "TORCH False" in result.stdout
+    assert "torch" not in run_module(argv)[1]
 
 
 def test_ctrl_c_while_libraries_load_ends_at_once_with_130():

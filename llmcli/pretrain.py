@@ -178,7 +178,8 @@ def corpus_digest(corpus: Corpus) -> str:
 
 def check_resume_data(recipe: Recipe, meta: dict[str, Any], resume: Path) -> None:
     """The tokenizer and vocabulary kind a run was trained with are fixed: its ids mean nothing
-    under another. Refused when the recipe asks for others; told when the corpus changed."""
+    under another, so a recipe asking for others is refused (another corpus is only told, by
+    `prepare`, once it is loaded)."""
     theirs = meta.get("tokenizer")
     if theirs is not None and theirs != recipe.data.tokenizer:
         fail(f"--resume {resume}: the run was trained with the {theirs} tokenizer, but "

@@ -292,6 +292,8 @@ def resolve_checkpoint(spec: str | Path | None, root: Path = CHECKPOINTS_DIR) ->
             fail(f"no checkpoint given and none found under {root}/; train one first "
                  "(llm pretrain recipes/tiny.yaml) or pass a checkpoint path")
         spec = run_dir
+    if str(spec) == "":  # Path("") is the current folder: an unset shell variable, not a choice
+        fail("an empty checkpoint path; give a checkpoint file, run directory or run name")
     path = Path(spec)
     if path.is_dir():
         candidates = [p for _, p in reversed(step_checkpoints(path))]

@@ -148,6 +148,8 @@ def output_paths(out: str | Path | None, prompt: str, seed: int, count: int) -> 
     a Path drops the slash) for the default names. A file there that is not a PNG is refused:
     an image never replaces other work.
     """
+    if out is not None and str(out) == "":  # Path("") is the current folder
+        fail("-o: an empty path; give a PNG file name or a folder")
     default_name = f"{slug(prompt)}-{seed}.png"
     folder = isinstance(out, str) and out.endswith(("/", "\\"))
     out = Path(out) if out is not None else None

@@ -29,6 +29,8 @@ DEFAULT_RECIPE = Path("recipes") / "scifi.yaml"
 
 def pick_target(target: str | None) -> tuple[Path, str]:
     """What `llm params` with no argument counts: the newest run, else the seed's scifi recipe."""
+    if target == "":  # Path("") is the current folder: an unset shell variable, not a choice
+        fail("an empty TARGET; give a recipe YAML, a checkpoint or a run directory")
     if target:
         return Path(target), ""
     run = latest_run()

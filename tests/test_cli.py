@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from llmcli import __version__
@@ -71,3 +74,48 @@ def test_ctrl_c_while_libraries_load_ends_at_once_with_130():
 def test_unknown_command_exits_2():
     result = runner.invoke(app, ["frobnicate"])
     assert result.exit_code == 2
+
+
+def _command_functions():
+    for name, func in REGISTERED:
+        if isinstance(func, typer.Typer):  # llm inspect VIEW
+            for view in func.registered_commands:
+                yield f"{name} {view.name or view.callback.__name__}", view.callback
+        else:
+            yield name, func
+
+
+def test_every_path_parameter_refuses_an_empty_path():
+    """Click reads "" as the current folder, so `-o "$UNSET"` would write there: every
+    parameter typed Path takes the parser that refuses it."""
+    from llmcli.commands.common import path_text
+
+    checked = []
+    for name, func in _command_functions():
+        hints = typing.get_type_hints(func)
+        for param in inspect.signature(func).parameters.values():
+            if "Path" in str(hints.get(param.name)):
+                assert getattr(param.default, "parser", None) is path_text, (name, param.name)
+                checked.append((name, param.name))
+    assert len(checked) >= 15  # the walk found the commands' path options
+
+
+@pytest.mark.parametrize("argv", [
+    ["tokenize", "corpus.txt", "-o", ""], ["tokenize", ""], ["fetch", "builtin", "-o", ""],
+    ["scaling", "--params", "1M", "--plot", ""], ["pretrain", ""], ["pretrain", "--out", ""],
+    ["params", ""], ["generate", "", "hello"], ["export", "", "-o", "out"], ["import", ""],
+    ["inspect", "attention", "", "hi"], ["imagine", "a cat", "-o", ""],
+])
+def test_an_empty_path_is_a_one_line_error_and_writes_nothing(argv, tmp_path, monkeypatch,
+                                                                capsys):
+    from llmcli.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("some text to tokenize\n")
+    monkeypatch.setattr(sys, "argv", ["llm", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "empty" in err
+    assert len(err.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.txt"]

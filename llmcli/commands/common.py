@@ -5,7 +5,10 @@ Not a command itself: command modules import this, never each other.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import typer
 
 from llmcli.console import fail
 
@@ -14,6 +17,14 @@ RESUME_HELP = ("Continue the run exactly from its newest checkpoint; put a check
                "directory after it to resume from that one, or `auto` to take the newest intact "
                "one when the newest is damaged.")
 OVERWRITE_HELP = "Delete an earlier run in the run directory and start afresh."
+
+
+def path_text(value: str) -> Path:
+    """Every path argument's parser: an empty one is refused, not read as the current folder
+    (`-o ""` from an unset shell variable would otherwise write there)."""
+    if not value:
+        raise typer.BadParameter("an empty path; give a file or folder name")
+    return Path(value)
 
 
 def split_resume(items: list[str], resume: bool) -> tuple[list[str], Any]:

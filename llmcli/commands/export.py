@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from llmcli.commands.common import path_text
 from llmcli.console import fail, out, run_guarded
 
 FORMATS = ("hf",)
@@ -19,7 +20,7 @@ def command(
     output: Path = typer.Option(
         ..., "--output", "-o", help="Folder to write: new or empty (or an earlier export, with "
         "--overwrite).",
-        show_default=False,
+        show_default=False, parser=path_text,
     ),
     fmt: str = typer.Option(
         "hf", "--format", "-f", help="hf: config.json, model.safetensors and the tokenizer, "

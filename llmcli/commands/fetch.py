@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
+from llmcli.commands.common import path_text
 from llmcli.console import (
     check_output,
     check_range,
@@ -27,7 +28,7 @@ def command(
     ),
     output_dir: Path = typer.Option(
         None, "--output-dir", "-o", help="Directory to download into [default: data].",
-        show_default=False,
+        show_default=False, parser=path_text,
     ),
     sha256: str = typer.Option(
         None, "--sha256", help="Expected SHA-256 of the file (presets carry their own).",

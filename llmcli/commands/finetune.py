@@ -17,6 +17,7 @@ from llmcli.commands.common import (
     RDZV_HELP,
     RESUME_HELP,
     launch_options,
+    path_text,
     split_resume,
 )
 from llmcli.console import check_output, check_range, check_readable, fail, run_guarded
@@ -26,13 +27,13 @@ from llmcli.device import DEVICE_HELP
 def command(
     recipe: Path = typer.Argument(
         ..., help="Fine-tuning recipe (YAML); with --merge alone, a LoRA adapter file or run "
-        "directory to merge into its base."),
+        "directory to merge into its base.", parser=path_text),
     overrides: list[str] = typer.Argument(
         None, help="Recipe overrides section.key=value, e.g. finetune.init=checkpoints/tiny "
         "lora.rank=8 train.max_iters=200"),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run directory (default checkpoints/<recipe name>); with "
-        "--merge ADAPTER, the merged .safetensors file."),
+        "--merge ADAPTER, the merged .safetensors file.", parser=path_text),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     merge: bool = typer.Option(

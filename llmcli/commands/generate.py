@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 
+from llmcli.commands.common import path_text
 from llmcli.console import as_utf8, check_range, fail, info, out, run_guarded, warn
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -26,7 +27,8 @@ def command(
         "else empty (the start of a document).", show_default=False,
     ),
     prompt_file: Path = typer.Option(
-        None, "--prompt-file", "-f", help="Read the prompt from FILE.", show_default=False
+        None, "--prompt-file", "-f", help="Read the prompt from FILE.", show_default=False,
+        parser=path_text,
     ),
     batch: bool = typer.Option(
         False, "--batch", help="One prompt per line (of PROMPT, --prompt-file or stdin)."
@@ -204,6 +206,8 @@ def _positionals(checkpoint: str | None, prompt: str | None) -> tuple[str | None
 
     if checkpoint is None:
         return None, prompt
+    if checkpoint == "" and prompt is None:  # a lone empty argument: an empty prompt
+        return None, ""
     if (CHECKPOINTS_DIR / checkpoint).is_dir() and not Path(checkpoint).exists():
         checkpoint = str(CHECKPOINTS_DIR / checkpoint)
     names_a_file = (Path(checkpoint).exists() or checkpoint.endswith(".safetensors")

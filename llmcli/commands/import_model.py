@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from llmcli.commands.common import path_text
 from llmcli.console import out, run_guarded
 
 
@@ -16,7 +17,7 @@ def command(
     ),
     output: Path = typer.Option(
         None, "--output", "-o", help="Run directory to write (default: checkpoints/NAME).",
-        show_default=False,
+        show_default=False, parser=path_text,
     ),
     tokenizer: str = typer.Option(
         "auto", "--tokenizer", help="auto: the folder's tokenizer.json; cl100k_base or bytes: "

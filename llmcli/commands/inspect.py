@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from llmcli.commands.common import path_text
 from llmcli.console import check_png_output, fail, info, out, run_guarded
 
 
@@ -90,7 +91,7 @@ def embeddings(
                              "by cosine similarity, e.g. ' the'.", show_default=False),
     top: int = typer.Option(10, "--top", "-k", min=1, help="Neighbours to list with --near."),
     png: Path = typer.Option(None, "--png", help="Write a 2-D PCA map of the most frequent "
-                             "tokens to this PNG.", show_default=False),
+                             "tokens to this PNG.", show_default=False, parser=path_text),
     count: int = typer.Option(60, "--count", "-n", min=3, help="Tokens on the PCA map."),
     json_out: bool = JSON,
     device: str = DEVICE,
@@ -148,7 +149,7 @@ def positions(
                                  "(a learned table needs one).", show_default=False),
     rows: int = typer.Option(16, "--rows", min=1, help="Positions to print (then the last)."),
     png: Path = typer.Option(None, "--png", help="Write the table as a heat map PNG.",
-                             show_default=False),
+                             show_default=False, parser=path_text),
     json_out: bool = JSON,
 ) -> None:
     """The position table: sinusoidal or learned values, or RoPE's rotation frequencies.
@@ -196,7 +197,7 @@ def attention(
                              "one large map with the weights written in.", show_default=False),
     top: int = typer.Option(3, "--top", "-k", min=1, help="Attended tokens to list per token."),
     png: Path = typer.Option(None, "--png", help="Write the heat maps (a grid of blocks × "
-                             "heads) to this PNG.", show_default=False),
+                             "heads) to this PNG.", show_default=False, parser=path_text),
     json_out: bool = JSON,
     device: str = DEVICE,
 ) -> None:
@@ -247,7 +248,7 @@ def score(
     checkpoint: str = CHECKPOINT,
     text: str = typer.Argument(None, help="The text to score (or --file).", show_default=False),
     file: Path = typer.Option(None, "--file", "-f", help="Score the text of this file.",
-                              show_default=False),
+                              show_default=False, parser=path_text),
     top: int = typer.Option(3, "--top", "-k", min=1, help="First choices shown per token."),
     limit: int = typer.Option(10, "--limit", min=0, help="Wrong guesses to list."),
     json_out: bool = JSON,

@@ -17,6 +17,7 @@ from llmcli.commands.common import (
     RDZV_HELP,
     RESUME_HELP,
     launch_options,
+    path_text,
     split_resume,
 )
 from llmcli.console import check_output, check_range, check_readable, fail, out, run_guarded
@@ -25,12 +26,13 @@ from llmcli.device import DEVICE_HELP
 
 def command(
     recipe: Path | None = typer.Argument(
-        None, help="Recipe YAML, e.g. recipes/tiny.yaml.", show_default=False),
+        None, help="Recipe YAML, e.g. recipes/tiny.yaml.", show_default=False, parser=path_text),
     overrides: list[str] | None = typer.Argument(
         None, help="section.key=value overrides, e.g. train.max_iters=100 model.dropout=0.",
         show_default=False),
     out_dir: Path | None = typer.Option(
-        None, "--out", "-o", help="Run directory (default: checkpoints/<recipe name>/)."),
+        None, "--out", "-o", help="Run directory (default: checkpoints/<recipe name>/).",
+        parser=path_text),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + "."),

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from llmcli.commands.common import DEVICE_MEMORY_HELP, print_device_memory
+from llmcli.commands.common import DEVICE_MEMORY_HELP, path_text, print_device_memory
 from llmcli.console import check_png_output, check_readable, fail, info, out, run_guarded
 
 MAX_GPUS = 10_000_000  # more than any cluster: a bound, so typos fail rather than overflow
@@ -32,6 +32,7 @@ def command(
     recipe: Path = typer.Option(
         None, "--recipe", "-r", help="A recipe: its N (from the model section) and its planned "
         "tokens (iterations × batch × grad_accum × context).", show_default=False,
+        parser=path_text,
     ),
     fit: str = typer.Option(
         "chinchilla", "--fit", help="Loss law: chinchilla (Hoffmann et al. 2022, approach 3) or "
@@ -51,7 +52,7 @@ def command(
     ),
     plot: Path = typer.Option(
         None, "--plot", help="Write the iso-FLOP view (loss vs model size at five compute "
-        "budgets, optima marked) to FILE.png.", show_default=False,
+        "budgets, optima marked) to FILE.png.", show_default=False, parser=path_text,
     ),
     device_memory: str = typer.Option(
         None, "--device-memory", help=DEVICE_MEMORY_HELP + " With --num-gpus above 1 (or this "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from llmcli.commands.common import path_text
 from llmcli.console import check_output, check_range, fail, out, run_guarded, warn
 
 MAX_HEAD = 100_000  # tokens --head renders: more is no longer something to read
@@ -19,12 +20,12 @@ MAX_WORKERS = 1024
 def command(
     inputs: list[Path] = typer.Argument(
         None, help="Text files (.txt, streamed), Alpaca records (.json/.jsonl), directories of "
-        ".txt files; each file or record is one document.", show_default=False,
+        ".txt files; each file or record is one document.", show_default=False, parser=path_text,
     ),
     output: Path = typer.Option(
         None, "--output", "-o", help="Token file to write [default: data/<input>.tokens; "
         "several inputs: data/<a>+<b>.tokens, the name pretraining looks for].",
-        show_default=False,
+        show_default=False, parser=path_text,
     ),
     tokenizer: str = typer.Option(
         "cl100k_base", "--tokenizer", "-t", help="cl100k_base (tiktoken, offline) or bytes."

@@ -49,6 +49,9 @@ class ImportResult:
 
 def locate(source: str) -> Path:
     """A local folder as it is; anything else must be a Hugging Face model id."""
+    if not source:  # Path("") is the current folder
+        fail("an empty SOURCE; give a folder written by save_pretrained or a Hugging Face "
+             "model id such as openai-community/gpt2")
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -357,7 +357,7 @@ def test_every_view_prints_json_and_writes_readable_pngs(tmp_path, ckpt):
     out = tmp_path / "pics"
     data = as_json(llm("embeddings", str(ckpt), "--tokens", "ab", "--near", "a",
                        "--png", str(out / "pca.png"), "--count", "8", "--json"))
-    assert [r["token"] for r in data["rows"]] == ["'a'", "'b'"] and data["shape"] == [257, 32]
+    assert [r["token"] for r in data["rows"]] == ["a", "b"] and data["shape"] == [257, 32]
     gen = open_model(ckpt, "cpu")
     assert data["rows"][0]["values"] == pytest.approx(gen.model.tok_emb.weight[97].tolist())
     assert len(data["near"]["nearest"]) == 10 and len(data["pca"]["points"]) == 8
@@ -365,7 +365,7 @@ def test_every_view_prints_json_and_writes_readable_pngs(tmp_path, ckpt):
     assert data["kind"] == "sinusoidal" and data["shape"] == [16, 32]
     data = as_json(llm("attention", str(ckpt), "hello", "--png", str(out / "att.png"),
                        "--json"))
-    assert len(data["maps"]) == 8 and data["tokens"][0] == "'h'"
+    assert len(data["maps"]) == 8 and data["tokens"][0] == "h"
     assert sum(data["maps"][3]["weights"][4]) == pytest.approx(1, abs=1e-5)
     one = as_json(llm("attention", str(ckpt), "hello", "--block", "2", "--head", "3",
                       "--png", str(out / "one.png"), "--json"))
@@ -465,6 +465,82 @@ def test_bad_input_is_one_line(tmp_path, ckpt, tiny_model_cfg, args, words):
     paths = {"ckpt": str(ckpt), "compact": str(compact), "missing": str(tmp_path / "no.txt")}
     line = error_line(llm(*(a.format(**paths) for a in args)))
     assert words in line, line
+
+
+JSON_PROMPT = "the qé"  # 'q' is outside the compact vocabulary; é is two bytes, neither UTF-8
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_json_tokens_are_raw_text_and_tokenizer_ids(tmp_path, tiny_model_cfg, compact):
+    """Every view's --json names tokens as `llm generate --json` does: "token" the raw text
+    (a stray byte is U+FFFD), "id" the tokenizer's id; ids without text have "token": null and
+    the compact vocabulary's unknown id also "id": null."""
+    kept = sorted({*TEXT.encode(), 0xC3, 0xA9, 256})
+    meta = {"vocab_size": len(kept) + 1, "vocab_map": kept} if compact else {"vocab_size": 259}
+    path = make_checkpoint(tmp_path / "j" / "step-00000000.safetensors", tiny_model_cfg, **meta)
+    gen = open_model(path, "cpu")
+
+    def want(model_id: int) -> dict:
+        tokenizer_id = model_id if not compact else (
+            kept[model_id] if model_id < len(kept) else None)
+        if tokenizer_id is None or tokenizer_id > 256:
+            return {"id": tokenizer_id, "token": None}
+        text = "<|endoftext|>" if tokenizer_id == 256 else bytes([tokenizer_id]).decode(
+            "utf-8", errors="replace")
+        return {"id": tokenizer_id, "token": text}
+
+    def got(entries: list[dict]) -> list[dict]:
+        return [{"id": e["id"], "token": e["token"]} for e in entries]
+
+    unknown = len(kept) if compact else ord("q")  # the model id 'q' reads as
+    data = as_json(llm("embeddings", str(path), "--json"))  # the first and last ids
+    last = ({"id": None, "token": None} if compact else {"id": 258, "token": None})
+    assert got(data["rows"])[-1] == last and got(data["rows"]) == [
+        want(i) for i in emb.default_ids(gen.vocab.vocab_size)]
+    data = as_json(llm("embeddings", str(path), "--tokens", "hé", "--near", "t", "--png",
+                       str(tmp_path / "pca.png"), "--count", "5", "--json"))
+    assert got(data["rows"]) == [{"id": 104, "token": "h"}, {"id": 0xC3, "token": "\ufffd"},
+                                 {"id": 0xA9, "token": "\ufffd"}]
+    near = emb.nearest(gen, single_id(gen, "t"))
+    assert {"id": data["near"]["id"], "token": data["near"]["token"]} == {"id": 116, "token": "t"}
+    assert got(data["near"]["nearest"]) == [want(n.id) for n in near.nearest]
+    assert got(data["pca"]["points"]) == [want(i) for i in emb.frequent_ids(gen, 5)[0]]
+
+    ids = prompt_ids(gen, JSON_PROMPT)
+    assert ids[4] == unknown
+    data = as_json(llm("attention", str(path), JSON_PROMPT, "--top", "2", "--json"))
+    prompt = [want(i) for i in ids]
+    assert data["ids"] == [t["id"] for t in prompt]
+    assert data["tokens"] == [t["token"] for t in prompt]
+    assert data["tokens"][5:] == ["\ufffd", "\ufffd"] and data["ids"][5:] == [0xC3, 0xA9]
+    for row in data["maps"][0]["top"]:
+        assert got(row) == [prompt[a["index"]] for a in row]
+
+    data = as_json(llm("score", str(path), JSON_PROMPT, "--json"))
+    scored = score_text(gen, JSON_PROMPT)
+    assert data["start"] == "<|endoftext|>"
+    assert got(data["tokens"]) == prompt
+    for entry, token in zip(data["tokens"], scored.tokens, strict=True):
+        assert got(entry["top"]) == [want(c.id) for c in token.top]
+
+    data = as_json(llm("lens", str(path), JSON_PROMPT, "--position", "4", "--json"))
+    lens = logit_lens(gen, ids, 4, top=3)
+    assert {"id": data["id"], "token": data["token"]} == prompt[4]
+    for layer, row in zip(data["layers"], lens.rows, strict=True):
+        assert got(layer["top"]) == [want(c.id) for c in row.top]
+    data = as_json(llm("norms", str(path), JSON_PROMPT, "--position", "-1", "--json"))
+    assert {"id": data["id"], "token": data["token"]} == {"id": 0xA9, "token": "\ufffd"}
+
+    # the same text and id as `llm generate --json` gives for the greedy choice (which skips
+    # textless ids)
+    lens = logit_lens(gen, ids, -1, top=4)
+    first = next(c.id for c in lens.rows[-1].top if c.id not in gen.banned)
+    made = runner.invoke(app, ["generate", str(path), JSON_PROMPT, "--strategy", "greedy",
+                               "--max-new-tokens", "1", "--show-probs", "--json"])
+    assert made.exit_code == 0, made.output
+    made = json.loads(made.stdout)
+    assert want(first) == {"id": made["results"][0]["token_ids"][0],
+                                             "token": made["steps"][0]["chosen"]}
 
 
 def test_score_needs_text(ckpt):

@@ -123,9 +123,9 @@ def embeddings(
             ids, source = emb.frequent_ids(gen, min(count, gen.vocab.vocab_size))
             pca = emb.pca(gen, ids, source)
         if json_out:
-            _json({"checkpoint": str(gen.path), **rows.to_json(),
-                   **({"near": near_result.to_json()} if near_result else {}),
-                   **({"pca": pca.to_json()} if pca else {})})
+            _json({"checkpoint": str(gen.path), **rows.to_json(gen),
+                   **({"near": near_result.to_json(gen)} if near_result else {}),
+                   **({"pca": pca.to_json(gen)} if pca else {})})
         else:
             compact = gen.vocab.compact is not None
             note = (f"{'compact vocabulary of ' if compact else ''}{gen.tokenizer.name}")
@@ -224,7 +224,7 @@ def attention(
         heads = _pick(head, int(gen.recipe.model.num_heads), "head")
         maps = attention_maps(gen, prompt_ids(gen, prompt))
         if json_out:
-            _json({"checkpoint": str(gen.path), **maps.to_json(blocks, heads, top)})
+            _json({"checkpoint": str(gen.path), **maps.to_json(gen, blocks, heads, top)})
         else:
             out.print(render.attention_text(maps, blocks, heads, top))
         if png is not None:
@@ -273,7 +273,7 @@ def score(
         gen = _load(checkpoint, device)
         result = score_text(gen, content, top)
         if json_out:
-            _json({"checkpoint": str(gen.path), **result.to_json()})
+            _json({"checkpoint": str(gen.path), **result.to_json(gen)})
         else:
             out.print(render.score_text_view(result, color=out.is_terminal))
             out.print(render.score_summary(result))
@@ -324,7 +324,7 @@ def lens(
         ids = prompt_ids(gen, prompt)
         result = logit_lens(gen, ids, position_index(len(ids), position), top)
         if json_out:
-            _json({"checkpoint": str(gen.path), **result.to_json()})
+            _json({"checkpoint": str(gen.path), **result.to_json(gen)})
         else:
             out.print(render.lens_table(result))
         info(f"{time.perf_counter() - started:.1f}s")
@@ -363,7 +363,7 @@ def norms(
         ids = prompt_ids(gen, prompt)
         report = norm_report(gen, ids, position_index(len(ids), position))
         if json_out:
-            _json({"checkpoint": str(gen.path), **report.to_json()})
+            _json({"checkpoint": str(gen.path), **report.to_json(gen)})
         else:
             out.print(render.norms_table(report))
             step = report.steps[-1] if block == 0 else report.steps[2 * (block - 1)]

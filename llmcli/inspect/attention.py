@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from llmcli.inspect.tokens import label
+from llmcli.inspect.tokens import label, token_json
 
 
 @dataclass
@@ -46,11 +46,15 @@ class AttentionMaps:
                          for v, i in zip(values.tolist(), index.tolist(), strict=True)])
         return rows
 
-    def to_json(self, blocks: list[int], heads: list[int], k: int = 3) -> dict[str, Any]:
+    def to_json(self, gen: Any, blocks: list[int], heads: list[int],
+                k: int = 3) -> dict[str, Any]:
+        prompt = [token_json(gen, i) for i in self.ids]
         maps = [{"block": b + 1, "head": h + 1, "weights": self.weights[b, h].tolist(),
-                 "top": [[vars(a) for a in row] for row in self.top(b, h, k)]}
+                 "top": [[{"index": a.index, **prompt[a.index], "weight": a.weight} for a in row]
+                         for row in self.top(b, h, k)]}
                 for b in blocks for h in heads]
-        return {"ids": self.ids, "tokens": self.tokens, "maps": maps}
+        return {"ids": [t["id"] for t in prompt], "tokens": [t["token"] for t in prompt],
+                "maps": maps}
 
 
 def attention_maps(gen: Any, ids: list[int]) -> AttentionMaps:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llmcli.inspect.tokens import label, textless
+from llmcli.inspect.tokens import label, textless, token_json
 
 COUNT_LIMIT = 1 << 24  # tokens read from a corpus to count ids
 SAMPLE_TEXT = (
@@ -41,10 +41,10 @@ class EmbeddingRows:
     tokens: list[str]
     rows: torch.Tensor  # (len(ids), d_model)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, gen: Any) -> dict[str, Any]:
         return {"shape": list(self.shape),
-                "rows": [{"id": i, "token": t, "norm": float(r.norm()), "values": r.tolist()}
-                         for i, t, r in zip(self.ids, self.tokens, self.rows, strict=True)]}
+                "rows": [{**token_json(gen, i), "norm": float(r.norm()), "values": r.tolist()}
+                         for i, r in zip(self.ids, self.rows, strict=True)]}
 
 
 @dataclass
@@ -62,9 +62,9 @@ class Neighbours:
     token: str
     nearest: list[Neighbour]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "token": self.token,
-                "nearest": [vars(n) for n in self.nearest]}
+    def to_json(self, gen: Any) -> dict[str, Any]:
+        return {**token_json(gen, self.id),
+                "nearest": [{**token_json(gen, n.id), "cosine": n.cosine} for n in self.nearest]}
 
 
 @dataclass
@@ -78,10 +78,10 @@ class PCAMap:
     source: str  # where the token list came from
     components: torch.Tensor = field(repr=False)  # (2, d_model), unit vectors
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, gen: Any) -> dict[str, Any]:
         return {"source": self.source, "explained_variance": self.explained,
-                "points": [{"id": i, "token": t, "x": float(c[0]), "y": float(c[1])}
-                           for i, t, c in zip(self.ids, self.tokens, self.coords, strict=True)]}
+                "points": [{**token_json(gen, i), "x": float(c[0]), "y": float(c[1])}
+                           for i, c in zip(self.ids, self.coords, strict=True)]}
 
 
 def table(model: Any) -> torch.Tensor:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from llmcli.inspect.score import Candidate
-from llmcli.inspect.tokens import label
+from llmcli.inspect.score import Candidate, candidates_json
+from llmcli.inspect.tokens import label, token_json
 
 
 @dataclass
@@ -28,13 +28,14 @@ class LensRow:
 @dataclass
 class Lens:
     position: int
-    token: str  # the token at `position`, whose successor is predicted
+    id: int  # model id of the token at `position`, whose successor is predicted
+    token: str
     rows: list[LensRow]
     logits: torch.Tensor = field(repr=False)  # (layers + 1, vocab)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"position": self.position, "token": self.token,
-                "layers": [{"layer": r.layer, "top": [vars(c) for c in r.top],
+    def to_json(self, gen: Any) -> dict[str, Any]:
+        return {"position": self.position, **token_json(gen, self.id),
+                "layers": [{"layer": r.layer, "top": candidates_json(gen, r.top),
                             "final_prob": r.final_prob, "final_rank": r.final_rank}
                            for r in self.rows]}
 
@@ -61,4 +62,4 @@ def logit_lens(gen: Any, ids: list[int], position: int = -1, top: int = 5) -> Le
                                       strict=True)]
         rank = int((logp[layer] > logp[layer, final]).sum()) + 1
         rows.append(LensRow(name, candidates, math.exp(float(logp[layer, final])), rank))
-    return Lens(position, label(gen, ids[position]), rows, logits)
+    return Lens(position, int(ids[position]), label(gen, ids[position]), rows, logits)

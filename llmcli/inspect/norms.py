@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llmcli.inspect.tokens import label
+from llmcli.inspect.tokens import label, token_json
 
 
 @dataclass
@@ -61,11 +61,12 @@ class NormStep:
 @dataclass
 class NormReport:
     position: int
+    id: int  # model id of the token at `position`
     token: str
     steps: list[NormStep]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"position": self.position, "token": self.token,
+    def to_json(self, gen: Any) -> dict[str, Any]:
+        return {"position": self.position, **token_json(gen, self.id),
                 "norms": [s.to_json() for s in self.steps]}
 
 
@@ -111,4 +112,4 @@ def norm_report(gen: Any, ids: list[int], position: int = -1) -> NormReport:
         beta = bias.detach().float().cpu() if bias is not None else None
         steps.append(NormStep(name, role, "rmsnorm" if rms else "layernorm", float(eps), x,
                               normalized, gamma, beta, y))
-    return NormReport(position, label(gen, ids[position]), steps)
+    return NormReport(position, int(ids[position]), label(gen, ids[position]), steps)

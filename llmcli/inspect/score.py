@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmcli.console import fail
-from llmcli.inspect.tokens import label
+from llmcli.inspect.tokens import label, token_json
 
 
 @dataclass
@@ -47,6 +47,7 @@ class TextScore:
     lead: bytes  # the unscored first token's bytes when there is no start token
     loss: float  # mean −ln p over the scored tokens (nats)
     num_bytes: int
+    start_id: int | None  # the start token's model id
 
     @property
     def perplexity(self) -> float:
@@ -65,14 +66,21 @@ class TextScore:
         found = [(i, t) for i, t in enumerate(self.tokens) if t.rank > 1]
         return sorted(found, key=lambda item: item[1].prob)[:limit]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, gen: Any) -> dict[str, Any]:
+        """A token that read as a compact vocabulary's unknown id is {"id": null, "token":
+        null}, as the model saw it: its probability is the unknown id's."""
+        start = token_json(gen, self.start_id)["token"] if self.start_id is not None else None
         return {
             "loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy,
             "bits_per_byte": self.bits_per_byte, "scored_tokens": len(self.tokens),
-            "start": self.start,
-            "tokens": [{"id": t.id, "token": t.token, "prob": t.prob, "rank": t.rank,
-                        "top": [vars(c) for c in t.top]} for t in self.tokens],
+            "start": start,
+            "tokens": [{**token_json(gen, t.id), "prob": t.prob, "rank": t.rank,
+                        "top": candidates_json(gen, t.top)} for t in self.tokens],
         }
+
+
+def candidates_json(gen: Any, candidates: list[Candidate]) -> list[dict[str, Any]]:
+    return [{**token_json(gen, c.id), "prob": c.prob} for c in candidates]
 
 
 def score_text(gen: Any, text: str, top: int = 3) -> TextScore:
@@ -110,4 +118,4 @@ def score_text(gen: Any, text: str, top: int = 3) -> TextScore:
     loss = -float(chosen.double().mean())
     lead = b"" if start is not None else gen.tokenizer.token_bytes(raw[0])
     return TextScore(tokens, label(gen, start) if start is not None else None, lead, loss,
-                     sum(len(t.data) for t in tokens))
+                     sum(len(t.data) for t in tokens), start)

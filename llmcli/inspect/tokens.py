@@ -1,7 +1,14 @@
 """Text ↔ the model's ids for the inspect views, with the checks every view shares.
 
-Token text is shown as `llm generate --show-probs` shows it (`visible`: quoted, whitespace
+Tables show token text as `llm generate --show-probs` shows it (`visible`: quoted, whitespace
 escaped); ids without text are `<unknown>` (a compact vocabulary's unknown id) or `<id N>`.
+
+`--json` (`token_json`) writes tokens as `llm generate --json` does, one convention for a
+consumer: "id" is the tokenizer's id (what `llm tokenize` gives, also for a compact vocabulary)
+and "token" the raw text (`Generator.token_text`: bytes that are not UTF-8 on their own become
+U+FFFD). An id that stands for no text has "token": null; the compact vocabulary's unknown id,
+which has no tokenizer id either, is {"id": null, "token": null}. Attention's prompt is the same
+pairs as two lists ("ids", "tokens"), and score's "start" is the start token's text.
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ def label(gen: Any, model_id: int) -> str:
         return visible(gen.token_bytes(model_id))
     except (ValueError, IndexError, KeyError):
         return f"<id {model_id}>"
+
+
+def token_json(gen: Any, model_id: int) -> dict[str, Any]:
+    """A model id as `--json` writes it: the tokenizer's id and raw text, None where absent."""
+    model_id = int(model_id)
+    tokenizer_id = gen.tokenizer_ids([model_id])  # empty for a compact vocabulary's unknown id
+    try:
+        text = gen.token_text(model_id)
+    except (ValueError, IndexError, KeyError):
+        text = None
+    return {"id": tokenizer_id[0] if tokenizer_id else None, "token": text}
 
 
 def textless(gen: Any) -> set[int]:

@@ -206,6 +206,25 @@ def test_newest_run_is_the_default_and_one_positional_can_be_the_prompt(
     assert data["prompt"] == "Hi"
 
 
+def test_a_doubtful_lone_argument_is_said_out_loud(tmp_path, tiny_model_cfg, monkeypatch):
+    """A lone argument is the checkpoint or the prompt by a guess: a path that does not exist
+    is refused with how to pass it as a prompt, a likely mistyped run name is warned about,
+    and a prompt with spaces is a prompt even with a slash in it."""
+    make_checkpoint(tmp_path / "checkpoints" / "tiny" / "step-00000001.safetensors",
+                    tiny_model_cfg)
+    monkeypatch.chdir(tmp_path)
+    result = gen("and/or", "-n", "2")
+    assert result.exit_code == 2
+    assert "no such checkpoint" in error_line(result) and "llm generate RUN and/or" in \
+        error_line(result)
+    typo = gen("tiyn", "-n", "2", "--json")
+    assert as_json(typo)["prompt"] == "tiyn"
+    assert "warning: 'tiyn' is taken as the prompt" in typo.stderr and "checkpoints/tiny" in \
+        typo.stderr
+    assert "warning" not in gen("Once", "-n", "2").stderr
+    assert as_json(gen("this and/or that", "-n", "2", "--json"))["prompt"] == "this and/or that"
+
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuned models
 

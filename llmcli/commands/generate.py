@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -201,7 +203,12 @@ def _check_flags(given: dict[str, Any], num_return: int | None, seed: int | None
 
 
 def _positionals(checkpoint: str | None, prompt: str | None) -> tuple[str | None, str | None]:
-    """One positional is the checkpoint when it names one, otherwise it is the prompt."""
+    """One positional is the checkpoint when it names one, otherwise it is the prompt.
+
+    A lone argument is a guess either way, so a doubtful one is said out loud: a path that does
+    not exist is refused with how to pass it as a prompt, and a prompt that looks like a
+    mistyped run name gets a warning.
+    """
     from llmcli.checkpoint import CHECKPOINTS_DIR
 
     if checkpoint is None:
@@ -210,9 +217,19 @@ def _positionals(checkpoint: str | None, prompt: str | None) -> tuple[str | None
         return None, ""
     if (CHECKPOINTS_DIR / checkpoint).is_dir() and not Path(checkpoint).exists():
         checkpoint = str(CHECKPOINTS_DIR / checkpoint)
-    names_a_file = (Path(checkpoint).exists() or checkpoint.endswith(".safetensors")
-                    or "/" in checkpoint)
+    spaced = any(c.isspace() for c in checkpoint)
+    exists = Path(checkpoint).exists()
+    names_a_file = exists or checkpoint.endswith(".safetensors") or (
+        "/" in checkpoint and not spaced)
+    if prompt is None and names_a_file and not exists:
+        fail(f"{checkpoint}: no such checkpoint; to continue it as a prompt, name the "
+             f"checkpoint first: llm generate RUN {shlex.quote(checkpoint)}")
     if prompt is None and not names_a_file:
+        runs = sorted(p.name for p in CHECKPOINTS_DIR.glob("*/") if p.is_dir())
+        close = difflib.get_close_matches(checkpoint, runs, n=1) if not spaced else []
+        if close:
+            warn(f"{checkpoint!r} is taken as the prompt (no run of that name); for the run "
+                 f"{CHECKPOINTS_DIR / close[0]}, name it: llm generate {close[0]} [PROMPT]")
         return None, checkpoint
     return checkpoint, prompt
 

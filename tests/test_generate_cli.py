@@ -262,9 +262,9 @@ def test_instruct_without_a_template_is_an_error(ckpt):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--temperature", "-1"], "--temperature: must be in [0, 100], got -1.0"),
-    (["--temperature", "nan"], "--temperature: must be finite and in [0, 100], got nan"),
-    (["--temperature", "1e-39"], "--temperature: 1e-39 is too small"),
+    (["--temperature", "-1"], "--temperature: must be in 0 or [0.01, 100], got -1.0"),
+    (["--temperature", "nan"], "--temperature: must be finite and in 0 or [0.01, 100], got nan"),
+    (["--temperature", "1e-39"], "--temperature: must be in 0 or [0.01, 100], got 1e-39"),
     (["--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
     (["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
     (["--num-beams", "0", "--strategy", "beam"], "--num-beams: must be in [1, 256], got 0"),

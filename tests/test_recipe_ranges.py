@@ -17,7 +17,6 @@ from llmcli.console import UserError
 from llmcli.recipe import (
     LIMITS,
     MAX_ELEMENTS,
-    MIN_TEMPERATURE,
     SECTIONS,
     GenerateConfig,
     Recipe,
@@ -103,8 +102,8 @@ def test_keys_document_their_range():
     (("lora.alpha=1e7",), "lora.alpha: must be in (0, 1e6]"),
     (("data.val_fraction=.nan",), "data.val_fraction: must be finite and in [0, 1)"),
     (("generate.max_new_tokens=1e7",), "generate.max_new_tokens: must be in [1, 1_000_000]"),
-    (("generate.temperature=1e-39",), "use 0 for greedy decoding"),
-    (("generate.temperature=1000",), "generate.temperature: must be in [0, 100]"),
+    (("generate.temperature=1e-39",), "must be in 0 or [0.01, 100], got 1e-39"),
+    (("generate.temperature=1000",), "generate.temperature: must be in 0 or [0.01, 100]"),
     (("generate.top_k=1e8",), "generate.top_k: must be in [0, 10_000_000]"),
     (("generate.num_beams=1000",), "generate.num_beams: must be in [1, 256]"),
     (("generate.length_penalty=.nan",), "generate.length_penalty: must be finite and in [-10, 10]"),
@@ -137,10 +136,11 @@ def test_products_of_in_range_keys_are_bounded(raw, names):
 def test_check_generate_is_public_and_checks_types_and_tiny_temperatures():
     check_generate(GenerateConfig(), "llm generate")
     check_generate(GenerateConfig(temperature=0.0), "llm generate")
-    check_generate(GenerateConfig(temperature=MIN_TEMPERATURE), "llm generate")
+    check_generate(GenerateConfig(temperature=0.01), "llm generate")
     for bad, expected in [
-        (GenerateConfig(temperature=1e-39), "generate.temperature: 1e-39 is too small"),
-        (GenerateConfig(temperature=math.nan), "must be finite and in [0, 100]"),
+        (GenerateConfig(temperature=1e-39), "generate.temperature: must be in 0 or [0.01, 100]"),
+        (GenerateConfig(temperature=0.005), "must be in 0 or [0.01, 100], got 0.005"),
+        (GenerateConfig(temperature=math.nan), "must be finite and in 0 or [0.01, 100]"),
         (GenerateConfig(num_beams=1000), "generate.num_beams: must be in [1, 256]"),
         (GenerateConfig(max_new_tokens=5.5), "generate.max_new_tokens: expected an integer"),
         (GenerateConfig(top_k=-1), "generate.top_k: must be in [0, 10_000_000], got -1"),
@@ -232,8 +232,7 @@ def assert_in_range(recipe: Recipe) -> None:
         assert not isinstance(value, bool), key
         assert isinstance(value, (int, float)) and value in bound, (key, value)
         assert not isinstance(value, float) or math.isfinite(value), key
-    g, m, t = recipe.generate, recipe.model, recipe.train
-    assert g.temperature == 0 or g.temperature >= MIN_TEMPERATURE
+    m, t = recipe.model, recipe.train
     assert m.d_model % m.num_heads == 0 and t.min_lr <= t.lr
     assert t.batch_size * m.context_length * max(m.d_model, m.ffn_width) <= MAX_ELEMENTS
 

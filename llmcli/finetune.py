@@ -36,9 +36,9 @@ from llmcli.data.instruct import (
     answer_end,
     build_rows,
     encode_records,
-    resolve_template,
     split_examples,
 )
+from llmcli.data.templates import resolve_template
 from llmcli.recipe import ModelConfig, Recipe, parse_records
 from llmcli.train import distributed
 from llmcli.train.loop import TrainResult, train

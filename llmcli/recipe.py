@@ -24,6 +24,7 @@ from typing import Any, Literal, NoReturn, Union
 import yaml
 
 from llmcli.console import fail
+from llmcli.data.templates import template_problem
 
 Auto = Literal["auto"]
 TOKENIZER_NAMES = ("cl100k_base", "bytes")
@@ -740,6 +741,9 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if isinstance(d.source, list) and not 1 <= len(d.source) <= 1000:
         bad("data.source", f"a list of 1 to 1000 sources, got {len(d.source)}; name the corpus "
             "files, e.g. [builtin, ../shared/data/alpaca_en_demo.json]")
+    problem = template_problem(recipe.finetune.template)
+    if problem is not None:
+        bad("finetune.template", problem)
     known = ("qkv", "proj", "ffn_in", "ffn_out", "head")
     for target in recipe.lora.targets:
         if target not in known:

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from llmcli.checkpoint import load_model, read_metadata, save_model
 from llmcli.cli import app
 from llmcli.console import UserError
-from llmcli.data.instruct import STOP_TEXTS, render_prompt
+from llmcli.data.instruct import STOP_TEXTS
+from llmcli.data.templates import render_prompt
 from llmcli.files import sha256_file
 from llmcli.finetune import finetune, merge_adapter, prepare
 from llmcli.model.gpt import build_model

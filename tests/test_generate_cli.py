@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from llmcli.checkpoint import save_model
 from llmcli.cli import app
-from llmcli.data.instruct import ALPACA
+from llmcli.data.templates import ALPACA
 from llmcli.model.gpt import build_model
 from llmcli.recipe import Recipe
 

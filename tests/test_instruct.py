@@ -9,16 +9,15 @@ import torch
 from llmcli.console import UserError
 from llmcli.constants import IGNORE_INDEX
 from llmcli.data.instruct import (
-    ALPACA,
     STOP_TEXTS,
     InstructBatches,
     ModelVocab,
     answer_end,
     build_rows,
     encode_records,
-    render_prompt,
     split_examples,
 )
+from llmcli.data.templates import ALPACA, render_prompt
 
 SHORT = "Q: {instruction}\n\nContext: {input}\n\nA: "
 
@@ -61,6 +60,14 @@ def test_custom_template_and_braces_in_text():
     assert render_prompt("{instruction} {input} ->", "hi") == "hi  ->"
     with pytest.raises(UserError, match=r"\{instruction\}"):
         render_prompt("no fields here", "hi")
+    assert render_prompt("{instruction} {json: 1} {} ->", "hi") == "hi {json: 1} {} ->"
+
+
+@pytest.mark.parametrize("template", ["{instruction} {inputs}", "{instruction} {output}",
+                                      "{Instruction} {instruction}"])
+def test_a_template_field_other_than_instruction_and_input_is_refused(template):
+    with pytest.raises(UserError, match=r"unknown field \{\w+\}; a template fills only"):
+        render_prompt(template, "hi")
 
 
 def test_loss_mask_covers_exactly_the_answer_and_eot(tok):

@@ -176,7 +176,7 @@ def test_colon_numbers_are_text_not_base_60(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("finetune.template={input}", "{input}"),
+    ("finetune.template={instruction}", "{instruction}"),
     ("finetune.template=Q: {instruction} A:", "Q: {instruction} A:"),
     ("data.records=10:", "10:"),
     ("data.source=123", "123"),
@@ -210,6 +210,7 @@ def test_a_mapping_for_a_string_key_in_a_file_says_to_quote_it(tmp_path):
     ("", "lora.targets=qvk", "lora.targets: unknown target 'qvk'"),
     ("", "generate.top_p=2", "generate.top_p: must be in (0, 1]"),
     ("", "generate.temperature=1e-5", "must be in 0 or [0.01, 100], got 1e-05"),
+    ("", "finetune.template={instruction} {inputs}", "unknown field {inputs}"),
     ("model:\n  num_heads: 4\n", "model.d_model=30", "d_model 30 is not divisible by num_heads"),
     ("train:\n  min_lr: 0.01\n", "train.lr=0.001", "train.min_lr: 0.01 is above train.lr"),
     ("model:\n  context_length: 1048576\n", "train.batch_size=65536", "no machine can hold"),

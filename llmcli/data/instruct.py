@@ -1,8 +1,7 @@
 """Instruction data: Alpaca records → prompt + answer token ids with a loss mask, in batches.
 
-A prompt template is a plain string with `{instruction}` and `{input}` fields; the fine-tuned
-checkpoint stores the template text itself (metadata "template"), so `llm generate --instruct`
-renders questions exactly as training did.
+Prompts come from `templates`; the fine-tuned checkpoint stores the template text itself
+(metadata "template"), so `llm generate --instruct` renders questions exactly as training did.
 
 One example is `prompt tokens + answer tokens + end-of-text`, cut to context_length + 1 tokens.
 Its mask marks the tokens the model learns to predict: the answer and its end-of-text (the prompt
@@ -13,7 +12,6 @@ as in GPT-style packing, and the mask keeps their prompts out of the loss).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,49 +27,12 @@ from llmcli.data.batches import (
     seeded_generators,
     stream_name,
 )
+from llmcli.data.templates import render_prompt, resolve_template
 from llmcli.data.vocab import CompactVocab
 
-ALPACA = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n"
-    "### Input:\n{input}\n\n"
-    "### Response:\n"
-)
-# Alpaca's layout without its preamble: for small contexts (the tiny demo sees 64 tokens).
-ALPACA_SHORT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-TEMPLATES = {"alpaca": ALPACA, "alpaca-short": ALPACA_SHORT}
 # Texts that can end an answer when the base vocabulary has no end-of-text id (first that fits).
 STOP_TEXTS = ("<|endoftext|>", "<|end|>", "<end>", "</s>", "[END]")
 PAD_ID = 0  # padding is never a target and sits after the real tokens, so any id will do
-_FIELD = re.compile(r"\{(instruction|input)\}")
-
-
-def resolve_template(spec: str) -> str:
-    """A template name ('alpaca') or a template string -> the template string."""
-    text = TEMPLATES.get(spec, spec)
-    if "{instruction}" not in text:
-        fail(f"finetune.template: {spec!r} is neither a template name ({', '.join(TEMPLATES)}) "
-             "nor a string containing {instruction}; add the {instruction} field")
-    return text
-
-
-def render_prompt(template: str, instruction: str, input: str = "") -> str:  # noqa: A002
-    """The prompt a model sees before its answer.
-
-    With an empty input, the paragraph (text between blank lines) that holds `{input}` but not
-    `{instruction}` is left out, so Alpaca's "### Input:" block appears only when there is one.
-    Fields are filled in one pass: braces inside the user's text are never read as fields.
-    """
-    text = resolve_template(template)
-    if not input.strip() and "{input}" in text:
-        paragraphs = text.split("\n\n")
-        kept = [p for p in paragraphs if "{input}" not in p or "{instruction}" in p]
-        text = "\n\n".join(kept)
-    values = {"instruction": instruction, "input": input}
-    return _FIELD.sub(lambda m: values[m.group(1)], text)
-
-
 # ---------------------------------------------------------------------------------------------
 # Records -> examples
 

@@ -59,7 +59,7 @@ def reserved_ids(tokenizer: Any) -> np.ndarray:
     """Ids every compact vocabulary keeps: end-of-text and the built-in templates' own text."""
     import re
 
-    from llmcli.data.instruct import TEMPLATES
+    from llmcli.data.templates import TEMPLATES
 
     pieces = [p for t in TEMPLATES.values() for p in re.split(r"\{\w+\}", t) if p]
     ids = {tokenizer.eot_id}

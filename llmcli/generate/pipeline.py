@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from llmcli.console import fail, warn
-from llmcli.data.instruct import ModelVocab, answer_end, render_prompt
+from llmcli.data.instruct import ModelVocab, answer_end
+from llmcli.data.templates import render_prompt
 from llmcli.generate.decode import (
     BeamStep,
     Generation,

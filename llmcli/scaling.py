@@ -176,7 +176,8 @@ def make_hardware(
             label += f" × {num_gpus} GPUs"
         return Hardware(label, sustained, card, num_gpus, implied, tokens_per_second)
     card = card or GPUS["h100"]
-    label = f"{gpus}{card.name} at {mfu:.0%} MFU ({card.tflops:g} TFLOPS {card.dtype} peak)"
+    label = (f"{gpus}{card.name} at {mfu * 100:.3g}% MFU ({card.tflops:g} TFLOPS {card.dtype} "
+             "peak)")
     if gpu is None:
         label += "; pick yours with --gpu"
     return Hardware(label, num_gpus * card.tflops * 1e12 * mfu, card, num_gpus, mfu, None)
@@ -222,6 +223,19 @@ def plans_for(
     if len(given) == 3:
         fail("--params, --tokens and --flops together over-determine the plan (C = 6ND); "
              "give any two of them")
+    mode, plans = _plans(fit, given, params, tokens, flops)
+    for plan in plans.values() if len(given) == 1 else ():  # each row derived from one input
+        if plan.params < 1 or plan.tokens < 1:
+            inputs = " and ".join(f"--{k} {format_count(values[k])}" for k in given)
+            fail(f"{inputs}: too small a budget to plan: the {plan.label} plan would have "
+                 f"{counted_ratio(plan.params, 'parameter')} and "
+                 f"{counted_ratio(plan.tokens, 'token')}, and a model needs at least 1 of each; "
+                 "raise it")
+    return mode, plans
+
+
+def _plans(fit: Fit, given: list[str], params: float | None, tokens: float | None,
+           flops: float | None) -> tuple[str, dict[str, Plan]]:
     rule = f"{TOKENS_PER_PARAM:g} tokens/param"
     law = f"{fit.name} optimum"
     if given == ["params"]:

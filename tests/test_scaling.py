@@ -443,6 +443,13 @@ def test_mfu_below_a_tenth_of_a_percent_is_refused():
     assert result.exit_code == 2 and "--mfu '1e-300'" in result.stderr
 
 
+@pytest.mark.parametrize("mfu, shown", [("0.5%", "0.5%"), ("0.004", "0.4%"), ("40%", "40%"),
+                                        ("0.123456", "12.3%")])
+def test_the_wall_clock_label_shows_the_mfu_used(mfu, shown):
+    assert f" at {shown} MFU (989.4 TFLOPS bf16 peak)" in make_hardware(
+        mfu=parse_fraction(mfu)).label
+
+
 def _no_constants(name: str) -> None:
     raise ValueError(f"not strict JSON: {name}")
 
@@ -472,6 +479,10 @@ def test_strict_json_turns_non_finite_numbers_into_null():
     (["--params", "2.5"], "--params '2.5': must be a whole number of parameters, e.g. 2 or 3"),
     (["--tokens", "1e3", "--params", "7.5"], "whole number of parameters"),
     (["--tokens", "0.5k", "--params", "1"], None),
+    (["--flops", "1"], "the 20 tokens/param plan would have 0.0913 parameters"),
+    (["--tokens", "1"], "would have 0.05 parameters and 1 token, and a model needs at least 1"),
+    (["--params", "1", "--tokens", "1"], None),  # the user's own plan, however small
+    (["--flops", "120"], None),
 ])
 def test_derived_and_fractional_counts(args, message):
     result = scaling(*args)

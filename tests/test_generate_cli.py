@@ -331,3 +331,11 @@ def test_unseen_prompt_token_of_a_compact_vocabulary_reads_as_unknown(tmp_path, 
 def test_cpu_0_is_the_cpu(ckpt):
     result = gen(str(ckpt), "Hi", "-n", "2", "--device", "cpu:0", "--strategy", "greedy")
     assert result.exit_code == 0, result.output
+
+
+def test_a_closed_standard_input_reads_as_an_empty_pipe(monkeypatch):
+    """`llm generate RUN <&-` leaves sys.stdin None: the prompt is empty, as with < /dev/null."""
+    from llmcli.commands.generate import _read_prompt
+
+    monkeypatch.setattr("sys.stdin", None)
+    assert _read_prompt(None) == ""

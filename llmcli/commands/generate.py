@@ -267,6 +267,8 @@ def _read_prompt(prompt_file: Path | None) -> str:
         except OSError as exc:
             fail(f"--prompt-file {prompt_file}: cannot read it ({exc.strerror or exc}); give a "
                  "readable text file")
+    elif sys.stdin is None:  # closed (`<&-`): read as an empty pipe, like < /dev/null
+        text = ""
     elif not sys.stdin.isatty():
         try:
             text = sys.stdin.read()

@@ -26,8 +26,17 @@ def _leave(signum: int, frame: object) -> None:
     os._exit(130)
 
 
+def _tolerant_stdout() -> None:
+    """Output that cannot take a character (PYTHONIOENCODING=ascii, a C locale without UTF-8
+    mode) gets '?' for it: a finished job must not fail while reporting, after its files are
+    written. Standard error already replaces what it cannot encode."""
+    if sys.stdout is not None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+
+
 def main() -> None:
     previous = signal.signal(signal.SIGINT, _leave)
+    _tolerant_stdout()
     from llmcli.cli import main as run
 
     words = sys.argv[1:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -119,3 +120,26 @@ def test_an_empty_path_is_a_one_line_error_and_writes_nothing(argv, tmp_path, mo
     assert exit_.value.code == 2 and err.startswith("error: ") and "empty" in err
     assert len(err.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["corpus.txt"]
+
+
+def test_output_that_cannot_take_a_character_gets_a_question_mark(tmp_path):
+    """PYTHONIOENCODING=ascii: the job finishes and exits 0 (its files were already written)."""
+    (tmp_path / "in ü.txt").write_text("héllo wörld\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    for argv in (["tokenize", "in ü.txt", "-o", "ü"], ["tokenize", "--show", "画一个大海"]):
+        result = subprocess.run([sys.executable, "-m", "llmcli", *argv], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, encoding="ascii",
+                                errors="strict")
+        assert result.returncode == 0, result.stderr
+        assert "?" in result.stdout
+    assert (tmp_path / "ü.tokens").is_file()
+
+
+def test_text_arguments_decoded_in_another_locale_are_read_as_utf8():
+    """Under a non-UTF-8 locale Python keeps argv's UTF-8 bytes as lone surrogates; text
+    arguments are read back as the UTF-8 they were typed in (paths keep their bytes)."""
+    typed = "画一个大海"
+    as_locale = typed.encode("utf-8").decode("ascii", "surrogateescape")
+    shown = [runner.invoke(app, ["tokenize", "--show", text, "--json"]) for text in
+             (typed, as_locale)]
+    assert shown[0].exit_code == 0 and json.loads(shown[0].stdout) == json.loads(shown[1].stdout)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmcli.console import check_output, check_range, clip, fail, run_guarded
+from llmcli.console import as_utf8, check_output, check_range, clip, fail, run_guarded
 from llmcli.device import DEVICE_HELP
 from llmcli.imagine import (  # llmcli.imagine imports diffusers only when it runs
     DEFAULT_MODEL,
@@ -21,7 +21,8 @@ MAX_IMAGES = 10_000
 
 
 def command(
-    prompt: str = typer.Argument(..., help="What to draw, e.g. \"画一个大海\" (draw a sea)."),
+    prompt: str = typer.Argument(..., help="What to draw, e.g. \"画一个大海\" (draw a sea).",
+                                 parser=as_utf8),
     out: str | None = typer.Option(
         None, "--out", "-o",
         help="PNG file, or a folder for default names (default: "
@@ -40,7 +41,8 @@ def command(
     seed: int | None = typer.Option(
         None, "--seed", help="Noise seed; image i uses seed+i (default: random, printed)."),
     negative: str | None = typer.Option(
-        None, "--negative", help="What to steer away from (needs --guidance above 1)."),
+        None, "--negative", help="What to steer away from (needs --guidance above 1).",
+        parser=as_utf8),
     num_images: int = typer.Option(
         1, "--num-images", "-n", help="How many images; the pipeline is loaded once."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),

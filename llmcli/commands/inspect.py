@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmcli.commands.common import path_text
-from llmcli.console import check_png_output, fail, info, out, run_guarded
+from llmcli.console import as_utf8, check_png_output, fail, info, out, run_guarded
 
 
 class _Views(TyperGroup):
@@ -40,7 +40,7 @@ CKPT_HELP = ("Checkpoint file, run directory (its latest step) or run name under
              "(a LoRA adapter is merged into its base).")
 CHECKPOINT = typer.Argument(..., help=CKPT_HELP, show_default=False)
 PROMPT = typer.Argument(..., help="The prompt, as the model reads it (at most its context).",
-                        show_default=False)
+                        show_default=False, parser=as_utf8)
 JSON = typer.Option(False, "--json", help="Print the numbers as JSON.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 POSITION = typer.Option(-1, "--position", "-p", help="Prompt position (0-based; -1 = the last).")
@@ -86,9 +86,11 @@ def _pick(value: int | None, count: int, what: str) -> list[int]:
 def embeddings(
     checkpoint: str = CHECKPOINT,
     tokens: str = typer.Option(None, "--tokens", "-t", help="Show the rows of this text's "
-                               "tokens (default: the first and last ids).", show_default=False),
+                               "tokens (default: the first and last ids).", show_default=False,
+                               parser=as_utf8),
     near: str = typer.Option(None, "--near", help="List the tokens nearest to this one token "
-                             "by cosine similarity, e.g. ' the'.", show_default=False),
+                             "by cosine similarity, e.g. ' the'.", show_default=False,
+                             parser=as_utf8),
     top: int = typer.Option(10, "--top", "-k", min=1, help="Neighbours to list with --near."),
     png: Path = typer.Option(None, "--png", help="Write a 2-D PCA map of the most frequent "
                              "tokens to this PNG.", show_default=False, parser=path_text),
@@ -246,7 +248,8 @@ def attention(
 @command.command("score")
 def score(
     checkpoint: str = CHECKPOINT,
-    text: str = typer.Argument(None, help="The text to score (or --file).", show_default=False),
+    text: str = typer.Argument(None, help="The text to score (or --file).", show_default=False,
+                               parser=as_utf8),
     file: Path = typer.Option(None, "--file", "-f", help="Score the text of this file.",
                               show_default=False, parser=path_text),
     top: int = typer.Option(3, "--top", "-k", min=1, help="First choices shown per token."),

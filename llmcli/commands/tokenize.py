@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from llmcli.commands.common import path_text
-from llmcli.console import check_output, check_range, fail, out, run_guarded, warn
+from llmcli.console import as_utf8, check_output, check_range, fail, out, run_guarded, warn
 
 MAX_HEAD = 100_000  # tokens --head renders: more is no longer something to read
 MAX_CONTEXT = 1_048_576  # as model.context_length allows
@@ -43,7 +43,7 @@ def command(
     ),
     show: str = typer.Option(
         None, "--show", help="Render TEXT token by token with its ids (writes nothing).",
-        show_default=False,
+        show_default=False, parser=as_utf8,
     ),
     head: int = typer.Option(
         None, "--head", help="Render the first N tokens of the inputs (writes nothing).",

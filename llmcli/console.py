@@ -28,7 +28,19 @@ from rich.progress import (
 )
 from rich.text import Text
 
-out = Console(highlight=False, soft_wrap=True, markup=False)
+
+def _results_width() -> int | None:
+    """Results going to a file or a pipe keep at least 80 columns whatever COLUMNS says: cut to
+    a narrow one, a table's numbers would become '…'."""
+    columns = os.environ.get("COLUMNS", "")
+    try:
+        piped = sys.stdout is not None and not sys.stdout.isatty()
+    except ValueError:  # a closed stdout
+        piped = True
+    return max(int(columns), 80) if piped and columns.isdigit() else None
+
+
+out = Console(highlight=False, soft_wrap=True, markup=False, width=_results_width())
 err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 # Set by the CLI's global options; library code reads them through the helpers below.

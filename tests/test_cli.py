@@ -143,3 +143,10 @@ def test_text_arguments_decoded_in_another_locale_are_read_as_utf8():
     shown = [runner.invoke(app, ["tokenize", "--show", text, "--json"]) for text in
              (typed, as_locale)]
     assert shown[0].exit_code == 0 and json.loads(shown[0].stdout) == json.loads(shown[1].stdout)
+
+
+def test_a_narrow_columns_does_not_cut_results_written_to_a_file():
+    env = {**os.environ, "COLUMNS": "20"}
+    result = subprocess.run([sys.executable, "-m", "llmcli", "scaling", "--params", "140M"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "140.0M" in result.stdout and "…" not in result.stdout

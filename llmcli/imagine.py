@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import re
 import secrets
@@ -245,6 +246,7 @@ def locate_model(model: str) -> ModelSource:
             fail(f"--model {model}: no model_index.json in this folder, so it is not a diffusers "
                  "pipeline; give the folder `hf download <id> --local-dir DIR` or "
                  "save_pretrained wrote")
+        _check_model_index(model, path / "model_index.json")
         return ModelSource(str(path), is_dir=True, cached=False)
     if model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model:
         fail(f"--model {model}: no such folder, and not a Hugging Face model id (owner/name, "
@@ -253,6 +255,19 @@ def locate_model(model: str) -> ModelSource:
 
     cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
     return ModelSource(model, is_dir=False, cached=cached)
+
+
+def _check_model_index(model: str, index: Path) -> None:
+    """diffusers reads model_index.json without checking its shape: an empty or mistyped one
+    would end in a KeyError or TypeError deep inside it."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        fail(f"--model {model}: cannot read model_index.json ({first_line(exc)}); give the "
+             "folder save_pretrained wrote")
+    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
+        fail(f"--model {model}: model_index.json names no pipeline class (\"_class_name\"), so "
+             "it is not a diffusers pipeline; give the folder save_pretrained wrote")
 
 
 def _hub_cache_dir() -> str:
@@ -448,7 +463,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
         if source.is_dir or source.cached:
             try:
                 pipe, variant = _from_pretrained(source.name, torch_dtype, variants, True)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                # the last three: a folder whose configs have the wrong shape, read unchecked
                 if source.is_dir:
                     fail(_folder_error(source.name, exc))
                 local_error = exc

@@ -246,6 +246,18 @@ def test_empty_prompt_and_non_pipeline_folders(tmp_path):
         assert result.exit_code == 2 and expected in _one_error_line(result)
 
 
+@pytest.mark.parametrize("index, expected", [
+    ("{}", "names no pipeline class"), ("[]", "names no pipeline class"),
+    ('{"_class_name": 5}', "names no pipeline class"),
+    ("not json", "cannot read model_index.json"),
+    ('{"_class_name": "StableDiffusionPipeline", "unet": 5}', "cannot load this pipeline"),
+])
+def test_a_malformed_model_index_is_one_line(index, expected, tmp_path):
+    (tmp_path / "model_index.json").write_text(index)
+    result = _imagine("a sea", "--model", str(tmp_path), "-o", str(tmp_path / "x.png"))
+    assert result.exit_code == 2 and expected in _one_error_line(result)
+
+
 def test_output_under_a_file_fails_before_loading(tmp_path):
     (tmp_path / "taken").write_text("x")
     result = _imagine("a sea", "--model", "./no/such/dir", "-o", str(tmp_path / "taken/a.png"))

@@ -516,3 +516,14 @@ def test_cli_duplicate_inputs_and_odd_outputs(tmp_path: Path,
     assert not (tmp_path / "sh.tokens" / "a.tokens").exists()
     device = run_cli("tokenize", "/dev/null")
     assert device.exit_code == EXIT_USAGE and "not a regular file" in device.stderr
+
+
+def test_tokenize_workers_leave_ctrl_c_to_the_parent():
+    """Ctrl-C reaches the whole process group; only the parent answers it (no worker
+    tracebacks), and it ends the pool."""
+    import signal
+
+    from llmcli.data.tokenize import _pool
+
+    with _pool(2) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN

@@ -549,7 +549,15 @@ def _pool(workers: int) -> Any:
 
     methods = multiprocessing.get_all_start_methods()
     method = "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
-    return multiprocessing.get_context(method).Pool(workers)
+    return multiprocessing.get_context(method).Pool(workers, initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches the whole process group: the parent answers it (removing its temporary
+    files, ending the pool); a worker that also raised would print its own traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _read_part(path: Path, chunk: int = 1 << 20) -> Iterator[np.ndarray]:

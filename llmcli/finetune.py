@@ -263,7 +263,7 @@ def merge_adapter(adapter: str | Path, out: str | Path | None = None) -> Path:
         target = target / MERGED_NAME
     if target.suffix != ".safetensors":
         fail(f"-o {target}: the merged checkpoint is a .safetensors file; give a name ending in "
-             ".safetensors or a directory")
+             ".safetensors or an existing directory (merged.safetensors goes in it)")
     if target.exists() and "merged_from" not in raw_metadata(target):
         fail(f"-o {target}: exists and is not an earlier merge (a run's checkpoint?); "
              "merging never replaces other weights: give a new file name")

@@ -212,6 +212,11 @@ def test_cli_runs_lora_and_merges(base, records, tmp_path):
     result = runner.invoke(app, ["finetune", "--merge", str(out), "-o", str(base)])
     assert result.exit_code == 2 and "is not an earlier merge" in result.stderr
     assert base.read_bytes() == before
+    folder = tmp_path / "merges"  # an existing folder: merged.safetensors goes in it
+    folder.mkdir()
+    result = runner.invoke(app, ["finetune", "--merge", str(out), "-o", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "merged.safetensors").exists()
 
     # --strict turns the malformed record into a one-line error with its index, exit 2
     result = runner.invoke(app, ["finetune", str(recipe), "--strict", "-o", str(tmp_path / "s")])

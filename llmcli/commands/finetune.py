@@ -69,7 +69,7 @@ def command(
                 fail("--merge ADAPTER takes no overrides or --resume; to train and merge, give "
                      "a recipe: llm finetune RECIPE --merge")
             if out is not None:
-                check_output(out, "--out")
+                check_output(out, "--out", file=None)  # a folder gets merged.safetensors
             from llmcli.finetune import merge_adapter
 
             stdout.print(f"merged checkpoint: {merge_adapter(recipe, out)}")

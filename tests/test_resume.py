@@ -319,3 +319,18 @@ def test_an_abandoned_evaluation_leaves_later_evaluations_on_the_uninterrupted_w
                                   resume=tmp_path / "cut" / "step-00000008.safetensors"))
     assert resumed[8] == full[8] and resumed[12] == full[12]
 
+
+@pytest.mark.parametrize("override", ["train.seed=5", "data.val_fraction=0.3"])
+def test_pretrain_resume_refuses_a_key_it_cannot_honour_naming_it(override):
+    from llmcli.pretrain import check_resume_data
+
+    saved = build_recipe(tiny_recipe())
+    meta = {"recipe": saved.to_dict(), "tokenizer": saved.data.tokenizer}
+    check_resume_data(saved, meta, Path("run/step-1.safetensors"))  # the same recipe resumes
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"{key} is .* trained with .*; resume with {key}="):
+        check_resume_data(build_recipe(tiny_recipe(), [override]), meta,
+                          Path("run/step-1.safetensors"))
+    with pytest.raises(UserError, match="a fine-tuning run's checkpoint"):
+        check_resume_data(saved, {**meta, "template": "Q: {instruction}"},
+                          Path("run/step-1.safetensors"))

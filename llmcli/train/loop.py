@@ -249,7 +249,10 @@ class Trainer:
         saved_world = meta.get("world_size")
         if ranked:
             state.set_rng_state(ranked, meta["rng"][str(self.dist.rank)])
-            self.batches.load_state_dict(state.unprefixed(ranked, "batches."))
+            try:
+                self.batches.load_state_dict(state.unprefixed(ranked, "batches."))
+            except ValueError as exc:  # other data or another kind of run: say so, no crash
+                fail(f"--resume {where}: {exc}")
         else:  # a rank the saved run did not have: a fresh stream of its own
             state.seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * meta["step"])
         if self.main and isinstance(saved_world, int) and saved_world != self.dist.world_size:

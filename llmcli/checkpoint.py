@@ -381,6 +381,33 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_resume_recipe(recipe: Recipe, meta: dict[str, Any], resume: Path,
+                        keys: tuple[str, ...]) -> None:
+    """`keys` fix what a run trains on (its split, its data order): the saved sampler state
+    carries on whatever they say, so a changed one would be ignored, or recorded unused. It is
+    refused, named, with the saved value (a key the checkpoint predates is not checked)."""
+    saved = meta.get("recipe")
+    for dotted in keys if isinstance(saved, dict) else ():
+        section, key = dotted.split(".")
+        part = saved.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        theirs, mine = part[key], getattr(getattr(recipe, section), key)
+        if json.loads(json.dumps(mine)) != theirs:
+            fail(f"--resume {resume}: {dotted} is {_as_typed(mine)}, but the run was trained "
+                 f"with {_as_typed(theirs)}, and a resumed run keeps the split and data order "
+                 f"it started with; resume with {dotted}={_as_typed(theirs)}, or start a new "
+                 "run elsewhere (-o DIR)")
+
+
+def _as_typed(value: Any) -> str:
+    """A recipe value as an override would give it (null, true, 0.1, alpaca), quoted with
+    escapes when it holds line breaks (a template's text): the error stays one line."""
+    plain = not (value is None or isinstance(value, bool)
+                 or (isinstance(value, str) and not value.isprintable()))
+    return str(value) if plain else json.dumps(value)
+
+
 def check_metadata(meta: dict[str, Any], recipe: Recipe, path: Path) -> None:
     """Every metadata field a command relies on has the type and range it must have."""
     def bad(key: str, why: str) -> None:

@@ -11,20 +11,24 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmcli.checkpoint import (
     MERGED_NAME,
     Checkpoint,
     base_reference,
+    check_resume_recipe,
     claim_run_dir,
     default_run_dir,
     load_model,
     raw_metadata,
+    read_metadata,
     resolve_checkpoint,
     save_adapter,
     save_model,
@@ -44,6 +48,10 @@ from llmcli.train import distributed
 from llmcli.train.loop import TrainResult, train
 
 RECORD_SUFFIXES = (".json", ".jsonl")
+# What a resumed run cannot change: they make the rows and the split, and the saved sampler
+# state walks the saved rows (see check_resume_recipe).
+RESUME_FIXED = ("train.seed", "data.val_fraction", "data.records", "finetune.template",
+                "finetune.packing")
 
 
 @dataclass
@@ -146,6 +154,13 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
     from llmcli.model.lora import apply_lora, lora_meta
 
     say = info if main else _quiet
+    saved = read_metadata(resume) if resume is not None else None
+    if saved is not None:
+        if "template" not in saved:
+            fail(f"--resume {resume}: a pretraining run's checkpoint; `llm finetune` resumes "
+                 f"fine-tuning runs only: fine-tune from it with finetune.init={resume} and a "
+                 "new run directory (-o DIR)")
+        check_resume_recipe(recipe, saved, resume, RESUME_FIXED)
     base_path = base_checkpoint(recipe, resume)
     model, base_recipe, base_meta, _ = load_model(base_path, "cpu")
     recipe = reconcile(recipe, base_recipe, base_meta, recipe.path or "recipe")
@@ -189,9 +204,15 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
         f"{batches.rows('train'):,} + {batches.rows('val'):,} rows of {ctx} tokens "
         f"({'packed' if packing else 'padded'}); {report.target_tokens:,} answer tokens")
 
+    digest = rows_digest(splits)
+    if saved is not None and saved.get("rows_digest", digest) != digest and main:
+        warn(f"the records are not the ones {resume} was trained on (their text, order or "
+             "encoding changed): training continues on the new rows, so the run is no longer "
+             "the one an uninterrupted run would have given")
+
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
     extra_meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer, "template": template,
-                                  **base_reference(run_dir, base_path)}
+                                  "rows_digest": digest, **base_reference(run_dir, base_path)}
     if base_meta.get("vocab_map") is not None:
         extra_meta["vocab_map"] = base_meta["vocab_map"]
     if stop:
@@ -205,6 +226,18 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
             fail(f"lora: {exc}")
         extra_meta["lora"] = lora_meta(recipe.lora)
     return Prepared(recipe, model, batches, base_path, extra_meta, lora)
+
+
+def rows_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """The encoded rows and masks of both splits as one short digest: a resume on other
+    records (even as many) is then told, as pretraining's corpus digest tells other text."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        for part in splits[name]:
+            h.update(name.encode())
+            h.update(str(part.shape).encode())
+            h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto",

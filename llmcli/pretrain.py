@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcli.checkpoint import claim_run_dir, default_run_dir, read_metadata
+from llmcli.checkpoint import (
+    check_resume_recipe,
+    claim_run_dir,
+    default_run_dir,
+    read_metadata,
+)
 from llmcli.console import fail, info, warn
 from llmcli.data.batches import TokenWindows, dense_lookup
 from llmcli.data.vocab import CompactVocab
@@ -28,6 +33,9 @@ from llmcli.train import distributed
 from llmcli.train.loop import TrainResult, train
 
 DATA_DIR = Path("data")
+# What a resumed run cannot change: the batch streams continue from the saved state, and the
+# split point is the token file's (see check_resume_recipe).
+RESUME_FIXED = ("train.seed", "data.val_fraction")
 
 
 @dataclass
@@ -180,6 +188,11 @@ def check_resume_data(recipe: Recipe, meta: dict[str, Any], resume: Path) -> Non
     """The tokenizer and vocabulary kind a run was trained with are fixed: its ids mean nothing
     under another, so a recipe asking for others is refused (another corpus is only told, by
     `prepare`, once it is loaded)."""
+    if "template" in meta:
+        fail(f"--resume {resume}: a fine-tuning run's checkpoint; `llm pretrain` resumes "
+             "pretraining runs only: continue it with `llm finetune ... --resume`, or start a "
+             "new run elsewhere (-o DIR)")
+    check_resume_recipe(recipe, meta, resume, RESUME_FIXED)
     theirs = meta.get("tokenizer")
     if theirs is not None and theirs != recipe.data.tokenizer:
         fail(f"--resume {resume}: the run was trained with the {theirs} tokenizer, but "

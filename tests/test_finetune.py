@@ -226,3 +226,48 @@ def test_cli_runs_lora_and_merges(base, records, tmp_path):
     # merging a full checkpoint is refused in one line
     result = runner.invoke(app, ["finetune", "--merge", str(base)])
     assert result.exit_code == 2 and "not a LoRA adapter" in result.output
+
+
+@pytest.mark.parametrize("override", ["train.seed=8", "data.val_fraction=0.5",
+                                      "data.records=0:30", "finetune.packing=true",
+                                      "finetune.template=alpaca"])
+def test_resume_refuses_a_key_it_cannot_honour_naming_it(base, records, tmp_path, override):
+    finetune(make_recipe(base, records, "lora.rank=2", "train.max_iters=3"),
+             run_dir=tmp_path / "b", device="cpu")
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"{key} is .* trained with") as caught:
+        finetune(make_recipe(base, records, "lora.rank=2", override), run_dir=tmp_path / "b",
+                 device="cpu", resume=True)
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+
+
+def test_resume_on_other_records_is_told(base, records, tmp_path, capsys):
+    finetune(make_recipe(base, records, "train.max_iters=3"), run_dir=tmp_path / "b",
+             device="cpu")
+    data = json.loads(records.read_text())
+    same_count = tmp_path / "reversed.json"
+    same_count.write_text(json.dumps(data[::-1]))
+    capsys.readouterr()
+    finetune(make_recipe(base, same_count, "train.max_iters=4"), run_dir=tmp_path / "b",
+             device="cpu", resume=True)
+    assert "the records are not the ones" in capsys.readouterr().err
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(data[:-4]))
+    with pytest.raises(UserError, match="--resume .*split has .* rows") as caught:
+        finetune(make_recipe(base, fewer), run_dir=tmp_path / "b", device="cpu", resume=True)
+    assert caught.value.exit_code == 2
+
+
+def test_resuming_a_pretraining_run_is_refused(base, records, tmp_path):
+    from llmcli.data.batches import TokenWindows
+    from llmcli.train.loop import train
+
+    recipe = build_recipe({"name": "base", "data": {"tokenizer": "bytes"}, "model": MODEL,
+                           "train": {"max_iters": 2, "batch_size": 2, "eval_iters": 1}})
+    tokens = torch.randint(0, 256, (2000,)).numpy()
+    train(recipe, build_model(recipe.model), TokenWindows(tokens, 1800, 2, 48),
+          tmp_path / "pre", device="cpu", extra_meta={"tokenizer": "bytes"})
+    with pytest.raises(UserError, match="a pretraining run's checkpoint") as caught:
+        finetune(make_recipe(base, records), run_dir=tmp_path / "pre", device="cpu",
+                 resume=True)
+    assert caught.value.exit_code == 2

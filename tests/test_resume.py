@@ -272,3 +272,65 @@ def test_one_run_at_a_time_per_directory(tmp_path):
     with pytest.raises(UserError, match="--resume and --overwrite contradict"), \
             claim_run_dir(run, resume=True, overwrite=True):
         pass
+
+
+WINDOWS = dict(max_iters=12, eval_interval=4, checkpoint_interval=4, eval_iters=2)
+
+
+def evals_by_step(result):
+    return {e["step"]: e for e in result.evals}
+
+
+def test_a_stop_time_evaluation_leaves_later_evaluations_on_the_uninterrupted_windows(tmp_path):
+    recipe, model, batches = fresh(**WINDOWS)
+    full = evals_by_step(train(recipe, model, batches, tmp_path / "full", device="cpu"))
+    recipe, model, batches = fresh(**{**WINDOWS, "max_iters": 6})  # evaluates at step 6 too
+    train(recipe, model, batches, tmp_path / "short", device="cpu")
+    recipe, model, batches = fresh(**WINDOWS)
+    resumed = evals_by_step(train(recipe, model, batches, tmp_path / "short", device="cpu",
+                                  resume=tmp_path / "short" / "step-00000006.safetensors"))
+    assert resumed[8] == full[8] and resumed[12] == full[12]
+
+
+class CtrlCInEval(TokenWindows):
+    """Ctrl-C on the `at`-th evaluation draw: that evaluation is abandoned, the run saves."""
+
+    at = 10  # the second draw of the step-8 evaluation (4 draws per evaluation)
+    draws = 0
+
+    def get_batch(self, split, purpose="train"):
+        if purpose == "eval":
+            self.draws += 1
+            if self.draws == self.at:
+                signal.raise_signal(signal.SIGINT)
+        return super().get_batch(split, purpose)
+
+
+def test_an_abandoned_evaluation_leaves_later_evaluations_on_the_uninterrupted_windows(tmp_path):
+    recipe, model, batches = fresh(**WINDOWS)
+    full = evals_by_step(train(recipe, model, batches, tmp_path / "full", device="cpu"))
+    recipe, model, _ = fresh(**WINDOWS)
+    batches = CtrlCInEval(TOKENS, 5400, recipe.train.batch_size, recipe.model.context_length,
+                          seed=recipe.train.seed)
+    with pytest.raises(UserError, match="stopped at step 8"):
+        train(recipe, model, batches, tmp_path / "cut", device="cpu")
+    recipe, model, batches = fresh(**WINDOWS)
+    resumed = evals_by_step(train(recipe, model, batches, tmp_path / "cut", device="cpu",
+                                  resume=tmp_path / "cut" / "step-00000008.safetensors"))
+    assert resumed[8] == full[8] and resumed[12] == full[12]
+
+
+@pytest.mark.parametrize("override", ["train.seed=5", "data.val_fraction=0.3"])
+def test_pretrain_resume_refuses_a_key_it_cannot_honour_naming_it(override):
+    from llmcli.pretrain import check_resume_data
+
+    saved = build_recipe(tiny_recipe())
+    meta = {"recipe": saved.to_dict(), "tokenizer": saved.data.tokenizer}
+    check_resume_data(saved, meta, Path("run/step-1.safetensors"))  # the same recipe resumes
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"{key} is .* trained with .*; resume with {key}="):
+        check_resume_data(build_recipe(tiny_recipe(), [override]), meta,
+                          Path("run/step-1.safetensors"))
+    with pytest.raises(UserError, match="a fine-tuning run's checkpoint"):
+        check_resume_data(saved, {**meta, "template": "Q: {instruction}"},
+                          Path("run/step-1.safetensors"))

@@ -7,7 +7,8 @@ Interface (stable: `llm pretrain` and `llm finetune` both build on it):
 
 - `batches`: a `llmcli.data.batches.BatchSource`: `get_batch(split) -> (x, y)` int64 CPU
   tensors (B, T), y = IGNORE_INDEX (-100) where no loss is wanted; `state_dict()` and
-  `load_state_dict(state)` (tensors) for exact resume; `tokens_per_batch`.
+  `load_state_dict(state)` (tensors) for exact resume; `tokens_per_batch`. State keys with an
+  `eval.` part (`rng.eval.val`) are evaluation's: only scheduled evaluations advance them.
 - Trains only parameters with `requires_grad` (LoRA freezes the rest); AdamW's decoupled weight
   decay applies to parameters with 2 or more dimensions only.
 - Checkpoints (`step-N.safetensors` + `step-N.trainer.safetensors`, `best.safetensors`) go
@@ -248,7 +249,10 @@ class Trainer:
         saved_world = meta.get("world_size")
         if ranked:
             state.set_rng_state(ranked, meta["rng"][str(self.dist.rank)])
-            self.batches.load_state_dict(state.unprefixed(ranked, "batches."))
+            try:
+                self.batches.load_state_dict(state.unprefixed(ranked, "batches."))
+            except ValueError as exc:  # other data or another kind of run: say so, no crash
+                fail(f"--resume {where}: {exc}")
         else:  # a rank the saved run did not have: a fresh stream of its own
             state.seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * meta["step"])
         if self.main and isinstance(saved_world, int) and saved_world != self.dist.world_size:
@@ -471,6 +475,7 @@ class Trainer:
         else:
             state.seed_everything(self.cfg.seed + self.dist.rank)
         start = self.step
+        eval_streams = _eval_part(self.batches.state_dict())
         self.metrics.start(start)
         model.train()
         stop = self.stop
@@ -486,12 +491,19 @@ class Trainer:
                     stopped_by = self.stop_reason()
                     done = stopped_by is not None
                     evaluated = {e["step"] for e in self.result.evals}
-                    if (self.step % self.cfg.eval_interval == 0 or done) \
-                            and self.step not in evaluated and not interrupted:
+                    scheduled = self.step % self.cfg.eval_interval == 0
+                    if (scheduled or done) and self.step not in evaluated and not interrupted:
                         try:
                             self.record_eval(net, view)
                         except EvaluationAbandoned:
                             interrupted = True
+                        # Only scheduled evaluations advance the evaluation streams: one at a
+                        # stop (or one abandoned) draws nothing a resumed run would miss.
+                        if scheduled and not interrupted:
+                            eval_streams = _eval_part(self.batches.state_dict())
+                        else:
+                            self.batches.load_state_dict(
+                                {**self.batches.state_dict(), **eval_streams})
                     if self.step > start and (
                             self.step % self.cfg.checkpoint_interval == 0 or done or interrupted):
                         view.phase("saving")
@@ -574,6 +586,11 @@ class Trainer:
              f"({last}); likely causes: a learning rate too high (train.lr={self.cfg.lr}), "
              f"no gradient clipping (train.grad_clip), or fp16 overflow "
              f"(train.precision={self.precision.name}: try bf16 or fp32)", EXIT_FAILURE)
+
+
+def _eval_part(batch_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The evaluation streams' share of a batch source's state (keys `<kind>.eval.<split>`)."""
+    return {k: v.clone() for k, v in batch_state.items() if ".eval." in f".{k}"}
 
 
 def _flops_per_token(model: torch.nn.Module, recipe: Recipe) -> float | None:

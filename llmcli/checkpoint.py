@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,20 +111,50 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
-def sweep_temp_files(run_dir: Path) -> list[Path]:
-    """Remove what an interrupted atomic write left behind (`.NAME.XXXX.tmp`).
+SAFETENSORS_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # the Rust tempfile crate's names
 
-    Only names `llmcli.files.atomic_path` makes are touched, so nothing of the user's goes.
+
+def sweep_temp_files(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted atomic write left behind.
+
+    Only what the project wrote goes: `.NAME.XXXX.tmp` files and the private directories of
+    `llmcli.files.atomic_path_in_private_dir`, and safetensors' own `.tmpXXXXXX` files (left by
+    runs before those directories) when their header says an llm checkpoint or trainer state.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     swept = []
     for path in run_dir.glob(".*.tmp"):
-        if path.is_file() and not path.is_symlink():
+        if path.is_symlink():
+            continue
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            swept.append(path)
+        elif path.is_dir() and all(p.is_file() and not p.is_symlink() for p in path.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    for path in run_dir.glob(".tmp*"):
+        if (SAFETENSORS_TMP_RE.match(path.name) and path.is_file() and not path.is_symlink()
+                and _header_format(path) in (FORMAT, TRAINER_FORMAT)):
             path.unlink(missing_ok=True)
             swept.append(path)
     return swept
+
+
+def _header_format(path: Path) -> str | None:
+    """The 'format' metadata of a safetensors header, read even when the tensors that follow it
+    were never written; None when the file does not start with such a header."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, RecursionError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta.get("format") if isinstance(meta, dict) else None
 
 
 def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
@@ -547,9 +578,9 @@ def save_model(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
     """Write weights and metadata atomically; values of `meta` are stored as JSON."""
     from safetensors.torch import save_model as st_save_model
 
-    from llmcli.files import atomic_path
+    from llmcli.files import atomic_path_in_private_dir
 
-    with atomic_path(path) as tmp:
+    with atomic_path_in_private_dir(path) as tmp:
         st_save_model(unwrap(model), str(tmp), metadata=_metadata(recipe, meta))
 
 
@@ -557,11 +588,11 @@ def save_adapter(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
     """Write a model's LoRA tensors and metadata atomically (meta holds "lora" and "base")."""
     from safetensors.torch import save_file
 
-    from llmcli.files import atomic_path
+    from llmcli.files import atomic_path_in_private_dir
     from llmcli.model.lora import lora_state_dict
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unwrap(model)).items()}
-    with atomic_path(path) as tmp:
+    with atomic_path_in_private_dir(path) as tmp:
         save_file(tensors, str(tmp), metadata=_metadata(recipe, meta))
 
 
@@ -573,12 +604,12 @@ def save_trainer_state(path: Path, tensors: dict[str, Any], meta: dict[str, Any]
     """Tensors in safetensors, the small non-tensor parts as JSON metadata; atomic."""
     from safetensors.torch import save_file
 
-    from llmcli.files import atomic_path
+    from llmcli.files import atomic_path_in_private_dir
 
     metadata = {"format": TRAINER_FORMAT}
     metadata.update({key: json.dumps(value) for key, value in meta.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path_in_private_dir(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 

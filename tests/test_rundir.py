@@ -1,0 +1,76 @@
+"""Run directories over their life: interrupted writes, branches, runs that depend on each other,
+and readers that race a training run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers_train import one_thread
+
+from llmcli.checkpoint import save_model, sweep_temp_files
+from llmcli.model.gpt import build_model
+from llmcli.recipe import build_recipe
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+MODEL = {"vocab_size": 48, "context_length": 16, "d_model": 32, "num_blocks": 1, "num_heads": 4,
+         "dropout": 0.0}
+
+
+def tiny(**train):
+    return build_recipe({"name": "t", "data": {"vocab": "full", "tokenizer": "bytes"},
+                         "model": dict(MODEL, vocab_size=256), "train": train})
+
+
+# ---------------------------------------------------------------------------------------------
+# A kill during a save
+
+
+KILLED_IN_SAVE = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import safetensors.torch as st
+    sys.path.insert(0, {tests!r})
+    from test_rundir import tiny
+    from llmcli.checkpoint import save_model
+    from llmcli.model.gpt import build_model
+
+    def killed(tensors, filename, metadata=None):
+        # what safetensors does: its own temporary beside the path it was given, then a rename
+        Path(filename).parent.joinpath(".tmpAbC123").write_bytes(b"")
+        os._exit(137)
+    st.serialize_file = killed
+    recipe = tiny()
+    save_model(Path({run!r}) / "step-00000001.safetensors", build_model(recipe.model), recipe)
+""")
+
+
+def test_a_kill_inside_the_safetensors_writer_leaves_only_what_the_sweep_removes(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    script = KILLED_IN_SAVE.format(tests=str(ROOT / "tests"), run=str(run))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, env=ENV,
+                          text=True, timeout=120)
+    assert proc.returncode == 137, proc.stderr
+    assert list(run.iterdir())  # something was left...
+    sweep_temp_files(run)
+    assert list(run.iterdir()) == []  # ...and all of it was the project's to remove
+
+
+def test_safetensors_temporaries_of_older_versions_are_swept_only_when_ours(tmp_path):
+    recipe = tiny()
+    save_model(tmp_path / "w.safetensors", build_model(recipe.model), recipe)
+    ours = tmp_path / ".tmpXy12Z9"
+    data = (tmp_path / "w.safetensors").read_bytes()
+    ours.write_bytes(data[:8 + int.from_bytes(data[:8], "little") + 100])  # killed mid-write
+    foreign = tmp_path / ".tmpQq77Rr"
+    foreign.write_bytes(b"someone else's")
+    swept = sweep_temp_files(tmp_path)
+    assert swept == [ours] and foreign.exists() and (tmp_path / "w.safetensors").exists()

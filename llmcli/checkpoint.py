@@ -170,9 +170,14 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     old = run_files(run_dir)
     if old and not resuming:
         if not overwrite:
+            # --resume is only offered when it would work: otherwise the two messages send the
+            # user back and forth
+            how = ("continue it with --resume, replace it" if resumable_checkpoints(run_dir) else
+                   "it stopped before its first resumable checkpoint, so there is nothing to "
+                   "--resume; replace it")
             fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
-                 f"{old[0].name}); continue it with --resume, replace it with --overwrite, or "
-                 "write this run elsewhere with -o DIR")
+                 f"{old[0].name}); {how} with --overwrite, or write this run elsewhere with "
+                 "-o DIR")
         for path in old:
             path.unlink(missing_ok=True)
     swept = sweep_temp_files(run_dir)
@@ -685,6 +690,11 @@ def resolve_resume(spec: str | Path | bool | None, run_dir: Path) -> Path | None
     if where.is_dir() or spec in (True, "latest", "auto"):
         found = [p for _, p in reversed(step_checkpoints(where))] if where.is_dir() else []
         if not found:
+            left = run_files(where)
+            if left:  # a run killed before its first checkpoint: a fresh start must replace it
+                fail(f"--resume: {where} holds an earlier run that stopped before its first "
+                     f"step checkpoint ({len(left)} files, e.g. {left[0].name}), so there is "
+                     "nothing to resume; start again with --overwrite instead of --resume")
             fail(f"--resume: no resumable checkpoint in {where}; start without --resume or give "
                  "a step-*.safetensors file")
         for path in found:

@@ -10,9 +10,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers_train import one_thread
+from helpers_train import make_project, one_thread
+from typer.testing import CliRunner
 
-from llmcli.checkpoint import save_model, sweep_temp_files
+from llmcli.checkpoint import save_model, step_checkpoints, sweep_temp_files, trainer_path
+from llmcli.cli import app
 from llmcli.model.gpt import build_model
 from llmcli.recipe import build_recipe
 
@@ -22,6 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 MODEL = {"vocab_size": 48, "context_length": 16, "d_model": 32, "num_blocks": 1, "num_heads": 4,
          "dropout": 0.0}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    return make_project(tmp_path, monkeypatch)
+
+
+def llm(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def pretrain(*extra: str):
+    return llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/a", *extra)
 
 
 def tiny(**train):
@@ -74,3 +89,22 @@ def test_safetensors_temporaries_of_older_versions_are_swept_only_when_ours(tmp_
     foreign.write_bytes(b"someone else's")
     swept = sweep_temp_files(tmp_path)
     assert swept == [ours] and foreign.exists() and (tmp_path / "w.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run killed before its first checkpoint
+
+
+def test_a_run_without_a_resumable_checkpoint_is_not_sent_back_and_forth(project):
+    assert pretrain().exit_code == 0
+    run = project / "runs/a"
+    for _, path in step_checkpoints(run):  # as if killed before the first checkpoint
+        trainer_path(path).unlink()
+        path.unlink()
+    fresh = pretrain()
+    assert fresh.exit_code == 2 and "--overwrite" in fresh.stderr
+    assert "continue it with --resume" not in fresh.stderr
+    resumed = pretrain("--resume")
+    assert resumed.exit_code == 2 and "start again with --overwrite" in resumed.stderr
+    assert len(resumed.stderr.strip().splitlines()) == 1
+    assert pretrain("--overwrite").exit_code == 0

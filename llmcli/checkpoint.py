@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmcli.console import fail, first_line, warn
+from llmcli.console import UserError, fail, first_line, warn
 from llmcli.constants import TOKENIZER_VOCAB
 from llmcli.files import Busy, locked
 from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
@@ -44,6 +44,7 @@ MERGED_NAME = "merged.safetensors"
 RUN_FILES = ("metrics.jsonl", "loss.png")  # what a run writes beside its checkpoints
 TOKENIZERS = ("cl100k_base", "bytes")
 MAX_ADAPTER_DEPTH = 8  # an adapter on an adapter on ...: more than this is a loop or an attack
+VANISHED_RETRIES = 5  # picks of a run directory's newest step while a training run prunes it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,11 +230,21 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]
     recipe: Recipe
+    chosen_from: Path | None = None  # the run directory `path` was picked in, if any
 
     @classmethod
     def open(cls, spec: str | Path | None = None, root: Path = CHECKPOINTS_DIR) -> Checkpoint:
         """A file, a run directory (its newest good checkpoint) or nothing (the newest run)."""
-        return cls.read(resolve_checkpoint(spec, root))
+        for attempt in range(VANISHED_RETRIES):
+            path = resolve_checkpoint(spec, root)
+            chosen_from = path.parent if spec is None or Path(spec).is_dir() else None
+            try:
+                return dataclasses.replace(cls.read(path), chosen_from=chosen_from)
+            except UserError:
+                # a training run writing the directory pruned the file after it was picked
+                if chosen_from is None or path.exists() or attempt == VANISHED_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @classmethod
     def read(cls, path: str | Path) -> Checkpoint:
@@ -279,7 +290,27 @@ class Checkpoint:
         return torch.float32
 
     def load(self, device: Any = "cpu", _depth: int = 0) -> Any:
-        """The model in eval mode; an adapter comes back merged into its base."""
+        """The model in eval mode; an adapter comes back merged into its base.
+
+        A step file chosen as a run directory's newest can be pruned by the run still training
+        there before its tensors are read: the then newest one is loaded instead (and `path`,
+        `meta` and `recipe` describe it).
+        """
+        for attempt in range(VANISHED_RETRIES):
+            try:
+                return self._load(device, _depth)
+            except UserError:
+                if self.path.exists():
+                    raise
+                if self.chosen_from is None or attempt == VANISHED_RETRIES - 1:
+                    fail(f"{self.path}: removed while it was being read (a run still training "
+                         "there prunes its older steps); try again, or give a file it keeps "
+                         "such as best.safetensors")
+                newer = Checkpoint.open(self.chosen_from)
+                self.path, self.meta, self.recipe = newer.path, newer.meta, newer.recipe
+        raise AssertionError("unreachable")
+
+    def _load(self, device: Any, _depth: int) -> Any:
         from llmcli.model.gpt import build_model
 
         if self.is_adapter:
@@ -341,6 +372,8 @@ def resolve_checkpoint(spec: str | Path | None, root: Path = CHECKPOINTS_DIR) ->
         problem = damage(newest)
         if problem is None:
             return newest
+        if not newest.exists():  # pruned by a run training there since the listing: list again
+            return resolve_checkpoint(path, root)
         good = next((p for p in candidates[1:] if damage(p) is None), None)
         offer = (f"the newest good one is {good}: pass it instead" if good else
                  "no other checkpoint there is readable")

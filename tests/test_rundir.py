@@ -13,8 +13,15 @@ import pytest
 from helpers_train import make_project, one_thread
 from typer.testing import CliRunner
 
-from llmcli.checkpoint import save_model, step_checkpoints, sweep_temp_files, trainer_path
+from llmcli.checkpoint import (
+    Checkpoint,
+    save_model,
+    step_checkpoints,
+    sweep_temp_files,
+    trainer_path,
+)
 from llmcli.cli import app
+from llmcli.console import UserError
 from llmcli.model.gpt import build_model
 from llmcli.recipe import build_recipe
 
@@ -108,3 +115,48 @@ def test_a_run_without_a_resumable_checkpoint_is_not_sent_back_and_forth(project
     assert resumed.exit_code == 2 and "start again with --overwrite" in resumed.stderr
     assert len(resumed.stderr.strip().splitlines()) == 1
     assert pretrain("--overwrite").exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run directory while a run trains there (and prunes)
+
+
+def two_steps(run: Path) -> None:
+    recipe = tiny()
+    for step in (1, 2):
+        save_model(run / f"step-{step:08d}.safetensors", build_model(recipe.model), recipe,
+                   step=step)
+
+
+def test_a_step_pruned_between_choosing_and_reading_gives_way_to_the_newest(tmp_path):
+    two_steps(tmp_path)
+    ckpt = Checkpoint.open(tmp_path)
+    assert ckpt.meta["step"] == 2
+    (tmp_path / "step-00000002.safetensors").unlink()  # the training run pruned it
+    ckpt.load()
+    assert ckpt.meta["step"] == 1 and ckpt.path.name == "step-00000001.safetensors"
+
+
+def test_a_step_pruned_while_its_metadata_is_read_gives_way_too(tmp_path, monkeypatch):
+    import llmcli.checkpoint as checkpoint
+
+    two_steps(tmp_path)
+    real = checkpoint.damage
+    newest = tmp_path / "step-00000002.safetensors"
+
+    def pruned_after_check(path):
+        problem = real(path)
+        if path == newest and path.exists():
+            path.unlink()
+        return problem
+
+    monkeypatch.setattr(checkpoint, "damage", pruned_after_check)
+    assert Checkpoint.open(tmp_path).meta["step"] == 1
+
+
+def test_a_named_file_that_vanishes_says_so(tmp_path):
+    two_steps(tmp_path)
+    ckpt = Checkpoint.open(tmp_path / "step-00000002.safetensors")
+    (tmp_path / "step-00000002.safetensors").unlink()
+    with pytest.raises(UserError, match="removed while it was being read"):
+        ckpt.load()

@@ -241,8 +241,12 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
             if merge and dist.is_main:
                 if not prep.lora:
                     info("--merge: a full fine-tune's checkpoints are already complete models")
-                elif result.checkpoint is not None:
-                    run.merged = merge_adapter(result.checkpoint, run_dir / MERGED_NAME)
+                else:  # a resume already at its last step wrote nothing: merge what it holds
+                    adapter = result.checkpoint or resume_path
+                    if adapter is None:
+                        fail(f"--merge: {run_dir} has no adapter to merge (no step was "
+                             "trained); raise train.max_iters")
+                    run.merged = merge_adapter(adapter, run_dir / MERGED_NAME)
             return run
     finally:
         distributed.cleanup()

@@ -3,6 +3,7 @@ and readers that race a training run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +11,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from helpers_train import make_project, one_thread
 from typer.testing import CliRunner
 
 from llmcli.checkpoint import (
     Checkpoint,
+    read_metadata,
     save_model,
     step_checkpoints,
     sweep_temp_files,
@@ -22,6 +25,7 @@ from llmcli.checkpoint import (
 )
 from llmcli.cli import app
 from llmcli.console import UserError
+from llmcli.finetune import finetune
 from llmcli.model.gpt import build_model
 from llmcli.recipe import build_recipe
 
@@ -29,6 +33,8 @@ _threads = pytest.fixture(autouse=True)(one_thread)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FT_MODEL = {"vocab_size": 257, "context_length": 48, "d_model": 32, "num_blocks": 1,
+            "num_heads": 4, "dropout": 0.0}
 MODEL = {"vocab_size": 48, "context_length": 16, "d_model": 32, "num_blocks": 1, "num_heads": 4,
          "dropout": 0.0}
 
@@ -49,6 +55,34 @@ def pretrain(*extra: str):
 def tiny(**train):
     return build_recipe({"name": "t", "data": {"vocab": "full", "tokenizer": "bytes"},
                          "model": dict(MODEL, vocab_size=256), "train": train})
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    """A byte-level base checkpoint, as `llm pretrain` would write it, with trainer state."""
+    recipe = build_recipe({"name": "base", "data": {"tokenizer": "bytes"}, "model": FT_MODEL})
+    torch.manual_seed(0)
+    path = tmp_path / "base" / "step-00000010.safetensors"
+    save_model(path, build_model(recipe.model), recipe, tokenizer="bytes", step=10)
+    return path
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Path:
+    data = [{"instruction": f"Colour {i}?", "input": "", "output": "red"} for i in range(40)]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def ft_recipe(base: Path, records: Path, *overrides: str):
+    return build_recipe({
+        "name": "ft", "data": {"source": str(records), "val_fraction": 0.2},
+        "finetune": {"init": str(base), "template": "Q: {instruction}\n{input}\nA: "},
+        "lora": {"rank": 2},
+        "train": {"batch_size": 4, "max_iters": 4, "eval_interval": 2, "eval_iters": 1,
+                  "log_interval": 1, "checkpoint_interval": 2, "precision": "fp32"},
+    }, list(overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,3 +194,16 @@ def test_a_named_file_that_vanishes_says_so(tmp_path):
     (tmp_path / "step-00000002.safetensors").unlink()
     with pytest.raises(UserError, match="removed while it was being read"):
         ckpt.load()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning runs
+
+
+def test_merge_on_a_resume_already_at_its_last_step_merges_the_newest_adapter(
+        base, records, tmp_path):
+    run = tmp_path / "lora"
+    finetune(ft_recipe(base, records), run_dir=run, device="cpu")
+    again = finetune(ft_recipe(base, records), run_dir=run, device="cpu", resume=True, merge=True)
+    assert again.merged == run / "merged.safetensors" and again.merged.exists()
+    assert read_metadata(again.merged)["merged_from"].endswith("step-00000004.safetensors")

@@ -187,11 +187,33 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
              f"{run_dir}")
 
 
+def run_kind(path: Path) -> str:
+    """"finetune" for a step checkpoint `llm finetune` wrote (it stores the prompt template;
+    an adapter names its base), else "pretrain"."""
+    meta = raw_metadata(path)
+    return "finetune" if "template" in meta or "lora" in meta else "pretrain"
+
+
+def check_run_kind(resume: Path, kind: str) -> None:
+    """Refuse to continue one kind of run with the other command: a pretraining resume of a
+    fine-tune drops its template and mixes its metrics; the converse lacks its sampler state."""
+    found = run_kind(resume)
+    if found == kind:
+        return
+    where = resume.parent if resume.parent.name else Path(".")
+    if found == "finetune":
+        fail(f"--resume {resume}: {where} is a fine-tuning run; resume it with llm finetune "
+             "RECIPE --resume, or pretrain into another directory with -o DIR")
+    fail(f"--resume {resume}: {where} is a pretraining run; resume it with llm pretrain RECIPE "
+         f"--resume, or fine-tune from it with finetune.init={resume} and -o DIR")
+
+
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
-                  main: bool = True) -> Iterator[Path | None]:
+                  main: bool = True, kind: str | None = None) -> Iterator[Path | None]:
     """A run directory held for the length of one training run; yields the checkpoint to
-    resume from (None for a fresh run).
+    resume from (None for a fresh run). `kind` ("pretrain" / "finetune"): the command, whose
+    resume must be of a run of its own kind.
 
     One run at a time per directory: two would interleave their metrics and replace each
     other's checkpoints. The process that writes (the main one of a process group) holds a lock
@@ -211,6 +233,8 @@ def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite:
                 fail(f"{run_dir} is in use by another run{by}; wait for it to finish, or write "
                      "this run elsewhere with -o DIR")
         resume_path = resolve_resume(resume, run_dir)
+        if resume_path is not None and kind is not None:
+            check_run_kind(resume_path, kind)
         prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
         yield resume_path
 

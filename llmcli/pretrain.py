@@ -235,7 +235,7 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
     dist, dev = distributed.setup(resolve_device(device))
     try:
         with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
-                           main=dist.is_main) as resume_path:
+                           main=dist.is_main, kind="pretrain") as resume_path:
             recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
             seed_everything(recipe.train.seed)
             model = build_model(recipe.model, dev)

@@ -49,7 +49,12 @@ def llm(*args: str):
 
 
 def pretrain(*extra: str):
-    return llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/a", *extra)
+    return llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/a",
+               "model.vocab_size=257", *extra)  # end-of-text has an id: fine-tunes can use it
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
 
 
 def tiny(**train):
@@ -69,7 +74,7 @@ def base(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def records(tmp_path: Path) -> Path:
-    data = [{"instruction": f"Colour {i}?", "input": "", "output": "red"} for i in range(40)]
+    data = [{"instruction": f"{i}?", "input": "", "output": "red"} for i in range(40)]
     path = tmp_path / "records.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
@@ -207,3 +212,18 @@ def test_merge_on_a_resume_already_at_its_last_step_merges_the_newest_adapter(
     again = finetune(ft_recipe(base, records), run_dir=run, device="cpu", resume=True, merge=True)
     assert again.merged == run / "merged.safetensors" and again.merged.exists()
     assert read_metadata(again.merged)["merged_from"].endswith("step-00000004.safetensors")
+
+
+def test_each_command_resumes_only_its_own_kind_of_run(project, records):
+    assert pretrain().exit_code == 0
+    base = project / "runs/a/step-00000006.safetensors"
+    finetune(ft_recipe(base, records, "lora.rank=0"), run_dir=project / "runs/ft", device="cpu")
+    before = snapshot(project / "runs/ft")
+    wrong = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/ft",
+                "model.vocab_size=257", "--resume", "train.max_iters=9")
+    assert wrong.exit_code == 2 and "runs/ft is a fine-tuning run" in wrong.stderr
+    assert "llm finetune" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+    assert snapshot(project / "runs/ft") == before
+    with pytest.raises(UserError, match="runs/a is a pretraining run; resume it with llm pretrain"):
+        finetune(ft_recipe(base, records, "train.max_iters=9"), run_dir=project / "runs/a",
+                 device="cpu", resume=True)

@@ -103,13 +103,84 @@ def latest_run(root: Path = CHECKPOINTS_DIR) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` step checkpoints (weights and trainer state)."""
+    """Delete all but the newest `keep` step checkpoints (weights and trainer state); a step
+    file another run's adapter names as its base is kept (see `record_dependent`)."""
     removed = []
     for _, path in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        users = dependents(path)
+        if users:
+            if path not in _told_kept:
+                _told_kept.add(path)
+                warn(f"kept {path} beyond train.keep_last: it is the base of the LoRA run "
+                     f"{users[0]}; merge that run (llm finetune --merge {users[0]}) to let it go")
+            continue
         for victim in (trainer_path(path), path):
             victim.unlink(missing_ok=True)
             removed.append(victim)
     return removed
+
+
+_told_kept: set[Path] = set()  # one warning per kept file, not one per checkpoint
+
+
+def _dependent_markers(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.used-by.*"))
+
+
+def record_dependent(base: Path, user_dir: Path) -> None:
+    """Leave `.NAME.used-by.<id>` beside `base`, naming the run directory whose adapters load
+    it: pruning and --overwrite in the base's run then keep the file. One marker per user, so
+    concurrent fine-tunes never rewrite each other's."""
+    import hashlib
+
+    user = str(Path(user_dir).resolve())
+    digest = hashlib.sha256(user.encode()).hexdigest()[:16]
+    marker = base.with_name(f".{base.name}.used-by.{digest}")
+    from llmcli.files import write_text
+
+    try:
+        if not marker.exists():
+            write_text(marker, user + "\n")
+    except (OSError, UserError) as exc:
+        warn(f"{base.parent}: cannot record that {user_dir} uses {base.name} as its base "
+             f"({first_line(exc)}); a run resumed there may prune it (raise train.keep_last)")
+
+
+def dependents(path: Path) -> list[Path]:
+    """The run directories whose adapters still name `path` as their base; markers of runs
+    that are gone or moved on are removed."""
+    users = []
+    for marker in _dependent_markers(path):
+        try:
+            user = Path(marker.read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable: keep the marker, and the file with it
+        if _uses(user, path):
+            users.append(user)
+        else:
+            marker.unlink(missing_ok=True)
+    return users
+
+
+def _uses(user_dir: Path, base: Path) -> bool:
+    """Whether an adapter in `user_dir` names `base` as its base (a run that has not saved
+    one yet is taken to: it is starting, or it failed and is the user's to clear)."""
+    if not user_dir.is_dir():
+        return False
+    target = base.resolve()
+    adapters = step_checkpoints(user_dir)
+    if not adapters:
+        return True
+    for _, adapter in adapters:
+        stored = raw_metadata(adapter).get("base")
+        if stored:
+            try:
+                named = json.loads(stored)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(named, str) and (adapter.parent / named).resolve() == target:
+                return True
+    return False
 
 
 SAFETENSORS_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # the Rust tempfile crate's names
@@ -179,6 +250,12 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
             fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
                  f"{old[0].name}); {how} with --overwrite, or write this run elsewhere with "
                  "-o DIR")
+        for path in old:
+            users = dependents(path) if STEP_RE.match(path.name) else []
+            if users:
+                fail(f"--overwrite: {path} is the base of the LoRA run {users[0]}, which would "
+                     f"break; merge it first (llm finetune --merge {users[0]}) or write this "
+                     "run elsewhere with -o DIR")
         for path in old:
             path.unlink(missing_ok=True)
     swept = sweep_temp_files(run_dir)

@@ -25,6 +25,7 @@ from llmcli.checkpoint import (
     default_run_dir,
     load_model,
     raw_metadata,
+    record_dependent,
     resolve_checkpoint,
     save_adapter,
     save_model,
@@ -204,6 +205,8 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
         except ValueError as exc:
             fail(f"lora: {exc}")
         extra_meta["lora"] = lora_meta(recipe.lora)
+        if main:  # the base's own run must not prune what these adapters load onto
+            record_dependent(base_path, run_dir)
     return Prepared(recipe, model, batches, base_path, extra_meta, lora)
 
 

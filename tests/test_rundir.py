@@ -227,3 +227,18 @@ def test_each_command_resumes_only_its_own_kind_of_run(project, records):
     with pytest.raises(UserError, match="runs/a is a pretraining run; resume it with llm pretrain"):
         finetune(ft_recipe(base, records, "train.max_iters=9"), run_dir=project / "runs/a",
                  device="cpu", resume=True)
+
+
+def test_pruning_and_overwrite_keep_a_step_file_another_runs_adapter_is_based_on(
+        project, records):
+    assert pretrain().exit_code == 0
+    base = project / "runs/a/step-00000003.safetensors"
+    finetune(ft_recipe(base, records), run_dir=project / "runs/lo", device="cpu")
+    resumed = pretrain("train.max_iters=12", "train.keep_last=1", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert [s for s, _ in step_checkpoints(project / "runs/a")] == [3, 12]
+    assert "kept runs/a/step-00000003.safetensors beyond train.keep_last" in resumed.stderr
+    Checkpoint.open(project / "runs/lo").load()  # the adapter still finds its base
+    over = pretrain("--overwrite")
+    assert over.exit_code == 2 and "is the base of the LoRA run" in over.stderr
+    assert base.exists()

@@ -285,6 +285,56 @@ def check_run_kind(resume: Path, kind: str) -> None:
          f"--resume, or fine-tune from it with finetune.init={resume} and -o DIR")
 
 
+def set_aside_newer(run_dir: Path, resume: Path) -> Path | None:
+    """Resuming from an older step of the run in `run_dir` starts a new branch: the old branch's
+    newer steps (and its best and merged weights, if newer) move to `abandoned-<time>/` with a
+    copy of metrics.jsonl, so nothing picks them up as this run's, and nothing is lost.
+
+    Returns that directory, or None when there was nothing newer. A newer step that another
+    run's adapter is based on stays where it is: the branch is refused instead.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or resume.parent.resolve() != run_dir.resolve():
+        return None
+    match = STEP_RE.match(resume.name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    newer = [p for s, p in step_checkpoints(run_dir) if s > step]
+    for name in (BEST_NAME, MERGED_NAME):
+        extra = run_dir / name
+        stored = raw_metadata(extra).get("step") if extra.is_file() else None
+        if stored is not None and stored.isdigit() and int(stored) > step:
+            newer.append(extra)
+    if not newer:
+        return None
+    for path in newer:
+        users = dependents(path) if STEP_RE.match(path.name) else []
+        if users:
+            fail(f"--resume {resume}: the newer {path.name} is the base of the LoRA run "
+                 f"{users[0]}, so this run cannot branch here; resume into another directory "
+                 f"with -o DIR --resume {resume}")
+    import time
+
+    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside = next(run_dir / f"{stamp}{n or ''}" for n in range(1000)
+                 if not (run_dir / f"{stamp}{n or ''}").exists())
+    aside.mkdir()
+    moved = 0
+    for path in newer:
+        for victim in (path, trainer_path(path)):
+            if victim.exists():
+                os.replace(victim, aside / victim.name)
+                moved += 1
+    metrics = run_dir / RUN_FILES[0]
+    if metrics.is_file():  # the new branch drops the records after its step from the original
+        shutil.copy2(metrics, aside / metrics.name)
+    warn(f"--resume {resume.name}: the run had gone on past step {step}; its {moved} newer "
+         f"file(s) ({newer[-1].name}, ...) were moved to {aside} so they are not mixed with "
+         "this branch (delete that folder if unwanted)")
+    return aside
+
+
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
                   main: bool = True, kind: str | None = None) -> Iterator[Path | None]:
@@ -312,6 +362,8 @@ def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite:
         resume_path = resolve_resume(resume, run_dir)
         if resume_path is not None and kind is not None:
             check_run_kind(resume_path, kind)
+        if resume_path is not None and main:
+            set_aside_newer(run_dir, resume_path)
         prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
         yield resume_path
 

@@ -28,6 +28,7 @@ from llmcli.console import UserError
 from llmcli.finetune import finetune
 from llmcli.model.gpt import build_model
 from llmcli.recipe import build_recipe
+from llmcli.train.metrics import read_metrics
 
 _threads = pytest.fixture(autouse=True)(one_thread)
 
@@ -242,3 +243,26 @@ def test_pruning_and_overwrite_keep_a_step_file_another_runs_adapter_is_based_on
     over = pretrain("--overwrite")
     assert over.exit_code == 2 and "is the base of the LoRA run" in over.stderr
     assert base.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming from an older step: a new branch
+
+
+def test_resuming_an_older_step_moves_the_abandoned_branch_aside(project):
+    assert pretrain("train.max_iters=9").exit_code == 0
+    run = project / "runs/a"
+    old = snapshot(run)
+    branch = pretrain("train.max_iters=6", "train.lr=0.01", "--resume",
+                      "runs/a/step-00000003.safetensors")
+    assert branch.exit_code == 0, branch.output
+    assert "moved to runs/a/abandoned-" in branch.stderr
+    # the branch's own steps only: nothing newer than it is left to be picked up
+    assert [s for s, _ in step_checkpoints(run)] == [3, 6]
+    assert Checkpoint.open(run).meta["step"] == 6
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 6
+    # ...and nothing of the old branch is lost
+    (aside,) = [p for p in run.iterdir() if p.is_dir()]
+    assert {"step-00000009.safetensors", "metrics.jsonl"} <= {p.name for p in aside.iterdir()}
+    assert (aside / "step-00000006.safetensors").read_bytes() == old["step-00000006.safetensors"]
+    assert pretrain("train.max_iters=6", "--resume").stderr.count("moved") == 0

@@ -24,12 +24,13 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmcli.console import fail, first_line, warn
+from llmcli.console import UserError, fail, first_line, warn
 from llmcli.constants import TOKENIZER_VOCAB
 from llmcli.files import Busy, locked
 from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
@@ -43,6 +44,7 @@ MERGED_NAME = "merged.safetensors"
 RUN_FILES = ("metrics.jsonl", "loss.png")  # what a run writes beside its checkpoints
 TOKENIZERS = ("cl100k_base", "bytes")
 MAX_ADAPTER_DEPTH = 8  # an adapter on an adapter on ...: more than this is a loop or an attack
+VANISHED_RETRIES = 5  # picks of a run directory's newest step while a training run prunes it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,29 +103,130 @@ def latest_run(root: Path = CHECKPOINTS_DIR) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` step checkpoints (weights and trainer state)."""
+    """Delete all but the newest `keep` step checkpoints (weights and trainer state); a step
+    file another run's adapter names as its base is kept (see `record_dependent`)."""
     removed = []
     for _, path in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        users = dependents(path)
+        if users:
+            if path not in _told_kept:
+                _told_kept.add(path)
+                warn(f"kept {path} beyond train.keep_last: it is the base of the LoRA run "
+                     f"{users[0]}; merge that run (llm finetune --merge {users[0]}) to let it go")
+            continue
         for victim in (trainer_path(path), path):
             victim.unlink(missing_ok=True)
             removed.append(victim)
     return removed
 
 
-def sweep_temp_files(run_dir: Path) -> list[Path]:
-    """Remove what an interrupted atomic write left behind (`.NAME.XXXX.tmp`).
+_told_kept: set[Path] = set()  # one warning per kept file, not one per checkpoint
 
-    Only names `llmcli.files.atomic_path` makes are touched, so nothing of the user's goes.
+
+def _dependent_markers(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.used-by.*"))
+
+
+def record_dependent(base: Path, user_dir: Path) -> None:
+    """Leave `.NAME.used-by.<id>` beside `base`, naming the run directory whose adapters load
+    it: pruning and --overwrite in the base's run then keep the file. One marker per user, so
+    concurrent fine-tunes never rewrite each other's."""
+    import hashlib
+
+    user = str(Path(user_dir).resolve())
+    digest = hashlib.sha256(user.encode()).hexdigest()[:16]
+    marker = base.with_name(f".{base.name}.used-by.{digest}")
+    from llmcli.files import write_text
+
+    try:
+        if not marker.exists():
+            write_text(marker, user + "\n")
+    except (OSError, UserError) as exc:
+        warn(f"{base.parent}: cannot record that {user_dir} uses {base.name} as its base "
+             f"({first_line(exc)}); a run resumed there may prune it (raise train.keep_last)")
+
+
+def dependents(path: Path) -> list[Path]:
+    """The run directories whose adapters still name `path` as their base; markers of runs
+    that are gone or moved on are removed."""
+    users = []
+    for marker in _dependent_markers(path):
+        try:
+            user = Path(marker.read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable: keep the marker, and the file with it
+        if _uses(user, path):
+            users.append(user)
+        else:
+            marker.unlink(missing_ok=True)
+    return users
+
+
+def _uses(user_dir: Path, base: Path) -> bool:
+    """Whether an adapter in `user_dir` names `base` as its base (a run that has not saved
+    one yet is taken to: it is starting, or it failed and is the user's to clear)."""
+    if not user_dir.is_dir():
+        return False
+    target = base.resolve()
+    adapters = step_checkpoints(user_dir)
+    if not adapters:
+        return True
+    for _, adapter in adapters:
+        stored = raw_metadata(adapter).get("base")
+        if stored:
+            try:
+                named = json.loads(stored)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(named, str) and (adapter.parent / named).resolve() == target:
+                return True
+    return False
+
+
+SAFETENSORS_TMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # the Rust tempfile crate's names
+
+
+def sweep_temp_files(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted atomic write left behind.
+
+    Only what the project wrote goes: `.NAME.XXXX.tmp` files and the private directories of
+    `llmcli.files.atomic_path_in_private_dir`, and safetensors' own `.tmpXXXXXX` files (left by
+    runs before those directories) when their header says an llm checkpoint or trainer state.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     swept = []
     for path in run_dir.glob(".*.tmp"):
-        if path.is_file() and not path.is_symlink():
+        if path.is_symlink():
+            continue
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            swept.append(path)
+        elif path.is_dir() and all(p.is_file() and not p.is_symlink() for p in path.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    for path in run_dir.glob(".tmp*"):
+        if (SAFETENSORS_TMP_RE.match(path.name) and path.is_file() and not path.is_symlink()
+                and _header_format(path) in (FORMAT, TRAINER_FORMAT)):
             path.unlink(missing_ok=True)
             swept.append(path)
     return swept
+
+
+def _header_format(path: Path) -> str | None:
+    """The 'format' metadata of a safetensors header, read even when the tensors that follow it
+    were never written; None when the file does not start with such a header."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, RecursionError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta.get("format") if isinstance(meta, dict) else None
 
 
 def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
@@ -139,9 +242,20 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     old = run_files(run_dir)
     if old and not resuming:
         if not overwrite:
+            # --resume is only offered when it would work: otherwise the two messages send the
+            # user back and forth
+            how = ("continue it with --resume, replace it" if resumable_checkpoints(run_dir) else
+                   "it stopped before its first resumable checkpoint, so there is nothing to "
+                   "--resume; replace it")
             fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
-                 f"{old[0].name}); continue it with --resume, replace it with --overwrite, or "
-                 "write this run elsewhere with -o DIR")
+                 f"{old[0].name}); {how} with --overwrite, or write this run elsewhere with "
+                 "-o DIR")
+        for path in old:
+            users = dependents(path) if STEP_RE.match(path.name) else []
+            if users:
+                fail(f"--overwrite: {path} is the base of the LoRA run {users[0]}, which would "
+                     f"break; merge it first (llm finetune --merge {users[0]}) or write this "
+                     "run elsewhere with -o DIR")
         for path in old:
             path.unlink(missing_ok=True)
     swept = sweep_temp_files(run_dir)
@@ -150,11 +264,83 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
              f"{run_dir}")
 
 
+def run_kind(meta: dict[str, Any]) -> str:
+    """"finetune" for a step checkpoint `llm finetune` wrote (it stores the prompt template;
+    an adapter names its base), else "pretrain"."""
+    return "finetune" if "template" in meta or "lora" in meta else "pretrain"
+
+
+def check_run_kind(resume: Path, kind: str, meta: dict[str, Any] | None = None) -> None:
+    """Refuse to continue one kind of run with the other command: a pretraining resume of a
+    fine-tune drops its template and mixes its metrics; the converse lacks its sampler state.
+    `meta`: the checkpoint's metadata when already read."""
+    found = run_kind(raw_metadata(resume) if meta is None else meta)
+    if found == kind:
+        return
+    where = resume.parent if resume.parent.name else Path(".")
+    if found == "finetune":
+        fail(f"--resume {resume}: {where} is a fine-tuning run; resume it with llm finetune "
+             "RECIPE --resume, or pretrain into another directory with -o DIR")
+    fail(f"--resume {resume}: {where} is a pretraining run; resume it with llm pretrain RECIPE "
+         f"--resume, or fine-tune from it with finetune.init={resume} and -o DIR")
+
+
+def set_aside_newer(run_dir: Path, resume: Path) -> Path | None:
+    """Resuming from an older step of the run in `run_dir` starts a new branch: the old branch's
+    newer steps (and its best and merged weights, if newer) move to `abandoned-<time>/` with a
+    copy of metrics.jsonl, so nothing picks them up as this run's, and nothing is lost.
+
+    Returns that directory, or None when there was nothing newer. A newer step that another
+    run's adapter is based on stays where it is: the branch is refused instead.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or resume.parent.resolve() != run_dir.resolve():
+        return None
+    match = STEP_RE.match(resume.name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    newer = [p for s, p in step_checkpoints(run_dir) if s > step]
+    for name in (BEST_NAME, MERGED_NAME):
+        extra = run_dir / name
+        stored = raw_metadata(extra).get("step") if extra.is_file() else None
+        if stored is not None and stored.isdigit() and int(stored) > step:
+            newer.append(extra)
+    if not newer:
+        return None
+    for path in newer:
+        users = dependents(path) if STEP_RE.match(path.name) else []
+        if users:
+            fail(f"--resume {resume}: the newer {path.name} is the base of the LoRA run "
+                 f"{users[0]}, so this run cannot branch here; resume into another directory "
+                 f"with -o DIR --resume {resume}")
+    import time
+
+    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside = next(run_dir / f"{stamp}{n or ''}" for n in range(1000)
+                 if not (run_dir / f"{stamp}{n or ''}").exists())
+    aside.mkdir()
+    moved = 0
+    for path in newer:
+        for victim in (path, trainer_path(path)):
+            if victim.exists():
+                os.replace(victim, aside / victim.name)
+                moved += 1
+    metrics = run_dir / RUN_FILES[0]
+    if metrics.is_file():  # the new branch drops the records after its step from the original
+        shutil.copy2(metrics, aside / metrics.name)
+    warn(f"--resume {resume.name}: the run had gone on past step {step}; its {moved} newer "
+         f"file(s) ({newer[-1].name}, ...) were moved to {aside} so they are not mixed with "
+         "this branch (delete that folder if unwanted)")
+    return aside
+
+
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
-                  main: bool = True) -> Iterator[Path | None]:
+                  main: bool = True, kind: str | None = None) -> Iterator[Path | None]:
     """A run directory held for the length of one training run; yields the checkpoint to
-    resume from (None for a fresh run).
+    resume from (None for a fresh run). `kind` ("pretrain" / "finetune"): the command, whose
+    resume must be of a run of its own kind.
 
     One run at a time per directory: two would interleave their metrics and replace each
     other's checkpoints. The process that writes (the main one of a process group) holds a lock
@@ -174,6 +360,10 @@ def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite:
                 fail(f"{run_dir} is in use by another run{by}; wait for it to finish, or write "
                      "this run elsewhere with -o DIR")
         resume_path = resolve_resume(resume, run_dir)
+        if resume_path is not None and kind is not None:
+            check_run_kind(resume_path, kind)
+        if resume_path is not None and main:
+            set_aside_newer(run_dir, resume_path)
         prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
         yield resume_path
 
@@ -193,11 +383,21 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]
     recipe: Recipe
+    chosen_from: Path | None = None  # the run directory `path` was picked in, if any
 
     @classmethod
     def open(cls, spec: str | Path | None = None, root: Path = CHECKPOINTS_DIR) -> Checkpoint:
         """A file, a run directory (its newest good checkpoint) or nothing (the newest run)."""
-        return cls.read(resolve_checkpoint(spec, root))
+        for attempt in range(VANISHED_RETRIES):
+            path = resolve_checkpoint(spec, root)
+            chosen_from = path.parent if spec is None or Path(spec).is_dir() else None
+            try:
+                return dataclasses.replace(cls.read(path), chosen_from=chosen_from)
+            except UserError:
+                # a training run writing the directory pruned the file after it was picked
+                if chosen_from is None or path.exists() or attempt == VANISHED_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @classmethod
     def read(cls, path: str | Path) -> Checkpoint:
@@ -243,7 +443,27 @@ class Checkpoint:
         return torch.float32
 
     def load(self, device: Any = "cpu", _depth: int = 0) -> Any:
-        """The model in eval mode; an adapter comes back merged into its base."""
+        """The model in eval mode; an adapter comes back merged into its base.
+
+        A step file chosen as a run directory's newest can be pruned by the run still training
+        there before its tensors are read: the then newest one is loaded instead (and `path`,
+        `meta` and `recipe` describe it).
+        """
+        for attempt in range(VANISHED_RETRIES):
+            try:
+                return self._load(device, _depth)
+            except UserError:
+                if self.path.exists():
+                    raise
+                if self.chosen_from is None or attempt == VANISHED_RETRIES - 1:
+                    fail(f"{self.path}: removed while it was being read (a run still training "
+                         "there prunes its older steps); try again, or give a file it keeps "
+                         "such as best.safetensors")
+                newer = Checkpoint.open(self.chosen_from)
+                self.path, self.meta, self.recipe = newer.path, newer.meta, newer.recipe
+        raise AssertionError("unreachable")
+
+    def _load(self, device: Any, _depth: int) -> Any:
         from llmcli.model.gpt import build_model
 
         if self.is_adapter:
@@ -305,6 +525,8 @@ def resolve_checkpoint(spec: str | Path | None, root: Path = CHECKPOINTS_DIR) ->
         problem = damage(newest)
         if problem is None:
             return newest
+        if not newest.exists():  # pruned by a run training there since the listing: list again
+            return resolve_checkpoint(path, root)
         good = next((p for p in candidates[1:] if damage(p) is None), None)
         offer = (f"the newest good one is {good}: pass it instead" if good else
                  "no other checkpoint there is readable")
@@ -574,9 +796,9 @@ def save_model(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
     """Write weights and metadata atomically; values of `meta` are stored as JSON."""
     from safetensors.torch import save_model as st_save_model
 
-    from llmcli.files import atomic_path
+    from llmcli.files import atomic_path_in_private_dir
 
-    with atomic_path(path) as tmp:
+    with atomic_path_in_private_dir(path) as tmp:
         st_save_model(unwrap(model), str(tmp), metadata=_metadata(recipe, meta))
 
 
@@ -584,11 +806,11 @@ def save_adapter(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
     """Write a model's LoRA tensors and metadata atomically (meta holds "lora" and "base")."""
     from safetensors.torch import save_file
 
-    from llmcli.files import atomic_path
+    from llmcli.files import atomic_path_in_private_dir
     from llmcli.model.lora import lora_state_dict
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unwrap(model)).items()}
-    with atomic_path(path) as tmp:
+    with atomic_path_in_private_dir(path) as tmp:
         save_file(tensors, str(tmp), metadata=_metadata(recipe, meta))
 
 
@@ -600,12 +822,12 @@ def save_trainer_state(path: Path, tensors: dict[str, Any], meta: dict[str, Any]
     """Tensors in safetensors, the small non-tensor parts as JSON metadata; atomic."""
     from safetensors.torch import save_file
 
-    from llmcli.files import atomic_path
+    from llmcli.files import atomic_path_in_private_dir
 
     metadata = {"format": TRAINER_FORMAT}
     metadata.update({key: json.dumps(value) for key, value in meta.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path_in_private_dir(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
@@ -681,6 +903,11 @@ def resolve_resume(spec: str | Path | bool | None, run_dir: Path) -> Path | None
     if where.is_dir() or spec in (True, "latest", "auto"):
         found = [p for _, p in reversed(step_checkpoints(where))] if where.is_dir() else []
         if not found:
+            left = run_files(where)
+            if left:  # a run killed before its first checkpoint: a fresh start must replace it
+                fail(f"--resume: {where} holds an earlier run that stopped before its first "
+                     f"step checkpoint ({len(left)} files, e.g. {left[0].name}), so there is "
+                     "nothing to resume; start again with --overwrite instead of --resume")
             fail(f"--resume: no resumable checkpoint in {where}; start without --resume or give "
                  "a step-*.safetensors file")
         for path in found:

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -49,6 +50,32 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path_in_private_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """`atomic_path` for writers that stage files of their own beside the path they are given
+    (safetensors writes `.tmpXXXXXX` and renames it): the path lies in a private directory
+    `.NAME.XXXXXXXX.tmp/`, so a kill at any instant leaves only names the sweep removes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
+                                        dir=target.parent))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from llmcli.console import UserError
+
+        raise UserError(f"{target}: cannot create files in {target.parent} "
+                        f"({(exc.strerror or str(exc)).lower()}); write it elsewhere") from None
+    tmp_path = tmp_dir / target.name
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, FILE_MODE & ~_umask())
+        publish(tmp_path, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

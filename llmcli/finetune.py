@@ -24,11 +24,13 @@ from llmcli.checkpoint import (
     Checkpoint,
     base_reference,
     check_resume_recipe,
+    check_run_kind,
     claim_run_dir,
     default_run_dir,
     load_model,
     raw_metadata,
     read_metadata,
+    record_dependent,
     resolve_checkpoint,
     save_adapter,
     save_model,
@@ -156,10 +158,7 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
     say = info if main else _quiet
     saved = read_metadata(resume) if resume is not None else None
     if saved is not None:
-        if "template" not in saved:
-            fail(f"--resume {resume}: a pretraining run's checkpoint; `llm finetune` resumes "
-                 f"fine-tuning runs only: fine-tune from it with finetune.init={resume} and a "
-                 "new run directory (-o DIR)")
+        check_run_kind(resume, "finetune", saved)
         check_resume_recipe(recipe, saved, resume, RESUME_FIXED)
     base_path = base_checkpoint(recipe, resume)
     model, base_recipe, base_meta, _ = load_model(base_path, "cpu")
@@ -225,6 +224,8 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
         except ValueError as exc:
             fail(f"lora: {exc}")
         extra_meta["lora"] = lora_meta(recipe.lora)
+        if main:  # the base's own run must not prune what these adapters load onto
+            record_dependent(base_path, run_dir)
     return Prepared(recipe, model, batches, base_path, extra_meta, lora)
 
 
@@ -251,7 +252,7 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
     dist, dev = distributed.setup(resolve_device(device))
     try:
         with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
-                           main=dist.is_main) as resume_path:
+                           main=dist.is_main, kind="finetune") as resume_path:
             prep = prepare(recipe, run_dir=run_dir, resume=resume_path, strict=strict,
                            rank=dist.rank, main=dist.is_main)
             total, trainable = count_parameters(prep.model)
@@ -274,8 +275,12 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
             if merge and dist.is_main:
                 if not prep.lora:
                     info("--merge: a full fine-tune's checkpoints are already complete models")
-                elif result.checkpoint is not None:
-                    run.merged = merge_adapter(result.checkpoint, run_dir / MERGED_NAME)
+                else:  # a resume already at its last step wrote nothing: merge what it holds
+                    adapter = result.checkpoint or resume_path
+                    if adapter is None:
+                        fail(f"--merge: {run_dir} has no adapter to merge (no step was "
+                             "trained); raise train.max_iters")
+                    run.merged = merge_adapter(adapter, run_dir / MERGED_NAME)
             return run
     finally:
         distributed.cleanup()

@@ -21,6 +21,7 @@ import torch
 
 from llmcli.checkpoint import (
     check_resume_recipe,
+    check_run_kind,
     claim_run_dir,
     default_run_dir,
     read_metadata,
@@ -188,10 +189,7 @@ def check_resume_data(recipe: Recipe, meta: dict[str, Any], resume: Path) -> Non
     """The tokenizer and vocabulary kind a run was trained with are fixed: its ids mean nothing
     under another, so a recipe asking for others is refused (another corpus is only told, by
     `prepare`, once it is loaded)."""
-    if "template" in meta:
-        fail(f"--resume {resume}: a fine-tuning run's checkpoint; `llm pretrain` resumes "
-             "pretraining runs only: continue it with `llm finetune ... --resume`, or start a "
-             "new run elsewhere (-o DIR)")
+    check_run_kind(resume, "pretrain", meta)
     check_resume_recipe(recipe, meta, resume, RESUME_FIXED)
     theirs = meta.get("tokenizer")
     if theirs is not None and theirs != recipe.data.tokenizer:
@@ -248,7 +246,7 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
     dist, dev = distributed.setup(resolve_device(device))
     try:
         with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
-                           main=dist.is_main) as resume_path:
+                           main=dist.is_main, kind="pretrain") as resume_path:
             recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
             seed_everything(recipe.train.seed)
             model = build_model(recipe.model, dev)

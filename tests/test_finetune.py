@@ -267,7 +267,7 @@ def test_resuming_a_pretraining_run_is_refused(base, records, tmp_path):
     tokens = torch.randint(0, 256, (2000,)).numpy()
     train(recipe, build_model(recipe.model), TokenWindows(tokens, 1800, 2, 48),
           tmp_path / "pre", device="cpu", extra_meta={"tokenizer": "bytes"})
-    with pytest.raises(UserError, match="a pretraining run's checkpoint") as caught:
+    with pytest.raises(UserError, match="is a pretraining run; resume it with") as caught:
         finetune(make_recipe(base, records), run_dir=tmp_path / "pre", device="cpu",
                  resume=True)
     assert caught.value.exit_code == 2

@@ -331,6 +331,6 @@ def test_pretrain_resume_refuses_a_key_it_cannot_honour_naming_it(override):
     with pytest.raises(UserError, match=f"{key} is .* trained with .*; resume with {key}="):
         check_resume_data(build_recipe(tiny_recipe(), [override]), meta,
                           Path("run/step-1.safetensors"))
-    with pytest.raises(UserError, match="a fine-tuning run's checkpoint"):
+    with pytest.raises(UserError, match="is a fine-tuning run; resume it with llm finetune"):
         check_resume_data(saved, {**meta, "template": "Q: {instruction}"},
                           Path("run/step-1.safetensors"))

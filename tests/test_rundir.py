@@ -1,0 +1,268 @@
+"""Run directories over their life: interrupted writes, branches, runs that depend on each other,
+and readers that race a training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_train import make_project, one_thread
+from typer.testing import CliRunner
+
+from llmcli.checkpoint import (
+    Checkpoint,
+    read_metadata,
+    save_model,
+    step_checkpoints,
+    sweep_temp_files,
+    trainer_path,
+)
+from llmcli.cli import app
+from llmcli.console import UserError
+from llmcli.finetune import finetune
+from llmcli.model.gpt import build_model
+from llmcli.recipe import build_recipe
+from llmcli.train.metrics import read_metrics
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FT_MODEL = {"vocab_size": 257, "context_length": 48, "d_model": 32, "num_blocks": 1,
+            "num_heads": 4, "dropout": 0.0}
+MODEL = {"vocab_size": 48, "context_length": 16, "d_model": 32, "num_blocks": 1, "num_heads": 4,
+         "dropout": 0.0}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    return make_project(tmp_path, monkeypatch)
+
+
+def llm(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def pretrain(*extra: str):
+    return llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/a",
+               "model.vocab_size=257", *extra)  # end-of-text has an id: fine-tunes can use it
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def tiny(**train):
+    return build_recipe({"name": "t", "data": {"vocab": "full", "tokenizer": "bytes"},
+                         "model": dict(MODEL, vocab_size=256), "train": train})
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    """A byte-level base checkpoint, as `llm pretrain` would write it, with trainer state."""
+    recipe = build_recipe({"name": "base", "data": {"tokenizer": "bytes"}, "model": FT_MODEL})
+    torch.manual_seed(0)
+    path = tmp_path / "base" / "step-00000010.safetensors"
+    save_model(path, build_model(recipe.model), recipe, tokenizer="bytes", step=10)
+    return path
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Path:
+    data = [{"instruction": f"{i}?", "input": "", "output": "red"} for i in range(40)]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def ft_recipe(base: Path, records: Path, *overrides: str):
+    return build_recipe({
+        "name": "ft", "data": {"source": str(records), "val_fraction": 0.2},
+        "finetune": {"init": str(base), "template": "Q: {instruction}\n{input}\nA: "},
+        "lora": {"rank": 2},
+        "train": {"batch_size": 4, "max_iters": 4, "eval_interval": 2, "eval_iters": 1,
+                  "log_interval": 1, "checkpoint_interval": 2, "precision": "fp32"},
+    }, list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# A kill during a save
+
+
+KILLED_IN_SAVE = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import safetensors.torch as st
+    sys.path.insert(0, {tests!r})
+    from test_rundir import tiny
+    from llmcli.checkpoint import save_model
+    from llmcli.model.gpt import build_model
+
+    def killed(tensors, filename, metadata=None):
+        # what safetensors does: its own temporary beside the path it was given, then a rename
+        Path(filename).parent.joinpath(".tmpAbC123").write_bytes(b"")
+        os._exit(137)
+    st.serialize_file = killed
+    recipe = tiny()
+    save_model(Path({run!r}) / "step-00000001.safetensors", build_model(recipe.model), recipe)
+""")
+
+
+def test_a_kill_inside_the_safetensors_writer_leaves_only_what_the_sweep_removes(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    script = KILLED_IN_SAVE.format(tests=str(ROOT / "tests"), run=str(run))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, env=ENV,
+                          text=True, timeout=120)
+    assert proc.returncode == 137, proc.stderr
+    assert list(run.iterdir())  # something was left...
+    sweep_temp_files(run)
+    assert list(run.iterdir()) == []  # ...and all of it was the project's to remove
+
+
+def test_safetensors_temporaries_of_older_versions_are_swept_only_when_ours(tmp_path):
+    recipe = tiny()
+    save_model(tmp_path / "w.safetensors", build_model(recipe.model), recipe)
+    ours = tmp_path / ".tmpXy12Z9"
+    data = (tmp_path / "w.safetensors").read_bytes()
+    ours.write_bytes(data[:8 + int.from_bytes(data[:8], "little") + 100])  # killed mid-write
+    foreign = tmp_path / ".tmpQq77Rr"
+    foreign.write_bytes(b"someone else's")
+    swept = sweep_temp_files(tmp_path)
+    assert swept == [ours] and foreign.exists() and (tmp_path / "w.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run killed before its first checkpoint
+
+
+def test_a_run_without_a_resumable_checkpoint_is_not_sent_back_and_forth(project):
+    assert pretrain().exit_code == 0
+    run = project / "runs/a"
+    for _, path in step_checkpoints(run):  # as if killed before the first checkpoint
+        trainer_path(path).unlink()
+        path.unlink()
+    fresh = pretrain()
+    assert fresh.exit_code == 2 and "--overwrite" in fresh.stderr
+    assert "continue it with --resume" not in fresh.stderr
+    resumed = pretrain("--resume")
+    assert resumed.exit_code == 2 and "start again with --overwrite" in resumed.stderr
+    assert len(resumed.stderr.strip().splitlines()) == 1
+    assert pretrain("--overwrite").exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run directory while a run trains there (and prunes)
+
+
+def two_steps(run: Path) -> None:
+    recipe = tiny()
+    for step in (1, 2):
+        save_model(run / f"step-{step:08d}.safetensors", build_model(recipe.model), recipe,
+                   step=step)
+
+
+def test_a_step_pruned_between_choosing_and_reading_gives_way_to_the_newest(tmp_path):
+    two_steps(tmp_path)
+    ckpt = Checkpoint.open(tmp_path)
+    assert ckpt.meta["step"] == 2
+    (tmp_path / "step-00000002.safetensors").unlink()  # the training run pruned it
+    ckpt.load()
+    assert ckpt.meta["step"] == 1 and ckpt.path.name == "step-00000001.safetensors"
+
+
+def test_a_step_pruned_while_its_metadata_is_read_gives_way_too(tmp_path, monkeypatch):
+    import llmcli.checkpoint as checkpoint
+
+    two_steps(tmp_path)
+    real = checkpoint.damage
+    newest = tmp_path / "step-00000002.safetensors"
+
+    def pruned_after_check(path):
+        problem = real(path)
+        if path == newest and path.exists():
+            path.unlink()
+        return problem
+
+    monkeypatch.setattr(checkpoint, "damage", pruned_after_check)
+    assert Checkpoint.open(tmp_path).meta["step"] == 1
+
+
+def test_a_named_file_that_vanishes_says_so(tmp_path):
+    two_steps(tmp_path)
+    ckpt = Checkpoint.open(tmp_path / "step-00000002.safetensors")
+    (tmp_path / "step-00000002.safetensors").unlink()
+    with pytest.raises(UserError, match="removed while it was being read"):
+        ckpt.load()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning runs
+
+
+def test_merge_on_a_resume_already_at_its_last_step_merges_the_newest_adapter(
+        base, records, tmp_path):
+    run = tmp_path / "lora"
+    finetune(ft_recipe(base, records), run_dir=run, device="cpu")
+    again = finetune(ft_recipe(base, records), run_dir=run, device="cpu", resume=True, merge=True)
+    assert again.merged == run / "merged.safetensors" and again.merged.exists()
+    assert read_metadata(again.merged)["merged_from"].endswith("step-00000004.safetensors")
+
+
+def test_each_command_resumes_only_its_own_kind_of_run(project, records):
+    assert pretrain().exit_code == 0
+    base = project / "runs/a/step-00000006.safetensors"
+    finetune(ft_recipe(base, records, "lora.rank=0"), run_dir=project / "runs/ft", device="cpu")
+    before = snapshot(project / "runs/ft")
+    wrong = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "runs/ft",
+                "model.vocab_size=257", "--resume", "train.max_iters=9")
+    assert wrong.exit_code == 2 and "runs/ft is a fine-tuning run" in wrong.stderr
+    assert "llm finetune" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+    assert snapshot(project / "runs/ft") == before
+    with pytest.raises(UserError, match="runs/a is a pretraining run; resume it with llm pretrain"):
+        finetune(ft_recipe(base, records, "train.max_iters=9"), run_dir=project / "runs/a",
+                 device="cpu", resume=True)
+
+
+def test_pruning_and_overwrite_keep_a_step_file_another_runs_adapter_is_based_on(
+        project, records):
+    assert pretrain().exit_code == 0
+    base = project / "runs/a/step-00000003.safetensors"
+    finetune(ft_recipe(base, records), run_dir=project / "runs/lo", device="cpu")
+    resumed = pretrain("train.max_iters=12", "train.keep_last=1", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert [s for s, _ in step_checkpoints(project / "runs/a")] == [3, 12]
+    assert "kept runs/a/step-00000003.safetensors beyond train.keep_last" in resumed.stderr
+    Checkpoint.open(project / "runs/lo").load()  # the adapter still finds its base
+    over = pretrain("--overwrite")
+    assert over.exit_code == 2 and "is the base of the LoRA run" in over.stderr
+    assert base.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming from an older step: a new branch
+
+
+def test_resuming_an_older_step_moves_the_abandoned_branch_aside(project):
+    assert pretrain("train.max_iters=9").exit_code == 0
+    run = project / "runs/a"
+    old = snapshot(run)
+    branch = pretrain("train.max_iters=6", "train.lr=0.01", "--resume",
+                      "runs/a/step-00000003.safetensors")
+    assert branch.exit_code == 0, branch.output
+    assert "moved to runs/a/abandoned-" in branch.stderr
+    # the branch's own steps only: nothing newer than it is left to be picked up
+    assert [s for s, _ in step_checkpoints(run)] == [3, 6]
+    assert Checkpoint.open(run).meta["step"] == 6
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 6
+    # ...and nothing of the old branch is lost
+    (aside,) = [p for p in run.iterdir() if p.is_dir()]
+    assert {"step-00000009.safetensors", "metrics.jsonl"} <= {p.name for p in aside.iterdir()}
+    assert (aside / "step-00000006.safetensors").read_bytes() == old["step-00000006.safetensors"]
+    assert pretrain("train.max_iters=6", "--resume").stderr.count("moved") == 0

@@ -126,22 +126,31 @@ def sweep_temp_files(run_dir: Path) -> list[Path]:
     return swept
 
 
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, main: bool = True) -> None:
     """Refuse to mix a new run with an earlier one; sweep stale temporary files.
 
     Without `--resume` a directory holding another run's checkpoints is refused (exit 2): the
     new run would truncate its metrics, replace its best weights, and a later `--resume` would
-    pick the old run's higher-step files. `--overwrite` deletes that run first.
+    pick the old run's higher-step files. `--overwrite` deletes that run first. Metrics and a
+    plot alone are a start that failed before its first checkpoint: nothing there can be
+    resumed (`--resume` finds nothing), so refusing would leave no way but `--overwrite`; the
+    new run replaces them, and says so.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         fail(f"{run_dir}: exists and is not a directory; give -o a directory for the run")
     old = run_files(run_dir)
     if old and not resuming:
-        if not overwrite:
+        started_only = all(p.name in RUN_FILES for p in old)
+        if not overwrite and not started_only:
+            resumable = bool(step_checkpoints(run_dir))  # what --resume looks for
+            fix = ("continue it with --resume, replace it with --overwrite" if resumable else
+                   "it saved no step checkpoint to continue from: replace it with --overwrite")
             fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
-                 f"{old[0].name}); continue it with --resume, replace it with --overwrite, or "
-                 "write this run elsewhere with -o DIR")
+                 f"{old[0].name}); {fix}, or write this run elsewhere with -o DIR")
+        if started_only and not overwrite and main:
+            warn(f"{run_dir}: replacing {' and '.join(p.name for p in old)} of an earlier start "
+                 "that stopped before saving a checkpoint")
         for path in old:
             path.unlink(missing_ok=True)
     swept = sweep_temp_files(run_dir)
@@ -174,7 +183,8 @@ def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite:
                 fail(f"{run_dir} is in use by another run{by}; wait for it to finish, or write "
                      "this run elsewhere with -o DIR")
         resume_path = resolve_resume(resume, run_dir)
-        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
+        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite,
+                        main=main)
         yield resume_path
 
 

@@ -169,6 +169,16 @@ def test_lora_resume_is_exact(base, records, tmp_path):
         finetune(make_recipe(base, records, *overrides), run_dir=tmp_path / "b", device="cpu")
 
 
+@pytest.mark.parametrize("lora", ["lora.rank=0", "lora.rank=2"])
+def test_dropout_near_one_fine_tunes(base, records, tmp_path, lora):
+    """model.dropout and lora.dropout take all of [0, 1): 0.99999 once divided by zero."""
+    run = finetune(make_recipe(base, records, lora, "model.dropout=0.99999",
+                               "lora.dropout=0.99999", "train.max_iters=2"),
+                   run_dir=tmp_path / "run", device="cpu")
+    assert run.result.step == 2
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.result.losses.values())
+
+
 def test_vocabulary_without_end_of_text_ends_answers_with_stop_text(tmp_path, records):
     recipe = build_recipe({"name": "small", "data": {"tokenizer": "bytes"},
                            "model": {**MODEL, "vocab_size": 256}})

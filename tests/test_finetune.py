@@ -179,6 +179,13 @@ def test_dropout_near_one_fine_tunes(base, records, tmp_path, lora):
     assert all(torch.isfinite(torch.tensor(v)) for v in run.result.losses.values())
 
 
+def test_the_largest_documented_seed_fine_tunes(base, records, tmp_path):
+    run = finetune(make_recipe(base, records, f"train.seed={2**63 - 1}", "lora.rank=2",
+                               "lora.dropout=0.1", "train.max_iters=2"),
+                   run_dir=tmp_path / "run", device="cpu")
+    assert run.result.step == 2
+
+
 def test_vocabulary_without_end_of_text_ends_answers_with_stop_text(tmp_path, records):
     recipe = build_recipe({"name": "small", "data": {"tokenizer": "bytes"},
                            "model": {**MODEL, "vocab_size": 256}})

@@ -29,6 +29,12 @@ def llm(*args: str):
     return runner.invoke(app, list(args))
 
 
+def test_the_largest_documented_seed_trains(project):
+    result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=2",
+                 f"train.seed={2**63 - 1}")
+    assert result.exit_code == 0, result.output
+
+
 def test_trains_into_the_default_run_directory(project):
     result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens")
     assert result.exit_code == 0, result.output

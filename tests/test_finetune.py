@@ -186,6 +186,22 @@ def test_the_largest_documented_seed_fine_tunes(base, records, tmp_path):
     assert run.result.step == 2
 
 
+def test_a_base_whose_loss_is_not_finite_is_named_before_any_training(base, records,
+                                                                      tmp_path):
+    """Finite weights so large that the logits overflow even fp32: the base is the cause."""
+    model, recipe, meta, _ = load_model(base)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(3e38)  # finite, below fp32's largest; its sums are not
+    huge = tmp_path / "huge" / "step-00000010.safetensors"
+    save_model(huge, model, recipe, tokenizer="bytes", step=10)
+    with pytest.raises(UserError) as info:
+        finetune(make_recipe(huge, records, "lora.rank=2"), run_dir=tmp_path / "run",
+                 device="cpu")
+    message = str(info.value)
+    assert "before any training" in message and f"the base checkpoint {huge}" in message
+    assert "fp16" not in message and "init_std" not in message and "train.lr" not in message
+
+
 def test_vocabulary_without_end_of_text_ends_answers_with_stop_text(tmp_path, records):
     recipe = build_recipe({"name": "small", "data": {"tokenizer": "bytes"},
                            "model": {**MODEL, "vocab_size": 256}})

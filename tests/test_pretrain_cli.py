@@ -35,6 +35,21 @@ def test_the_largest_documented_seed_trains(project):
     assert result.exit_code == 0, result.output
 
 
+def test_a_model_that_overflows_from_the_start_is_one_line_and_leaves_no_run(project):
+    """fp16 with model.init_std=10: "Step: 0 Training Loss: nan" was printed as a normal line,
+    a step was taken, and the error blamed the learning rate and clipping."""
+    bad = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.precision=fp16",
+              "model.init_std=10", "model.activation=swiglu")
+    assert bad.exit_code == 1, bad.output
+    assert "Step: 0" not in bad.stderr and "Traceback" not in bad.output
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the loss of the model before any training is nan")
+    assert "model.init_std=10" in last and "train.precision=fp16" in last
+    again = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=3")
+    assert again.exit_code == 0, again.output
+    assert "warning" not in again.stderr
+
+
 def test_trains_into_the_default_run_directory(project):
     result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens")
     assert result.exit_code == 0, result.output

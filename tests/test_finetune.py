@@ -202,6 +202,15 @@ def test_a_base_whose_loss_is_not_finite_is_named_before_any_training(base, reco
     assert "fp16" not in message and "init_std" not in message and "train.lr" not in message
 
 
+def test_a_warmup_as_long_as_the_run_is_warned(base, records, tmp_path, capsys):
+    finetune(make_recipe(base, records, "lora.rank=2", "train.max_iters=2",
+                         "train.warmup_iters=50", "train.lr_schedule=cosine"),
+             run_dir=tmp_path / "run", device="cpu")
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if "train.warmup_iters" in line]
+    assert len(warnings) == 1 and "is not below the run's 2 steps" in warnings[0]
+
+
 def test_vocabulary_without_end_of_text_ends_answers_with_stop_text(tmp_path, records):
     recipe = build_recipe({"name": "small", "data": {"tokenizer": "bytes"},
                            "model": {**MODEL, "vocab_size": 256}})

@@ -137,6 +137,23 @@ def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
     assert report["chinchilla_tokens"] == pytest.approx(20 * report["params"])
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_warmup_as_long_as_the_run_is_warned_once_by_the_run_and_the_dry_run(project,
+                                                                               schedule):
+    """max_iters=6 with warmup_iters=100 was accepted silently: the peak lr is never reached."""
+    args = ("pretrain", "mini.yaml", "data.source=corpus.tokens", f"train.lr_schedule={schedule}",
+            "train.warmup_iters=100")
+    for extra in (("--dry-run",), ()):
+        result = llm(*args, *extra)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1, result.stderr
+        assert "train.warmup_iters=100 is not below the run's 6 steps" in warnings[0]
+        assert ("cosine decay never starts" in warnings[0]) == (schedule == "cosine")
+    quiet = llm(*args[:-1], "train.warmup_iters=5", "--dry-run")
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+
+
 def test_keys_lists_every_recipe_key_with_default_and_doc():
     result = llm("pretrain", "--keys", "--json")
     assert result.exit_code == 0

@@ -297,6 +297,23 @@ def test_cosine_schedule_warms_up_and_decays_to_the_floor():
     assert {lr_at(s, constant) for s in (0, 5, 10_000)} == {2e-3}
 
 
+def test_warmup_problem_says_when_the_peak_is_never_trained_at():
+    from llmcli.train.schedule import warmup_problem
+
+    def cfg(**train):
+        return build_recipe({"train": {"lr": 1e-3, "max_iters": 10, **train}}).train
+
+    assert warmup_problem(cfg(warmup_iters=9), 10) is None
+    assert warmup_problem(cfg(warmup_iters=0), 10) is None
+    at_end = warmup_problem(cfg(warmup_iters=10), 10)
+    assert at_end is not None and "reaches train.lr only at its last step" in at_end
+    short = warmup_problem(cfg(warmup_iters=40, lr_schedule="cosine"), 10)
+    assert short is not None and "ends at 0.00025, below its peak train.lr=0.001" in short
+    assert "cosine decay never starts" in short and "(train.max_iters)" in short
+    tokens = warmup_problem(cfg(warmup_iters=5, max_tokens=256), 4)  # max_tokens ends it
+    assert tokens is not None and "the run's 4 steps (train.max_tokens)" in tokens
+
+
 def test_tensorboard_missing_is_a_warning_not_a_failure(tmp_path, capsys):
     recipe, model, batches = setup(max_iters=2, tracker="tensorboard", eval_interval=10)
     train(recipe, model, batches, tmp_path, device="cpu")

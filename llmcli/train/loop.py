@@ -70,7 +70,7 @@ from llmcli.train import distributed, state
 from llmcli.train.allocator import keep_freed_memory
 from llmcli.train.metrics import Metrics
 from llmcli.train.precision import Precision, enable_fast_matmul, resolve_precision
-from llmcli.train.schedule import lr_at
+from llmcli.train.schedule import lr_at, warmup_problem
 
 SaveWeights = Callable[[Path, Any, dict], None]
 DEFAULT_INIT_STD: float = ModelConfig.init_std
@@ -481,6 +481,9 @@ class Trainer:
         else:
             state.seed_everything(self.cfg.seed + self.dist.rank)
         start = self.step
+        problem = warmup_problem(self.cfg, self.total)
+        if problem and self.main:
+            warn(problem)
         self.metrics.start(start)
         model.train()
         stop = self.stop

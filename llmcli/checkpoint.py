@@ -229,19 +229,23 @@ def _header_format(path: Path) -> str | None:
     return meta.get("format") if isinstance(meta, dict) else None
 
 
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, main: bool = True) -> None:
     """Refuse to mix a new run with an earlier one; sweep stale temporary files.
 
     Without `--resume` a directory holding another run's checkpoints is refused (exit 2): the
     new run would truncate its metrics, replace its best weights, and a later `--resume` would
-    pick the old run's higher-step files. `--overwrite` deletes that run first.
+    pick the old run's higher-step files. `--overwrite` deletes that run first. Metrics and a
+    plot alone are a start that failed before its first checkpoint: nothing there can be
+    resumed (`--resume` finds nothing), so refusing would leave no way but `--overwrite`; the
+    new run replaces them, and says so.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         fail(f"{run_dir}: exists and is not a directory; give -o a directory for the run")
     old = run_files(run_dir)
     if old and not resuming:
-        if not overwrite:
+        started_only = all(p.name in RUN_FILES for p in old)
+        if not overwrite and not started_only:
             # --resume is only offered when it would work: otherwise the two messages send the
             # user back and forth
             how = ("continue it with --resume, replace it" if resumable_checkpoints(run_dir) else
@@ -250,6 +254,9 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
             fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
                  f"{old[0].name}); {how} with --overwrite, or write this run elsewhere with "
                  "-o DIR")
+        if started_only and not overwrite and main:
+            warn(f"{run_dir}: replacing {' and '.join(p.name for p in old)} of an earlier start "
+                 "that stopped before saving a checkpoint")
         for path in old:
             users = dependents(path) if STEP_RE.match(path.name) else []
             if users:
@@ -364,7 +371,8 @@ def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite:
             check_run_kind(resume_path, kind)
         if resume_path is not None and main:
             set_aside_newer(run_dir, resume_path)
-        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
+        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite,
+                        main=main)
         yield resume_path
 
 

@@ -270,7 +270,7 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
 
             result = train(prep.recipe, prep.model, prep.batches, run_dir, device=dev,
                            resume=resume_path, save_weights=save_weights,
-                           extra_meta=prep.extra_meta)
+                           extra_meta=prep.extra_meta, base=prep.base)
             run = FinetuneRun(result, run_dir, prep.base, trainable, total, prep.lora)
             if merge and dist.is_main:
                 if not prep.lora:

@@ -317,6 +317,7 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
     from llmcli.model.gpt import build_model
     from llmcli.scaling import chinchilla_tokens
     from llmcli.train.loop import total_steps
+    from llmcli.train.schedule import warmup_problem
     from llmcli.train.state import seed_everything
 
     dev = resolve_device(device)
@@ -327,6 +328,9 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
     batches = make_batches(recipe, corpus)
     tokens_per_step = batches.tokens_per_batch * recipe.train.grad_accum
     steps = total_steps(recipe.train, tokens_per_step)
+    problem = warmup_problem(recipe.train, steps)
+    if problem:
+        warn(problem)
     seconds = measure_step_time(recipe, model, batches, dev, measure_steps)
     return DryRun(
         rows=recipe.rows(), params=total, trainable=trainable,

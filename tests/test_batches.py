@@ -61,6 +61,41 @@ def test_ranks_draw_different_windows_and_seeds_repeat():
     assert not torch.equal(x0, x1)
 
 
+MAX_SEED = 2**63 - 1  # train.seed's documented top
+
+
+def test_every_documented_seed_makes_generators_and_earlier_seeds_keep_their_streams():
+    """seed * 1_000_003 overflowed torch's 64 bits for train.seed near 2^63 ("Overflow when
+    unpacking long long", blamed on the token file); seeds that fitted draw as before."""
+    from llmcli.data.batches import STREAMS, seeded_generators
+
+    tokens = np.arange(50_000, dtype=np.uint32)
+    for rank in (0, 3):
+        top = _windows(tokens, seed=MAX_SEED, rank=rank)
+        assert top.get_batch("train")[0].shape == (8, 16)
+    for seed, rank in ((0, 0), (1337, 1), (2**44, 7)):  # 2^44 * 1_000_003 is above 2^63
+        for name, gen in seeded_generators(seed, rank).items():
+            raw = torch.Generator()
+            raw.manual_seed(seed * 1_000_003 + rank * 7919 + STREAMS[name])
+            assert torch.equal(gen.get_state(), raw.get_state())
+
+
+def test_seed_everything_takes_any_derived_seed_and_keeps_the_ones_that_fitted():
+    import random
+
+    from llmcli.train.state import seed_everything
+
+    seed_everything(MAX_SEED + 5 + 1_000_003 * 10**7)  # a rank's resume seed at the top
+    for seed in (1337, MAX_SEED + 2):  # above 2^63: torch took it, as unsigned
+        seed_everything(seed)
+        ours = (torch.initial_seed(), torch.rand(3), np.random.rand(), random.random())
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        assert ours[0] == torch.initial_seed() and torch.equal(ours[1], torch.rand(3))
+        assert ours[2:] == (np.random.rand(), random.random())
+
+
 def test_compact_lookup_maps_ids_and_unknowns():
     vocab_ids = np.array([5, 9, 100], dtype=np.int64)
     table = dense_lookup(vocab_ids, unknown_id=3, max_id=120)

@@ -339,6 +339,46 @@ def test_resume_refuses_another_tokenizer_or_vocabulary_and_tells_of_another_cor
     assert again.exit_code == 0 and "the corpus is not" not in again.stderr
 
 
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_rerun(project,
+                                                                                monkeypatch):
+    """A failure after the step-0 evaluation left metrics.jsonl and loss.png; the rerun was
+    refused as "an earlier run", and --resume found nothing to continue."""
+    from llmcli.train.loop import Trainer
+
+    def broken(self, model):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", broken)
+        assert pretrain().exit_code == 1
+    run = project / "checkpoints" / "mini"
+    assert sorted(p.name for p in run.iterdir()) == ["loss.png", "metrics.jsonl"]
+    again = pretrain()
+    assert again.exit_code == 0, again.output
+    assert "replacing metrics.jsonl and loss.png of an earlier start" in again.stderr
+    assert [s for s, _ in step_checkpoints(run)] == [3, 6]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text()
+            .splitlines()][0] == 0
+
+
+def test_an_earlier_run_without_step_checkpoints_is_not_offered_to_resume(project):
+    run = project / "checkpoints" / "mini"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "eval", "step": 3}\n')
+    (run / "best.safetensors").write_bytes(b"trained weights")  # worth keeping: refused
+    result = pretrain()
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "so there is nothing to --resume; replace it with --overwrite" in result.stderr
+    assert "continue it with --resume" not in result.stderr
+    assert (run / "best.safetensors").read_bytes() == b"trained weights"
+
+
+def test_dropout_near_one_trains(project):
+    """model.dropout=0.99999 (in range) rounded to a 15-bit threshold of 1 and divided by 0."""
+    result = pretrain("train.max_iters=3", "model.dropout=0.99999")
+    assert result.exit_code == 0, result.output
+
+
 def test_an_empty_metrics_file_is_not_a_run(project):
     (project / "checkpoints" / "mini").mkdir(parents=True)
     (project / "checkpoints" / "mini" / "metrics.jsonl").touch()  # a start stopped early

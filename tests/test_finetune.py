@@ -170,6 +170,48 @@ def test_lora_resume_is_exact(base, records, tmp_path):
         finetune(make_recipe(base, records, *overrides), run_dir=tmp_path / "b", device="cpu")
 
 
+@pytest.mark.parametrize("lora", ["lora.rank=0", "lora.rank=2"])
+def test_dropout_near_one_fine_tunes(base, records, tmp_path, lora):
+    """model.dropout and lora.dropout take all of [0, 1): 0.99999 once divided by zero."""
+    run = finetune(make_recipe(base, records, lora, "model.dropout=0.99999",
+                               "lora.dropout=0.99999", "train.max_iters=2"),
+                   run_dir=tmp_path / "run", device="cpu")
+    assert run.result.step == 2
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.result.losses.values())
+
+
+def test_the_largest_documented_seed_fine_tunes(base, records, tmp_path):
+    run = finetune(make_recipe(base, records, f"train.seed={2**63 - 1}", "lora.rank=2",
+                               "lora.dropout=0.1", "train.max_iters=2"),
+                   run_dir=tmp_path / "run", device="cpu")
+    assert run.result.step == 2
+
+
+def test_a_base_whose_loss_is_not_finite_is_named_before_any_training(base, records,
+                                                                      tmp_path):
+    """Finite weights so large that the logits overflow even fp32: the base is the cause."""
+    model, recipe, meta, _ = load_model(base)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(3e38)  # finite, below fp32's largest; its sums are not
+    huge = tmp_path / "huge" / "step-00000010.safetensors"
+    save_model(huge, model, recipe, tokenizer="bytes", step=10)
+    with pytest.raises(UserError) as info:
+        finetune(make_recipe(huge, records, "lora.rank=2"), run_dir=tmp_path / "run",
+                 device="cpu")
+    message = str(info.value)
+    assert "before any training" in message and f"the base checkpoint {huge}" in message
+    assert "fp16" not in message and "init_std" not in message and "train.lr" not in message
+
+
+def test_a_warmup_as_long_as_the_run_is_warned(base, records, tmp_path, capsys):
+    finetune(make_recipe(base, records, "lora.rank=2", "train.max_iters=2",
+                         "train.warmup_iters=50", "train.lr_schedule=cosine"),
+             run_dir=tmp_path / "run", device="cpu")
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if "train.warmup_iters" in line]
+    assert len(warnings) == 1 and "is not below the run's 2 steps" in warnings[0]
+
+
 def test_vocabulary_without_end_of_text_ends_answers_with_stop_text(tmp_path, records):
     recipe = build_recipe({"name": "small", "data": {"tokenizer": "bytes"},
                            "model": {**MODEL, "vocab_size": 256}})

@@ -237,6 +237,39 @@ def test_cpu_dropout_keeps_the_expectation_and_routes_gradients_through_the_mask
     assert torch.equal(a, fast_dropout(x.detach(), 0.3, training=True))  # seeded: exact resumes
 
 
+@pytest.mark.parametrize("p", [1e-5, 5e-4, 0.9999, 0.99999, 0.999999])
+def test_cpu_dropout_is_right_at_rates_15_bits_cannot_represent(p):
+    """0.99999 rounded to a threshold of 32768/32768 (keep nothing, then divide by zero) and
+    1e-5 to 0 (drop nothing): such rates take the exact path, and drop at their own rate."""
+    from llmcli.model.gpt import fast_dropout, mask_threshold
+
+    assert mask_threshold(p) is None
+    torch.manual_seed(0)
+    x = torch.ones(2_000_000)
+    y = fast_dropout(x, p, training=True)
+    assert torch.isfinite(y).all()
+    dropped = (y == 0).float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / x.numel())
+    assert abs(dropped - p) < 5 * sigma + 1e-7
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+
+
+def test_cpu_dropout_masks_of_ordinary_rates_are_the_15_bit_ones_as_before():
+    """Runs saved before the exact fallback resume bit-exactly: the same threshold and scale."""
+    from llmcli.model.gpt import fast_dropout, mask_threshold
+
+    x = torch.randn(4, 1001)
+    for p in (0.0016, 0.01, 0.05, 0.1, 0.25, 0.5, 0.9, 0.998):
+        drop = round(p * 32768)
+        assert mask_threshold(p) == drop
+        torch.manual_seed(3)
+        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
+        keep = bits.view(torch.int16)[:x.numel()].bitwise_and(0x7FFF).view(x.shape) >= drop
+        torch.manual_seed(3)
+        assert torch.equal(fast_dropout(x, p, training=True),
+                           x * (keep.to(x.dtype) * (32768 / (32768 - drop))))
+
+
 def test_training_attention_with_dropout_uses_the_explicit_steps_and_matches_without_it(
         tiny_model_cfg):
     """Training on CPU with dropout takes the explicit path; with dropout off it equals SDPA."""

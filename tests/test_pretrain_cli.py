@@ -29,6 +29,27 @@ def llm(*args: str):
     return runner.invoke(app, list(args))
 
 
+def test_the_largest_documented_seed_trains(project):
+    result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=2",
+                 f"train.seed={2**63 - 1}")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_model_that_overflows_from_the_start_is_one_line_and_leaves_no_run(project):
+    """fp16 with model.init_std=10: "Step: 0 Training Loss: nan" was printed as a normal line,
+    a step was taken, and the error blamed the learning rate and clipping."""
+    bad = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.precision=fp16",
+              "model.init_std=10", "model.activation=swiglu")
+    assert bad.exit_code == 1, bad.output
+    assert "Step: 0" not in bad.stderr and "Traceback" not in bad.output
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the loss of the model before any training is nan")
+    assert "model.init_std=10" in last and "train.precision=fp16" in last
+    again = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=3")
+    assert again.exit_code == 0, again.output
+    assert "warning" not in again.stderr
+
+
 def test_trains_into_the_default_run_directory(project):
     result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens")
     assert result.exit_code == 0, result.output
@@ -114,6 +135,23 @@ def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
     assert rows["train.max_iters"]["origin"] == "file"
     assert report["total_tokens"] == 6 * 64 and report["step_seconds"] > 0
     assert report["chinchilla_tokens"] == pytest.approx(20 * report["params"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_warmup_as_long_as_the_run_is_warned_once_by_the_run_and_the_dry_run(project,
+                                                                               schedule):
+    """max_iters=6 with warmup_iters=100 was accepted silently: the peak lr is never reached."""
+    args = ("pretrain", "mini.yaml", "data.source=corpus.tokens", f"train.lr_schedule={schedule}",
+            "train.warmup_iters=100")
+    for extra in (("--dry-run",), ()):
+        result = llm(*args, *extra)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1, result.stderr
+        assert "train.warmup_iters=100 is not below the run's 6 steps" in warnings[0]
+        assert ("cosine decay never starts" in warnings[0]) == (schedule == "cosine")
+    quiet = llm(*args[:-1], "train.warmup_iters=5", "--dry-run")
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
 
 
 def test_keys_lists_every_recipe_key_with_default_and_doc():

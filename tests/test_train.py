@@ -187,6 +187,69 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path):
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
 
+@pytest.mark.parametrize("settings, named, not_named", [
+    ({}, ["train.lr=0.003"], ["grad_clip", "fp16", "weight_decay"]),
+    ({"grad_clip": 0.0}, ["train.grad_clip=0"], ["fp16", "weight_decay"]),
+    ({"lr": 10.0, "weight_decay": 10.0}, ["train.lr x train.weight_decay = 100", "by -99"],
+     ["grad_clip", "fp16"]),
+    ({"precision": "fp16"}, ["train.precision=fp16"], ["grad_clip", "weight_decay"]),
+])
+def test_a_diverged_run_names_only_the_causes_its_settings_make_likely(tmp_path, settings,
+                                                                       named, not_named):
+    """An fp32 run was told of "fp16 overflow (train.precision=fp32...)", and a clipped one
+    of "no gradient clipping"."""
+    recipe, model, batches = setup(max_iters=6, eval_interval=100, **settings)
+    with pytest.raises(UserError) as info:
+        train(recipe, nan_after(model, 2), batches, tmp_path, device="cpu")
+    message = str(info.value)
+    assert "training loss became nan at step 2" in message
+    assert all(word in message for word in named), message
+    assert not any(word in message for word in not_named), message
+
+
+def nan_model(model):
+    """Every forward, evaluation included, gives NaN: the untrained model is broken."""
+    model.norm.register_forward_hook(lambda module, args, output: output * float("nan"))
+    return model
+
+
+@pytest.mark.parametrize("settings, overrides, named, not_named", [
+    ({"precision": "fp16"}, ["model.init_std=10"], ["model.init_std=10", "fp16"],
+     ["train.lr", "grad_clip"]),
+    ({}, ["model.init_std=10"], ["model.init_std=10"], ["fp16", "train.lr", "grad_clip"]),
+    ({}, ["model.init=seed"], ["model.init=seed"], ["fp16", "init_std", "train.lr"]),
+    ({}, [], ["model.init=gpt2, model.init_std=0.02"], ["fp16", "train.lr", "grad_clip"]),
+])
+def test_a_non_finite_step_0_evaluation_stops_there_and_diagnoses_the_start(
+        tmp_path, capsys, settings, overrides, named, not_named):
+    """It printed "Step: 0 Training Loss: nan" as a normal line, trained a step, and then
+    blamed the learning rate and clipping, which had done nothing yet."""
+    recipe, model, batches = setup(overrides, max_iters=6, eval_interval=2, **settings)
+    with pytest.raises(UserError) as info:
+        train(recipe, nan_model(model), batches, tmp_path, device="cpu")
+    message = str(info.value)
+    assert info.value.exit_code == 1
+    assert "before any training is nan (step-0 evaluation)" in message
+    assert all(word in message for word in named), message
+    assert not any(word in message for word in not_named), message
+    assert "Step: 0" not in capsys.readouterr().err
+    assert read_metrics(tmp_path / "metrics.jsonl") == []  # no run for a rerun to trip on
+    assert not any(tmp_path.glob("*.safetensors"))
+
+
+def test_a_non_finite_later_evaluation_stops_too(tmp_path):
+    recipe, model, batches = setup(max_iters=6, eval_interval=2)
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += not module.training
+        return output * float("nan") if calls[0] > 4 else output  # step 0 evaluated 4 batches
+
+    model.norm.register_forward_hook(hook)
+    with pytest.raises(UserError, match="evaluation loss became nan at step 2"):
+        train(recipe, model, batches, tmp_path, device="cpu")
+
+
 def test_stops_on_max_tokens_with_a_final_evaluation_and_checkpoint(tmp_path):
     recipe, model, batches = setup(max_iters=100, max_tokens=5 * 4 * 16, eval_interval=50,
                                    checkpoint_interval=50)
@@ -232,6 +295,23 @@ def test_cosine_schedule_warms_up_and_decays_to_the_floor():
     assert lr_at(110, cfg) == pytest.approx(1e-4)
     constant = build_recipe({"train": {"lr": 2e-3}}).train
     assert {lr_at(s, constant) for s in (0, 5, 10_000)} == {2e-3}
+
+
+def test_warmup_problem_says_when_the_peak_is_never_trained_at():
+    from llmcli.train.schedule import warmup_problem
+
+    def cfg(**train):
+        return build_recipe({"train": {"lr": 1e-3, "max_iters": 10, **train}}).train
+
+    assert warmup_problem(cfg(warmup_iters=9), 10) is None
+    assert warmup_problem(cfg(warmup_iters=0), 10) is None
+    at_end = warmup_problem(cfg(warmup_iters=10), 10)
+    assert at_end is not None and "reaches train.lr only at its last step" in at_end
+    short = warmup_problem(cfg(warmup_iters=40, lr_schedule="cosine"), 10)
+    assert short is not None and "ends at 0.00025, below its peak train.lr=0.001" in short
+    assert "cosine decay never starts" in short and "(train.max_iters)" in short
+    tokens = warmup_problem(cfg(warmup_iters=5, max_tokens=256), 4)  # max_tokens ends it
+    assert tokens is not None and "the run's 4 steps (train.max_tokens)" in tokens
 
 
 def test_tensorboard_missing_is_a_warning_not_a_failure(tmp_path, capsys):

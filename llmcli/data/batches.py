@@ -54,12 +54,21 @@ def stream_name(split: str, purpose: str) -> str:
     return "train" if (split, purpose) == ("train", "train") else f"eval.{split}"
 
 
+def torch_seed(value: int) -> int:
+    """A seed derived by arithmetic (`seed * 1_000_003 + ...`), as a 64-bit one torch accepts.
+
+    torch reads a seed as an unsigned 64-bit number and refuses a larger one ("Overflow when
+    unpacking long long"), which train.seed up to 2^63 - 1 reaches once multiplied. Modulo 2^64
+    is torch's own reading of every value it took before, so those runs keep their streams."""
+    return value % 2**64
+
+
 def seeded_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
     """One generator per stream, distinct and reproducible per (stream, rank)."""
     out = {}
     for name, i in STREAMS.items():
         gen = torch.Generator()
-        gen.manual_seed(seed * 1_000_003 + rank * 7919 + i)
+        gen.manual_seed(torch_seed(seed * 1_000_003 + rank * 7919 + i))
         out[name] = gen
     return out
 

@@ -129,21 +129,36 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past:
     return fast_dropout(weights, dropout, training) @ v, weights
 
 
+MASK_LEVELS = 32768  # the fast CPU mask compares 15-bit random integers with a threshold
+MASK_TOLERANCE = 0.01  # the largest relative error in the drop or keep rate it may make
+
+
+def mask_threshold(p: float) -> int | None:
+    """The 15-bit threshold `fast_dropout` draws its mask with for rate `p`, or None when the
+    nearest multiple of 2^-15 is more than 1% off the drop or the keep rate (p below ~0.0015
+    or above ~0.9985): rounding 0.99999 to 1 kept nothing and divided by zero, rounding 1e-5
+    to 0 dropped nothing. Every rate in between keeps its threshold, and so its masks."""
+    drop = round(p * MASK_LEVELS)
+    error = abs(drop - p * MASK_LEVELS)
+    return drop if error <= MASK_TOLERANCE * min(p, 1.0 - p) * MASK_LEVELS else None
+
+
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout. On CPU the mask comes from 15-bit random integers (p rounded to a
     multiple of 2^-15), four drawn per 64-bit random number, instead of `bernoulli_`: the same
     statistics, about 2x faster forward and backward, a noticeable share of a training step
-    at dropout 0.1. Under torch.compile it is F.dropout, which inductor fuses with its
-    neighbours; these steps would break the graph (dynamo cannot trace the dtype view)."""
+    at dropout 0.1. Rates 15 bits cannot represent (`mask_threshold`) and torch.compile take
+    F.dropout, which is exact, and which inductor fuses with its neighbours (these steps
+    would break the graph: dynamo cannot trace the dtype view)."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
+    drop = mask_threshold(p) if p < 1.0 else None
+    if x.device.type != "cpu" or drop is None or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
-    drop = round(p * 32768)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n]
     keep = bits.bitwise_and_(0x7FFF).view(x.shape) >= drop
-    return x * (keep.to(x.dtype) * (32768 / (32768 - drop)))
+    return x * (keep.to(x.dtype) * (MASK_LEVELS / (MASK_LEVELS - drop)))
 
 
 class Dropout(nn.Dropout):

@@ -3,7 +3,7 @@
 Interface (stable: `llm pretrain` and `llm finetune` both build on it):
 
     train(recipe, model, batches, run_dir, *, device, resume=None, save_weights=None,
-          extra_meta=None) -> TrainResult
+          extra_meta=None, base=None) -> TrainResult
 
 - `batches`: a `llmcli.data.batches.BatchSource`: `get_batch(split) -> (x, y)` int64 CPU
   tensors (B, T), y = IGNORE_INDEX (-100) where no loss is wanted; `state_dict()` and
@@ -18,8 +18,11 @@ Interface (stable: `llm pretrain` and `llm finetune` both build on it):
 - `resume`: a step checkpoint with its trainer state beside it. Without `save_weights` the
   weights come from the checkpoint; with it, the trainable parameters come from the trainer
   state (which then stores them), so LoRA runs resume over the same frozen base.
+- `base`: the checkpoint a fine-tune's weights came from (None: the recipe's init), named when
+  the untrained model's loss is not finite.
 - Ctrl-C finishes the step, saves and raises `TrainingInterrupted` (exit 130); a non-finite loss
-  raises a `UserError` (exit 1) without touching the checkpoints already written.
+  (training, or any evaluation, the one at step 0 included) raises a `UserError` (exit 1)
+  without touching the checkpoints already written.
 - Under torchrun or srun (see `distributed.py`) the model is wrapped in DDP, or sharded with
   FSDP2 when `train.parallel` is fsdp (weights, gradients and AdamW moments split across the
   processes; bf16 through FSDP's mixed-precision policy instead of autocast). Only global rank 0
@@ -63,14 +66,15 @@ from llmcli.console import EXIT_FAILURE, EXIT_INTERRUPTED, UserError, err, fail,
 from llmcli.constants import IGNORE_INDEX
 from llmcli.data.batches import BatchSource
 from llmcli.hardware import peak_flops
-from llmcli.recipe import Recipe, TrainConfig
+from llmcli.recipe import ModelConfig, Recipe, TrainConfig
 from llmcli.train import distributed, state
 from llmcli.train.allocator import keep_freed_memory
 from llmcli.train.metrics import Metrics
 from llmcli.train.precision import Precision, enable_fast_matmul, resolve_precision
-from llmcli.train.schedule import lr_at
+from llmcli.train.schedule import lr_at, warmup_problem
 
 SaveWeights = Callable[[Path, Any, dict], None]
+DEFAULT_INIT_STD: float = ModelConfig.init_std
 
 
 @dataclass
@@ -174,8 +178,9 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, model: torch.nn.Module, batches: BatchSource,
                  run_dir: Path, device: torch.device, save_weights: SaveWeights | None,
-                 extra_meta: dict | None) -> None:
+                 extra_meta: dict | None, base: Path | None = None) -> None:
         self.recipe = recipe
+        self.base = base
         self.cfg = recipe.train
         self.batches = batches
         self.run_dir = Path(run_dir)
@@ -209,6 +214,7 @@ class Trainer:
         self.last_val: float | None = None
         self.last_eval_train: float | None = None
         self.result = TrainResult(step=0)
+        self.eval_overflowed = False
         self.stop = _StopFlag()
         self.metrics = Metrics(self.run_dir, enabled=self.main, tracker=self.cfg.tracker)
         self.tokens_per_step = batches.tokens_per_batch * self.cfg.grad_accum * self.dist.world_size
@@ -368,6 +374,7 @@ class Trainer:
         """
         model.eval()
         means = []
+        overflow = 0.0  # a scored batch whose loss is not finite (a split scoring none is NaN)
         done, total_batches = 0, 2 * self.cfg.eval_iters
         try:
             for split in ("train", "val"):
@@ -387,12 +394,15 @@ class Trainer:
                     if scored:
                         total += float(loss)
                         count += 1
+                        overflow = max(overflow, float(not math.isfinite(float(loss))))
                 means.append(total / count if count else float("nan"))
         finally:
             model.train()
             if view is not None:
                 view.phase("train")
-        reduced = distributed.mean_across(torch.tensor(means, dtype=torch.float64), self.dist)
+        reduced = distributed.mean_across(torch.tensor([*means, overflow], dtype=torch.float64),
+                                          self.dist)
+        self.eval_overflowed = bool(reduced[2] > 0)  # every rank decides alike
         return {"train": float(reduced[0]), "val": float(reduced[1])}
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -476,6 +486,9 @@ class Trainer:
             state.seed_everything(self.cfg.seed + self.dist.rank)
         start = self.step
         eval_streams = _eval_part(self.batches.state_dict())
+        problem = warmup_problem(self.cfg, self.total)
+        if problem and self.main:
+            warn(problem)
         self.metrics.start(start)
         model.train()
         stop = self.stop
@@ -561,6 +574,11 @@ class Trainer:
 
     def record_eval(self, net: torch.nn.Module, view: _View) -> None:
         losses = self.evaluate(net, view)
+        if self.eval_overflowed:
+            bad = next((v for v in losses.values() if not math.isfinite(v)), math.nan)
+            if self.step == 0:
+                self.non_finite_start(bad)
+            self.non_finite(bad, "evaluation loss")
         self.last_eval_train, self.last_val = losses["train"], losses["val"]
         self.result.evals.append({"step": self.step, **losses})
         self.metrics.log({"kind": "eval", "step": self.step, **losses})
@@ -578,14 +596,50 @@ class Trainer:
         per_device = tokens_per_s / self.dist.world_size
         return per_device * self.flops_per_token / self.peak
 
-    def non_finite(self, loss: float) -> None:
+    def non_finite(self, loss: float, what: str = "training loss") -> None:
+        """Stop on a diverged run, naming only the causes this run's settings make likely."""
         saved = self.result.checkpoint
         last = (f"last good checkpoint: {saved}" if saved else
                 "no checkpoint was written in this run")
-        fail(f"training loss became {loss} at step {self.step}; stopped without saving "
-             f"({last}); likely causes: a learning rate too high (train.lr={self.cfg.lr}), "
-             f"no gradient clipping (train.grad_clip), or fp16 overflow "
-             f"(train.precision={self.precision.name}: try bf16 or fp32)", EXIT_FAILURE)
+        cfg = self.cfg
+        causes = [f"a learning rate too high (train.lr={cfg.lr:g})"]
+        shrink = cfg.lr * cfg.weight_decay  # AdamW multiplies the matrices by 1 - lr * decay
+        if shrink >= 1:
+            causes.append(f"weight decay past the weights (train.lr x train.weight_decay = "
+                          f"{shrink:g}: each step multiplies the matrices by {1 - shrink:g})")
+        if cfg.grad_clip == 0:
+            causes.append("no gradient clipping (train.grad_clip=0: try 1.0)")
+        if self.precision.name == "fp16":
+            causes.append("fp16 overflow (train.precision=fp16: try bf16 or fp32)")
+        fail(f"{what} became {loss} at step {self.step}; stopped without saving ({last}); "
+             f"likely causes: {_either(causes)}", EXIT_FAILURE)
+
+    def non_finite_start(self, loss: float) -> None:
+        """The loss of the untrained model is not finite: training cannot fix that, and the
+        optimizer settings have done nothing yet, so the diagnosis is the starting weights."""
+        m = self.recipe.model
+        causes = []
+        if self.base is not None:
+            causes.append(f"the base checkpoint {self.base}, whose outputs are not finite here")
+        elif m.init == "seed":
+            causes.append("the large initial weights of model.init=seed (N(0, 1) embeddings; "
+                          "try model.init=gpt2)")
+        elif m.init_std > DEFAULT_INIT_STD:
+            causes.append(f"initial weights too large (model.init_std={m.init_std:g}: the "
+                          f"default is {DEFAULT_INIT_STD:g})")
+        if self.precision.name == "fp16":
+            causes.append("activations beyond fp16's range of +-65504 (train.precision=fp16: "
+                          "try bf16 or fp32)")
+        if not causes:
+            causes.append(f"the initial weights (model.init={m.init}, "
+                          f"model.init_std={m.init_std:g})")
+        fail(f"the loss of the model before any training is {loss} (step-0 evaluation); "
+             f"stopped without training or saving; likely causes: {_either(causes)}",
+             EXIT_FAILURE)
+
+
+def _either(causes: list[str]) -> str:
+    return causes[0] if len(causes) == 1 else f"{', '.join(causes[:-1])} or {causes[-1]}"
 
 
 def _eval_part(batch_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -677,8 +731,9 @@ def train(
     resume: Path | None = None,
     save_weights: SaveWeights | None = None,
     extra_meta: dict | None = None,
+    base: Path | None = None,
 ) -> TrainResult:
     """Train `model` on `batches` as `recipe.train` says; see the module docstring."""
     trainer = Trainer(recipe, model, batches, Path(run_dir), torch.device(device), save_weights,
-                      extra_meta)
+                      extra_meta, base)
     return trainer.run(resume)

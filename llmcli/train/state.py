@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from llmcli.console import fail
+from llmcli.data.batches import torch_seed
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer | None,
@@ -93,6 +94,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed torch (CUDA included), numpy and Python; `seed` may be any derived value (seed +
+    rank + 1_000_003 * step ...): it is reduced as torch reads it (`torch_seed`)."""
+    seed = torch_seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

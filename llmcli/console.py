@@ -9,11 +9,13 @@ names, and a `[/x]` in one must print as typed. Styling is explicit (`style=`, `
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -51,6 +53,39 @@ class UserError(Exception):
 
 def fail(message: str, exit_code: int = EXIT_USAGE) -> NoReturn:
     raise UserError(message, exit_code)
+
+
+NO_SPACE = "no space left on the device; free some space or choose another output path"
+# safetensors' Rust errors keep only the text of the OS error: "... (os error 28)"
+_RUST_DISK_FULL = re.compile(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b")
+
+
+class DiskFull(UserError):
+    """Writing `path` filled the disk (or the quota): the one line every writer gives."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(f"{os.fsdecode(path)}: {NO_SPACE}", EXIT_FAILURE)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk or quota is full (an OSError, safetensors' error, ours)."""
+    if isinstance(exc, DiskFull):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(exc).__name__ == "SafetensorError" and bool(_RUST_DISK_FULL.search(str(exc)))
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Name `path` when writing it fills the disk: write() errors name no file, safetensors'
+    name none, and a temporary file's name means nothing to the user. The outermost wins."""
+    try:
+        yield
+    except BaseException as exc:
+        if disk_full(exc):
+            raise DiskFull(path) from None
+        raise
 
 
 def first_line(exc: BaseException) -> str:
@@ -167,10 +202,13 @@ def _describe(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code of an error that reached the top."""
     if isinstance(exc, UserError):
         return str(exc), exc.exit_code
+    if disk_full(exc) and _path_of(exc) is None:
+        return NO_SPACE, EXIT_FAILURE  # no path known: still the line that says how to fix it
     if isinstance(exc, OSError) and _os_fix(exc) is not None:
         path = exc.filename2 if exc.filename2 is not None else exc.filename
         shown = os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path)
-        return f"{shown}: {_os_fix(exc)}", EXIT_FAILURE if exc.errno == errno.ENOSPC else EXIT_USAGE
+        code = EXIT_FAILURE if disk_full(exc) else EXIT_USAGE
+        return f"{shown}: {_os_fix(exc)}", code
     message = str(exc).strip()
     detail = f": {clip(one_line(message))}" if message else ""
     return f"{type(exc).__name__}{detail} (rerun with --debug for the traceback)", EXIT_FAILURE
@@ -191,11 +229,16 @@ _OS_FIXES = {
     errno.EPERM: "operation not permitted; check its permissions or use another path",
     errno.ELOOP: "too many levels of symbolic links (a link loop?); fix the link",
     errno.EEXIST: "already exists; remove it or use another path",
-    errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
+    errno.ENOSPC: NO_SPACE,
+    errno.EDQUOT: NO_SPACE,
     errno.EROFS: "read-only file system; write elsewhere",
     errno.EXDEV: "on another file system than its temporary file; write elsewhere",
     errno.ENXIO: "not a regular file (a device or socket?); give a file",
 }
+
+
+def _path_of(exc: BaseException) -> object:
+    return getattr(exc, "filename", None) or getattr(exc, "filename2", None)
 
 
 def _os_fix(exc: OSError) -> str | None:

@@ -13,6 +13,7 @@ boundary and each source's SHA-256 (see `tokenize_files`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -491,8 +492,9 @@ class _FileSink:
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         if kind is not None and self.tmp.exists():  # failed before `finish` published it
-            self._fh.close()
-            self._atomic.__exit__(kind, value, tb)
+            with contextlib.suppress(OSError):  # closing flushes: fails again on a full disk
+                self._fh.close()
+            self._atomic.__exit__(kind, value, tb)  # removes tmp; names a full disk's file
 
     def write(self, ids: np.ndarray) -> None:
         self._fh.write(np.ascontiguousarray(ids, dtype="<u4").data)

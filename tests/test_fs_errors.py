@@ -1,0 +1,114 @@
+"""Files that are not what a command needs: pipes, devices, unreadable files, a full disk, an
+output that is an input. Each is one line naming the path, before anything waits or is lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from helpers_train import make_project, one_thread
+from typer.testing import CliRunner
+
+from llmcli.checkpoint import save_model
+from llmcli.cli import app
+from llmcli.model.gpt import build_model
+from llmcli.recipe import build_recipe
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"vocab_size": 48, "context_length": 16, "d_model": 32, "num_blocks": 2, "num_heads": 4,
+         "dropout": 0.0}
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    project = make_project(tmp_path, monkeypatch)
+    recipe = build_recipe({"data": {"tokenizer": "bytes"}, "model": MODEL})
+    (project / "run").mkdir()
+    save_model(project / "run" / "step-00000001.safetensors", build_model(recipe.model), recipe,
+               tokenizer="bytes")
+    return project
+
+
+def llm(*args: str):
+    return runner.invoke(app, list(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: a real one, a tmpfs of 300 kB mounted in a private mount namespace
+
+
+def on_full_disk(cwd: Path, args: list[str], fill_kb: int = 0) -> tuple[str, int, list[str]]:
+    """(stderr, exit code, what the disk holds after) of `llm ARGS` writing to ./mnt/."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("mounting a small tmpfs needs root and unshare")
+    (cwd / "mnt").mkdir()
+    script = ('mount -t tmpfs -o size=300k tmpfs mnt || exit 99; '
+              f'[ {fill_kb} = 0 ] || dd if=/dev/zero of=mnt/fill bs=1k count={fill_kb} '
+              '2>/dev/null; '
+              '"$@"; rc=$?; echo "LEFT $(ls -A mnt | tr "\\n" " ")"; exit $rc')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m",
+                           "llmcli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+    left = proc.stdout.rsplit("LEFT", 1)[1].split()
+    return proc.stderr, proc.returncode, [n for n in left if n != "fill"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--shard-tokens", "50000"]], ids=["file", "shards"])
+def test_tokenize_on_a_full_disk_names_the_output_and_leaves_nothing(tmp_path, extra):
+    (tmp_path / "big.txt").write_text("".join(f"line {i} of some text\n" for i in range(40000)),
+                                      encoding="utf-8")
+    stderr, code, left = on_full_disk(tmp_path, ["tokenize", "big.txt", "-o", "mnt/t", "-t",
+                                                 "bytes", *extra])
+    assert code == 1
+    assert stderr.strip() == ("error: mnt/t.tokens: no space left on the device; free some "
+                              "space or choose another output path")
+    assert left == []
+
+
+@pytest.mark.parametrize("args", [["scaling", "--recipe", "mini.yaml", "--plot", "mnt/p.png"],
+                                  ["pretrain", "mini.yaml", "data.source=corpus.tokens", "-o",
+                                   "mnt/run"]], ids=["png", "pretrain"])
+def test_other_writers_on_a_full_disk_name_their_file(project, args):
+    stderr, code, left = on_full_disk(project, args, fill_kb=296)
+    line = stderr.strip().splitlines()[-1]
+    assert code == 1 and line.startswith("error: mnt/"), stderr
+    assert line.endswith(": no space left on the device; free some space or choose another "
+                         "output path")
+    assert not [n for n in left if n.endswith(".tmp")]
+
+
+def test_a_download_on_a_full_disk_names_its_file(tmp_path):
+    import http.server
+
+    (tmp_path / "big.txt").write_bytes(b"x" * 600_000)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/big.txt"
+        stderr, code, _ = on_full_disk(tmp_path, ["fetch", url, "-o", "mnt"])
+    finally:
+        server.shutdown()
+    assert code == 1
+    assert "error: mnt/big.txt.part: no space left on the device" in stderr
+
+
+def test_safetensors_disk_full_is_named_without_a_path_too():
+    from safetensors import SafetensorError
+
+    from llmcli.console import _describe, disk_full
+
+    exc = SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                          "error 28)")
+    assert disk_full(exc)
+    assert _describe(exc)[0].startswith("no space left on the device")

@@ -14,6 +14,7 @@ import errno
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -267,7 +268,8 @@ def _num(value: float) -> str:
 def check_output(path: Path, option: str, *, file: bool | None = True) -> None:
     """Refuse an output path that cannot be written, before any work is done: a name too long,
     a file on the way, or a directory where the file goes (`file` True) or a file where the
-    directory goes (`file` False); None accepts either."""
+    directory goes (`file` False); None accepts either. A pipe, device or socket is never a
+    file to write (a FIFO would block until something reads it)."""
     for part in path.parts:
         if len(os.fsencode(part)) > 255:
             fail(f"{option} {path}: the name {clip(part, 40)!r} is {len(os.fsencode(part))} "
@@ -278,6 +280,8 @@ def check_output(path: Path, option: str, *, file: bool | None = True) -> None:
                  "remove it or choose another path")
         if (parent != path or file is False) and parent.exists() and not parent.is_dir():
             fail(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+    if file is not False and not_regular(path):
+        fail(f"{option} {path}: {NOT_REGULAR}; choose a regular file's path")
     if file and path.is_dir():
         fail(f"{option} {path}: is a directory; give a file name (or remove the directory)")
 
@@ -302,16 +306,42 @@ def check_png_output(path: Path, option: str) -> None:
                  "another name")
 
 
-def check_readable(path: Path, option: str) -> None:
-    """Refuse an input file that exists but cannot be read (a device, a /proc entry): one line
-    naming the option, where reading it later would fail with a bare EIO."""
-    if not path.is_file():
-        return  # missing files and directories get their own messages where they are read
+NOT_REGULAR = "not a regular file (a pipe, device or socket)"
+
+
+def not_regular(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` exists and is neither a regular file nor a directory: opening a FIFO
+    blocks (beyond Ctrl-C, inside safetensors), a device reads without end or writes nowhere."""
     try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # missing or unreachable: the caller's own message says so
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def check_readable(path: Path, option: str = "") -> None:
+    """Refuse an input that exists but cannot be read, before anything waits on it: one line
+    naming the option (when given) and the path. A file must be regular and readable (a FIFO
+    would hang, a /proc entry fail with a bare EIO); a directory must be listable (else every
+    file in it looks missing). Missing paths are left to the caller's own message."""
+    where = f"{option} {path}" if option else str(path)
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            with os.scandir(path):
+                pass
+            os.stat(os.path.join(path, "."))  # needs search (x) permission, as its files do
+            return
+        if not stat.S_ISREG(mode):
+            fail(f"{where}: {NOT_REGULAR}; give a regular file")
         with open(path, "rb") as fh:
             fh.read(1)
     except OSError as exc:
-        fail(f"{option} {path}: cannot read it ({exc.strerror or exc}); give a regular file")
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            fail(f"{where}: {_OS_FIXES[exc.errno]}")
+        fail(f"{where}: cannot read it ({exc.strerror or exc}); give a regular file")
 
 
 def _passes_through(exc: BaseException) -> bool:

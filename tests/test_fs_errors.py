@@ -3,11 +3,14 @@ output that is an input. Each is one line naming the path, before anything waits
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,61 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def llm(*args: str):
     return runner.invoke(app, list(args))
+
+
+WATCH = """
+import os, sys, time
+time.sleep(5)
+while True:
+    for fifo in sys.argv[1:]:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # nobody reading: nothing hangs on it
+    time.sleep(1)
+"""
+
+
+@contextlib.contextmanager
+def watched(fifos: list[Path]) -> Iterator[None]:
+    """FIFOs a hung command would wait on forever: opened for writing after a while by another
+    process (a reader blocked inside safetensors holds the GIL), so a regression fails the
+    test with the wrong message instead of hanging the suite."""
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    watcher = subprocess.Popen([sys.executable, "-c", WATCH, *map(str, fifos)])
+    try:
+        yield
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+FIFO_CASES = [
+    ("generate", "m.safetensors", "To"),
+    ("params", "m.safetensors"),
+    ("export", "m.safetensors", "-o", "exported"),
+    ("inspect", "positions", "m.safetensors"),
+    ("finetune", "--merge", "m.safetensors"),
+    ("pretrain", "mini.yaml", "data.source=corpus.tokens", "--resume", "m.safetensors", "-o",
+     "run2"),
+    ("finetune", "--merge", "run", "-o", "m.safetensors"),
+    ("scaling", "--recipe", "mini.yaml", "--plot", "p.png"),
+    ("inspect", "positions", "run", "--png", "p.png"),
+    ("tokenize", "corpus.tokens.json", "-o", "m.safetensors"),
+]
+
+
+@pytest.mark.parametrize("args", FIFO_CASES, ids=lambda a: " ".join(a[:2]))
+def test_a_pipe_is_refused_at_once_as_input_or_output(project, args):
+    names = ["m.safetensors", "p.png", "m.safetensors.tokens"]  # the last: tokenize's output
+    with watched([project / n for n in names]):
+        started = time.monotonic()
+        result = llm(*args)
+        took = time.monotonic() - started
+    assert result.exit_code == 2, result.output
+    assert "not a regular file" in result.output and "Traceback" not in result.output
+    assert took < 5  # refused, not unblocked by the watcher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,3 +170,39 @@ def test_safetensors_disk_full_is_named_without_a_path_too():
                           "error 28)")
     assert disk_full(exc)
     assert _describe(exc)[0].startswith("no space left on the device")
+
+
+# ---------------------------------------------------------------------------------------------
+# Permissions (root reads anything: the commands run without its override capabilities)
+
+
+def unprivileged(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "llmcli", *args]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads any file, and setpriv is missing to drop that")
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_an_unreadable_checkpoint_or_run_is_permission_denied(project):
+    ckpt = project / "run" / "step-00000001.safetensors"
+    shutil.copy(ckpt, project / "u.safetensors")
+    os.chmod(project / "u.safetensors", 0)
+    os.chmod(ckpt, 0)
+    try:
+        for target, named in (("u.safetensors", "u.safetensors"), ("run", str(ckpt.relative_to(
+                project)))):
+            proc = unprivileged(project, "generate", target, "To")
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.strip() == (f"error: {named}: permission denied; check its "
+                                           "permissions or use another path")
+        os.chmod(ckpt, 0o644)
+        os.chmod(project / "run", 0)
+        proc = unprivileged(project, "generate", "run", "To")
+        assert proc.stderr.strip() == ("error: run: permission denied; check its permissions "
+                                       "or use another path")
+    finally:
+        os.chmod(project / "run", 0o755)

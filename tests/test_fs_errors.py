@@ -98,6 +98,13 @@ def test_a_pipe_is_refused_at_once_as_input_or_output(project, args):
     assert took < 5  # refused, not unblocked by the watcher
 
 
+def test_a_device_is_no_tokenize_output(project, tmp_path):
+    result = llm("tokenize", "corpus.tokens.json", "-o", "/dev/null", "-t", "bytes")
+    assert result.exit_code == 2
+    assert "--output /dev/null: not a regular file" in result.output
+    assert not Path("/dev/null.tokens").exists() and not Path("/dev/null.tokens.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # A full disk: a real one, a tmpfs of 300 kB mounted in a private mount namespace
 

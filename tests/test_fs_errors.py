@@ -4,6 +4,7 @@ output that is an input. Each is one line naming the path, before anything waits
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -103,6 +104,37 @@ def test_a_device_is_no_tokenize_output(project, tmp_path):
     assert result.exit_code == 2
     assert "--output /dev/null: not a regular file" in result.output
     assert not Path("/dev/null.tokens").exists() and not Path("/dev/null.tokens.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs that are inputs, or another program's files
+
+
+def test_tokenize_never_writes_over_its_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = json.dumps([{"instruction": "hi", "input": "", "output": "yo"}])
+    (tmp_path / "r.tokens.json").write_text(records, encoding="utf-8")
+    result = llm("tokenize", "r.tokens.json", "-o", "r", "-t", "bytes")
+    assert result.exit_code == 2 and "is the input r.tokens.json" in result.output
+    assert (tmp_path / "r.tokens.json").read_text(encoding="utf-8") == records
+    assert not (tmp_path / "r.tokens").exists()
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    os.link(tmp_path / "a.txt", tmp_path / "b.tokens.json")  # the same file by another name
+    result = llm("tokenize", "a.txt", "-o", "b", "-t", "bytes")
+    assert result.exit_code == 2 and "is the input a.txt" in result.output
+
+
+@pytest.mark.parametrize("name", ["p.tokens", "p.tokens.json"])
+def test_tokenize_replaces_only_its_own_earlier_output(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    (tmp_path / name).write_bytes(b"someone else's")
+    result = llm("tokenize", "a.txt", "-o", "p", "-t", "bytes")
+    assert result.exit_code == 2 and f"{name}: exists and is not" in result.output
+    assert (tmp_path / name).read_bytes() == b"someone else's"
+    (tmp_path / name).unlink()
+    assert llm("tokenize", "a.txt", "-o", "p", "-t", "bytes").exit_code == 0
+    assert llm("tokenize", "a.txt", "-o", "p", "-t", "bytes").exit_code == 0  # regenerated
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmcli.console import UserError, fail, first_line, warn
+from llmcli.console import UserError, check_readable, fail, first_line, not_regular, warn
 from llmcli.constants import TOKENIZER_VOCAB
 from llmcli.files import Busy, locked
 from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
@@ -523,6 +523,7 @@ def resolve_checkpoint(spec: str | Path | None, root: Path = CHECKPOINTS_DIR) ->
     if str(spec) == "":  # Path("") is the current folder: an unset shell variable, not a choice
         fail("an empty checkpoint path; give a checkpoint file, run directory or run name")
     path = Path(spec)
+    check_readable(path)  # a pipe would hang the reader; no permission is not "missing"
     if path.is_dir():
         candidates = [p for _, p in reversed(step_checkpoints(path))]
         candidates += [p for p in (path / MERGED_NAME, path / BEST_NAME) if p.exists()]
@@ -554,6 +555,7 @@ def damage(path: Path) -> str | None:
     """Why a checkpoint file cannot be used (unreadable, truncated, foreign), or None."""
     from safetensors import SafetensorError, safe_open
 
+    check_readable(path)  # not damage: a pipe (would hang) or no permission, said as such
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}
@@ -573,6 +575,8 @@ def raw_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's metadata as stored (JSON strings), or {} when it is not one."""
     from safetensors import SafetensorError, safe_open
 
+    if not_regular(path):  # a pipe would hang safe_open
+        return {}
     try:
         with safe_open(str(path), framework="pt") as fh:
             return fh.metadata() or {}
@@ -727,6 +731,7 @@ def read_tensors(path: Path, device: Any = "cpu") -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_readable(path)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -846,6 +851,7 @@ def load_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.exists():
         fail(f"{path}: trainer state not found, so this checkpoint cannot be resumed exactly; "
              "resume from a step-*.safetensors that has a .trainer.safetensors beside it")
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}
@@ -871,6 +877,7 @@ def resume_damage(path: Path) -> str | None:
     state = trainer_path(path)
     if not state.exists():
         return f"{state.name} is missing"
+    check_readable(state)
     from safetensors import SafetensorError, safe_open
 
     try:

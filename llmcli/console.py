@@ -9,11 +9,14 @@ names, and a `[/x]` in one must print as typed. Styling is explicit (`style=`, `
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
+import re
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -63,6 +66,39 @@ class UserError(Exception):
 
 def fail(message: str, exit_code: int = EXIT_USAGE) -> NoReturn:
     raise UserError(message, exit_code)
+
+
+NO_SPACE = "no space left on the device; free some space or choose another output path"
+# safetensors' Rust errors keep only the text of the OS error: "... (os error 28)"
+_RUST_DISK_FULL = re.compile(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b")
+
+
+class DiskFull(UserError):
+    """Writing `path` filled the disk (or the quota): the one line every writer gives."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(f"{os.fsdecode(path)}: {NO_SPACE}", EXIT_FAILURE)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk or quota is full (an OSError, safetensors' error, ours)."""
+    if isinstance(exc, DiskFull):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(exc).__name__ == "SafetensorError" and bool(_RUST_DISK_FULL.search(str(exc)))
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Name `path` when writing it fills the disk: write() errors name no file, safetensors'
+    name none, and a temporary file's name means nothing to the user. The outermost wins."""
+    try:
+        yield
+    except BaseException as exc:
+        if disk_full(exc):
+            raise DiskFull(path) from None
+        raise
 
 
 def first_line(exc: BaseException) -> str:
@@ -179,10 +215,13 @@ def _describe(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code of an error that reached the top."""
     if isinstance(exc, UserError):
         return str(exc), exc.exit_code
+    if disk_full(exc) and _path_of(exc) is None:
+        return NO_SPACE, EXIT_FAILURE  # no path known: still the line that says how to fix it
     if isinstance(exc, OSError) and _os_fix(exc) is not None:
         path = exc.filename2 if exc.filename2 is not None else exc.filename
         shown = os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path)
-        return f"{shown}: {_os_fix(exc)}", EXIT_FAILURE if exc.errno == errno.ENOSPC else EXIT_USAGE
+        code = EXIT_FAILURE if disk_full(exc) else EXIT_USAGE
+        return f"{shown}: {_os_fix(exc)}", code
     message = str(exc).strip()
     detail = f": {clip(one_line(message))}" if message else ""
     return f"{type(exc).__name__}{detail} (rerun with --debug for the traceback)", EXIT_FAILURE
@@ -203,11 +242,16 @@ _OS_FIXES = {
     errno.EPERM: "operation not permitted; check its permissions or use another path",
     errno.ELOOP: "too many levels of symbolic links (a link loop?); fix the link",
     errno.EEXIST: "already exists; remove it or use another path",
-    errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
+    errno.ENOSPC: NO_SPACE,
+    errno.EDQUOT: NO_SPACE,
     errno.EROFS: "read-only file system; write elsewhere",
     errno.EXDEV: "on another file system than its temporary file; write elsewhere",
     errno.ENXIO: "not a regular file (a device or socket?); give a file",
 }
+
+
+def _path_of(exc: BaseException) -> object:
+    return getattr(exc, "filename", None) or getattr(exc, "filename2", None)
 
 
 def _os_fix(exc: OSError) -> str | None:
@@ -236,7 +280,8 @@ def _num(value: float) -> str:
 def check_output(path: Path, option: str, *, file: bool | None = True) -> None:
     """Refuse an output path that cannot be written, before any work is done: a name too long,
     a file on the way, or a directory where the file goes (`file` True) or a file where the
-    directory goes (`file` False); None accepts either."""
+    directory goes (`file` False); None accepts either. A pipe, device or socket is never a
+    file to write (a FIFO would block until something reads it)."""
     for part in path.parts:
         if len(os.fsencode(part)) > 255:
             fail(f"{option} {path}: the name {clip(part, 40)!r} is {len(os.fsencode(part))} "
@@ -247,6 +292,8 @@ def check_output(path: Path, option: str, *, file: bool | None = True) -> None:
                  "remove it or choose another path")
         if (parent != path or file is False) and parent.exists() and not parent.is_dir():
             fail(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+    if file is not False and not_regular(path):
+        fail(f"{option} {path}: {NOT_REGULAR}; choose a regular file's path")
     if file and path.is_dir():
         fail(f"{option} {path}: is a directory; give a file name (or remove the directory)")
 
@@ -271,16 +318,42 @@ def check_png_output(path: Path, option: str) -> None:
                  "another name")
 
 
-def check_readable(path: Path, option: str) -> None:
-    """Refuse an input file that exists but cannot be read (a device, a /proc entry): one line
-    naming the option, where reading it later would fail with a bare EIO."""
-    if not path.is_file():
-        return  # missing files and directories get their own messages where they are read
+NOT_REGULAR = "not a regular file (a pipe, device or socket)"
+
+
+def not_regular(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` exists and is neither a regular file nor a directory: opening a FIFO
+    blocks (beyond Ctrl-C, inside safetensors), a device reads without end or writes nowhere."""
     try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # missing or unreachable: the caller's own message says so
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def check_readable(path: Path, option: str = "") -> None:
+    """Refuse an input that exists but cannot be read, before anything waits on it: one line
+    naming the option (when given) and the path. A file must be regular and readable (a FIFO
+    would hang, a /proc entry fail with a bare EIO); a directory must be listable (else every
+    file in it looks missing). Missing paths are left to the caller's own message."""
+    where = f"{option} {path}" if option else str(path)
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            with os.scandir(path):
+                pass
+            os.stat(os.path.join(path, "."))  # needs search (x) permission, as its files do
+            return
+        if not stat.S_ISREG(mode):
+            fail(f"{where}: {NOT_REGULAR}; give a regular file")
         with open(path, "rb") as fh:
             fh.read(1)
     except OSError as exc:
-        fail(f"{option} {path}: cannot read it ({exc.strerror or exc}); give a regular file")
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            fail(f"{where}: {_OS_FIXES[exc.errno]}")
+        fail(f"{where}: cannot read it ({exc.strerror or exc}); give a regular file")
 
 
 def _passes_through(exc: BaseException) -> bool:

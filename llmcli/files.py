@@ -41,12 +41,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
                         f"({(exc.strerror or str(exc)).lower()}); write it elsewhere") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    from llmcli.console import writing
+
     try:
-        yield tmp_path
-        # mkstemp makes 0600, and writers that replace the file (safetensors) keep their own
-        # mode: every output gets the usual permissions, whoever wrote it.
-        os.chmod(tmp_path, FILE_MODE & ~_umask())
-        publish(tmp_path, target)
+        with writing(target):  # a full disk is named after the file asked for
+            yield tmp_path
+            # mkstemp makes 0600, and writers that replace the file (safetensors) keep their
+            # own mode: every output gets the usual permissions, whoever wrote it.
+            os.chmod(tmp_path, FILE_MODE & ~_umask())
+            publish(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -105,10 +108,13 @@ def append_line(target: str | os.PathLike[str], line: str) -> None:
     A crash leaves at worst one partial last line, which readers skip; rewriting the whole log
     atomically at every step would cost O(n^2).
     """
+    from llmcli.console import writing
+
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE & ~_umask())
     try:
-        os.write(fd, data)
+        with writing(target):  # os.write's error names no file
+            os.write(fd, data)
     finally:
         os.close(fd)
 

@@ -610,3 +610,15 @@ def test_imported_tokenizer_names_are_checked(tmp_path):
             get_tokenizer(result.tokenizer)
     finally:
         get_tokenizer.cache_clear()
+
+
+def test_import_prints_follow_up_commands_a_shell_takes_as_they_are(tmp_path):
+    import shlex
+
+    source = hf_folder(tmp_path / "ex ü" / "one", "gpt2")
+    code, output = invoke("import", str(source), "-o", "imp ü")
+    assert code == 0, output
+    line = next(x for x in output.splitlines() if x.strip().startswith("next"))
+    generate, finetune = line.split("next", 1)[1].split("·")
+    assert shlex.split(generate) == ["llm", "generate", "imp ü", "Hello"]
+    assert shlex.split(finetune) == ["llm", "finetune", "RECIPE", "finetune.init=imp ü"]

@@ -231,7 +231,8 @@ def test_undecodable_bytes(tmp_path: Path, cl100k) -> None:
     src = tmp_path / "latin1.txt"
     src.write_bytes(b"line one\nline two\ncaf\xe9 au lait\n")
     out = tmp_path / "x.tokens"
-    out.write_bytes(b"previous")
+    out.write_bytes(b"previous")  # an earlier run's pair: replaced only by a successful one
+    sidecar_path(out).write_text(json.dumps({"format": FORMAT}), encoding="utf-8")
     with pytest.raises(UserError) as info:
         tokenize_files([src], out, block=4)
     message = str(info.value)

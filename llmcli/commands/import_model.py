@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -42,8 +43,8 @@ def command(
         out.print(f"  model      vocab {m.vocab_size:,}, context {m.context_length:,}, "
                   f"d_model {m.d_model}, {m.num_blocks} blocks, {m.num_heads} heads, "
                   f"{m.positions}, {m.norm}, {m.activation}, tied {str(m.tie_embeddings).lower()}")
-        run = result.path.parent
-        out.print(f"  next       llm generate {run} \"Hello\"  ·  llm finetune RECIPE "
-                  f"finetune.init={run}")
+        run = str(result.path.parent)  # quoted: the lines are to be pasted into a shell
+        out.print(f"  next       llm generate {shlex.quote(run)} \"Hello\"  ·  llm finetune "
+                  f"RECIPE {shlex.quote(f'finetune.init={run}')}")
 
     run_guarded(body)

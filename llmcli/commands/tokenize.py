@@ -142,6 +142,8 @@ def command(
         # several inputs: the name pretraining looks for when its data.source lists them
         name = _stem(paths[0]) if len(paths) == 1 else corpus_name(paths)
         target = output or Path("data") / name
+        if output is not None:  # -o names a prefix: a device there (/dev/null) is no place
+            check_output(output, "--output", file=None)
         if is_shard_folder(target) and not shard_tokens:
             fail(f"--output {target}: is a sharded corpus (a folder with index.json); add "
                  "--shard-tokens N to rewrite it, or choose another path")

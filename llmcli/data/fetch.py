@@ -36,7 +36,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from llmcli import __version__
-from llmcli.console import EXIT_FAILURE, EXIT_USAGE, UserError, byte_progress, fail, info, warn
+from llmcli.console import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    UserError,
+    byte_progress,
+    fail,
+    info,
+    warn,
+    writing,
+)
 from llmcli.data.corpus import FILENAME as BUILTIN_FILENAME
 from llmcli.data.corpus import write_builtin
 from llmcli.files import CLOEXEC, NOFOLLOW, locked, publish, sha256_file, write_json
@@ -494,7 +503,7 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
             warn(f"{part.name}: the remote file changed (or the server cannot resume); "
                         "downloading it again from the start")
         size = offset if resumed else 0
-        with _open_part(part, append=resumed) as fh:
+        with writing(part), _open_part(part, append=resumed) as fh:  # names a full disk
             if not resumed:  # after truncating: a crash never pairs old bytes with a new record
                 record = {"url": url, "validator": _validator(response.headers)}
                 if record["validator"]:

@@ -22,6 +22,7 @@ the single file: same seed, same batches, exact resume.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from llmcli.console import fail
+from llmcli.console import DiskFull, disk_full, fail
 from llmcli.data.token_cache import SHARD_INDEX as INDEX_NAME
 from llmcli.files import interrupts_held
 
@@ -75,9 +76,11 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, kind: Any, *rest: Any) -> None:
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         if kind is not None:
             self.abort()
+            if disk_full(value):  # named after the corpus, not the hidden folder just removed
+                raise DiskFull(self.folder) from None
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids).astype("<u4", copy=False)
@@ -131,9 +134,10 @@ class ShardWriter:
         return index
 
     def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        fh, self._fh = self._fh, None
+        with contextlib.suppress(OSError):  # closing flushes: fails again on a full disk
+            if fh is not None:
+                fh.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmcli.console import fail
+from llmcli.console import check_readable, fail
 from llmcli.files import sha256_file
 
 TOKENS_FORMAT = "llmcli-tokens/1"
@@ -39,6 +39,7 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for raw in inputs:
         path = Path(raw)
+        check_readable(path)  # a FIFO, a device, no permission: refused before it is opened
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
@@ -50,9 +51,6 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
                 fail(f"{path}: is already a token file; give the text it was made from, or use "
                      "it directly as data.source")
             files.append(path)
-        elif path.exists():
-            fail(f"{path}: not a regular file (a device, pipe or socket); give a text, "
-                 ".json/.jsonl file or a directory")
         else:
             fail(f"{path}: no such file or directory; check the path (`llm fetch --list` shows "
                  "the downloadable corpora)")

@@ -13,8 +13,10 @@ boundary and each source's SHA-256 (see `tokenize_files`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -476,6 +478,41 @@ def _stream_jobs(path: Path, text_field: str, reading: _Reading, source: _Source
     source.sha256 = sha256_file(path)
 
 
+MAX_SIDECAR = 1 << 26  # a sidecar lists its sources: 64 MiB is millions of them
+
+
+def check_replaceable(target: Path, inputs: list[Path]) -> None:
+    """Refuse, before any work, to write a token file and sidecar over what is not an earlier
+    pair of `llm tokenize`'s: one of the inputs (under any name: samefile), or any other file
+    (one with no llmcli-tokens sidecar). Replacing is only ever regenerating."""
+    side = sidecar_path(target)
+    for path in (target, side):
+        for source in inputs:
+            with contextlib.suppress(OSError):  # a missing output is no input
+                if os.path.samefile(path, source):
+                    fail(f"{path}: is the input {source}; writing the tokens there would "
+                         "destroy it: choose another -o")
+    if _is_sidecar(side):
+        return
+    keep = "it is not replaced: remove it or choose another -o"
+    if side.exists() or side.is_symlink():
+        fail(f"{side}: exists and is not a sidecar written by llm tokenize (no format "
+             f"{FORMAT}); {keep}")
+    if target.exists() or target.is_symlink():
+        fail(f"{target}: exists and is not a token file written by llm tokenize (no sidecar "
+             f"{side.name} beside it); {keep}")
+
+
+def _is_sidecar(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_SIDECAR:
+        return False
+    try:
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 class _FileSink:
     """One .tokens file, staged in `tmp` beside its target and published with its sidecar by
     `finish`; fed like a `ShardWriter`."""
@@ -491,8 +528,9 @@ class _FileSink:
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         if kind is not None and self.tmp.exists():  # failed before `finish` published it
-            self._fh.close()
-            self._atomic.__exit__(kind, value, tb)
+            with contextlib.suppress(OSError):  # closing flushes: fails again on a full disk
+                self._fh.close()
+            self._atomic.__exit__(kind, value, tb)  # removes tmp; names a full disk's file
 
     def write(self, ids: np.ndarray) -> None:
         self._fh.write(np.ascontiguousarray(ids, dtype="<u4").data)
@@ -618,6 +656,7 @@ def tokenize_files(
         target = Path(out)
         if not target.name.endswith(".tokens"):
             target = target.with_name(target.name + ".tokens")
+        check_replaceable(target, files)
         sink = _FileSink(target)
     sources: list[dict] = []
     documents = text_bytes = 0

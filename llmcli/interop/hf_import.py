@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.checkpoint import CHECKPOINTS_DIR, save_model, step_path
-from llmcli.console import fail, first_line, info, warn
+from llmcli.console import check_readable, fail, first_line, info, warn
 from llmcli.interop.hub import fetch, looks_like_hub_id
 from llmcli.interop.mapping import from_hf, import_class, model_keys
 from llmcli.interop.staging import check_target, staged_folder
@@ -54,6 +54,7 @@ def locate(source: str) -> Path:
              "model id such as openai-community/gpt2")
     path = Path(source).expanduser()
     if path.exists():
+        check_readable(path)
         if not path.is_dir():
             fail(f"{source}: is a file; give a folder written by save_pretrained (config.json + "
                  "model.safetensors) or a Hugging Face model id such as openai-community/gpt2")
@@ -66,6 +67,7 @@ def locate(source: str) -> Path:
 
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
+    check_readable(path)
     if not path.is_file():
         fail(f"{folder}: no config.json, so this is not a transformers model folder; give the "
              "folder save_pretrained wrote")
@@ -91,11 +93,13 @@ def weight_files(folder: Path) -> list[Path]:
             if not isinstance(name, str) or Path(name).name != name or \
                     not name.endswith(".safetensors"):
                 fail(f"{index}: names {str(name)[:60]!r}, not a .safetensors file in the folder")
+            check_readable(folder / name)
             if not (folder / name).is_file():
                 fail(f"{folder / name}: shard missing (listed in {INDEX})")
             files.append(folder / name)
         return files
     single = folder / "model.safetensors"
+    check_readable(single)  # a pipe there is refused, not taken for a missing file
     if single.is_file():
         return [single]
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
@@ -113,6 +117,7 @@ def read_weights(files: list[Path]) -> dict[str, Any]:
 
     tensors: dict[str, Any] = {}
     for path in files:
+        check_readable(path)  # a pipe would hang load_file; no permission is not "missing"
         try:
             part = load_file(str(path))
         except (SafetensorError, OSError, RuntimeError) as exc:

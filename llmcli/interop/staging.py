@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from llmcli.checkpoint import raw_metadata, run_files, step_path
-from llmcli.console import check_output, fail, first_line
+from llmcli.console import DiskFull, check_output, disk_full, fail, first_line
 
 Kind = Literal["export", "import"]
 # What `llm export` writes, and the other files of a transformers model folder
@@ -119,6 +119,8 @@ def staged_folder(target: Path, overwrite: bool, kind: Kind) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):  # named after the folder asked for, not the one just removed
+            raise DiskFull(target) from None
         raise

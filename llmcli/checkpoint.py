@@ -413,6 +413,10 @@ class Checkpoint:
         meta = read_metadata(path)
         recipe = build_recipe(meta["recipe"], where=f"{path} (stored recipe)")
         check_metadata(meta, recipe, path)
+        if str(meta.get("tokenizer", "")).startswith("hf-"):  # an imported run keeps its own
+            from llmcli.interop.tokenizer_store import add_run
+
+            add_run(path.parent)
         return cls(path, meta, recipe)
 
     @property

@@ -21,6 +21,12 @@ from typing import IO, Any
 FILE_MODE = 0o666  # before the umask, as open() does: every file the project writes has it
 
 
+def cache_dir(part: str) -> Path:
+    """llm's per-user cache folder `part` ($XDG_CACHE_HOME honoured): what can be rebuilt."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llmcli" / part
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success it replaces `target` atomically.

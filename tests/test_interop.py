@@ -46,7 +46,11 @@ TEXTS = ["Hello world!", "  leading   spaces\n\n\ttabs  \n", "naïve café 日�
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # checkpoints/ (and its tokenizer store) live in the test's dir
+    from llmcli.interop import tokenizer_store
+
+    monkeypatch.chdir(tmp_path)  # checkpoints/ lives in the test's dir
+    monkeypatch.setattr(tokenizer_store, "cache_dir", lambda part: tmp_path / "cache" / part)
+    monkeypatch.setattr(tokenizer_store, "_runs", [])
 
 
 def llm_checkpoint(folder: Path, seed: int = 0, **model) -> Path:
@@ -596,14 +600,17 @@ def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
 
 
 def test_imported_tokenizer_names_are_checked(tmp_path):
-    from llmcli.interop.tokenizer_store import store_root
+    from llmcli.interop.tokenizer_store import roots
 
     source = hf_folder(tmp_path / "src", "gpt2")
     result = import_hf(str(source), Path("checkpoints/g"))
     with pytest.raises(UserError, match="data.tokenizer"):
         build_recipe({"data": {"tokenizer": "hf-../../etc"}})
     build_recipe({"data": {"tokenizer": result.tokenizer}})
-    (store_root() / result.tokenizer / "tokenizer_config.json").write_text("{}")
+    copies = [root / result.tokenizer for root in roots() if (root / result.tokenizer).is_dir()]
+    assert len(copies) == 2  # the run's own and the user's cache
+    for copy in copies:
+        (copy / "tokenizer_config.json").write_text("{}")
     get_tokenizer.cache_clear()
     try:
         with pytest.raises(UserError, match="changed after the import"):
@@ -622,3 +629,31 @@ def test_import_prints_follow_up_commands_a_shell_takes_as_they_are(tmp_path):
     generate, finetune = line.split("next", 1)[1].split("·")
     assert shlex.split(generate) == ["llm", "generate", "imp ü", "Hello"]
     assert shlex.split(finetune) == ["llm", "finetune", "RECIPE", "finetune.init=imp ü"]
+
+
+def test_an_imported_run_works_from_any_folder_and_after_a_move(tmp_path, monkeypatch):
+    """The run keeps its tokenizer: generate it from elsewhere, moved, with no cache left."""
+    import shutil
+
+    from llmcli.interop import tokenizer_store
+
+    source = hf_folder(tmp_path / "src", "gpt2")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    result = import_hf(str(source), tmp_path / "runs" / "g")
+    assert (tmp_path / "runs" / "g" / "tokenizers" / result.tokenizer).is_dir()
+    shutil.move(tmp_path / "runs" / "g", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setattr(tokenizer_store, "_runs", [])
+    get_tokenizer.cache_clear()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    try:
+        code, output = invoke("generate", str(tmp_path / "moved"), "Hello", "-n", "3",
+                              "--strategy", "greedy")
+    finally:
+        get_tokenizer.cache_clear()
+    assert code == 0, output
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    code, output = invoke("import", str(source), "-o", str(tmp_path / "moved"), "--overwrite")
+    assert code == 0, output  # an earlier import, its tokenizer folder included, is replaced

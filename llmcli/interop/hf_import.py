@@ -20,6 +20,7 @@ from typing import Any
 
 from llmcli.checkpoint import CHECKPOINTS_DIR, save_model, step_path
 from llmcli.console import check_readable, fail, first_line, info, warn
+from llmcli.constants import RUN_TOKENIZERS
 from llmcli.interop.hub import fetch, looks_like_hub_id
 from llmcli.interop.mapping import from_hf, import_class, model_keys
 from llmcli.interop.staging import check_target, staged_folder
@@ -130,15 +131,16 @@ def read_weights(files: list[Path]) -> dict[str, Any]:
 
 
 def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
-                   choice: str = "auto") -> tuple[str, str | None]:
-    """(tokenizer name, end-of-text token) for the model in `folder`."""
+                   choice: str = "auto") -> tuple[str, str | None, dict[str, bytes] | None]:
+    """(tokenizer name, end-of-text token, the files the run keeps of a stored tokenizer) for
+    the model in `folder`."""
     from llmcli.interop.tokenizer_export import EOT_TEXT, native_name
     from llmcli.interop.tokenizer_store import eos_token, store
 
     if choice not in TOKENIZER_CHOICES:
         fail(f"--tokenizer {choice}: use {', '.join(TOKENIZER_CHOICES)}")
     if choice != "auto":
-        return choice, EOT_TEXT
+        return choice, EOT_TEXT, None
     path = folder / "tokenizer.json"
     if not path.is_file():
         fail(f"{folder}: no tokenizer.json (a transformers fast tokenizer); save one beside the "
@@ -146,7 +148,7 @@ def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
              "own with --tokenizer cl100k_base or --tokenizer bytes")
     native = native_name(path)
     if native is not None:
-        return native, EOT_TEXT
+        return native, EOT_TEXT, None
     from tokenizers import Tokenizer
 
     data = path.read_bytes()
@@ -158,7 +160,8 @@ def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
     if eos is None:
         fail(f"{folder}: no end-of-text token found (tokenizer_config.json eos_token, config.json "
              "eos_token_id); add eos_token to tokenizer_config.json")
-    return store(data, eos, context_length), eos
+    name, files = store(data, eos, context_length)
+    return name, eos, files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +203,8 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     """Convert `source` (folder or hub id) into an llm run directory; see the module doc."""
     import torch
 
+    from llmcli.interop.tokenizer_store import add_run, write
+
     folder = locate(source)
     where = str(folder)
     out = Path(out) if out is not None else default_output(source, folder)
@@ -209,7 +214,7 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     cls = import_class(config, str(folder / "config.json"))
     keys = model_keys(config, cls, str(folder / "config.json"))
     files = weight_files(folder)
-    tok_name, eos = read_tokenizer(folder, config, keys["context_length"], tokenizer)
+    tok_name, eos, tok_files = read_tokenizer(folder, config, keys["context_length"], tokenizer)
     recipe = build_recipe({"name": name, "data": {"tokenizer": tok_name, "vocab": "full"},
                            "model": keys}, where=f"{folder / 'config.json'} (as a recipe)")
     info(f"reading {len(files)} safetensors file(s) from {folder} ({cls})")
@@ -220,18 +225,20 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
         fail(f"{where}: weights stored as {dtype}; llm imports float32, bfloat16 or float16")
     ours = {k: v.to(dtype) for k, v in from_hf(raw, recipe.model, cls, where).items()}
     model = build_model(ours, recipe, where)
-    vocab = int(recipe.model.vocab_size)
-    from llmcli.data.tokenizer import get_tokenizer
-
-    n_vocab = get_tokenizer(tok_name).n_vocab
-    if n_vocab > vocab:
-        warn(f"the tokenizer has {n_vocab:,} ids but the model's vocabulary only {vocab:,}: "
-             "text that tokenizes to the others cannot be given to it")
     from llmcli.model.count import unique_parameters
 
     params = sum(p.numel() for p in unique_parameters(model.named_parameters()).values())
     with staged_folder(out, overwrite, "import") as tmp:
+        if tok_files is not None:  # the run keeps its tokenizer: it works from anywhere
+            write(tmp / RUN_TOKENIZERS / tok_name, tok_files)
         save_model(step_path(tmp, 0), model, recipe, tokenizer=tok_name, step=0,
                    imported_from=str(source), architecture=cls)
+    add_run(out)
+    from llmcli.data.tokenizer import get_tokenizer
+
+    vocab, n_vocab = int(recipe.model.vocab_size), get_tokenizer(tok_name).n_vocab
+    if n_vocab > vocab:
+        warn(f"the tokenizer has {n_vocab:,} ids but the model's vocabulary only {vocab:,}: "
+             "text that tokenizes to the others cannot be given to it")
     return ImportResult(step_path(out, 0), folder, cls, recipe, tok_name, eos, params,
                         str(dtype).removeprefix("torch."))

@@ -21,6 +21,7 @@ from typing import Literal
 
 from llmcli.checkpoint import raw_metadata, run_files, step_path
 from llmcli.console import DiskFull, check_output, disk_full, fail, first_line
+from llmcli.constants import RUN_TOKENIZERS
 
 Kind = Literal["export", "import"]
 # What `llm export` writes, and the other files of a transformers model folder
@@ -71,7 +72,8 @@ def foreign(folder: Path, kind: Kind) -> str | None:
     directory when its one checkpoint says it was imported."""
     entries = sorted(folder.iterdir())
     run = run_files(folder)
-    if kind == "import" and entries == [step_path(folder, 0)] and imported(entries[0]):
+    own = [p for p in entries if not (p.name == RUN_TOKENIZERS and p.is_dir())]  # its tokenizer
+    if kind == "import" and own == [step_path(folder, 0)] and imported(own[0]):
         return None
     if run:
         files = f"{len(run)} files, e.g." if len(run) > 1 else "1 file:"

@@ -1,11 +1,16 @@
 """Imported transformers tokenizers: kept by content, loaded with the `tokenizers` library.
 
 `llm import` stores the model's tokenizer.json (with a tokenizer_config.json naming its
-end-of-text token) in `checkpoints/tokenizers/hf-<digest>/`, where the digest is the SHA-256 of
-both files. The tokenizer's name, `hf-<digest>`, is what checkpoints and recipes record
-(`data.tokenizer`), so fine-tuned runs of an imported model find the same tokenizer, the name is
-safe in file names, and a file changed after the import is refused instead of silently giving
-other ids. The folder is itself a transformers tokenizer folder.
+end-of-text token) as `tokenizers/hf-<digest>/` inside the run it writes, with a copy in the
+user's cache (`~/.cache/llmcli/tokenizers/`); the digest is the SHA-256 of both files. A
+checkpoint read from a run registers that run's folder (`add_run`), so the run works from any
+working directory and after being moved; runs imported by earlier versions kept it in
+`checkpoints/tokenizers/` of the working directory, which is still searched.
+
+The tokenizer's name, `hf-<digest>`, is what checkpoints and recipes record (`data.tokenizer`),
+so fine-tuned runs of an imported model find the same tokenizer, the name is safe in file names,
+and a file changed after the import is refused instead of silently giving other ids. The folder
+is itself a transformers tokenizer folder.
 
 Only JSON is read (`tokenizers.Tokenizer.from_file`): no code runs, nothing is unpickled. As with
 llm's own tokenizers, special-token strings in text are encoded as text.
@@ -13,6 +18,7 @@ llm's own tokenizers, special-token strings in text are encoded as text.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -21,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.checkpoint import CHECKPOINTS_DIR
-from llmcli.console import fail, first_line
+from llmcli.console import UserError, fail, first_line
+from llmcli.constants import RUN_TOKENIZERS
 from llmcli.data.tokenizer import Tokenizer
-from llmcli.files import atomic_open
+from llmcli.files import atomic_open, cache_dir
 from llmcli.recipe import HF_TOKENIZER
 
 FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -34,8 +41,21 @@ def is_hf_name(name: Any) -> bool:
     return isinstance(name, str) and HF_TOKENIZER.fullmatch(name) is not None
 
 
-def store_root() -> Path:
-    return CHECKPOINTS_DIR / "tokenizers"
+_runs: list[Path] = []  # run directories whose checkpoints were read, newest first
+
+
+def add_run(run_dir: Path) -> None:
+    """Search `run_dir`'s own tokenizer folder first from now on (a checkpoint was read there)."""
+    folder = Path(run_dir) / RUN_TOKENIZERS
+    if folder in _runs:
+        _runs.remove(folder)
+    _runs.insert(0, folder)
+
+
+def roots() -> list[Path]:
+    """Where stored tokenizers are looked for, in order: the runs read, the user's cache, and
+    `checkpoints/tokenizers/` of the working directory (where earlier versions kept them)."""
+    return [*_runs, cache_dir("tokenizers"), CHECKPOINTS_DIR / "tokenizers"]
 
 
 def digest(tokenizer_json: bytes, config_json: bytes) -> str:
@@ -53,18 +73,26 @@ def token_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def store(tokenizer_json: bytes, eos: str, context_length: int) -> str:
-    """Keep a tokenizer (already checked to parse) in the store; its name."""
+def store(tokenizer_json: bytes, eos: str, context_length: int) -> tuple[str, dict[str, bytes]]:
+    """Keep a tokenizer (already checked to parse) in the user's cache; its name and files, for
+    the run to keep a copy of (`write`)."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
               "model_max_length": context_length, "clean_up_tokenization_spaces": False}
     config_json = (json.dumps(config, indent=2) + "\n").encode()
     name = f"hf-{digest(tokenizer_json, config_json)}"
-    folder = store_root() / name
-    if not all((folder / f).is_file() for f in FILES) or folder_digest(folder) != name[3:]:
-        for file, data in zip(FILES, (tokenizer_json, config_json), strict=True):
-            with atomic_open(folder / file, "wb") as fh:
-                fh.write(data)
-    return name
+    files = dict(zip(FILES, (tokenizer_json, config_json), strict=True))
+    with contextlib.suppress(OSError, UserError):  # unwritable: the run's own copy is enough
+        write(cache_dir("tokenizers") / name, files)
+    return name, files
+
+
+def write(folder: Path, files: dict[str, bytes]) -> None:
+    """A stored tokenizer's folder, unless it already holds these files."""
+    if folder_digest(folder) == digest(*files.values()):
+        return
+    for file, data in files.items():
+        with atomic_open(folder / file, "wb") as fh:
+            fh.write(data)
 
 
 def folder_digest(folder: Path) -> str | None:
@@ -78,14 +106,17 @@ def folder_of(name: str) -> Path:
     """The checked folder of a stored tokenizer; a missing or altered one is a one-line error."""
     if not is_hf_name(name):
         fail(f"tokenizer {name!r}: not a stored transformers tokenizer name (hf-<16 hex digits>)")
-    folder = store_root() / name
-    if not (folder / "tokenizer.json").is_file():
-        fail(f"tokenizer {name}: {folder} is missing; it is written by `llm import` (run llm from "
-             "the directory that holds checkpoints/, or import the model again)")
-    if folder_digest(folder) != name[3:]:
-        fail(f"tokenizer {name}: the files in {folder} changed after the import, so ids would "
-             "differ from the model's; import the model again")
-    return folder
+    present = [root / name for root in roots() if (root / name / "tokenizer.json").is_file()]
+    for folder in present:
+        if folder_digest(folder) == name[3:]:
+            return folder
+    if present:
+        fail(f"tokenizer {name}: the files in {present[0]} changed after the import, so ids "
+             "would differ from the model's; import the model again")
+    fail(f"tokenizer {name}: not found in the run's {RUN_TOKENIZERS}/ folder, the cache "
+         f"({cache_dir('tokenizers')}) or {CHECKPOINTS_DIR / 'tokenizers'}; it is written by "
+         "`llm import`: import the model again, or copy the imported run's tokenizers/ folder "
+         "along with it")
 
 
 class HFTokenizer(Tokenizer):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llmcli.files import atomic_path
+from llmcli.files import atomic_path, cache_dir
 
 SOURCE = Path(__file__).with_name("native_decode.cpp")
 LAYER_SLOTS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias",
@@ -58,11 +58,6 @@ class Pick(ctypes.Structure):
     _fields_ = [("index", ctypes.c_int64), ("logprob", ctypes.c_float), ("ok", ctypes.c_int32)]
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llmcli" / "native"
-
-
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its instruction-set flags."""
     try:
@@ -89,7 +84,7 @@ def library() -> ctypes.CDLL | None:
                                  timeout=30).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags),
                                         _cpu_signature()]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"decode-{key}.so"
+        target = cache_dir("native") / f"decode-{key}.so"
         if not target.exists():
             with atomic_path(target) as built:  # whole or not at all, even built concurrently
                 subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True,

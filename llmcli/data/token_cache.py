@@ -118,7 +118,7 @@ def locate(source: str | list[str], tokenizer: str, data_dir: Path = Path("data"
         folder = path.is_dir() and (path / SHARD_INDEX).is_file()
         if not (path.is_file() or folder):
             return None
-        meta = _read_json(description_path(path))
+        meta = read_json_object(description_path(path))
         if meta is None:
             what = "shard folder without a readable index" if folder else (
                 "token file without a readable sidecar")
@@ -128,7 +128,7 @@ def locate(source: str | list[str], tokenizer: str, data_dir: Path = Path("data"
 
 
 def _describes(path: Path, files: list[Path], tokenizer: str) -> Cached | None:
-    meta = _read_json(sidecar_path(path))
+    meta = read_json_object(sidecar_path(path))
     if meta is None or meta.get("format") != TOKENS_FORMAT or meta.get("tokenizer") != tokenizer:
         return None
     if not path.is_file() or path.stat().st_size != 4 * int(meta.get("num_tokens") or -1):
@@ -151,7 +151,8 @@ def _describes(path: Path, files: list[Path], tokenizer: str) -> Cached | None:
     return Cached(path, meta, touched)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
+    """A JSON file holding an object, or None for anything else (missing, unreadable, other)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):

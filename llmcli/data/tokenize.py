@@ -42,6 +42,7 @@ from llmcli.data.token_cache import (
     candidates,
     expand_inputs,
     find_tokens,
+    read_json_object,
     sidecar_path,
 )
 from llmcli.data.tokenizer import Tokenizer, cpu_threads, get_tokenizer
@@ -506,11 +507,8 @@ def check_replaceable(target: Path, inputs: list[Path]) -> None:
 def _is_sidecar(path: Path) -> bool:
     if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_SIDECAR:
         return False
-    try:
-        meta = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
+    meta = read_json_object(path)
+    return meta is not None and meta.get("format") == FORMAT
 
 
 class _FileSink:

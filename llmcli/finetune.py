@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,16 +136,46 @@ def records_path(recipe: Recipe) -> Path:
     return path
 
 
-def base_checkpoint(recipe: Recipe, resume: Path | None) -> Path:
-    """The checkpoint fine-tuning starts from (a LoRA resume keeps the base it started on)."""
-    if resume is not None:
-        ckpt = Checkpoint.read(resume)
-        if ckpt.is_adapter:
-            return ckpt.base_path
-    if not recipe.finetune.init:
+def base_checkpoint(recipe: Recipe, resume: Path | None,
+                    saved: dict[str, Any] | None = None) -> Path:
+    """The checkpoint fine-tuning starts from: finetune.init, or on a resume the base the run
+    started on. finetune.init may name that base again (its file or its run directory, which
+    may have newer steps by now) but not another one: a LoRA resume would silently keep its
+    own, a full one would record the wrong base."""
+    started = _started_base(resume, saved) if resume is not None and saved else None
+    init = recipe.finetune.init
+    if started is not None:
+        if init and not _names(init, started):
+            shown = os.path.normpath(started)
+            fail(f"finetune.init: {init} is not the base {resume} was fine-tuned from "
+                 f"({shown}); a resumed run keeps its base: resume with "
+                 f"finetune.init={shown}, or start a new run elsewhere (-o DIR)")
+        if "lora" in saved:
+            return Checkpoint.read(resume).base_path  # present, and the same bytes
+        if started.is_file():
+            return started
+    if not init:
         fail("finetune.init: no base checkpoint; set it in the recipe or on the command line, "
              "e.g. finetune.init=checkpoints/tiny")
-    return resolve_checkpoint(recipe.finetune.init)
+    return resolve_checkpoint(init)
+
+
+def _started_base(resume: Path, saved: dict[str, Any]) -> Path | None:
+    """The base a fine-tuning checkpoint records (see checkpoint.base_reference)."""
+    stored = saved.get("base")
+    if not isinstance(stored, str) or not stored:
+        return None
+    base = Path(stored)
+    return base if base.is_absolute() else resume.parent / base
+
+
+def _names(init: str, base: Path) -> bool:
+    """Whether finetune.init names `base`: the file itself, or the run directory holding it."""
+    try:
+        given, wanted = Path(init).resolve(), base.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: it names nothing
+        return False
+    return given == wanted or (given.is_dir() and wanted.parent == given)
 
 
 def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None = None,
@@ -160,7 +191,7 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
     if saved is not None:
         check_run_kind(resume, "finetune", saved)
         check_resume_recipe(recipe, saved, resume, RESUME_FIXED)
-    base_path = base_checkpoint(recipe, resume)
+    base_path = base_checkpoint(recipe, resume, saved)
     model, base_recipe, base_meta, _ = load_model(base_path, "cpu")
     recipe = reconcile(recipe, base_recipe, base_meta, recipe.path or "recipe")
     if recipe.model.dropout != base_recipe.model.dropout:  # same weights, new dropout modules

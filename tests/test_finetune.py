@@ -283,6 +283,34 @@ def test_resume_refuses_a_key_it_cannot_honour_naming_it(base, records, tmp_path
     assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("lora", ["lora.rank=0", "lora.rank=2"])
+def test_resume_keeps_its_base_and_refuses_another(base, records, tmp_path, lora):
+    """A LoRA resume once kept its own base whatever finetune.init said, silently; a full one
+    recorded the new base. The base's file or run directory still name it (it may have newer
+    steps), and a full resume needs no finetune.init at all."""
+    finetune(make_recipe(base, records, lora, "train.max_iters=3"), run_dir=tmp_path / "b",
+             device="cpu")
+    other = tmp_path / "other" / "step-00000010.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(base.read_bytes())  # the same weights elsewhere: still another base
+    with pytest.raises(UserError, match=r"finetune.init: .*other.* is not the base .* "
+                       r"fine-tuned from \(.*base/step-00000010.safetensors\)") as caught:
+        finetune(make_recipe(base, records, lora, f"finetune.init={other}"),
+                 run_dir=tmp_path / "b", device="cpu", resume=True)
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+    newer = base.parent / "step-00000020.safetensors"
+    newer.write_bytes(other.read_bytes())
+    run = finetune(make_recipe(base, records, lora, "train.max_iters=4",
+                               f"finetune.init={base.parent}"),
+                   run_dir=tmp_path / "b", device="cpu", resume=True)
+    assert run.base.resolve() == base.resolve() and run.result.step == 4
+    assert read_metadata(run.result.checkpoint)["base"].endswith("base/step-00000010.safetensors")
+    if lora == "lora.rank=0":
+        run = finetune(make_recipe(base, records, lora, "train.max_iters=5", "finetune.init="),
+                       run_dir=tmp_path / "b", device="cpu", resume=True)
+        assert run.base.resolve() == base.resolve() and run.result.step == 5
+
+
 def test_resume_on_other_records_is_told(base, records, tmp_path, capsys):
     finetune(make_recipe(base, records, "train.max_iters=3"), run_dir=tmp_path / "b",
              device="cpu")

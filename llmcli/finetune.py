@@ -277,6 +277,7 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
              strict: bool = False, merge: bool = False) -> FinetuneRun:
     """Fine-tune as the recipe says; returns what happened (see FinetuneRun)."""
     from llmcli.device import resolve_device
+    from llmcli.interop.tokenizer_store import keep_with_run
     from llmcli.model.count import count_parameters
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
@@ -288,6 +289,7 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
                            rank=dist.rank, main=dist.is_main)
             total, trainable = count_parameters(prep.model)
             if dist.is_main:
+                keep_with_run(prep.recipe.data.tokenizer, run_dir)
                 kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
                 info(f"{kind}: training {trainable:,} of {total:,} parameters "
                      f"({trainable / total:.2%}) from {prep.base}; run directory {run_dir}")

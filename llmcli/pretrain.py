@@ -238,6 +238,7 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
     `llmcli.checkpoint.resolve_resume`); `overwrite` replaces an earlier run in `run_dir`.
     """
     from llmcli.device import resolve_device
+    from llmcli.interop.tokenizer_store import keep_with_run
     from llmcli.model.count import count_parameters
     from llmcli.model.gpt import build_model
     from llmcli.train.state import seed_everything
@@ -252,6 +253,7 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
             model = build_model(recipe.model, dev)
             batches = make_batches(recipe, corpus, dist.rank)
             if dist.is_main:
+                keep_with_run(recipe.data.tokenizer, run_dir)
                 total, _ = count_parameters(model)
                 per_step = batches.tokens_per_batch * recipe.train.grad_accum * dist.world_size
                 describe_run(recipe, corpus, total, per_step, run_dir, dev, dist, resume_path)

@@ -657,3 +657,36 @@ def test_an_imported_run_works_from_any_folder_and_after_a_move(tmp_path, monkey
     assert not (tmp_path / "b" / "checkpoints").exists()
     code, output = invoke("import", str(source), "-o", str(tmp_path / "moved"), "--overwrite")
     assert code == 0, output  # an earlier import, its tokenizer folder included, is replaced
+
+
+def test_a_full_fine_tune_of_an_imported_model_keeps_its_tokenizer(tmp_path, monkeypatch):
+    """The fine-tuned run alone, moved, with the imported run and the cache gone, still works:
+    it keeps its own copy of the tokenizer, as the imported run does."""
+    import shutil
+
+    from llmcli.interop import tokenizer_store
+
+    result = import_hf(str(hf_folder(tmp_path / "src", "gpt2")), Path("checkpoints/g"))
+    Path("records.json").write_text(json.dumps(
+        [{"instruction": f"Colour {i}?", "input": "", "output": c}
+         for i, c in enumerate(["red", "blue", "green", "black"] * 3)]))
+    Path("full.yaml").write_text(
+        "data: {source: records.json, val_fraction: 0.25}\n"
+        "finetune: {init: checkpoints/g, template: alpaca-short}\n"
+        "train: {batch_size: 2, max_iters: 2, eval_iters: 1, precision: fp32}\n")
+    code, output = invoke("finetune", "full.yaml", "--device", "cpu", "-o", "checkpoints/ft")
+    assert code == 0, output
+    kept = Path("checkpoints/ft/tokenizers") / result.tokenizer
+    assert (kept / "tokenizer.json").read_bytes() == (
+        Path("checkpoints/g/tokenizers") / result.tokenizer / "tokenizer.json").read_bytes()
+    shutil.move("checkpoints/ft", tmp_path / "moved")
+    shutil.rmtree("checkpoints")
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setattr(tokenizer_store, "_runs", [])
+    get_tokenizer.cache_clear()
+    try:
+        code, output = invoke("generate", str(tmp_path / "moved"), "--instruct", "Colour 1?",
+                              "-n", "3", "--strategy", "greedy")
+    finally:
+        get_tokenizer.cache_clear()
+    assert code == 0, output

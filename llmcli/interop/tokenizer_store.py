@@ -2,7 +2,8 @@
 
 `llm import` stores the model's tokenizer.json (with a tokenizer_config.json naming its
 end-of-text token) as `tokenizers/hf-<digest>/` inside the run it writes, with a copy in the
-user's cache (`~/.cache/llmcli/tokenizers/`); the digest is the SHA-256 of both files. A
+user's cache (`~/.cache/llmcli/tokenizers/`), and every run trained with it keeps a copy too
+(`keep_with_run`); the digest is the SHA-256 of both files. A
 checkpoint read from a run registers that run's folder (`add_run`), so the run works from any
 working directory and after being moved; runs imported by earlier versions kept it in
 `checkpoints/tokenizers/` of the working directory, which is still searched.
@@ -93,6 +94,14 @@ def write(folder: Path, files: dict[str, bytes]) -> None:
     for file, data in files.items():
         with atomic_open(folder / file, "wb") as fh:
             fh.write(data)
+
+
+def keep_with_run(name: str, run_dir: Path) -> None:
+    """A run trained with a stored tokenizer keeps its own copy, as the imported run does, so a
+    full fine-tune of an imported model works from any folder, moved, with no cache."""
+    if is_hf_name(name):
+        source = folder_of(name)
+        write(Path(run_dir) / RUN_TOKENIZERS / name, {f: (source / f).read_bytes() for f in FILES})
 
 
 def folder_digest(folder: Path) -> str | None:

@@ -34,8 +34,23 @@ def _tolerant_stdout() -> None:
         sys.stdout.reconfigure(errors="replace")
 
 
+def _check_stdout() -> None:
+    """A closed standard output (`>&-`) would drop every result while the command exits 0, as
+    if it had printed them: refused before any work, as coreutils' tools fail on it."""
+    try:
+        os.fstat(1)
+        closed = sys.stdout is None
+    except OSError:  # closed after Python started: sys.stdout is there, its writes fail
+        closed = True
+    if closed:
+        os.write(2, b"error: standard output is closed (>&-), so the results would be lost; "
+                    b"redirect it to a file, or to /dev/null to discard them\n")
+        sys.exit(2)
+
+
 def main() -> None:
     previous = signal.signal(signal.SIGINT, _leave)
+    _check_stdout()
     _tolerant_stdout()
     from llmcli.cli import main as run
 

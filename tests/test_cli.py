@@ -72,6 +72,15 @@ def test_ctrl_c_while_libraries_load_ends_at_once_with_130():
     assert result.returncode == 130 and result.stderr == "interrupted\n"
 
 
+def test_a_closed_standard_output_is_refused_before_any_work():
+    """`llm params R >&-` printed nothing and exited 0, as if its results had been shown."""
+    result = subprocess.run(f"'{sys.executable}' -m llmcli scaling --params 1M >&-",
+                            shell=True, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: standard output is closed")
+    assert result.stderr.count("\n") == 1
+
+
 def test_unknown_command_exits_2():
     result = runner.invoke(app, ["frobnicate"])
     assert result.exit_code == 2

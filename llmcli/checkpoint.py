@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.console import UserError, check_readable, fail, first_line, not_regular, warn
-from llmcli.constants import TOKENIZER_VOCAB
+from llmcli.constants import RUN_TENSORBOARD, TOKENIZER_VOCAB
 from llmcli.files import Busy, locked
 from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
 
@@ -41,7 +41,8 @@ CHECKPOINTS_DIR = Path("checkpoints")
 STEP_RE = re.compile(r"^step-(\d+)\.safetensors$")
 BEST_NAME = "best.safetensors"
 MERGED_NAME = "merged.safetensors"
-RUN_FILES = ("metrics.jsonl", "loss.png")  # what a run writes beside its checkpoints
+# what a run writes beside its checkpoints, the TensorBoard folder included
+RUN_FILES = ("metrics.jsonl", "loss.png", RUN_TENSORBOARD)
 TOKENIZERS = ("cl100k_base", "bytes")
 MAX_ADAPTER_DEPTH = 8  # an adapter on an adapter on ...: more than this is a loop or an attack
 VANISHED_RETRIES = 5  # picks of a run directory's newest step while a training run prunes it
@@ -86,10 +87,16 @@ def run_files(run_dir: Path) -> list[Path]:
     found = [p for _, p in step_checkpoints(run_dir)]
     found += [trainer_path(p) for p in found if trainer_path(p).exists()]
     found += [run_dir / n for n in (BEST_NAME, MERGED_NAME) if (run_dir / n).exists()]
-    # an empty metrics.jsonl is a start that stopped before it logged anything: not a run
-    found += [run_dir / n for n in RUN_FILES
-              if (run_dir / n).exists() and (run_dir / n).stat().st_size > 0]
+    # an empty metrics.jsonl (or event folder) is a start that stopped before it logged
+    # anything: not a run
+    found += [run_dir / n for n in RUN_FILES if _holds_something(run_dir / n)]
     return found
+
+
+def _holds_something(path: Path) -> bool:
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.exists() and path.stat().st_size > 0
 
 
 def latest_run(root: Path = CHECKPOINTS_DIR) -> Path | None:
@@ -264,7 +271,10 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, main: boo
                      f"break; merge it first (llm finetune --merge {users[0]}) or write this "
                      "run elsewhere with -o DIR")
         for path in old:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     swept = sweep_temp_files(run_dir)
     if swept:
         warn(f"removed {len(swept)} unfinished temporary file(s) of an interrupted write in "

@@ -361,6 +361,26 @@ def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_rerun(
             .splitlines()][0] == 0
 
 
+def test_an_earlier_runs_tensorboard_events_are_part_of_it(project):
+    """`--overwrite` deleted an earlier run but left its TensorBoard events, which then showed
+    as the new run's curves; a folder of them alone is an earlier start, replaced."""
+    assert pretrain().exit_code == 0
+    run = project / "checkpoints" / "mini"
+    events = run / "tensorboard" / "events.out.tfevents.1.host"
+    events.parent.mkdir()
+    events.write_bytes(b"old run")
+    assert pretrain("--overwrite").exit_code == 0
+    assert not (run / "tensorboard").exists()
+    for path in list(run.iterdir()):
+        path.unlink()
+    events.parent.mkdir()
+    events.write_bytes(b"old run")
+    again = pretrain()
+    assert again.exit_code == 0, again.output
+    assert "replacing tensorboard of an earlier start" in again.stderr
+    assert not (run / "tensorboard").exists()
+
+
 def test_an_earlier_run_without_step_checkpoints_is_not_offered_to_resume(project):
     run = project / "checkpoints" / "mini"
     run.mkdir(parents=True)

@@ -326,6 +326,20 @@ def test_tensorboard_missing_is_a_warning_not_a_failure(tmp_path, capsys):
     assert read_metrics(tmp_path / "metrics.jsonl")
 
 
+def test_tensorboard_drops_the_events_after_a_resumed_step(tmp_path, monkeypatch):
+    """A resume (or a branch from an older step) starts the event writer with purge_step, so
+    TensorBoard drops the abandoned steps' scalars as metrics.jsonl drops their records."""
+    from llmcli.train import metrics
+
+    opened = []
+    monkeypatch.setattr(metrics, "_tensorboard",
+                        lambda folder, purge_step: opened.append((folder.name, purge_step)))
+    for step in (0, 40):
+        metrics.Metrics(tmp_path, tracker="tensorboard").start(step)
+    metrics.Metrics(tmp_path, enabled=False, tracker="tensorboard").start(40)  # not rank 0
+    assert opened == [("tensorboard", None), ("tensorboard", 41)]
+
+
 def test_metrics_jsonl_is_plain_json_lines(tmp_path):
     recipe, model, batches = setup(max_iters=2, eval_interval=1)
     train(recipe, model, batches, tmp_path, device="cpu")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.console import warn
+from llmcli.constants import RUN_TENSORBOARD
 from llmcli.files import append_line, atomic_path, write_text
 
 
@@ -39,20 +40,23 @@ class Metrics:
         self.path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "loss.png"
         self.enabled = enabled
+        self.tracker = tracker
         self.records: list[dict[str, Any]] = []
         self.writer = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if tracker == "tensorboard":
-                self.writer = _tensorboard(run_dir / "tensorboard")
 
     def start(self, step: int) -> None:
-        """Continue the file of a resumed run (dropping records after `step`) or start afresh."""
+        """Continue the file of a resumed run (dropping records after `step`) or start afresh;
+        TensorBoard is told to drop its events after `step` too (a branch from an older one)."""
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step] if step else []
         self.records = kept
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.tracker == "tensorboard" and self.writer is None:
+            self.writer = _tensorboard(self.run_dir / RUN_TENSORBOARD,
+                                       purge_step=step + 1 if step else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -114,11 +118,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _tensorboard(log_dir: Path) -> Any:
+def _tensorboard(log_dir: Path, purge_step: int | None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         warn("train.tracker=tensorboard but the tensorboard package is not installed "
              "(pip install tensorboard); logging to metrics.jsonl only")
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -934,9 +934,13 @@ def resolve_resume(spec: str | Path | bool | None, run_dir: Path) -> Path | None
         if not found:
             left = run_files(where)
             if left:  # a run killed before its first checkpoint: a fresh start must replace it
+                # metrics and a plot alone are replaced by a plain start (prepare_run_dir)
+                how = ("start again without --resume (it replaces them)"
+                       if all(p.name in RUN_FILES for p in left) else
+                       "start again with --overwrite instead of --resume")
                 fail(f"--resume: {where} holds an earlier run that stopped before its first "
                      f"step checkpoint ({len(left)} files, e.g. {left[0].name}), so there is "
-                     "nothing to resume; start again with --overwrite instead of --resume")
+                     f"nothing to resume; {how}")
             fail(f"--resume: no resumable checkpoint in {where}; start without --resume or give "
                  "a step-*.safetensors file")
         for path in found:

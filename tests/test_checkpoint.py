@@ -353,6 +353,8 @@ def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_rerun(
         assert pretrain().exit_code == 1
     run = project / "checkpoints" / "mini"
     assert sorted(p.name for p in run.iterdir()) == ["loss.png", "metrics.jsonl"]
+    resumed = pretrain("--resume")  # it offers what works: a plain start, not --overwrite
+    assert resumed.exit_code == 2 and "start again without --resume" in resumed.stderr
     again = pretrain()
     assert again.exit_code == 0, again.output
     assert "replacing metrics.jsonl and loss.png of an earlier start" in again.stderr

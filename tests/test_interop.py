@@ -6,6 +6,7 @@ parameters); tokenizers are llm's bytes and cl100k_base, and a small BPE trained
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from pathlib import Path
@@ -690,3 +691,29 @@ def test_a_full_fine_tune_of_an_imported_model_keeps_its_tokenizer(tmp_path, mon
     finally:
         get_tokenizer.cache_clear()
     assert code == 0, output
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_pipe_for_a_tokenizer_file_is_refused_not_missing_or_waited_on(tmp_path, name):
+    """A FIFO tokenizer.json was reported as "no tokenizer.json"; a FIFO tokenizer_config.json
+    hung the import. A timer opens the pipe's other end, so a regression fails, not hangs."""
+    import os
+    import threading
+
+    source = hf_folder(tmp_path / "src", "gpt2")
+    fifo = source / name
+    fifo.unlink()
+    os.mkfifo(fifo)
+
+    def unblock() -> None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(10, unblock)
+    timer.start()
+    try:
+        code, output = invoke("import", str(source), "-o", str(tmp_path / "run"))
+    finally:
+        timer.cancel()
+    assert code == 2 and f"{name}: not a regular file" in output, output
+    assert not (tmp_path / "run").exists()

@@ -142,6 +142,7 @@ def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
     if choice != "auto":
         return choice, EOT_TEXT, None
     path = folder / "tokenizer.json"
+    check_readable(path)  # a pipe is not "no tokenizer.json", and would hang the reader
     if not path.is_file():
         fail(f"{folder}: no tokenizer.json (a transformers fast tokenizer); save one beside the "
              "model with AutoTokenizer.from_pretrained(...).save_pretrained(DIR), or use llm's "

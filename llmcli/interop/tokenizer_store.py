@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.checkpoint import CHECKPOINTS_DIR
-from llmcli.console import UserError, fail, first_line
+from llmcli.console import UserError, check_readable, fail, first_line
 from llmcli.constants import RUN_TOKENIZERS
 from llmcli.data.tokenizer import Tokenizer
 from llmcli.files import atomic_open, cache_dir
@@ -226,6 +226,7 @@ def eos_token(source: Path, tok: Any, config: dict[str, Any]) -> str | None:
 
 
 def _json_field(path: Path, key: str) -> Any:
+    check_readable(path)  # a pipe would hang the read
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

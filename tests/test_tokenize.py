@@ -195,6 +195,12 @@ def test_records_reader(tmp_path: Path) -> None:
     jsonl_named_json = tmp_path / "lines.json"  # many datasets use .json for JSON Lines
     jsonl_named_json.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     assert read_records(jsonl_named_json) == [good, good]
+    # separators only str.splitlines knows, raw inside strings (ensure_ascii=False), and CRLF
+    odd = {"instruction": "a\u2028b", "input": "\u2029", "output": "c\x85d\x1ce"}
+    for name in ("odd.jsonl", "odd.json"):
+        (tmp_path / name).write_bytes(
+            (json.dumps(odd, ensure_ascii=False) + "\r\n" + json.dumps(good) + "\n").encode())
+        assert read_records(tmp_path / name) == [odd, good]
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(good) + "\n{oops\n")
     with pytest.raises(UserError, match="line 2 column 2: invalid JSON"):

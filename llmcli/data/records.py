@@ -46,8 +46,10 @@ def read_records(path: Path) -> list:
 
 
 def _read_lines(path: Path, text: str) -> list:
+    """JSON Lines: records end at "\n" only. str.splitlines also breaks at U+2028, U+2029 and
+    U+0085, which a JSON string may hold raw (json.dumps(..., ensure_ascii=False))."""
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -22,7 +22,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # JSON Lines end at \n only
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -27,7 +27,7 @@ from llmcli.checkpoint import (
     read_metadata,
 )
 from llmcli.console import fail, info, warn
-from llmcli.data.batches import TokenWindows, dense_lookup
+from llmcli.data.batches import TokenWindows, check_ids, dense_lookup
 from llmcli.data.vocab import CompactVocab
 from llmcli.recipe import Recipe
 from llmcli.train import distributed
@@ -120,16 +120,18 @@ def _resolve_compact(recipe: Recipe, corpus: Corpus, vocab_map: list[int] | None
     corpus.vocab = vocab
     corpus.lookup = dense_lookup(vocab.ids, vocab.unknown_id, int(corpus.sidecar["max_id"]))
     corpus.unknown_val = count_unknown(corpus.tokens, corpus.lookup, vocab.unknown_id,
-                                       corpus.val_start)
+                                       corpus.val_start, name=str(corpus.path))
     return recipe
 
 
 def count_unknown(tokens: np.ndarray, lookup: np.ndarray, unknown_id: int, start: int = 0,
-                  chunk: int = 1 << 22) -> int:
+                  chunk: int = 1 << 22, name: str = "the token file") -> int:
     """How many tokens from `start` on map to the unknown id (in chunks: RSS stays flat)."""
     total = 0
     for lo in range(start, len(tokens), chunk):
-        total += int(np.count_nonzero(lookup[tokens[lo:lo + chunk]] == unknown_id))
+        part = tokens[lo:lo + chunk]
+        check_ids(part, len(lookup), name)
+        total += int(np.count_nonzero(lookup[part] == unknown_id))
     return total
 
 

@@ -117,6 +117,21 @@ def test_compact_vocabulary_is_stored_and_unknown_ids_are_counted(project):
     assert "validation: 10 tokens" in result.stderr and "unknown id" in result.stderr
 
 
+def test_ids_beyond_the_sidecars_largest_are_named_not_an_index_error(project):
+    """A token file edited after its sidecar was written: counting the unknown validation ids
+    indexed the compact lookup out of bounds."""
+    tokens = markov_tokens(4000)
+    path = write_tokens(project / "edited.tokens", tokens)
+    data = np.fromfile(path, dtype="<u4")
+    data[-10] = 200  # in the validation part, above the sidecar's max_id
+    data.tofile(path)
+    result = llm("pretrain", "mini.yaml", "data.source=edited.tokens", "data.vocab=compact",
+                 "-o", "runs/e")
+    assert result.exit_code == 2, result.output
+    assert "edited.tokens: holds token id 200, beyond the" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
     result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.lr=0.002",
                  "--dry-run")

@@ -257,7 +257,7 @@ def test_empty_missing_and_wrong_inputs(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such file"):
         tokenize_files([tmp_path / "missing.txt"], tmp_path / "m.tokens")
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(UserError, match="no .txt files"):
+    with pytest.raises(UserError, match=r"no \.txt, \.jsonl"):
         tokenize_files([tmp_path / "nothing"], tmp_path / "n.tokens")
     with pytest.raises(UserError, match="--errors"):
         tokenize_files([empty], tmp_path / "e.tokens", errors="ignore")
@@ -534,3 +534,57 @@ def test_tokenize_workers_leave_ctrl_c_to_the_parent():
 
     with _pool(2) as pool:
         assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by the data sweep: what `llm tokenize` wrote is what training finds; edited files
+
+
+@pytest.mark.parametrize("source", ["web", "g.jsonl.gz", "g.jsonl"])
+def test_training_finds_what_llm_tokenize_wrote_for_record_sources(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    """A folder of .jsonl files and a .jsonl.gz were tokenized again by every run: the cache
+    lookup listed only .txt files, and named x.jsonl.gz's file x.jsonl, not x."""
+    monkeypatch.chdir(tmp_path)
+    lines = "".join(json.dumps({"text": f"record {i} of a web corpus"}) + "\n" for i in range(40))
+    (tmp_path / "web").mkdir()
+    write(tmp_path / "web" / "a.jsonl", lines)
+    (tmp_path / "g.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    write(tmp_path / "g.jsonl", lines)
+    result = run_cli("tokenize", source, "-t", "bytes")
+    assert result.exit_code == 0, result.output
+    written = Path(result.stdout.split()[1])
+    assert ensure_tokens(Path(source), "bytes", 0.1) == written
+    assert sorted(p.name for p in Path("data").iterdir()) == [written.name,
+                                                              written.name + ".json"]
+
+
+def test_a_token_file_source_takes_the_recipes_split(tmp_path: Path) -> None:
+    """data.val_fraction was ignored for a .tokens source, yet recorded in the checkpoint."""
+    made = tokenize_files([write(tmp_path / "c.txt", "some text to split\n" * 50)],
+                          tmp_path / "made.tokens", tokenizer="bytes")
+    ensure_tokens(tmp_path / "made.tokens", "bytes", 0.5, tmp_path)
+    meta = read_sidecar(tmp_path / "made.tokens")
+    assert meta["val_fraction"] == 0.5 and meta["val_start"] == made["num_tokens"] // 2
+    shards = tmp_path / "sharded.tokens"
+    tokenize_files([tmp_path / "c.txt"], shards, tokenizer="bytes", shard_tokens=1024)
+    with pytest.raises(UserError, match=r"data.val_fraction 0.5: .* was split at val_fraction "
+                       r"0.1 .* set data.val_fraction=0.1"):
+        ensure_tokens(shards, "bytes", 0.5, tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"max_id": 4_000_000_000}, "max_id 4,000,000,000 is beyond the 257 ids"),
+    ({"val_start": 10**9}, "val_start 1,000,000,000 is outside its"),
+    ({"val_start": -5}, "val_start -5 is outside"),
+    ({"val_fraction": 3.0}, "val_fraction 3.0 is outside"),
+])
+def test_numbers_a_sidecar_cannot_hold_are_refused_before_use(tmp_path: Path, edit: dict,
+                                                               message: str) -> None:
+    out = tmp_path / "e.tokens"
+    tokenize_files([write(tmp_path / "c.txt", "text\n" * 40)], out, tokenizer="bytes")
+    meta = json.loads(sidecar_path(out).read_text())
+    sidecar_path(out).write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(UserError, match=f"corrupt sidecar \\({message}") as caught:
+        read_sidecar(out)
+    assert "\n" not in str(caught.value)

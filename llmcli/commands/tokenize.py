@@ -104,7 +104,7 @@ def command(
                 check_range("--head", head, 1, MAX_HEAD, "a number of tokens to show, e.g. 40")
                 if not inputs:
                     fail("--head N needs input files to read")
-                ids = head_tokens(inputs, head, tokenizer, errors)
+                ids = head_tokens(inputs, head, tokenizer, errors, text_field)
             if json_out:
                 raw = [tok.token_bytes(i) for i in ids]  # a token may be part of a character
                 out.print(json.dumps({
@@ -121,10 +121,9 @@ def command(
 
     def _tokenize(paths: list[Path]) -> None:
         from llmcli.data.shards import is_shard_folder
-        from llmcli.data.token_cache import corpus_name
+        from llmcli.data.token_cache import corpus_name, expand_inputs
         from llmcli.data.tokenize import (
             data_bytes,
-            expand_corpus_inputs,
             short_corpus_warning,
             sidecar_path,
             tokenize_files,
@@ -132,7 +131,7 @@ def command(
         from llmcli.data.tokenizer import get_tokenizer
 
         get_tokenizer(tokenizer)  # loaded before the clock starts: MB/s measures tokenizing
-        files = expand_corpus_inputs(paths)  # missing inputs named before any output is checked
+        files = expand_inputs(paths)  # missing inputs named before any output is checked
         seen: dict[Path, Path] = {}
         for path in files:
             first = seen.setdefault(path.resolve(), path)
@@ -140,7 +139,7 @@ def command(
                 again = "given twice" if str(first) == str(path) else f"the same file as {first}"
                 warn(f"{path}: {again}; its text is tokenized each time it is given")
         # several inputs: the name pretraining looks for when its data.source lists them
-        name = _stem(paths[0]) if len(paths) == 1 else corpus_name(paths)
+        name = corpus_name(paths)
         target = output or Path("data") / name
         if output is not None:  # -o names a prefix: a device there (/dev/null) is no place
             check_output(output, "--output", file=None)
@@ -191,11 +190,3 @@ def command(
             out.print(f"  {key:<16}{value}")
 
     run_guarded(body)
-
-
-def _stem(path: Path) -> str:
-    name = path.resolve().name if path.is_dir() else path.stem  # `.` is the directory's name
-    for suffix in (".jsonl", ".json"):  # x.jsonl.gz -> x
-        if not path.is_dir() and path.suffix in (".gz", ".zst") and name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name or "tokens"

@@ -106,7 +106,7 @@ class TokenWindows:
         self.bounds = {"train": (0, val_start), "val": (val_start, len(tokens))}
         for split, (lo, hi) in self.bounds.items():
             if split == "val" and hi == lo:
-                raise ValueError("the validation split is empty (data.val_fraction 0): "
+                raise ValueError("the validation split is empty (data.val_fraction 0?): "
                                  "pretraining measures its loss on held-out tokens; set "
                                  "data.val_fraction above 0, e.g. 0.1")
             if hi - lo < context_length + 1:
@@ -128,12 +128,8 @@ class TokenWindows:
         starts = torch.randint(lo, hi - T, (self.batch_size,), generator=gen)
         index = starts.numpy()[:, None] + self._offsets  # (B, T + 1)
         window = np.asarray(self.tokens[index], dtype=np.int64)
-        if self.limit is not None and int(window.max()) >= self.limit:
-            from llmcli.console import fail
-
-            fail(f"{self.name}: holds token id {int(window.max()):,}, beyond the "
-                 f"{self.limit:,} ids the model reads; the file was altered or made with "
-                 "another tokenizer: tokenize the text again with `llm tokenize`")
+        if self.limit is not None:
+            check_ids(window, self.limit, self.name)
         if self.lookup is not None:
             window = self.lookup[window]
         window = torch.from_numpy(window)
@@ -163,6 +159,18 @@ def load_generator_states(generators: dict[str, torch.Generator],
         elif name == "train":
             raise ValueError(f"batch sampler state has no '{key}'; the trainer state does not "
                              "belong to this kind of run")
+
+
+def check_ids(tokens: np.ndarray, limit: int, name: str) -> None:
+    """Ids at or beyond `limit` (the model's vocabulary, or a compact lookup's length) come
+    from a token file altered, or made for another tokenizer: named, not an IndexError."""
+    largest = int(tokens.max()) if len(tokens) else -1
+    if largest >= limit:
+        from llmcli.console import fail
+
+        fail(f"{name}: holds token id {largest:,}, beyond the {limit:,} ids the model reads; "
+             "the file was altered or made with another tokenizer: tokenize the text again "
+             "with `llm tokenize`")
 
 
 def dense_lookup(vocab_ids: np.ndarray, unknown_id: int, max_id: int) -> np.ndarray:

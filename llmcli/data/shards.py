@@ -35,6 +35,7 @@ import numpy as np
 
 from llmcli.console import DiskFull, disk_full, fail
 from llmcli.data.token_cache import SHARD_INDEX as INDEX_NAME
+from llmcli.data.token_cache import description_problem
 from llmcli.files import interrupts_held
 
 INDEX_FORMAT = "llmcli-shards/1"
@@ -170,9 +171,14 @@ def read_index(folder: Path) -> dict[str, Any]:
                 or not isinstance(tokens, int) or tokens <= 0):
             fail(f"{path}: corrupt index (shard {i}); run `llm tokenize` again")
         total += tokens
-    if total != meta["num_tokens"] or not meta["shards"]:
+    if not meta["shards"]:
+        fail(f"{path}: corrupt index (no shards listed); run `llm tokenize` again")
+    if total != meta["num_tokens"]:
         fail(f"{path}: its shards hold {total:,} tokens but it says {meta['num_tokens']:,}; "
              "run `llm tokenize` again")
+    problem = description_problem(meta)
+    if problem:
+        fail(f"{path}: corrupt index ({problem}); run `llm tokenize` again")
     return meta
 
 

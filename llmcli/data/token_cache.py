@@ -24,6 +24,23 @@ TOKENS_FORMAT = "llmcli-tokens/1"
 SHARD_INDEX = "index.json"  # a sharded corpus is a folder NAME.tokens/ with this index
 
 
+def description_problem(meta: dict[str, Any]) -> str | None:
+    """Numbers a token file's sidecar (or a shard folder's index), its fields' types checked,
+    cannot hold: a hand edit, caught before it sizes an allocation (max_id) or a split."""
+    count, start, largest = meta["num_tokens"], meta["val_start"], meta["max_id"]
+    n_vocab = meta["vocab_size"]  # the tokenizer's, when it wrote the file
+    if count < 0 or not 0 <= start <= count:
+        return f"val_start {start:,} is outside its {count:,} tokens"
+    if not 0 <= meta["val_fraction"] < 1:
+        return f"val_fraction {meta['val_fraction']} is outside [0, 1)"
+    if largest < -1:
+        return f"max_id {largest:,} is negative"
+    if largest >= n_vocab:
+        return (f"max_id {largest:,} is beyond the {n_vocab:,} ids of its tokenizer "
+                f"({meta['tokenizer']})")
+    return None
+
+
 def sidecar_path(tokens: Path) -> Path:
     return Path(tokens).with_name(Path(tokens).name + ".json")
 
@@ -35,7 +52,12 @@ def description_path(tokens: Path) -> Path:
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
-    """Files to read, in order: directories become their .txt files (sorted, recursively)."""
+    """Files to read, in order: a directory gives its .txt files (sorted, recursively), or,
+    holding none, its text-record files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet: a downloaded
+    FineWeb or C4 folder). `llm tokenize` and the cache lookup share it, so a token file is
+    found for every source it can be made from."""
+    from llmcli.data.readers import stream_kind
+
     files: list[Path] = []
     for raw in inputs:
         path = Path(raw)
@@ -43,8 +65,10 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
-                fail(f"{path}: directory holds no .txt files; put the corpus in .txt files "
-                     "or name the files directly")
+                found = sorted(p for p in path.rglob("*") if p.is_file() and stream_kind(p))
+            if not found:
+                fail(f"{path}: directory holds no .txt, .jsonl, .jsonl.gz, .jsonl.zst or "
+                     ".parquet files; put the corpus in such files or name the files directly")
             files.extend(found)
         elif path.is_file():
             if path.name.endswith(".tokens"):
@@ -59,16 +83,29 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
+def source_stem(path: Path) -> str:
+    """A source's name without its file type: a folder's own name (`.` too), `x.txt` -> x,
+    `x.jsonl.gz` -> x (not x.jsonl)."""
+    path = Path(path)
+    if path.is_dir():
+        return path.resolve().name or "tokens"
+    name = path.stem
+    for suffix in (".jsonl", ".json"):
+        if path.suffix in (".gz", ".zst") and name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "tokens"
+
+
 def corpus_name(sources: Path | list[Path]) -> str:
-    """The token file name of several sources: their names joined by '+' ('a+b'), or, when
-    that would be long, the first name, a count and a digest of the list."""
+    """The token file name of sources: their stems joined by '+' ('a+b'), or, when that would
+    be long, the first one's, a count and a digest of the list."""
     sources = [Path(s) for s in (sources if isinstance(sources, list) else [sources])]
-    name = "+".join(s.name if s.is_dir() else s.stem for s in sources)
+    name = "+".join(source_stem(s) for s in sources)
     if len(name) > 80:  # many sources: a short name that still tells them apart
         import hashlib
 
         digest = hashlib.sha256("\0".join(map(str, sources)).encode()).hexdigest()[:8]
-        name = f"{sources[0].stem[:40]}+{len(sources) - 1}-more-{digest}"
+        name = f"{source_stem(sources[0])[:40]}+{len(sources) - 1}-more-{digest}"
     return name
 
 

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from llmcli.console import UserError, byte_progress, fail, info, warn
-from llmcli.data.readers import is_text_records, iter_texts, stream_kind
+from llmcli.data.readers import is_text_records, iter_texts
 from llmcli.data.records import read_records, record_problem, record_text
 from llmcli.data.shards import (
     ShardWriter,
@@ -40,6 +40,7 @@ from llmcli.data.shards import (
 from llmcli.data.token_cache import (
     TOKENS_FORMAT,
     candidates,
+    description_problem,
     expand_inputs,
     find_tokens,
     read_json_object,
@@ -307,13 +308,14 @@ def val_start(num_tokens: int, val_fraction: float) -> int:
 
 
 def head_tokens(inputs: list[Path], n: int, tokenizer: str = "cl100k_base",
-                errors: str = "strict") -> list[int]:
+                errors: str = "strict", text_field: str = "text") -> list[int]:
     """The first `n` tokens `tokenize_files` would write, reading only as much as needed."""
     tok = get_tokenizer(tokenizer)
     encode = _encoder(tok)
     ids: list[int] = []
     block = max(4096, 8 * n)
-    for job in _jobs(expand_inputs(inputs), errors, _Reading(), block, lambda _n: None):
+    for job in _jobs(expand_inputs(inputs), errors, _Reading(), block, lambda _n: None,
+                     text_field):
         if job.new_document and ids:
             ids.append(tok.eot_id)
         ids.extend(int(i) for i in encode(job))
@@ -355,7 +357,11 @@ def read_sidecar(path: Path) -> dict:
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             fail(f"{side}: corrupt sidecar (field '{key}' missing or wrong type); run "
                  "`llm tokenize` on the text again")
+    problem = description_problem(meta)
+    if problem:
+        fail(f"{side}: corrupt sidecar ({problem}); run `llm tokenize` on the text again")
     return meta
+
 
 
 def open_tokens(path: Path) -> np.memmap:
@@ -400,7 +406,9 @@ def ensure_tokens(source: Path | list[Path], tokenizer: str, val_fraction: float
     An up-to-date token file is found by the one rule in `llmcli.data.token_cache` (what
     `llm tokenize SOURCE...` wrote, or this function's own cache); otherwise the sources are
     tokenized into `cache_dir/<name>.<tokenizer>.tokens`, several sources as one corpus. A
-    different val_fraction only rewrites the sidecar. A `.tokens` source is used as it is.
+    different val_fraction only rewrites the sidecar, for a `.tokens` source too (a shard
+    folder's split is fixed by its index: another one is refused), so the split is always
+    the recipe's, which the checkpoint records.
     """
     sources = [Path(p) for p in (source if isinstance(source, list) else [source])]
     for path in sources:
@@ -415,6 +423,13 @@ def ensure_tokens(source: Path | list[Path], tokenizer: str, val_fraction: float
             fail(f"{sources[0]}: made with the {meta['tokenizer']} tokenizer, but "
                  f"data.tokenizer is {tokenizer}; set data.tokenizer={meta['tokenizer']} "
                  "or tokenize the text again")
+        if meta["val_fraction"] != val_fraction:
+            if is_shard_folder(sources[0]):
+                fail(f"data.val_fraction {val_fraction}: {sources[0]} was split at "
+                     f"val_fraction {meta['val_fraction']} by llm tokenize (its index.json); "
+                     f"set data.val_fraction={meta['val_fraction']}, or tokenize again with "
+                     f"--val-fraction {val_fraction}")
+            _move_split(sources[0], meta, val_fraction, tokenizer)
         return sources[0]
     cached = find_tokens(sources, tokenizer, cache_dir)
     shown = ", ".join(map(str, sources))
@@ -425,13 +440,18 @@ def ensure_tokens(source: Path | list[Path], tokenizer: str, val_fraction: float
         return out
     out, meta = cached.path, cached.meta
     if meta["val_fraction"] != val_fraction or cached.touched:
-        meta["val_fraction"] = val_fraction
-        meta["val_start"] = val_start(meta["num_tokens"], val_fraction)
-        meta["compact_vocab_ids"] = compact_vocab_ids(out, meta["val_start"],
-                                                      get_tokenizer(tokenizer))
-        write_json(sidecar_path(out), meta)
+        _move_split(out, meta, val_fraction, tokenizer)
     info(f"using {out} (tokens of {shown}, up to date)")
     return out
+
+
+def _move_split(path: Path, meta: dict, val_fraction: float, tokenizer: str) -> None:
+    """Rewrite a token file's sidecar for another split: only the split moves."""
+    meta["val_fraction"] = val_fraction
+    meta["val_start"] = val_start(meta["num_tokens"], val_fraction)
+    meta["compact_vocab_ids"] = compact_vocab_ids(path, meta["val_start"],
+                                                  get_tokenizer(tokenizer))
+    write_json(sidecar_path(path), meta)
 
 
 def data_bytes(meta: dict) -> int:
@@ -444,22 +464,6 @@ def data_bytes(meta: dict) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Web-scale corpora: text records, several worker processes, sharded output
-
-
-def expand_corpus_inputs(inputs: Iterable[Path]) -> list[Path]:
-    """`expand_inputs`, except that a directory without .txt files but with text-record files
-    (.jsonl, .jsonl.gz, .jsonl.zst, .parquet: a downloaded FineWeb or C4 folder) gives those,
-    sorted, recursively."""
-    files: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir() and not any(p.is_file() for p in path.rglob("*.txt")):
-            found = sorted(p for p in path.rglob("*") if p.is_file() and stream_kind(p))
-            if found:
-                files.extend(found)
-                continue
-        files.extend(expand_inputs([path]))
-    return files
 
 
 def _stream_jobs(path: Path, text_field: str, reading: _Reading, source: _Source, block: int,
@@ -640,7 +644,7 @@ def tokenize_files(
     if not 0 <= val_fraction < 1:
         fail(f"val_fraction {val_fraction}: must be in [0, 1) (0.1 keeps the last 10% for "
              "validation)")
-    files = expand_corpus_inputs(inputs)
+    files = expand_inputs(inputs)
     tok = get_tokenizer(tokenizer)
     workers = max(1, min(int(workers), len(files)))
     counter = _Counter(tok.n_vocab)

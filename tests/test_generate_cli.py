@@ -241,6 +241,10 @@ def test_instruct_renders_the_template_and_prints_only_the_answer(tmp_path, tiny
     with_input = as_json(gen(str(path), "--instruct", "Translate", "--input", "chat",
                              "-n", "2", "--json"))
     assert "### Input:\nchat" in with_input["prompt"]
+    bare = make_checkpoint(tmp_path / "bare.safetensors", tiny_model_cfg,
+                           template="Q: {instruction}\nA: ")
+    dropped = gen(str(bare), "--instruct", "Translate", "--input", "chat", "-n", "2")
+    assert dropped.exit_code == 2 and "has no {input} field" in error_line(dropped)
 
 
 def test_instruct_uses_the_checkpoint_stop_string_when_end_of_text_does_not_fit(

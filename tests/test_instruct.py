@@ -70,6 +70,20 @@ def test_a_template_field_other_than_instruction_and_input_is_refused(template):
         render_prompt(template, "hi")
 
 
+def test_inputs_a_template_cannot_hold_are_told(tok):
+    """A template without {input} dropped every record's input without a word."""
+    records = [rec("Add.", "5", "2 and 3"), rec("Name a colour.", "Blue."),
+               rec("Sub.", "1", "3 and 2")]
+    _, report = encode_records(records, tok, ModelVocab(257), template="Q: {instruction}\nA: ",
+                               context_length=512)
+    assert report.inputs_dropped == 2
+    assert any("2 record(s) have an input, but the template has no {input}" in line
+               for line in report.warnings(512))
+    _, kept = encode_records(records, tok, ModelVocab(257), template="alpaca",
+                             context_length=512)
+    assert kept.inputs_dropped == 0 and not kept.warnings(512)
+
+
 def test_loss_mask_covers_exactly_the_answer_and_eot(tok):
     vocab = ModelVocab(257)
     records = [rec("Name a colour.", "Blue."), rec("Add.", "5", "2 and 3")]

@@ -55,6 +55,7 @@ class EncodeReport:
     malformed: list[tuple[int, str]] = field(default_factory=list)
     truncated: int = 0  # cut to the context (their end-of-text is lost)
     no_room: list[int] = field(default_factory=list)  # prompt alone fills the context
+    inputs_dropped: int = 0  # records with an input the template has no {input} for
     tokens: int = 0
     unknown_tokens: int = 0  # mapped to a compact vocabulary's unknown id
     target_tokens: int = 0
@@ -76,6 +77,10 @@ class EncodeReport:
         if self.no_room:
             out.append(f"skipped {len(self.no_room)} record(s) whose prompt alone fills the "
                        f"context: {_indices(self.no_room)}")
+        if self.inputs_dropped:
+            out.append(f"{self.inputs_dropped:,} record(s) have an input, but the template has "
+                       "no {input} field, so their inputs are left out of the prompts; add "
+                       "{input} to finetune.template (or use alpaca / alpaca-short)")
         if self.unknown_tokens:
             share = self.unknown_tokens / max(self.tokens, 1)
             out.append(f"{self.unknown_tokens:,} of {self.tokens:,} tokens ({share:.1%}) are "
@@ -170,7 +175,9 @@ def encode_records(
             report.malformed.append((i, why))
             continue
         rec = records[i]
-        prompt = render_prompt(template, rec["instruction"], rec.get("input") or "")
+        given = rec.get("input") or ""
+        report.inputs_dropped += bool(given.strip()) and "{input}" not in template
+        prompt = render_prompt(template, rec["instruction"], given)
         usable.append((i, prompt, rec["output"]))
 
     prompts = tokenizer.encode_batch([p for _, p, _ in usable])

@@ -142,6 +142,9 @@ def instruct_prompt(gen: Generator, instruction: str,
     if not template:
         fail(f"{gen.path}: this checkpoint has no prompt template, so it was not fine-tuned on "
              "instructions (llm finetune); drop --instruct and give a plain prompt")
+    if input_text.strip() and "{input}" not in str(template):
+        fail(f"--input: {gen.path} was fine-tuned with a template that has no {{input}} field, "
+             "so the input would be left out; put it in the --instruct text instead")
     stops = [s for s in gen.meta.get("stop") or [] if isinstance(s, str)]
     if gen.eos_id is None and not stops:
         _, stop = answer_end(gen.tokenizer, gen.vocab)

@@ -673,6 +673,8 @@ def device_memory(params: int, processes: int, *, trainable: int | None = None,
     dtype, and the unsharded gradients of the largest of those before each reduce-scatter
     (compute dtype + an fp32 copy). `block`/`blocks` give the shape (one block's parameters,
     how many); without them the working copies are unknown and left out (said so).
+    FSDP also builds the whole fp32 model on every device before sharding it (`start`): a
+    model whose weights alone exceed a device cannot start, however many processes.
     """
     n = int(params)
     t = int(trainable if trainable is not None else params)
@@ -695,6 +697,8 @@ def device_memory(params: int, processes: int, *, trainable: int | None = None,
     for name, parts in (("ddp", ddp), ("fsdp", fsdp)):
         total = sum(v for v in parts.values() if v is not None)
         out[name] = {**parts, "total": total, "fits": total <= device_bytes}
+    out["fsdp"]["start"] = 4 * n
+    out["fsdp"]["fits"] = out["fsdp"]["fits"] and 4 * n <= device_bytes
     out["verdict"] = memory_verdict(out)
     return out
 
@@ -714,6 +718,11 @@ def memory_verdict(mem: dict[str, Any]) -> str:
         return (f"DDP does not fit ({format_bytes(ddp['total'])} > {room}); FSDP over {p} "
                 f"processes does ({format_bytes(fsdp['total'])}, activations extra): use "
                 "train.parallel=fsdp")
+    if fsdp["start"] > cap and fsdp["total"] <= cap:
+        return (f"neither fits {room}: DDP {format_bytes(ddp['total'])}; FSDP over {p} processes "
+                f"would hold {format_bytes(fsdp['total'])}, but it builds the whole fp32 model "
+                f"({format_bytes(fsdp['start'])}) on every device before sharding it; use "
+                "devices with more memory")
     return (f"neither fits {room}: DDP {format_bytes(ddp['total'])}, FSDP over {p} processes "
             f"{format_bytes(fsdp['total'])}; shard over more devices (--nproc/--nnodes)")
 

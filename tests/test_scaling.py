@@ -533,3 +533,18 @@ def test_one_parameter_and_one_token_are_singular():
     assert "1 token for 1 parameter (1 token per parameter)" in verdict
     assert "tokens for 140.0M parameters (20 tokens per parameter)" in analyse(
         params=140e6, tokens=2.8e9)["verdict"]
+
+
+def test_fsdp_needs_the_whole_fp32_model_on_each_device_at_start():
+    """FSDP over 64 devices said "fits" for a 6.7B model on 16 GiB devices, although each one
+    builds the whole 25 GiB fp32 model before sharding it."""
+    from llmcli.scaling import device_memory
+
+    mem = device_memory(6_700_000_000, 64, block=200_000_000, blocks=32,
+                        device_bytes=16 * 2**30)
+    assert mem["fsdp"]["total"] < 16 * 2**30 and not mem["fsdp"]["fits"]
+    assert mem["fsdp"]["start"] == 4 * 6_700_000_000
+    assert "builds the whole fp32 model" in mem["verdict"]
+    roomy = device_memory(6_700_000_000, 64, block=200_000_000, blocks=32,
+                          device_bytes=40 * 2**30)
+    assert roomy["fsdp"]["fits"] and "use train.parallel=fsdp" in roomy["verdict"]

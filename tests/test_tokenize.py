@@ -588,3 +588,14 @@ def test_numbers_a_sidecar_cannot_hold_are_refused_before_use(tmp_path: Path, ed
     with pytest.raises(UserError, match=f"corrupt sidecar \\({message}") as caught:
         read_sidecar(out)
     assert "\n" not in str(caught.value)
+
+
+def test_text_records_under_another_field_name_it(tmp_path: Path) -> None:
+    """A .jsonl whose text is under "content" was refused as Alpaca records missing an
+    instruction, with no word of --text-field."""
+    source = write(tmp_path / "c.jsonl", '{"content": "hello"}\n{"content": "more"}\n')
+    with pytest.raises(UserError, match="--text-field content$"):
+        tokenize_files([source], tmp_path / "c.tokens", tokenizer="bytes")
+    meta = tokenize_files([source], tmp_path / "c.tokens", tokenizer="bytes",
+                          text_field="content")
+    assert meta["documents"] == 2

@@ -202,8 +202,13 @@ def _record_jobs(path: Path, reading: _Reading, source: _Source, block: int,
              "give records that hold text")
     if not texts:
         index, problem = skipped[0]
+        first = records[index]
+        fields = [k for k, v in first.items() if isinstance(v, str)] if isinstance(
+            first, dict) else []
+        hint = (f"; for text records, name their text field: --text-field {fields[0]}"
+                if fields and path.suffix.lower() == ".jsonl" else "")
         fail(f"{path}: no usable records (objects with string 'instruction' and 'output'; "
-             f"record {index} {problem}); check the file's layout")
+             f"record {index} {problem}); check the file's layout{hint}")
     batch: list[str] = []
     size = 0
     for text in texts:

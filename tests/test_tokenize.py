@@ -396,6 +396,10 @@ def test_cli_show_and_head(tmp_path: Path) -> None:
     assert shown.exit_code == 0, shown.output
     assert "<e7 88>" in shown.stdout and "\ufffd" not in shown.stdout
     assert "76207" in shown.stdout
+    controls = run_cli("tokenize", "--show", "a\x1b[31mred\x07\x7f\x9b", "-t", "bytes")
+    assert controls.exit_code == 0, controls.output  # the terminal is not restyled or rung
+    assert "␛" in controls.stdout and "␇" in controls.stdout and "␡" in controls.stdout
+    assert not any(c in controls.stdout for c in "\x1b\x07\x7f\x9b")
     src = write(tmp_path / "h.txt", "hello world\n" * 100)
     head = run_cli("tokenize", str(src), "--head", "3")
     assert head.exit_code == 0, head.output

@@ -33,8 +33,14 @@ def token_parts(data: bytes) -> list[tuple[str, bool]]:
     return parts
 
 
-def _visible(text: str) -> str:
-    return text.replace("\t", "→").replace("\r", "␍").replace("\n", "↵\n")
+# Tabs, returns and line ends drawn, other control characters as their Unicode pictures (ESC
+# as ␛): a token's bytes must never move the cursor, ring, or restyle the terminal.
+_PICTURES = {**{c: chr(0x2400 + c) for c in range(32)}, 0x7F: "␡", 9: "→", 13: "␍", 10: "↵\n"}
+_PICTURES.update({c: "�" for c in range(0x80, 0xA0)})  # C1 controls
+
+
+def visible(text: str) -> str:
+    return text.translate(_PICTURES)
 
 
 def render(tok: Tokenizer, ids: Sequence[int], color: bool = True) -> Text:
@@ -51,7 +57,7 @@ def render(tok: Tokenizer, ids: Sequence[int], color: bool = True) -> Text:
             view.append(SEPARATOR, style="dim")
         for text, raw in token_parts(data):
             style = f"{colour} bold" if raw or special else colour
-            view.append(_visible(text), style=style.strip())
+            view.append(visible(text), style=style.strip())
         if i:
             id_line.append(", ")
         id_line.append(str(token_id), style=colour)

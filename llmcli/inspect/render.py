@@ -8,7 +8,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from llmcli.data.show import token_parts
+from llmcli.data.show import token_parts, visible
 
 TAIL_COLUMNS = 2  # a wide table shows its first columns, "…", then its last two
 CELL = 10  # terminal cells a value column takes ("-0.1234", padding, separator)
@@ -175,7 +175,7 @@ def score_text_view(score: Any, color: bool = True) -> Text:
         if not color and (i or score.lead):
             view.append("|", style="dim")
         for part, raw in token_parts(t.data):
-            part = part.replace("\t", "→").replace("\r", "␍").replace("\n", "↵\n")
+            part = visible(part)
             view.append(part, style=f"{style} bold".strip() if raw else style)
     legend = Text("p: ")
     for _, style, name in BANDS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import hashlib
+import json
 import os
 import re
 import socket
@@ -193,15 +194,20 @@ def test_resume_a_previous_runs_part_file(server: Server, tmp_path: Path) -> Non
 
 def test_complete_part_file_is_finished_without_a_body(server: Server, tmp_path: Path) -> None:
     server.files["/big.bin"] = BODY
-    (tmp_path / "big.bin.part").write_bytes(BODY)
+    part = tmp_path / "big.bin.part"
+    part.write_bytes(BODY)  # a run that died after the last byte, before the rename
+    fetch_mod._write_record(tmp_path / "big.bin.part.json", f"{server.url}/big.bin",
+                            f'"{sha(BODY)[:16]}"', part.stat())
     assert fetch(f"{server.url}/big.bin", tmp_path, backoff=0).read_bytes() == BODY
+    assert len(server.requests) == 1 and server.requests[0][1]["Range"] == f"bytes={len(BODY)}-"
 
 
 def test_server_without_range_support_starts_over(server: Server, tmp_path: Path) -> None:
     server.files["/big.bin"] = BODY
+    interrupted(server, tmp_path, "/big.bin", 30_000)
     server.no_range.add("/big.bin")
-    (tmp_path / "big.bin.part").write_bytes(b"stale bytes from another file")
     assert fetch(f"{server.url}/big.bin", tmp_path, backoff=0).read_bytes() == BODY
+    assert "Range" in server.requests[-1][1]  # asked for the rest, got the whole file
 
 
 def test_transient_errors_are_retried(server: Server, tmp_path: Path) -> None:
@@ -575,7 +581,8 @@ def test_without_validators_a_resume_starts_from_zero(server: Server, tmp_path: 
     assert len(server.requests) == 2 and "Range" not in server.requests[1][1]
     (tmp_path / "nv.bin").unlink()
     interrupted(server, tmp_path, "/nv.bin", 30_000)
-    assert not (tmp_path / "nv.bin.part.json").exists()  # nothing to vouch for the bytes
+    record = json.loads((tmp_path / "nv.bin.part.json").read_text())
+    assert record["validator"] is None  # nothing to vouch for the bytes
     server.files["/nv.bin"] = new = bytes(reversed(BODY))
     assert fetch(f"{server.url}/nv.bin", tmp_path, backoff=0).read_bytes() == new
     assert not any("Range" in h for _, h in server.requests)
@@ -721,3 +728,61 @@ def test_cli_prints_user_strings_literally(tmp_path: Path) -> None:
     result = run_cli("fetch", "ftp://example.com/[/x][bold]y.txt", "-o", str(tmp_path))
     assert_one_line_usage_error(result, "ftp://example.com/[/x][bold]y.txt")
     assert_one_line_usage_error(run_cli("fetch", "ftp://a\nb.txt"), "ftp://a\\nb.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# llm's own temporary files are never confused with the user's
+
+
+def test_a_file_named_like_a_part_file_is_never_taken(server: Server, tmp_path: Path) -> None:
+    server.files["/c.txt"] = BODY
+    server.files["/c.txt.part"] = b"mine, a real download\n"
+    server.files["/c.txt.part.json"] = b'{"url": "not a record of llm"}\n'
+    assert fetch(f"{server.url}/c.txt.part", tmp_path, backoff=0).name == "c.txt.part"
+    for force in (False, True):
+        with pytest.raises(UserError, match="c.txt.part is in the way") as info:
+            fetch(f"{server.url}/c.txt", tmp_path, force=force, backoff=0)
+        assert info.value.exit_code == EXIT_USAGE and "\n" not in str(info.value)
+        assert "move it away, or use another directory (llm fetch -o DIR)" in str(info.value)
+    assert (tmp_path / "c.txt.part").read_bytes() == b"mine, a real download\n"
+    (tmp_path / "c.txt.part").rename(tmp_path / "kept")
+    fetch(f"{server.url}/c.txt.part.json", tmp_path, backoff=0)
+    with pytest.raises(UserError, match="c.txt.part.json is in the way"):
+        fetch(f"{server.url}/c.txt", tmp_path, force=True, backoff=0)
+    assert (tmp_path / "c.txt.part.json").read_bytes() == server.files["/c.txt.part.json"]
+    assert "/c.txt" not in server.paths() and not (tmp_path / "c.txt").exists()
+
+
+def test_a_part_file_replaced_since_its_record_is_not_taken(server: Server,
+                                                            tmp_path: Path) -> None:
+    server.files["/big.bin"] = BODY
+    interrupted(server, tmp_path, "/big.bin", 30_000)
+    (tmp_path / "other").write_bytes(b"x" * 30_000)
+    os.replace(tmp_path / "other", tmp_path / "big.bin.part")  # same name and size, new file
+    with pytest.raises(UserError, match="big.bin.part is in the way"):
+        fetch(f"{server.url}/big.bin", tmp_path, backoff=0)
+    assert (tmp_path / "big.bin.part").read_bytes() == b"x" * 30_000
+
+
+def test_an_unfinished_download_is_not_taken_as_another_file(server: Server,
+                                                             tmp_path: Path) -> None:
+    """Fetching `x.part` (or `x.part.json`) while the download of `x` is unfinished neither
+    reports that partial file as complete nor replaces it; `x` then finishes as usual."""
+    server.files["/big.bin"] = BODY
+    server.files["/big.bin.part"] = server.files["/big.bin.part.json"] = b"other\n"
+    interrupted(server, tmp_path, "/big.bin", 30_000)
+    for name in ("big.bin.part", "big.bin.part.json"):
+        for force in (False, True):
+            with pytest.raises(UserError, match="unfinished download of big.bin") as info:
+                fetch(f"{server.url}/{name}", tmp_path, force=force, backoff=0)
+            assert info.value.exit_code == EXIT_USAGE
+    assert (tmp_path / "big.bin.part").stat().st_size == 30_000
+    assert fetch(f"{server.url}/big.bin", tmp_path, backoff=0).read_bytes() == BODY
+    assert server.requests[-1][1]["Range"] == "bytes=30000-"
+    assert fetch(f"{server.url}/big.bin.part", tmp_path, backoff=0).read_bytes() == b"other\n"
+
+
+def test_downloads_that_share_temporary_names_share_a_lock(tmp_path: Path) -> None:
+    for name in ("x", "x.part", "x.part.json", "x.bad", "x.part.part", "x.part.json.part"):
+        assert fetch_mod._family(tmp_path / name) == tmp_path / "x"
+    assert fetch_mod._family(tmp_path / ".part") == tmp_path / ".part"

@@ -13,6 +13,12 @@ A resume is only trusted when the server can vouch that the remote file is still
 `.part` holds: the first response's validator (a strong ETag, else Last-Modified) is kept in
 `NAME.part.json` and sent back as `If-Range`; a server whose file changed answers 200 with the
 whole new file, which replaces the `.part` instead of being spliced onto it.
+
+`NAME.part` and `NAME.part.json` are only ever llm's own: the record says it was written by
+`llm fetch` and names the `.part` it belongs to (device and inode), so a file the user keeps
+under such a name (say, a download of `x.part`) is never truncated, resumed, renamed or deleted:
+the download that would need the name is refused instead, naming it. Downloads whose names can
+be one another's temporary files (`x`, `x.part`, `x.part.json`, `x.bad`) share one lock.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ SCHEMES = ("http", "https", "hf")
 BLOCK = 1 << 20
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_NAME_BYTES = 200  # leaves room for `.NAME.lock`, `NAME.part.json` and its temporary file
+RECORD_KIND = "llm fetch partial download"  # marks a NAME.part.json as written by llm fetch
+OWN_SUFFIXES = (".part.json", ".part", ".bad")  # what llm fetch adds to a download's name
 
 
 @dataclass(frozen=True)
@@ -342,7 +350,8 @@ def download(
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     meta = target.with_name(target.name + ".part.json")
-    with locked(target):
+    with locked(_family(target)):
+        _refuse_unfinished_download(target)
         if target.exists() and not force:
             if sha256:
                 actual = sha256_file(target)
@@ -353,7 +362,8 @@ def download(
                         "(--force to redo)")
             return target
         if force:
-            _discard(part, meta)
+            _discard_own(part, meta)
+        _refuse_foreign(part, meta, target)
         started = time.monotonic()
         kept = _transfer(url, part, meta, headers or {}, retries, backoff, timeout, target.name)
         actual = sha256_file(part)
@@ -375,8 +385,95 @@ def download(
 
 
 def _discard(part: Path, meta: Path) -> None:
-    part.unlink(missing_ok=True)  # removes a symlink itself, never its target
+    """Remove llm's own `part` and its record; the record first, so that a crash in between
+    leaves a `.part` nobody vouches for (refused) rather than a record a later file could
+    match."""
     meta.unlink(missing_ok=True)
+    part.unlink(missing_ok=True)  # removes a symlink itself, never its target
+
+
+def _family(target: Path) -> Path:
+    """The path whose lock guards `target`: its name without llm fetch's own suffixes, so the
+    downloads of `x` and of a file named `x.part` (its partial file) never run at once."""
+    name = target.name
+    while suffix := next((s for s in OWN_SUFFIXES
+                          if name.endswith(s) and len(name) > len(s)), None):
+        name = name[: -len(suffix)]
+    return target.with_name(name)
+
+
+def _own_record(meta: Path) -> dict[str, Any] | None:
+    """The record in `meta` when llm fetch wrote it, else None (absent, or someone's file)."""
+    record = _read_record(meta)
+    return record if record.get("kind") == RECORD_KIND else None
+
+
+def _write_record(meta: Path, url: str, validator: str | None, st: os.stat_result) -> None:
+    """Claim the `.part` whose status is `st` as this URL's partial download."""
+    write_json(meta, {"kind": RECORD_KIND, "url": url, "validator": validator,
+                      "part": [st.st_dev, st.st_ino]})
+
+
+def _owned_size(part: Path, record: dict[str, Any] | None) -> int | None:
+    """The size of `part` when `record` claims this very file (not a link, not a file put
+    there since), else None."""
+    try:
+        st = os.lstat(part)
+    except FileNotFoundError:
+        return None
+    if record is None or not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_size if record.get("part") == [st.st_dev, st.st_ino] else None
+
+
+def _discard_own(part: Path, meta: Path) -> None:
+    """--force: start afresh, removing the partial download only where it is llm's own (a
+    symbolic link there is removed as a link; someone's file is left to `_refuse_foreign`)."""
+    record = _own_record(meta)
+    if record is not None:
+        meta.unlink(missing_ok=True)
+    if part.is_symlink() or _owned_size(part, record) is not None:
+        part.unlink(missing_ok=True)
+
+
+def _refuse_foreign(part: Path, meta: Path, target: Path) -> None:
+    """Refuse, before any request, a `.part` or `.part.json` that llm fetch did not write (a
+    file downloaded under that name, say): it would be truncated, resumed or renamed."""
+    record = _own_record(meta)
+    in_the_way = meta
+    if record is not None or not os.path.lexists(meta):
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            fail(f"{part} is a symbolic link; refusing to write through it; delete it and retry")
+        if not stat.S_ISREG(st.st_mode):
+            fail(f"{part} is not a regular file; move it away and retry")
+        if _owned_size(part, record) is not None:
+            return
+        in_the_way = part
+    fail(f"{in_the_way} is in the way: llm fetch keeps the partial download of {target.name} "
+         f"under that name, and this file is not one it started; move it away, or {_PICK}")
+
+
+def _refuse_unfinished_download(target: Path) -> None:
+    """`target` named like another download's `.part` or record (`x.part`, `x.part.json`)
+    while that download is unfinished: neither take it as complete nor replace it."""
+    name = target.name
+    if name.endswith(".part"):
+        part = target
+    elif name.endswith(".part.json"):
+        part = target.with_name(name[: -len(".json")])
+    else:
+        return
+    record = _own_record(part.with_name(part.name + ".json"))
+    if _owned_size(part, record) is None:
+        return
+    owner = part.name[: -len(".part")]
+    fail(f"{target} belongs to llm fetch's unfinished download of {owner} "
+         f"({record.get('url') if record else '?'}): finish that one first, or delete "
+         f"{part.name} and {part.name}.json, or fetch {name} into another directory (-o DIR)")
 
 
 def _transfer(url: str, part: Path, meta: Path, headers: dict[str, str], retries: int,
@@ -425,23 +522,16 @@ def _transfer(url: str, part: Path, meta: Path, headers: dict[str, str], retries
 def _resume_point(url: str, part: Path, meta: Path) -> tuple[int, str | None]:
     """(bytes of `part` worth keeping, the validator to send as If-Range with them).
 
-    Kept bytes need a validator from the response that started them, recorded in `meta` for
-    this same URL. Without one (the server sent neither a strong ETag nor Last-Modified, or
-    the record is missing) nothing could tell us whether the remote file changed since, so
-    the download restarts from zero rather than risk splicing two versions into one file.
+    Kept bytes need llm's own record of this very `.part`, for this same URL, holding a
+    validator from the response that started them. Without one (the server sent neither a
+    strong ETag nor Last-Modified) nothing could tell us whether the remote file changed since,
+    so the download restarts from zero rather than risk splicing two versions into one file.
     """
-    try:
-        st = os.lstat(part)
-    except FileNotFoundError:
+    record = _own_record(meta)
+    size = _owned_size(part, record)
+    if not size or record is None or record.get("url") != url or not record.get("validator"):
         return 0, None
-    if stat.S_ISLNK(st.st_mode):
-        fail(f"{part} is a symbolic link; refusing to write through it; delete it and retry")
-    if not stat.S_ISREG(st.st_mode):
-        fail(f"{part} is not a regular file; move it away and retry")
-    record = _read_record(meta)
-    if not st.st_size or record.get("url") != url or not record.get("validator"):
-        return 0, None
-    return st.st_size, str(record["validator"])
+    return size, str(record["validator"])
 
 
 def _read_record(meta: Path) -> dict[str, Any]:
@@ -505,11 +595,7 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
         size = offset if resumed else 0
         with writing(part), _open_part(part, append=resumed) as fh:  # names a full disk
             if not resumed:  # after truncating: a crash never pairs old bytes with a new record
-                record = {"url": url, "validator": _validator(response.headers)}
-                if record["validator"]:
-                    write_json(meta, record)
-                else:
-                    meta.unlink(missing_ok=True)
+                _write_record(meta, url, _validator(response.headers), os.fstat(fh.fileno()))
             bar.update(task, total=total, completed=size)
             try:
                 while block := response.read1(BLOCK):

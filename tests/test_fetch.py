@@ -53,6 +53,7 @@ class Server:
         self.no_validators: set[str] = set()  # send neither ETag nor Last-Modified
         self.no_etag: set[str] = set()  # send Last-Modified only
         self.ignore_if_range: set[str] = set()  # honour Range even when If-Range is stale
+        self.short_206: dict[str, int] = {}  # answer a plain GET with a 206 of the first n bytes
         self.requests: list[tuple[str, dict[str, str]]] = []
         server = self
 
@@ -102,9 +103,14 @@ class Server:
                     self.send_response(206)
                     self.send_header("Content-Range",
                                      f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
+                end = len(data)
+                if header is None and path in server.short_206:
+                    end = server.short_206[path]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes 0-{end - 1}/{len(data)}")
+                elif not header or path in server.no_range:
                     self.send_response(200)
-                body = data[start:]
+                body = data[start:end]
                 for key, value in validators.items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
@@ -786,3 +792,26 @@ def test_downloads_that_share_temporary_names_share_a_lock(tmp_path: Path) -> No
     for name in ("x", "x.part", "x.part.json", "x.bad", "x.part.part", "x.part.json.part"):
         assert fetch_mod._family(tmp_path / name) == tmp_path / "x"
     assert fetch_mod._family(tmp_path / ".part") == tmp_path / ".part"
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies that are not the whole file
+
+
+def test_a_206_to_a_plain_request_is_resumed_not_published(server: Server,
+                                                           tmp_path: Path) -> None:
+    server.files["/p.bin"] = BODY
+    server.short_206["/p.bin"] = 1000
+    assert fetch(f"{server.url}/p.bin", tmp_path, backoff=0).read_bytes() == BODY
+    assert server.requests[1][1]["Range"] == "bytes=1000-"
+
+
+def test_a_206_that_cannot_be_resumed_fails_in_one_line(server: Server, tmp_path: Path) -> None:
+    server.files["/p.bin"] = BODY
+    server.short_206["/p.bin"] = 1000
+    server.no_validators.add("/p.bin")  # nothing vouches for the part: every try starts over
+    with pytest.raises(UserError) as info:
+        fetch(f"{server.url}/p.bin", tmp_path, retries=1, backoff=0)
+    assert info.value.exit_code == EXIT_FAILURE and "\n" not in str(info.value)
+    assert f"bytes 0-999 of {len(BODY)} only (HTTP 206)" in str(info.value)
+    assert not (tmp_path / "p.bin").exists()

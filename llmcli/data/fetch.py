@@ -587,8 +587,10 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
                  "(or copy the file here and give its path)", EXIT_FAILURE)
         raise _Retry(_describe(exc)) from None
     with response:
-        resumed = bool(offset) and response.status == 206
-        total = _resumed_total(response, offset, validator) if resumed else _length(response)
+        partial = response.status == 206  # asked for or not, a part is checked as such
+        resumed = bool(offset) and partial
+        end, total = (_range_reply(response, offset, validator) if partial
+                      else (None, _length(response)))
         if offset and not resumed:
             warn(f"{part.name}: the remote file changed (or the server cannot resume); "
                         "downloading it again from the start")
@@ -607,12 +609,25 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
                     raise  # disk full, permissions: not a network problem
                 raise _Retry(f"connection lost after {_human(size)} ({_describe(exc)})",
                              size, offset if resumed else 0) from None
-    if total is not None and size < total:
-        raise _Retry(f"connection closed after {_human(size)} of {_human(total)}", size,
-                     offset if resumed else 0)
-    if total is not None and size > total:
-        raise _Restart(f"received {_human(size)}, more than the announced {_human(total)}")
+    _check_complete(size, end, total, offset, offset if resumed else 0)
     return resumed
+
+
+def _check_complete(size: int, end: int | None, total: int | None, offset: int,
+                    kept: int) -> None:
+    """Raise unless the `.part`, now `size` bytes, holds the whole file: a reply that stopped
+    short (a closed connection, or a 206 that covers less than the file) is resumed."""
+    limit = end + 1 if end is not None else total  # what this reply should bring us to
+    if limit is None:
+        return  # nothing announced: what came is the file
+    if size > limit:
+        raise _Restart(f"received {_human(size)}, more than the announced {_human(limit)}")
+    if size < limit:
+        whole = total if total is not None else limit
+        raise _Retry(f"connection closed after {_human(size)} of {_human(whole)}", size, kept)
+    if total is not None and size < total:
+        raise _Retry(f"the server sent bytes {offset}-{end} of {total} only (HTTP 206)", size,
+                     kept)
 
 
 def _length(response: http.client.HTTPResponse) -> int | None:
@@ -620,21 +635,29 @@ def _length(response: http.client.HTTPResponse) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-def _resumed_total(response: http.client.HTTPResponse, offset: int, validator: str | None
-                   ) -> int | None:
-    """The full size a 206 announces, after checking it continues exactly our `.part`.
+def _range_reply(response: http.client.HTTPResponse, offset: int, validator: str | None
+                 ) -> tuple[int, int | None]:
+    """(the last byte a 206 holds, the full size it announces), after checking it continues
+    exactly our `.part` (starts at `offset`: 0 when no Range was sent).
 
     If-Range should already make a changed file come back whole; this also catches servers
     that ignore If-Range yet report a different validator for what they send.
     """
-    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", ""))
-    if not match or int(match.group(1)) != offset:
-        raise _Restart("the server resumed at a different position")
+    header = response.headers.get("Content-Range", "")
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", header.strip())
+    if not match:
+        raise _Restart(f"the server sent part of the file without a usable Content-Range "
+                       f"({header or 'none'!r})")
+    start, end = int(match.group(1)), int(match.group(2))
+    total = int(match.group(3)) if match.group(3) != "*" else None
+    if start != offset or end < start or (total is not None and end >= total):
+        raise _Restart(f"the server sent bytes {start}-{end} of {match.group(3)} where bytes "
+                       f"from {offset} were wanted")
     etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
     current = etag if validator and validator.startswith('"') else modified
-    if current and current != validator:
+    if validator and current and current != validator:
         raise _Restart("the remote file changed since the partial download")
-    return int(match.group(3)) if match.group(3) != "*" else None
+    return end, total
 
 
 def _http_error(url: str, exc: urllib.error.HTTPError, offset: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import gzip
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ class Server:
         self.no_etag: set[str] = set()  # send Last-Modified only
         self.ignore_if_range: set[str] = set()  # honour Range even when If-Range is stale
         self.short_206: dict[str, int] = {}  # answer a plain GET with a 206 of the first n bytes
+        self.gzip: set[str] = set()  # send the body gzip-encoded, whatever was asked
         self.requests: list[tuple[str, dict[str, str]]] = []
         server = self
 
@@ -111,6 +113,9 @@ class Server:
                 elif not header or path in server.no_range:
                     self.send_response(200)
                 body = data[start:end]
+                if path in server.gzip:
+                    body = gzip.compress(body)
+                    self.send_header("Content-Encoding", "gzip")
                 for key, value in validators.items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
@@ -815,3 +820,15 @@ def test_a_206_that_cannot_be_resumed_fails_in_one_line(server: Server, tmp_path
     assert info.value.exit_code == EXIT_FAILURE and "\n" not in str(info.value)
     assert f"bytes 0-999 of {len(BODY)} only (HTTP 206)" in str(info.value)
     assert not (tmp_path / "p.bin").exists()
+
+
+def test_an_encoded_reply_is_refused_not_saved(server: Server, tmp_path: Path) -> None:
+    """Asked for the bytes as stored, a server that gzips anyway is refused: saving the
+    compressed bytes under the plain name, or resuming them, would give a file that is not it."""
+    server.files["/gz.txt"] = BODY
+    server.gzip.add("/gz.txt")
+    with pytest.raises(UserError) as info:
+        fetch(f"{server.url}/gz.txt", tmp_path, backoff=0)
+    assert info.value.exit_code == EXIT_FAILURE and "Content-Encoding: gzip" in str(info.value)
+    assert server.requests[0][1]["Accept-Encoding"] == "identity"
+    assert len(server.requests) == 1 and not [p for p in tmp_path.iterdir()]

@@ -568,9 +568,7 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
              headers: dict[str, str], timeout: float,
              bar, task) -> bool:  # noqa: ANN001 (rich progress objects)
     """One request, appended to `part` from `offset`; whether the bytes before it were kept."""
-    request = urllib.request.Request(url, headers={"User-Agent": f"llmcli/{__version__}"})
-    for key, value in headers.items():
-        request.add_unredirected_header(key, value)  # not sent on to redirect targets
+    request = _request(url, headers)
     if offset and validator:
         request.add_header("Range", f"bytes={offset}-")
         request.add_header("If-Range", validator)  # a changed file comes back whole (200)
@@ -587,6 +585,7 @@ def _attempt(url: str, part: Path, meta: Path, offset: int, validator: str | Non
                  "(or copy the file here and give its path)", EXIT_FAILURE)
         raise _Retry(_describe(exc)) from None
     with response:
+        _refuse_encoded(url, response)
         partial = response.status == 206  # asked for or not, a part is checked as such
         resumed = bool(offset) and partial
         end, total = (_range_reply(response, offset, validator) if partial
@@ -628,6 +627,26 @@ def _check_complete(size: int, end: int | None, total: int | None, offset: int,
     if total is not None and size < total:
         raise _Retry(f"the server sent bytes {offset}-{end} of {total} only (HTTP 206)", size,
                      kept)
+
+
+def _request(url: str, headers: dict[str, str]) -> urllib.request.Request:
+    """A GET for the file's bytes as they are stored (no compression on the way: Range offsets
+    and the SHA-256 are of those bytes); `headers` are not sent on to redirect targets."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"llmcli/{__version__}",
+                                                   "Accept-Encoding": "identity"})
+    for key, value in headers.items():
+        request.add_unredirected_header(key, value)
+    return request
+
+
+def _refuse_encoded(url: str, response: http.client.HTTPResponse) -> None:
+    """A server that compresses anyway would leave a compressed file under the plain name, and
+    a resume would splice compressed and plain bytes: refused before the `.part` is touched."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        fail(f"{url}: the server sent the file encoded (Content-Encoding: {encoding}) although "
+             "asked for it as stored; download it another way (e.g. curl --compressed) and pass "
+             "its local path", EXIT_FAILURE)
 
 
 def _length(response: http.client.HTTPResponse) -> int | None:
@@ -786,9 +805,7 @@ def hf_listing(source: str, *, retries: int = 5, backoff: float = 1.0,
 
 def _listing_page(url: str, headers: dict[str, str], retries: int, backoff: float,
                   timeout: float, source: str) -> tuple[list, str | None]:
-    request = urllib.request.Request(url, headers={"User-Agent": f"llmcli/{__version__}"})
-    for key, value in headers.items():
-        request.add_unredirected_header(key, value)
+    request = _request(url, headers)
     for attempt in range(retries + 1):
         try:
             with _OPENER.open(request, timeout=timeout) as response:

@@ -832,3 +832,28 @@ def test_an_encoded_reply_is_refused_not_saved(server: Server, tmp_path: Path) -
     assert info.value.exit_code == EXIT_FAILURE and "Content-Encoding: gzip" in str(info.value)
     assert server.requests[0][1]["Accept-Encoding"] == "identity"
     assert len(server.requests) == 1 and not [p for p in tmp_path.iterdir()]
+
+
+# ---------------------------------------------------------------------------------------------
+# hf:// folders and globs
+
+
+def hf_dataset(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dataset o/n on the local server: sub/a.txt, listed by the Hub's tree API with its hash."""
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    server.files["/api/datasets/o/n/tree/main/sub?recursive=true"] = json.dumps(
+        [{"type": "file", "path": "sub/a.txt", "size": len(BODY),
+          "lfs": {"oid": sha(BODY)}}]).encode()
+    server.files["/datasets/o/n/resolve/main/sub/a.txt"] = BODY
+
+
+@pytest.mark.parametrize("source", ["hf://datasets/o/n/sub/*.txt", "hf://datasets/o/n/sub/"])
+def test_sha256_with_a_folder_or_glob_is_refused_before_any_request(
+        source: str, server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hf_dataset(server, monkeypatch)
+    result = run_cli("fetch", source, "-o", str(tmp_path), "--sha256", "0" * 64)
+    assert_one_line_usage_error(result, "--sha256 checks one file")
+    assert server.requests == [] and not any(tmp_path.iterdir())
+    assert fetch(source, tmp_path, backoff=0) == tmp_path / "n" / "sub"
+    assert (tmp_path / "n" / "sub" / "a.txt").read_bytes() == BODY

@@ -171,6 +171,9 @@ def fetch(
         url, filename = preset.source, preset.filename
         expected = expected or preset.sha256
     elif is_hf_collection(source):
+        if expected:
+            fail(f"{source}: --sha256 checks one file; each file of a folder or glob is checked "
+                 "against the SHA-256 the Hub lists for it: leave --sha256 out")
         return fetch_hf_files(source, data_dir, force=force, retries=retries, backoff=backoff,
                               timeout=timeout)
     elif "://" in source:

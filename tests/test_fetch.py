@@ -857,3 +857,18 @@ def test_sha256_with_a_folder_or_glob_is_refused_before_any_request(
     assert server.requests == [] and not any(tmp_path.iterdir())
     assert fetch(source, tmp_path, backoff=0) == tmp_path / "n" / "sub"
     assert (tmp_path / "n" / "sub" / "a.txt").read_bytes() == BODY
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs beyond ASCII
+
+
+def test_non_ascii_urls_are_percent_encoded(server: Server, tmp_path: Path) -> None:
+    server.files["/%E6%97%A5%E6%9C%AC.txt?q=%C3%A9&x=%41"] = BODY
+    path = fetch(f"{server.url}/日本.txt?q=é&x=%41#ü", tmp_path, backoff=0)
+    assert path == tmp_path / "日本.txt" and path.read_bytes() == BODY
+    assert resolve_url("https://bücher.example:8443/ü?ü=1")[0] == \
+        "https://xn--bcher-kva.example:8443/%C3%BC?%C3%BC=1"
+    with pytest.raises(UserError, match="not a valid international domain name") as info:
+        fetch("http://a..ü/x.txt", tmp_path)
+    assert info.value.exit_code == EXIT_USAGE

@@ -217,8 +217,34 @@ def resolve_url(source: str) -> tuple[str, dict[str, str]]:
              "hf://datasets/OWNER/NAME/PATH or a local path")
     if scheme != "hf":
         _check_url(source)
-        return source, {}
+        return _ascii_url(source), {}
     return _hf_url(source)
+
+
+def _ascii_url(url: str) -> str:
+    """`url` as a request line can carry it (urllib sends ASCII only): a non-ASCII host name in
+    IDNA, other non-ASCII characters percent-encoded as UTF-8, as browsers do. ASCII is kept
+    exactly as given, %XX escapes included."""
+    if url.isascii():
+        return url
+    scheme, _, rest = url.partition("://")
+    cut = min([i for i in map(rest.find, "/?#") if i >= 0] or [len(rest)])
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, hostport = netloc.rpartition("@")
+    host, colon, port = (hostport.rpartition(":") if re.search(r":\d*$", hostport)
+                         else (hostport, "", ""))
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            fail(f"{url}: the host name {host!r} is not a valid international domain name; "
+                 "check the address")
+    return f"{scheme}://{_quote_non_ascii(userinfo)}{at}{host}{colon}{port}" + \
+        _quote_non_ascii(tail)
+
+
+def _quote_non_ascii(text: str) -> str:
+    return re.sub(r"[^\x00-\x7f]+", lambda m: urllib.parse.quote(m.group()), text)
 
 
 def _check_url(url: str) -> None:

@@ -872,3 +872,10 @@ def test_non_ascii_urls_are_percent_encoded(server: Server, tmp_path: Path) -> N
     with pytest.raises(UserError, match="not a valid international domain name") as info:
         fetch("http://a..ü/x.txt", tmp_path)
     assert info.value.exit_code == EXIT_USAGE
+
+
+def test_sizes_that_round_alike_are_told_apart_in_bytes() -> None:
+    assert fetch_mod._human_pair(107_950, 108_000) == ("107950 B", "108000 B")
+    assert fetch_mod._human_pair(30_000, 102_400) == ("30.0 KB", "102.4 KB")
+    with pytest.raises(fetch_mod._Retry, match="after 107950 B of 108000 B"):
+        fetch_mod._check_complete(107_950, None, 108_000, 0, 0)

@@ -649,10 +649,11 @@ def _check_complete(size: int, end: int | None, total: int | None, offset: int,
     if limit is None:
         return  # nothing announced: what came is the file
     if size > limit:
-        raise _Restart(f"received {_human(size)}, more than the announced {_human(limit)}")
+        got, announced = _human_pair(size, limit)
+        raise _Restart(f"received {got}, more than the announced {announced}")
     if size < limit:
-        whole = total if total is not None else limit
-        raise _Retry(f"connection closed after {_human(size)} of {_human(whole)}", size, kept)
+        got, whole = _human_pair(size, total if total is not None else limit)
+        raise _Retry(f"connection closed after {got} of {whole}", size, kept)
     if total is not None and size < total:
         raise _Retry(f"the server sent bytes {offset}-{end} of {total} only (HTTP 206)", size,
                      kept)
@@ -750,6 +751,13 @@ def _human(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"
+
+
+def _human_pair(a: int, b: int) -> tuple[str, str]:
+    """Two sizes to compare, exact in bytes where rounding would show them equal."""
+    if _human(a) == _human(b):
+        return f"{a} B", f"{b} B"
+    return _human(a), _human(b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -417,7 +417,8 @@ def test_an_empty_metrics_file_is_not_a_run(project):
 def test_corpus_problems_are_one_line(project, setup, words):
     setup(project)
     source = "folder.tokens" if "folder" in words else "corpus.tokens"
-    result = pretrain(f"data.source={source}")
+    split = ["data.val_fraction=0"] if "validation" in words else []  # a .tokens file takes it
+    result = pretrain(f"data.source={source}", *split)
     assert result.exit_code == 2, result.output
     last = result.stderr.strip().splitlines()[-1]  # after the run's description, if it began
     assert last.startswith("error:") and words in last and result.stderr.count("error:") == 1

@@ -213,6 +213,17 @@ def test_complete_part_file_is_finished_without_a_body(server: Server, tmp_path:
     assert len(server.requests) == 1 and server.requests[0][1]["Range"] == f"bytes={len(BODY)}-"
 
 
+def test_an_earlier_versions_partial_download_still_resumes(server: Server,
+                                                            tmp_path: Path) -> None:
+    """Its record is {url, validator} without the mark and the file it names."""
+    server.files["/big.bin"] = BODY
+    (tmp_path / "big.bin.part").write_bytes(BODY[:5000])
+    (tmp_path / "big.bin.part.json").write_text(json.dumps(
+        {"url": f"{server.url}/big.bin", "validator": f'"{sha(BODY)[:16]}"'}))
+    assert fetch(f"{server.url}/big.bin", tmp_path, backoff=0).read_bytes() == BODY
+    assert server.requests[0][1]["Range"] == "bytes=5000-"
+
+
 def test_server_without_range_support_starts_over(server: Server, tmp_path: Path) -> None:
     server.files["/big.bin"] = BODY
     interrupted(server, tmp_path, "/big.bin", 30_000)

@@ -432,9 +432,15 @@ def _family(target: Path) -> Path:
 
 
 def _own_record(meta: Path) -> dict[str, Any] | None:
-    """The record in `meta` when llm fetch wrote it, else None (absent, or someone's file)."""
+    """The record in `meta` when llm fetch wrote it, else None (absent, or someone's file).
+    Earlier versions wrote exactly {url, validator}, naming no file: their unfinished download
+    still resumes (its `.part` is taken as the one they started)."""
     record = _read_record(meta)
-    return record if record.get("kind") == RECORD_KIND else None
+    if record.get("kind") == RECORD_KIND:
+        return record
+    if set(record) == {"url", "validator"} and isinstance(record["url"], str):
+        return {**record, "part": None}
+    return None
 
 
 def _write_record(meta: Path, url: str, validator: str | None, st: os.stat_result) -> None:
@@ -452,7 +458,7 @@ def _owned_size(part: Path, record: dict[str, Any] | None) -> int | None:
         return None
     if record is None or not stat.S_ISREG(st.st_mode):
         return None
-    return st.st_size if record.get("part") == [st.st_dev, st.st_ino] else None
+    return st.st_size if record.get("part") in ([st.st_dev, st.st_ino], None) else None
 
 
 def _discard_own(part: Path, meta: Path) -> None:

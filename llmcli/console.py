@@ -201,6 +201,12 @@ def run_guarded(func: Callable[[], T]) -> T:
         if isinstance(exc, KeyboardInterrupt):
             err.print("interrupted", style="yellow")
             sys.exit(EXIT_INTERRUPTED)
+        if isinstance(exc, BrokenPipeError) and reader_gone():
+            # `llm ... | head`: the reader has what it wanted; leave quietly, as rich does when
+            # it meets this itself, with stdout on /dev/null so the exit flush cannot fail
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            sys.exit(EXIT_FAILURE)
         message, code = _describe(exc)
         if code == EXIT_INTERRUPTED and os.environ.get("RANK", "0") != "0":
             sys.exit(code)  # every rank of a process group stops alike: rank 0 says so
@@ -354,6 +360,19 @@ def check_readable(path: Path, option: str = "") -> None:
         if exc.errno in (errno.EACCES, errno.EPERM):
             fail(f"{where}: {_OS_FIXES[exc.errno]}")
         fail(f"{where}: cannot read it ({exc.strerror or exc}); give a regular file")
+
+
+def reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll says POLLERR): a
+    broken pipe elsewhere (a socket, a child process) is still an error to report."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd 1, no poll on this platform
+        return False
 
 
 def _passes_through(exc: BaseException) -> bool:

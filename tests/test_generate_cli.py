@@ -343,3 +343,22 @@ def test_a_closed_standard_input_reads_as_an_empty_pipe(monkeypatch):
 
     monkeypatch.setattr("sys.stdin", None)
     assert _read_prompt(None) == ""
+
+
+def test_a_reader_that_closes_the_pipe_ends_generate_quietly(ckpt):
+    """`llm generate ... | head -c 5`: "error: BrokenPipeError" once, for a reader who had
+    what it wanted. A pipe closed before the first write makes it certain."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-m", "llmcli", "generate", str(ckpt), "Hi", "-n",
+                             "20", "--strategy", "greedy"], stdout=write, stderr=subprocess.PIPE,
+                            text=True, env=env, timeout=120)
+    os.close(write)
+    assert result.returncode == 1
+    assert "error" not in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -362,3 +362,14 @@ def test_a_reader_that_closes_the_pipe_ends_generate_quietly(ckpt):
     os.close(write)
     assert result.returncode == 1
     assert "error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_padded_vocabulary_is_said_once(tmp_path, tiny_model_cfg, ckpt):
+    """Ids beyond the tokenizer's are never generated, so greedy text can differ from
+    transformers': said, not silent; a vocabulary that fits the tokenizer says nothing."""
+    padded = make_checkpoint(tmp_path / "padded.safetensors", tiny_model_cfg, vocab_size=272)
+    result = gen(str(padded), "Hi", "-n", "3", "--strategy", "greedy")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("ids 257 to 271 of the model have no text") == 1
+    plain = gen(str(ckpt), "Hi", "-n", "3", "--strategy", "greedy")
+    assert plain.exit_code == 0 and "padded vocabulary" not in plain.stderr

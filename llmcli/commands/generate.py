@@ -124,7 +124,7 @@ def command(
     """
 
     def body() -> None:
-        from llmcli.generate.pipeline import load_generator
+        from llmcli.generate.pipeline import load_generator, padded_ids_notice
 
         given = {
             "strategy": strategy, "max_new_tokens": max_new_tokens, "temperature": temperature,
@@ -156,6 +156,9 @@ def command(
         param = next(gen.model.parameters())
         info(f"{gen.path} · {gen.tokenizer.name} · context {gen.context_length} · "
              f"{param.device.type} {str(param.dtype).removeprefix('torch.')}")
+        padding = padded_ids_notice(gen)
+        if padding:
+            info(padding)
         settings = dataclasses.replace(gen.recipe.generate,
                                        **{k: v for k, v in given.items() if v is not None})
         _warn_ignored(settings.strategy if not strategies else None, given)

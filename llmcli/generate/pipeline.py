@@ -117,6 +117,18 @@ def load_generator(spec: str | Path | None, device: str = "auto",
                      textless_ids(tokenizer, vocab))
 
 
+def padded_ids_notice(gen: Generator) -> str | None:
+    """Ids beyond the tokenizer's (a vocabulary padded to a round size, common in imported
+    checkpoints) are never generated: said once, since greedy text can then differ from
+    transformers', which may pick them."""
+    first, size = gen.tokenizer.n_vocab, gen.vocab.vocab_size
+    if gen.vocab.compact is not None or size <= first:
+        return None
+    return (f"note: ids {first:,} to {size - 1:,} of the model have no text in its tokenizer (a "
+            "padded vocabulary): they are never generated, and --show-probs ranks only ids "
+            "with text")
+
+
 def textless_ids(tokenizer: Any, vocab: ModelVocab) -> list[int]:
     """Model ids that stand for no text, which generation must never pick: a compact
     vocabulary's unknown id, ids the tokenizer lacks (gaps before its special tokens)."""

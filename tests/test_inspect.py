@@ -546,3 +546,19 @@ def test_json_tokens_are_raw_text_and_tokenizer_ids(tmp_path, tiny_model_cfg, co
 def test_score_needs_text(ckpt):
     result = llm("score", str(ckpt))
     assert result.exit_code == 2 and "no text given" in result.stderr
+
+
+def test_a_one_head_attention_grid_keeps_room_for_its_title_and_colour_bar(tmp_path):
+    """Two blocks of one head made a 3.4-inch figure whose title and colour-bar labels were
+    cut off on both sides."""
+    import struct
+    from types import SimpleNamespace
+
+    from llmcli.inspect.plots import DPI, attention_png
+
+    weights = torch.tril(torch.ones(2, 1, 3, 3)) / torch.arange(1, 4).view(1, 1, 3, 1)
+    maps = SimpleNamespace(tokens=["a", "b", "c"], weights=weights)
+    target = attention_png(maps, tmp_path / "a.png", [0, 1], [0],
+                           "attention weights of run (rows: blocks · columns: heads)")
+    width = struct.unpack(">I", target.read_bytes()[16:20])[0]
+    assert width >= 6.5 * DPI - 1

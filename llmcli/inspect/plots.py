@@ -62,7 +62,8 @@ def attention_png(maps: Any, target: Path, blocks: list[int], heads: list[int],
     single = len(blocks) == 1 and len(heads) == 1
     rows, cols = len(blocks), len(heads)
     cell = 7.0 if single else max(1.6, min(3.0, 18.0 / max(rows, cols)))
-    fig = _figure(cell * cols + 1.2, cell * rows + 0.9)
+    width = max(cell * cols + 1.6, 6.5)  # one narrow head: still room for the title and bar
+    fig = _figure(width, cell * rows + 0.9)
     axes = fig.subplots(rows, cols, squeeze=False)
     ticks = n <= (40 if single else 24)
     font = 10 if single else max(5, min(8, int(100 / max(n, 1))))
@@ -90,9 +91,10 @@ def attention_png(maps: Any, target: Path, blocks: list[int], heads: list[int],
     if not single:
         fig.supylabel("query (attending) token")
         fig.supxlabel("key (attended-to) token")
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0, 0.93, 0.97))
-    bar = fig.add_axes((0.945, 0.15, 0.015, 0.7))
+    fig.suptitle(title, fontsize=12, wrap=True)
+    right = 1 - 1.1 / width  # the colour bar and its labels keep 1.1 inches, whatever the width
+    fig.tight_layout(rect=(0, 0, right, 0.95))
+    bar = fig.add_axes((right + 0.1 / width, 0.15, 0.15 / width, 0.7))
     fig.colorbar(image, cax=bar, label="attention weight")
     return _save(fig, target)
 

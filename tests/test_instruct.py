@@ -267,3 +267,13 @@ def test_shared_alpaca_files_encode(shared_data, cl100k):
         assert report.truncated > 0  # many Alpaca answers exceed 128 tokens
         assert all(1 <= len(e.ids) <= 129 and any(e.mask) for e in examples)
         assert np.mean([sum(e.mask) for e in examples]) > 10
+
+
+def test_records_without_any_text_are_skipped_as_empty(tok):
+    """A file of empty records fine-tuned on end-of-text alone, while `llm tokenize` refused it."""
+    records = [rec("", ""), rec("Name a colour.", "Blue."), rec("  ", "", " ")]
+    examples, report = encode_records(records, tok, ModelVocab(257), template="alpaca",
+                                      context_length=512)
+    assert [ex.index for ex in examples] == [1]
+    assert [i for i, _ in report.malformed] == [0, 2]
+    assert "is empty" in report.malformed[0][1]

@@ -212,9 +212,14 @@ def encode_records(
 
 
 def _record_problem(rec: Any) -> str | None:
-    from llmcli.data.records import record_problem
+    """An Alpaca record's problem, or one with no text at all (it would teach only the
+    end-of-text token; `llm tokenize` refuses a file of them too)."""
+    from llmcli.data.records import record_problem, record_text
 
-    return record_problem(rec)
+    problem = record_problem(rec)
+    if problem is None and not record_text(rec):
+        return "is empty (no text in instruction, input or output)"
+    return problem
 
 
 def split_examples(examples: list[Example], val_fraction: float,

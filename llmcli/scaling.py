@@ -697,8 +697,9 @@ def device_memory(params: int, processes: int, *, trainable: int | None = None,
     for name, parts in (("ddp", ddp), ("fsdp", fsdp)):
         total = sum(v for v in parts.values() if v is not None)
         out[name] = {**parts, "total": total, "fits": total <= device_bytes}
-    out["fsdp"]["start"] = 4 * n
-    out["fsdp"]["fits"] = out["fsdp"]["fits"] and 4 * n <= device_bytes
+    if p > 1:  # one process trains plainly: nothing is sharded, nothing built twice
+        out["fsdp"]["start"] = 4 * n
+        out["fsdp"]["fits"] = out["fsdp"]["fits"] and 4 * n <= device_bytes
     out["verdict"] = memory_verdict(out)
     return out
 
@@ -718,7 +719,7 @@ def memory_verdict(mem: dict[str, Any]) -> str:
         return (f"DDP does not fit ({format_bytes(ddp['total'])} > {room}); FSDP over {p} "
                 f"processes does ({format_bytes(fsdp['total'])}, activations extra): use "
                 "train.parallel=fsdp")
-    if fsdp["start"] > cap and fsdp["total"] <= cap:
+    if fsdp.get("start", 0) > cap and fsdp["total"] <= cap:
         return (f"neither fits {room}: DDP {format_bytes(ddp['total'])}; FSDP over {p} processes "
                 f"would hold {format_bytes(fsdp['total'])}, but it builds the whole fp32 model "
                 f"({format_bytes(fsdp['start'])}) on every device before sharding it; use "

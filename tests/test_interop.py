@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -717,3 +719,126 @@ def test_a_pipe_for_a_tokenizer_file_is_refused_not_missing_or_waited_on(tmp_pat
         timer.cancel()
     assert code == 2 and f"{name}: not a regular file" in output, output
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers whose decoder is not byte-level
+
+
+WORDS = "the sales team is selling to customers. don't stop, isn't it? "
+
+
+def decoder_tokenizer(folder: Path, decoder: str) -> Any:
+    """A small tokenizer trained here whose tokenizer.json has `decoder`, saved as transformers
+    would (PreTrainedTokenizerFast.save_pretrained)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[UNK]", "[SEP]"]
+    if decoder.startswith("wordpiece"):
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer: Any = trainers.WordPieceTrainer(vocab_size=200, special_tokens=special,
+                                                 show_progress=False)
+    elif decoder == "bpe-suffix":
+        tok = Tokenizer(models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=special,
+                                      end_of_word_suffix="</w>", show_progress=False)
+    elif decoder == "none":
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordLevelTrainer(special_tokens=special, show_progress=False)
+    else:  # SentencePiece-like: ▁ for spaces
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=special, show_progress=False)
+    tok.decoder = {
+        "wordpiece": decoders.WordPiece(),
+        "wordpiece-strip": decoders.Sequence([decoders.WordPiece(cleanup=False),
+                                              decoders.Strip("s", 0, 1)]),
+        "bpe-suffix": decoders.BPEDecoder("</w>"),
+        "none": None,
+        "metaspace": decoders.Metaspace(),
+        "replace-strip-fuse": decoders.Sequence([
+            decoders.Replace(Regex("e+"), "E"), decoders.Strip("\u2581", 1, 0), decoders.Fuse(),
+            decoders.Replace("a", "A")]),
+        "ctc": decoders.CTC(),
+        "replace-across-tokens": decoders.Sequence([decoders.Fuse(), decoders.Replace("ea", "X")]),
+        "strip-after-byte-fallback": decoders.Sequence([decoders.ByteFallback(),
+                                                        decoders.Strip(" ", 1, 0)]),
+    }[decoder]
+    tok.train_from_iterator([WORDS] * 50, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[SEP]", unk_token="[UNK]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def continuation(theirs: Any, ids: list[int]) -> str:
+    """transformers' text of `ids` inside a text: between two [UNK] tokens (which no decoder
+    here changes), whose own text is then cut off."""
+    def text(*x: int) -> str:
+        return theirs.decode(list(x), skip_special_tokens=False)
+
+    unk = theirs.convert_tokens_to_ids("[UNK]")
+    first, both, whole = text(unk), text(unk, unk), text(unk, *ids, unk)
+    return whole[len(first):len(whole) - len(both) + len(first)]
+
+
+@pytest.mark.parametrize("decoder", ["wordpiece", "wordpiece-strip", "bpe-suffix", "none",
+                                     "metaspace", "replace-strip-fuse"])
+def test_tokens_spell_the_text_transformers_decodes(tmp_path, decoder):
+    """A WordPiece run printed "teamteamteam" (each token decoded alone, the pieces joined)
+    where transformers gives "team team team": every id now has its bytes inside a text."""
+    from llmcli.interop.tokenizer_store import HFTokenizer
+
+    theirs = decoder_tokenizer(tmp_path / "tok", decoder)
+    ours = HFTokenizer("hf-0000000000000000", tmp_path / "tok")
+    ids = theirs.encode(WORDS * 2 + "[SEP] team", add_special_tokens=False)
+    assert len(ids) > 10 and ours.encode(WORDS) == theirs.encode(WORDS, add_special_tokens=False)
+    for start in range(len(ids)):
+        assert ours.decode(ids[start:]) == continuation(theirs, ids[start:]), ids[start:]
+
+
+def tiny_gpt2(folder: Path, vocab: int) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1,
+                               n_head=2)).save_pretrained(folder)
+
+
+def test_an_imported_wordpiece_model_generates_the_text_transformers_gives(tmp_path):
+    theirs = decoder_tokenizer(tmp_path / "src", "wordpiece")
+    tiny_gpt2(tmp_path / "src", len(theirs))
+    code, output = invoke("import", str(tmp_path / "src"), "-o", "run")
+    assert code == 0, output
+    code, output = invoke("generate", "run", "The sales team", "-s", "greedy", "-n", "8",
+                          "--json")
+    assert code == 0, output
+    result = json.loads(output[output.index("{"):])["results"][0]  # after stderr's header
+    assert result["text"] == continuation(theirs, result["token_ids"])
+    assert result["text"].count(" ") >= 4, result  # words, not pieces run together
+    stop = continuation(theirs, result["token_ids"][1:2])  # " team", say: it can now match
+    code, output = invoke("generate", "run", "The sales team", "-s", "greedy", "-n", "8",
+                          "--json", "--stop", stop)
+    assert code == 0, output
+    assert json.loads(output[output.index("{"):])["results"][0]["finish"] == "stop", output
+
+
+@pytest.mark.parametrize(("decoder", "named"), [
+    ("ctc", "CTC (it merges repeated tokens)"),
+    ("replace-across-tokens", "Replace after ByteLevel or Fuse"),
+    ("strip-after-byte-fallback", "Strip after ByteFallback"),
+])
+def test_decoders_that_act_across_tokens_are_refused_at_import_and_load(tmp_path, decoder,
+                                                                        named):
+    from llmcli.interop.tokenizer_store import HFTokenizer
+
+    tiny_gpt2(tmp_path / "src", len(decoder_tokenizer(tmp_path / "src", decoder)))
+    code, output = invoke("import", str(tmp_path / "src"), "-o", "run")
+    assert code == 2 and output.count("\n") == 1, output
+    assert named in output and "tokenizer.json" in output and "WordPiece" in output, output
+    assert not Path("run").exists()
+    with pytest.raises(UserError, match=re.escape(named)):  # a run an earlier version imported
+        HFTokenizer("hf-0000000000000000", tmp_path / "src")

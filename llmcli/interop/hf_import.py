@@ -135,7 +135,7 @@ def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
     """(tokenizer name, end-of-text token, the files the run keeps of a stored tokenizer) for
     the model in `folder`."""
     from llmcli.interop.tokenizer_export import EOT_TEXT, native_name
-    from llmcli.interop.tokenizer_store import eos_token, store
+    from llmcli.interop.tokenizer_store import check_decoder, eos_token, store
 
     if choice not in TOKENIZER_CHOICES:
         fail(f"--tokenizer {choice}: use {', '.join(TOKENIZER_CHOICES)}")
@@ -157,6 +157,8 @@ def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
         tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises plain Exception on bad JSON
         fail(f"{path}: not a tokenizer the tokenizers library reads ({first_line(exc)})")
+    check_decoder(json.loads(data).get("decoder"), str(path),
+                  "use this model through transformers, or give a tokenizer.json with one of those")
     eos = eos_token(folder, tok, config)
     if eos is None:
         fail(f"{folder}: no end-of-text token found (tokenizer_config.json eos_token, config.json "

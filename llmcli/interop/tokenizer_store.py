@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,8 @@ class HFTokenizer(Tokenizer):
             self._decoder = json.loads(path.read_text(encoding="utf-8")).get("decoder")
         except Exception as exc:  # tokenizers raises plain Exception on bad JSON
             fail(f"{path}: not a readable tokenizer ({first_line(exc)}); import the model again")
+        check_decoder(self._decoder, str(path), "this run (imported by an earlier version, "
+                      "which printed such text wrongly) can only be used through transformers")
         self.tok.no_truncation()
         self.tok.no_padding()
         if hasattr(self.tok, "encode_special_tokens"):
@@ -174,37 +176,137 @@ class HFTokenizer(Tokenizer):
         return found
 
     def _bytes_table(self) -> list[bytes | None]:
-        """Each id's bytes, by how the tokenizer's decoder spells them."""
+        """Each id's bytes as its decoder renders it inside a text (`render`)."""
         if self._table is not None:
             return self._table
-        from llmcli.interop.tokenizer_export import byte_chars
-
-        kinds = _decoder_kinds(self._decoder)
-        inverse = {c: b for b, c in enumerate(byte_chars())}
-        added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        render = renderer(self._decoder)
         table: list[bytes | None] = [None] * self.n_vocab
         for text, token_id in self.tok.get_vocab(with_added_tokens=True).items():
-            if text in added:
-                table[token_id] = text.encode("utf-8")
-            elif "ByteLevel" in kinds and all(c in inverse for c in text):
-                table[token_id] = bytes(inverse[c] for c in text)
-            elif "ByteFallback" in kinds and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
-                table[token_id] = bytes((int(text[3:5], 16),))
-            elif kinds & {"Metaspace", "Replace"}:
-                table[token_id] = text.replace("\u2581", " ").encode("utf-8")
-            else:
-                table[token_id] = self.tok.decode([token_id], skip_special_tokens=False).encode()
+            table[token_id] = render(text)
         self._table = table
         return table
 
 
-def _decoder_kinds(decoder: Any) -> set[str]:
+# ---------------------------------------------------------------------------------------------
+# Decoders, token by token
+#
+# llm needs each id's bytes such that a text is their concatenation (streaming, --stop, inspect).
+# A decoder's steps each act on the list of token strings: some token by token (Replace, Strip,
+# Metaspace, WordPiece, BPEDecoder), some turning them into bytes (ByteLevel, ByteFallback), and
+# Fuse joining them into one string, after which a step acts on the whole text. A step whose
+# result differs from the token-by-token one only at the very start or end of a text (the space
+# Metaspace, WordPiece or Strip drop before the first token, the one BPEDecoder drops after the
+# last) is rendered as inside a text, as a continuation of a prompt needs; a step that acts
+# across tokens (CTC merges repeats; a Replace after Fuse can match across them) is refused.
+
+RENDERABLE = ("ByteLevel, ByteFallback, Metaspace, WordPiece, BPEDecoder, Replace, Strip and "
+              "Fuse, and Sequences of them with nothing but Fuse, Strip or a one-character "
+              "Replace after ByteLevel, ByteFallback or Fuse")
+PER_TOKEN = ("Replace", "Strip", "Metaspace", "WordPiece", "BPEDecoder")
+
+
+def decoder_steps(decoder: Any) -> list[dict[str, Any]]:
+    """The decoder's steps in order, Sequences flattened; none where the tokenizer has none."""
     if not isinstance(decoder, dict):
-        return set()
-    kinds = {str(decoder.get("type"))}
-    for child in decoder.get("decoders") or []:
-        kinds |= _decoder_kinds(child)
-    return kinds
+        return []
+    if decoder.get("type") == "Sequence":
+        return [step for child in decoder.get("decoders") or [] for step in decoder_steps(child)]
+    return [decoder]
+
+
+def unrenderable(decoder: Any) -> str | None:
+    """Why `decoder` (tokenizer.json's) cannot be rendered token by token, or None if it can."""
+    state = "tokens"  # then "bytes" (after ByteFallback: byte runs are joined) or "fused"
+    for step in decoder_steps(decoder):
+        kind = step.get("type")
+        if state == "tokens" and kind in PER_TOKEN:
+            continue
+        if state == "tokens" and kind in ("ByteLevel", "ByteFallback", "Fuse"):
+            state = "bytes" if kind == "ByteFallback" else "fused"
+            continue
+        if kind == "Fuse" or (state == "fused" and (kind == "Strip" or _one_char(step))):
+            state = "fused"
+            continue
+        if kind == "CTC":
+            return "CTC (it merges repeated tokens)"
+        if kind not in (*PER_TOKEN, "ByteLevel", "ByteFallback"):
+            return f"{str(kind)[:40]!r} (a decoder type llm does not know)"
+        after = "ByteFallback" if state == "bytes" else "ByteLevel or Fuse"
+        return f"{kind} after {after} (it acts on the joined text, across tokens)"
+    return None
+
+
+def _one_char(step: dict[str, Any]) -> bool:
+    """A Replace of one ASCII character: on joined text the same as on each token's bytes."""
+    pattern = step.get("pattern")
+    text = pattern.get("String") if isinstance(pattern, dict) else None
+    return (step.get("type") == "Replace" and isinstance(text, str) and len(text) == 1
+            and text.isascii() and isinstance(step.get("content"), str))
+
+
+def check_decoder(decoder: Any, where: str, fix: str) -> None:
+    """A one-line error for a decoder llm cannot render token by token (`unrenderable`)."""
+    reason = unrenderable(decoder)
+    if reason is not None:
+        fail(f"{where}: the tokenizer's decoder {reason} cannot give each token's own text, "
+             f"which llm needs to stream, stop and inspect text; llm renders {RENDERABLE}; "
+             f"{fix}")
+
+
+def renderer(decoder: Any) -> Callable[[str], bytes]:
+    """A token's string → its bytes inside a text, by the decoder's steps (`unrenderable` is
+    None). Token-by-token steps run in the `tokenizers` library itself, so they spell text as
+    transformers does."""
+    from llmcli.interop.tokenizer_export import byte_chars
+
+    if not isinstance(decoder, dict):
+        return lambda text: f" {text}".encode()  # no decoder: transformers joins with spaces
+    steps = decoder_steps(decoder)
+    split = next((i for i, s in enumerate(steps) if s.get("type") not in PER_TOKEN), len(steps))
+    per_token = [_per_token(step) for step in steps[:split]]
+    joined = steps[split:]  # starts with ByteLevel, ByteFallback or Fuse (`unrenderable`)
+    inverse = {c: b for b, c in enumerate(byte_chars())}
+
+    def render(text: str) -> bytes:
+        for step in per_token:
+            text = step(text)
+        piece = text.encode("utf-8")
+        kind = joined[0].get("type") if joined else None
+        if kind == "ByteLevel" and all(c in inverse for c in text):
+            piece = bytes(inverse[c] for c in text)
+        elif kind == "ByteFallback" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            piece = bytes((int(text[3:5], 16),))
+        for step in joined[1:]:  # Fuse; Strip, only at the text's ends; one-character Replace
+            if step.get("type") == "Replace":
+                piece = piece.replace(step["pattern"]["String"].encode(), step["content"].encode())
+        return piece
+
+    return render
+
+
+def _per_token(step: dict[str, Any]) -> Callable[[str], str]:
+    """One token-by-token step, run by the library's own decoder, on a token inside a text:
+    after an empty first token (Metaspace and WordPiece treat the first one apart), before an
+    empty last one (BPEDecoder treats the last one apart)."""
+    from tokenizers import Regex, decoders
+
+    kind = step["type"]
+    if kind == "Replace":
+        pattern = step.get("pattern") or {}
+        what = Regex(pattern["Regex"]) if "Regex" in pattern else pattern.get("String")
+        one = decoders.Replace(what, step["content"])
+        return lambda text: one.decode([text])
+    if kind == "Strip":
+        strip = decoders.Strip(step["content"], step["start"], step["stop"])
+        return lambda text: strip.decode([text])
+    if kind == "BPEDecoder":
+        bpe = decoders.BPEDecoder(step.get("suffix", "</w>"))
+        return lambda text: bpe.decode([text, ""])
+    if kind == "WordPiece":
+        word = decoders.WordPiece(step.get("prefix", "##"), step.get("cleanup", True))
+        return lambda text: word.decode(["", text])
+    meta = decoders.Metaspace(step.get("replacement", "\u2581"))  # the first token apart: the same
+    return lambda text: meta.decode(["", text])
 
 
 def load(name: str) -> HFTokenizer:

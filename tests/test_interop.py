@@ -842,3 +842,28 @@ def test_decoders_that_act_across_tokens_are_refused_at_import_and_load(tmp_path
     assert not Path("run").exists()
     with pytest.raises(UserError, match=re.escape(named)):  # a run an earlier version imported
         HFTokenizer("hf-0000000000000000", tmp_path / "src")
+
+
+# ---------------------------------------------------------------------------------------------
+# Biases
+
+
+@pytest.mark.parametrize(("kind", "config", "stripped"), [
+    ("llama", {"attention_bias": True}, "self_attn.o_proj.bias"),
+    ("llama", {"attention_bias": True, "mlp_bias": True}, "self_attn.q_proj.bias"),
+    ("llama", {"mlp_bias": True}, "mlp.down_proj.bias"),
+    ("gpt2", {}, "attn.c_attn.bias"),
+])
+def test_biases_the_config_says_exist_must_be_in_the_checkpoint(tmp_path, kind, config, stripped):
+    """A Llama with attention_bias (or mlp_bias) whose file lacks the biases was imported with
+    zeros in their place, where transformers reports them missing."""
+    from safetensors.torch import save_file
+
+    source = hf_folder(tmp_path / "src", kind, **config)
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.endswith(stripped)},
+              source / "model.safetensors", metadata={"format": "pt"})
+    code, output = invoke("import", str(source), "-o", "run")
+    assert code == 2 and output.splitlines()[-1].startswith("error:"), output  # after "reading"
+    assert f"{stripped} is missing" in output.splitlines()[-1], output
+    assert not Path("run").exists()

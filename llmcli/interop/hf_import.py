@@ -226,7 +226,7 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     dtype = first.dtype if first is not None else torch.float32
     if str(dtype).removeprefix("torch.") not in DTYPES:
         fail(f"{where}: weights stored as {dtype}; llm imports float32, bfloat16 or float16")
-    ours = {k: v.to(dtype) for k, v in from_hf(raw, recipe.model, cls, where).items()}
+    ours = {k: v.to(dtype) for k, v in from_hf(raw, recipe.model, cls, config, where).items()}
     model = build_model(ours, recipe, where)
     from llmcli.model.count import unique_parameters
 

@@ -284,8 +284,7 @@ def model_keys(config: Mapping[str, Any], cls: str, where: str) -> dict[str, Any
     window = f.integer("sliding_window", None, WINDOW, nullable=True)
     need(window is None or window >= context, f"attention only sees the last {window} tokens "
          f"(sliding_window {window} < max_position_embeddings {context})")
-    attention_bias = f.flag("attention_bias", False)
-    mlp_bias = f.flag("mlp_bias", False)
+    attention_bias, mlp_bias = llama_biases(config, where)
     return {
         "vocab_size": f.integer("vocab_size", 32000, "model.vocab_size"),
         "context_length": context,
@@ -299,6 +298,12 @@ def model_keys(config: Mapping[str, Any], cls: str, where: str) -> dict[str, Any
         "norm_eps": f.number("rms_norm_eps", 1e-6, "model.norm_eps"), "rope_theta": theta,
         "init_std": f.number("initializer_range", 0.02, "model.init_std"),
     }
+
+
+def llama_biases(config: Mapping[str, Any], where: str) -> tuple[bool, bool]:
+    """(attention_bias, mlp_bias) of a Llama config.json: which biases its checkpoint holds."""
+    f = ConfigFields(config, where)
+    return f.flag("attention_bias", False), f.flag("mlp_bias", False)
 
 
 def divisible(width: int, heads: int, keys: tuple[str, str], where: str) -> None:
@@ -402,14 +407,17 @@ GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks older GPT-2 f
 
 
 def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
-            where: str) -> dict[str, torch.Tensor]:
-    """Our state dict (tied names both present) from a transformers checkpoint's tensors.
+            config: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """Our state dict (tied names both present) from a transformers checkpoint's tensors and
+    its `config` (config.json).
 
-    Weights the checkpoint lacks are named in a one-line error; biases that our recipe carries
-    but the checkpoint's class left out are zeros. Tensors nothing reads are an error too (a
-    different architecture under the same name).
+    Weights the checkpoint lacks, biases its config says it has included, are named in a
+    one-line error; biases that our recipe carries but the checkpoint's class left out (its
+    config's attention_bias or mlp_bias false) are zeros. Tensors nothing reads are an error
+    too (a different architecture under the same name).
     """
     d = cfg.d_model
+    attention_bias, mlp_bias = llama_biases(config, where) if cls == LLAMA else (True, True)
     if cls == GPT2:  # GPT2Model files (the hub's gpt2) have no "transformer." prefix
         tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v
                    for k, v in tensors.items() if not k.endswith(GPT2_BUFFERS)}
@@ -422,10 +430,9 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
         used.add(name)
         return tensors[name]
 
-    def maybe(name: str, n: int, like: torch.Tensor) -> torch.Tensor:
-        if name in tensors:
-            return take(name)
-        return torch.zeros(n, dtype=like.dtype)
+    def bias(name: str, held: bool, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The source's bias where its class has one (`held`), else zeros."""
+        return take(name) if held else torch.zeros(n, dtype=like.dtype)
 
     sd: dict[str, torch.Tensor] = {}
     if cls == GPT2:
@@ -452,7 +459,7 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
             weights, biases = [], []
             for name in ("q_proj", "k_proj", "v_proj"):
                 w = take(f"{hf}self_attn.{name}.weight")
-                b = maybe(f"{hf}self_attn.{name}.bias", d, w)
+                b = bias(f"{hf}self_attn.{name}.bias", attention_bias, d, w)
                 if name != "v_proj":
                     w, b = _per_head(w, cfg, inverse), _per_head(b, cfg, inverse)
                 weights.append(w)
@@ -463,12 +470,13 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
             o_proj = take(f"{hf}self_attn.o_proj.weight")
             sd[f"{ours}attn.proj.weight"] = o_proj
             if cfg.bias:
-                sd[f"{ours}attn.proj.bias"] = maybe(f"{hf}self_attn.o_proj.bias", d, o_proj)
+                sd[f"{ours}attn.proj.bias"] = bias(f"{hf}self_attn.o_proj.bias", attention_bias,
+                                                   d, o_proj)
             for a, b in (("fc_gate", "gate_proj"), ("fc_in", "up_proj"), ("fc_out", "down_proj")):
                 w = take(f"{hf}mlp.{b}.weight")
                 sd[f"{ours}ffn.{a}.weight"] = w
                 if cfg.bias:
-                    sd[f"{ours}ffn.{a}.bias"] = maybe(f"{hf}mlp.{b}.bias", w.shape[0], w)
+                    sd[f"{ours}ffn.{a}.bias"] = bias(f"{hf}mlp.{b}.bias", mlp_bias, w.shape[0], w)
         sd["norm.weight"] = take("model.norm.weight")
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["tok_emb.weight"]

@@ -867,3 +867,22 @@ def test_biases_the_config_says_exist_must_be_in_the_checkpoint(tmp_path, kind, 
     assert code == 2 and output.splitlines()[-1].startswith("error:"), output  # after "reading"
     assert f"{stripped} is missing" in output.splitlines()[-1], output
     assert not Path("run").exists()
+
+
+@pytest.mark.parametrize(("config", "which", "added"), [
+    ({"attention_bias": True}, "feed-forward", 2 * (2 * 64 + 32)),  # gate, up, down per block
+    ({"mlp_bias": True}, "attention output (o_proj)", 2 * 32),
+])
+def test_zero_biases_llm_adds_to_a_llama_are_counted_in_a_note(tmp_path, config, which, added):
+    """A Llama with only attention_bias (or mlp_bias) printed more parameters than the source
+    had, with no word of the zero biases llm's model.bias adds (it covers both)."""
+    from transformers import AutoModelForCausalLM
+
+    source = hf_folder(tmp_path / "src", "llama", **config)
+    code, output = invoke("import", str(source), "-o", "run")
+    assert code == 0, output
+    theirs = AutoModelForCausalLM.from_pretrained(source).num_parameters()
+    note = next(line for line in output.splitlines() if line.startswith("warning:"))
+    assert f"{added:,} zero {which} biases were added ({theirs + added:,} parameters, the " \
+        f"source {theirs:,})" in note, note
+    assert f"parameters {theirs + added:,}" in output, output

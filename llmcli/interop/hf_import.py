@@ -22,7 +22,7 @@ from llmcli.checkpoint import CHECKPOINTS_DIR, save_model, step_path
 from llmcli.console import check_readable, fail, first_line, info, warn
 from llmcli.constants import RUN_TOKENIZERS
 from llmcli.interop.hub import fetch, looks_like_hub_id
-from llmcli.interop.mapping import from_hf, import_class, model_keys
+from llmcli.interop.mapping import LLAMA, from_hf, import_class, model_keys, zero_biases
 from llmcli.interop.staging import check_target, staged_folder
 from llmcli.recipe import Recipe, build_recipe, check_name
 
@@ -201,6 +201,18 @@ def build_model(tensors: dict[str, Any], recipe: Recipe, where: str) -> Any:
     return model
 
 
+def note_zero_biases(config: dict[str, Any], recipe: Recipe, params: int, where: str) -> None:
+    """Say so when the model holds more parameters than the source (`zero_biases`)."""
+    which, added = zero_biases(config, recipe.model, where)
+    if added:
+        held = "attention_bias true, mlp_bias false" if which == "feed-forward" else \
+            "mlp_bias true, attention_bias false"
+        warn(f"{where}: {held}, which llm's model.bias does not set apart: {added:,} zero "
+             f"{which} biases were added ({params:,} parameters, the source {params - added:,}); "
+             "outputs are the same, but fine-tuning trains them and llm export writes both "
+             "attention_bias and mlp_bias true")
+
+
 def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
               tokenizer: str = "auto") -> ImportResult:
     """Convert `source` (folder or hub id) into an llm run directory; see the module doc."""
@@ -231,6 +243,8 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     from llmcli.model.count import unique_parameters
 
     params = sum(p.numel() for p in unique_parameters(model.named_parameters()).values())
+    if cls == LLAMA:
+        note_zero_biases(config, recipe, params, str(folder / "config.json"))
     with staged_folder(out, overwrite, "import") as tmp:
         if tok_files is not None:  # the run keeps its tokenizer: it works from anywhere
             write(tmp / RUN_TOKENIZERS / tok_name, tok_files)

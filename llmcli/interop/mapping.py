@@ -9,7 +9,9 @@ Two transformers classes cover the recipes that have an exact equivalent:
 
 and neither has an output-layer bias (`model.output_bias` must be false). Biases GPT-2 always has
 but a recipe left out are written as zeros (the same function); Llama's `attention_bias` and
-`mlp_bias` follow `qkv_bias` and `bias`.
+`mlp_bias` follow `qkv_bias` and `bias`. The other way, `bias` covers both the attention output
+and the feed-forward layers, so a Llama with only one of attention_bias and mlp_bias gets the
+other's biases as zeros, which the import counts in a note (`zero_biases`).
 
 Tensor names, ours → transformers (i = block; GPT-2's Conv1D weights are stored transposed):
 
@@ -304,6 +306,18 @@ def llama_biases(config: Mapping[str, Any], where: str) -> tuple[bool, bool]:
     """(attention_bias, mlp_bias) of a Llama config.json: which biases its checkpoint holds."""
     f = ConfigFields(config, where)
     return f.flag("attention_bias", False), f.flag("mlp_bias", False)
+
+
+def zero_biases(config: Mapping[str, Any], cfg: ModelConfig, where: str) -> tuple[str, int]:
+    """(which, how many) zero biases llm's Llama adds to the source's: `model.bias` covers both
+    the attention output and the feed-forward layers, which Llama's attention_bias and mlp_bias
+    set apart, so a config with only one of them gets the other's biases as zeros."""
+    attention_bias, mlp_bias = llama_biases(config, where)
+    if attention_bias == mlp_bias:
+        return "", 0
+    if attention_bias:
+        return "feed-forward", cfg.num_blocks * (2 * cfg.ffn_width + cfg.d_model)
+    return "attention output (o_proj)", cfg.num_blocks * cfg.d_model
 
 
 def divisible(width: int, heads: int, keys: tuple[str, str], where: str) -> None:

@@ -25,12 +25,21 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmcli.console import UserError, check_readable, fail, first_line, not_regular, warn
+from llmcli.console import (
+    Echoed,
+    UserError,
+    check_readable,
+    exit_code,
+    fail,
+    first_line,
+    not_regular,
+    warn,
+)
 from llmcli.constants import RUN_TENSORBOARD, TOKENIZER_VOCAB
 from llmcli.files import Busy, locked
 from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
@@ -236,7 +245,7 @@ def _header_format(path: Path) -> str | None:
     return meta.get("format") if isinstance(meta, dict) else None
 
 
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, main: bool = True) -> None:
+def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     """Refuse to mix a new run with an earlier one; sweep stale temporary files.
 
     Without `--resume` a directory holding another run's checkpoints is refused (exit 2): the
@@ -244,24 +253,13 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, main: boo
     pick the old run's higher-step files. `--overwrite` deletes that run first. Metrics and a
     plot alone are a start that failed before its first checkpoint: nothing there can be
     resumed (`--resume` finds nothing), so refusing would leave no way but `--overwrite`; the
-    new run replaces them, and says so.
+    new run replaces them, and says so. Only the process holding the directory's lock may call
+    this (see `claim_run_dir`): it deletes files.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        fail(f"{run_dir}: exists and is not a directory; give -o a directory for the run")
-    old = run_files(run_dir)
+    old = check_run_dir(run_dir, resuming=resuming, overwrite=overwrite)
     if old and not resuming:
-        started_only = all(p.name in RUN_FILES for p in old)
-        if not overwrite and not started_only:
-            # --resume is only offered when it would work: otherwise the two messages send the
-            # user back and forth
-            how = ("continue it with --resume, replace it" if resumable_checkpoints(run_dir) else
-                   "it stopped before its first resumable checkpoint, so there is nothing to "
-                   "--resume; replace it")
-            fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
-                 f"{old[0].name}); {how} with --overwrite, or write this run elsewhere with "
-                 "-o DIR")
-        if started_only and not overwrite and main:
+        if all(p.name in RUN_FILES for p in old) and not overwrite:
             warn(f"{run_dir}: replacing {' and '.join(p.name for p in old)} of an earlier start "
                  "that stopped before saving a checkpoint")
         for path in old:
@@ -279,6 +277,32 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, main: boo
     if swept:
         warn(f"removed {len(swept)} unfinished temporary file(s) of an interrupted write in "
              f"{run_dir}")
+
+
+def refuse_contradiction(resuming: bool, overwrite: bool) -> None:
+    if resuming and overwrite:
+        fail("--resume and --overwrite contradict each other: --resume continues the run in "
+             "the directory, --overwrite deletes it first; give one of them")
+
+
+def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> list[Path]:
+    """The earlier run's files in `run_dir`; refuses (exit 2) to start a new run over them
+    without --overwrite. Reads only: `llm pretrain --nproc N` asks before launching."""
+    refuse_contradiction(resuming, overwrite)
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"{run_dir}: exists and is not a directory; give -o a directory for the run")
+    old = run_files(run_dir)
+    if old and not resuming and not overwrite and not all(p.name in RUN_FILES for p in old):
+        # --resume is only offered when it would work: otherwise the two messages send the
+        # user back and forth
+        how = ("continue it with --resume, replace it" if resumable_checkpoints(run_dir) else
+               "it stopped before its first resumable checkpoint, so there is nothing to "
+               "--resume; replace it")
+        fail(f"{run_dir} already holds an earlier run ({len(old)} files, e.g. "
+             f"{old[0].name}); {how} with --overwrite, or write this run elsewhere with "
+             "-o DIR")
+    return old
 
 
 def run_kind(meta: dict[str, Any]) -> str:
@@ -354,7 +378,8 @@ def set_aside_newer(run_dir: Path, resume: Path) -> Path | None:
 
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
-                  main: bool = True, kind: str | None = None) -> Iterator[Path | None]:
+                  main: bool = True, kind: str | None = None,
+                  share: Callable[[Any], Any] | None = None) -> Iterator[Path | None]:
     """A run directory held for the length of one training run; yields the checkpoint to
     resume from (None for a fresh run). `kind` ("pretrain" / "finetune"): the command, whose
     resume must be of a run of its own kind.
@@ -362,28 +387,44 @@ def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite:
     One run at a time per directory: two would interleave their metrics and replace each
     other's checkpoints. The process that writes (the main one of a process group) holds a lock
     beside the directory (`llmcli.files.locked`); a second run is refused, naming the first.
+    Only that process looks at and changes the directory (deleting, setting aside, sweeping):
+    a refused group must not touch the run that holds it. `share` (every process of a group
+    calls it once: `distributed.from_main`) hands the main process's outcome to the others,
+    which wait for it; a refusal ends them quietly with its exit code (`Echoed`).
     """
-    if resume not in (None, False) and overwrite:
-        fail("--resume and --overwrite contradict each other: --resume continues the run in "
-             "the directory, --overwrite deletes it first; give one of them")
-    run_dir = Path(run_dir)
+    share = share or (lambda value: value)
     with contextlib.ExitStack() as stack:
+        outcome: tuple[Path | None, int | None] = (None, None)
         if main:
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
             try:
-                stack.enter_context(locked(run_dir, wait=False))
-            except Busy as exc:
-                by = f" (process {exc.holder})" if exc.holder.isdigit() else ""
-                fail(f"{run_dir} is in use by another run{by}; wait for it to finish, or write "
-                     "this run elsewhere with -o DIR")
-        resume_path = resolve_resume(resume, run_dir)
-        if resume_path is not None and kind is not None:
-            check_run_kind(resume_path, kind)
-        if resume_path is not None and main:
-            set_aside_newer(run_dir, resume_path)
-        prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite,
-                        main=main)
+                outcome = (_claim(Path(run_dir), stack, resume, overwrite, kind), None)
+            except BaseException as exc:
+                share((None, exit_code(exc)))
+                raise
+        resume_path, refused = share(outcome)
+        if refused is not None:
+            raise Echoed(refused)
         yield resume_path
+
+
+def _claim(run_dir: Path, stack: contextlib.ExitStack, resume: str | Path | bool | None,
+           overwrite: bool, kind: str | None) -> Path | None:
+    """claim_run_dir's work in the main process: lock, pick the resume, set the directory up."""
+    refuse_contradiction(resume not in (None, False), overwrite)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        stack.enter_context(locked(run_dir, wait=False))
+    except Busy as exc:
+        by = f" (process {exc.holder})" if exc.holder.isdigit() else ""
+        fail(f"{run_dir} is in use by another run{by}; wait for it to finish, or write "
+             "this run elsewhere with -o DIR")
+    resume_path = resolve_resume(resume, run_dir)
+    if resume_path is not None and kind is not None:
+        check_run_kind(resume_path, kind)
+    if resume_path is not None:
+        set_aside_newer(run_dir, resume_path)
+    prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
+    return resume_path
 
 
 def default_run_dir(recipe: Recipe) -> Path:

@@ -68,6 +68,23 @@ def fail(message: str, exit_code: int = EXIT_USAGE) -> NoReturn:
     raise UserError(message, exit_code)
 
 
+class Echoed(UserError):
+    """Another process of this process group failed, and it says why: this one leaves quietly
+    with the same exit code, so the group prints the message once."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__("another process of the group failed", exit_code)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code an exception ends the command with (see run_guarded)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+    return _describe(exc)[1]
+
+
 NO_SPACE = "no space left on the device; free some space or choose another output path"
 # safetensors' Rust errors keep only the text of the OS error: "... (os error 28)"
 _RUST_DISK_FULL = re.compile(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b")

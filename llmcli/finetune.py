@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +285,8 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
     dist, dev = distributed.setup(resolve_device(device))
     try:
         with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
-                           main=dist.is_main, kind="finetune") as resume_path:
+                           main=dist.is_main, kind="finetune",
+                           share=partial(distributed.from_main, info=dist)) as resume_path:
             prep = prepare(recipe, run_dir=run_dir, resume=resume_path, strict=strict,
                            rank=dist.rank, main=dist.is_main)
             total, trainable = count_parameters(prep.model)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,8 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
     dist, dev = distributed.setup(resolve_device(device))
     try:
         with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
-                           main=dist.is_main, kind="pretrain") as resume_path:
+                           main=dist.is_main, kind="pretrain",
+                           share=partial(distributed.from_main, info=dist)) as resume_path:
             recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
             seed_everything(recipe.train.seed)
             model = build_model(recipe.model, dev)

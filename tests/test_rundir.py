@@ -266,3 +266,31 @@ def test_resuming_an_older_step_moves_the_abandoned_branch_aside(project):
     assert {"step-00000009.safetensors", "metrics.jsonl"} <= {p.name for p in aside.iterdir()}
     assert (aside / "step-00000006.safetensors").read_bytes() == old["step-00000006.safetensors"]
     assert pretrain("train.max_iters=6", "--resume").stderr.count("moved") == 0
+
+
+def test_only_the_main_process_of_a_group_changes_the_run_directory(tmp_path):
+    """A refused `--overwrite --nproc 2` deleted the running run's checkpoints: rank 1 swept and
+    deleted while rank 0 was refused the lock. The others now only take rank 0's outcome."""
+    from llmcli.checkpoint import claim_run_dir
+    from llmcli.console import Echoed
+    from llmcli.files import locked
+
+    run = tmp_path / "run"
+    run.mkdir()
+    kept = [run / "step-00000002.safetensors", run / "metrics.jsonl", run / ".best.x.tmp"]
+    for path in kept:
+        path.write_bytes(b"x")
+    with claim_run_dir(run, resume=None, overwrite=True, main=False,
+                       share=lambda _: (run / "step-00000002.safetensors", None)) as resume:
+        assert resume == run / "step-00000002.safetensors"  # what the main process chose
+    assert all(path.exists() for path in kept)
+    with pytest.raises(Echoed) as refused, claim_run_dir(run, resume=None, overwrite=True,
+                                                         main=False, share=lambda _: (None, 2)):
+        pass
+    assert refused.value.exit_code == 2 and all(path.exists() for path in kept)
+    shared = []
+    with locked(run, wait=False), pytest.raises(UserError, match="in use by another run"), \
+            claim_run_dir(run, resume=None, overwrite=True, share=shared.append):
+        pass
+    assert shared == [(None, 2)]  # the refusal's exit code, told to the others
+    assert all(path.exists() for path in kept)

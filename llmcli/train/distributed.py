@@ -371,6 +371,18 @@ def gather_objects(obj: object, info: Dist) -> list[object]:
     return out
 
 
+def from_main(value: object, info: Dist) -> object:
+    """Rank 0's `value` on every rank (the others pass anything): they wait here until rank 0
+    has done what only it may do, and take its result."""
+    import torch.distributed as dist
+
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: Dist) -> None:
     import torch.distributed as dist
 

@@ -303,6 +303,7 @@ class DryRun:
     corpus_tokens: int
     step_seconds: float | None
     device: str
+    processes: int = 1  # a step takes a batch from each (DDP / FSDP)
 
     @property
     def eta_seconds(self) -> float | None:
@@ -316,8 +317,11 @@ class DryRun:
 
 
 def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
-            measure_steps: int = 2) -> DryRun:
-    """Resolve everything a run would use and time a couple of steps, without writing a run."""
+            measure_steps: int = 2, processes: int = 1) -> DryRun:
+    """Resolve everything a run would use and time a couple of steps, without writing a run.
+
+    `processes`: the run's process count: a step then covers that many batches (the step
+    time is one process's, measured here; the gradient exchange comes on top)."""
     from llmcli.device import resolve_device
     from llmcli.model.count import count_parameters, training_memory
     from llmcli.model.gpt import build_model
@@ -332,7 +336,7 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
     model = build_model(recipe.model, dev)
     total, trainable = count_parameters(model)
     batches = make_batches(recipe, corpus)
-    tokens_per_step = batches.tokens_per_batch * recipe.train.grad_accum
+    tokens_per_step = batches.tokens_per_batch * recipe.train.grad_accum * processes
     steps = total_steps(recipe.train, tokens_per_step)
     problem = warmup_problem(recipe.train, steps)
     if problem:
@@ -342,7 +346,8 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
         rows=recipe.rows(), params=total, trainable=trainable,
         memory=training_memory(total, trainable), tokens_per_step=tokens_per_step, steps=steps,
         total_tokens=steps * tokens_per_step, chinchilla_tokens=chinchilla_tokens(total),
-        corpus_tokens=corpus.train_tokens, step_seconds=seconds, device=str(dev))
+        corpus_tokens=corpus.train_tokens, step_seconds=seconds, device=str(dev),
+        processes=processes)
 
 
 def measure_step_time(recipe: Recipe, model: torch.nn.Module, batches: TokenWindows,

@@ -152,6 +152,24 @@ def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
     assert report["chinchilla_tokens"] == pytest.approx(20 * report["params"])
 
 
+def test_dry_run_for_several_processes_reports_once_for_all_of_them(project, monkeypatch):
+    """`--dry-run --nproc 2` ran the dry run in each worker: two reports (two JSON documents),
+    each with one process's tokens per step."""
+    from llmcli.train import distributed
+
+    def launched(*args, **kwargs):
+        raise AssertionError("launched")
+
+    monkeypatch.setattr(distributed, "relaunch", launched)
+    args = ("pretrain", "mini.yaml", "data.source=corpus.tokens", "--dry-run", "--nproc", "2")
+    result = llm(*args)
+    assert result.exit_code == 0, result.output
+    assert "tokens/step     128 (2 processes x 64)" in result.stdout
+    assert "on cpu x 2 processes" in result.stdout
+    report = json.loads(llm(*args, "--json").stdout)
+    assert report["processes"] == 2 and report["total_tokens"] == 6 * 128
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_a_warmup_as_long_as_the_run_is_warned_once_by_the_run_and_the_dry_run(project,
                                                                                schedule):

@@ -74,15 +74,20 @@ def command(
         loaded = load_recipe(recipe, items)  # checked once, before any worker starts
         launch = launch_options(nproc, nnodes, node_rank, rdzv_endpoint, master_addr,
                                 master_port)
+        if dry_run:  # reported for the processes asked for, by this one alone
+            from llmcli.pretrain import dry_run as do_dry_run
+            from llmcli.train.distributed import from_env
+
+            group = from_env()
+            if group.is_main:
+                processes = launch.world_size if launch.needed else group.world_size
+                _print_dry_run(do_dry_run(loaded, device=device, processes=processes),
+                               json_out)
+            return
         if launch.needed:
             from llmcli.train.distributed import relaunch_under_torchrun
 
             relaunch_under_torchrun(launch)
-        if dry_run:
-            from llmcli.pretrain import dry_run as do_dry_run
-
-            _print_dry_run(do_dry_run(loaded, device=device), json_out)
-            return
         from llmcli.pretrain import pretrain
 
         result = pretrain(loaded, run_dir=out_dir, resume=resume_spec, overwrite=overwrite,
@@ -147,7 +152,9 @@ def _print_dry_run(report: Any, json_out: bool) -> None:
         f"trainable {report.trainable:,}",
         f"memory          {memory('fp32')}",
         f"                {memory('bf16')}",
-        f"tokens/step     {report.tokens_per_step:,}",
+        f"tokens/step     {report.tokens_per_step:,}" + (
+            f" ({report.processes} processes x {report.tokens_per_step // report.processes:,})"
+            if report.processes > 1 else ""),
         f"total tokens    {report.total_tokens:,} over {report.steps:,} steps "
         f"({report.total_tokens / max(1, report.corpus_tokens):.1f} epochs of "
         f"{report.corpus_tokens:,} training tokens)",
@@ -155,8 +162,9 @@ def _print_dry_run(report: Any, json_out: bool) -> None:
         f"this run is {ratio:.2%} of it",
     ]
     if report.step_seconds is not None:
-        lines.append(f"ETA             {format_duration(report.eta_seconds)} on {report.device} "
-                     f"({report.step_seconds:.3f} s/step measured, "
+        procs = f" x {report.processes} processes" if report.processes > 1 else ""
+        lines.append(f"ETA             {format_duration(report.eta_seconds)} on {report.device}"
+                     f"{procs} ({report.step_seconds:.3f} s/step measured in one process, "
                      f"{report.tokens_per_step / report.step_seconds:,.0f} tokens/s)")
     for line in lines:
         out.print(line)

@@ -215,9 +215,10 @@ def run_guarded(func: Callable[[], T]) -> T:
     except BaseException as exc:
         if settings["debug"] or _passes_through(exc):
             raise
-        if isinstance(exc, KeyboardInterrupt):
-            err.print("interrupted", style="yellow")
-            sys.exit(EXIT_INTERRUPTED)
+        if isinstance(exc, Echoed):
+            sys.exit(exc.exit_code)
+        if exit_code(exc) == EXIT_INTERRUPTED:
+            _interrupted(exc)
         if isinstance(exc, BrokenPipeError) and reader_gone():
             # `llm ... | head`: the reader has what it wanted; leave quietly, as rich does when
             # it meets this itself, with stdout on /dev/null so the exit flush cannot fail
@@ -225,13 +226,36 @@ def run_guarded(func: Callable[[], T]) -> T:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
             sys.exit(EXIT_FAILURE)
         message, code = _describe(exc)
-        if code == EXIT_INTERRUPTED and os.environ.get("RANK", "0") != "0":
-            sys.exit(code)  # every rank of a process group stops alike: rank 0 says so
-        if code == EXIT_INTERRUPTED:  # asked for, not a failure: said in yellow, no "error:"
-            err.print(Text.assemble(("interrupted:", "yellow"), " ", clip(one_line(message))))
-        else:
+        if not _told_launcher(exc, message, code, said=False):
             _print_error(message)
         sys.exit(code)
+
+
+def _interrupted(exc: BaseException) -> NoReturn:
+    """Asked for, not a failure: said in yellow, without "error:", by one process of a group
+    (every one stops alike)."""
+    said = _group_voice()
+    message = "" if isinstance(exc, KeyboardInterrupt) else _describe(exc)[0]
+    if said and message:
+        err.print(Text.assemble(("interrupted:", "yellow"), " ", clip(one_line(message))))
+    elif said:
+        err.print("interrupted", style="yellow")
+    _told_launcher(exc, message or "interrupted", EXIT_INTERRUPTED, said=said)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _group_voice() -> bool:
+    """Whether this process speaks for its process group (rank 0, or no group at all)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _told_launcher(exc: BaseException, message: str, code: int, said: bool) -> bool:
+    """A worker of `llm ... --nproc N` leaves its error to the launcher, which prints the one
+    that caused the others (see llmcli.train.distributed.torchrun_main); `said`: printed
+    already."""
+    from llmcli.train.distributed import tell_launcher
+
+    return tell_launcher(exc, message, code, said)
 
 
 def _describe(exc: BaseException) -> tuple[str, int]:

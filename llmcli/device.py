@@ -11,10 +11,21 @@ def resolve_device(spec: str = "auto"):
     """'auto' picks CUDA, then MPS, then CPU; a named device must exist (one-line error if not)."""
     import torch
 
+    device = check_device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_device(spec: str = "auto"):
+    """The device `spec` names, checked (one-line errors) without starting CUDA: the `llm` that
+    launches `--nproc N` workers checks what they will use ("cuda" without an index)."""
+    import torch
+
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -30,8 +41,6 @@ def resolve_device(spec: str = "auto"):
         if device.index is not None and device.index >= count:
             fail(f"--device {spec}: this machine has {count} CUDA device(s), "
                  f"cuda:0 to cuda:{count - 1}")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             fail(f"--device {spec}: MPS is not available on this machine; use --device cpu")

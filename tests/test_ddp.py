@@ -99,3 +99,28 @@ def test_nproc_relaunches_the_command_under_torchrun(tmp_path):
     assert [s for s, _ in step_checkpoints(tmp_path / "run")] == [2, 4]
     assert "x 2 processes" in proc.stderr
     assert proc.stdout.count("step 4, train loss") == 1  # the result, printed by rank 0 only
+
+
+def test_a_refused_group_leaves_the_running_run_alone_and_says_why_once(tmp_path):
+    """`--overwrite --nproc 2` on a directory in use: rank 0 was refused the lock while rank 1
+    deleted the running run's checkpoints, then torchrun printed ~40 lines and exited 1."""
+    from llmcli.files import locked
+
+    write_tokens(tmp_path / "corpus.tokens", markov_tokens(4000))
+    recipe = tiny_recipe(max_iters=4, checkpoint_interval=2, eval_interval=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    run = tmp_path / "run"
+    run.mkdir()
+    theirs = [run / "step-00000100.safetensors", run / "metrics.jsonl", run / ".best.x.tmp"]
+    for path in theirs:
+        path.write_bytes(b"another run's")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with locked(run, wait=False):  # the run training there
+        proc = subprocess.run([sys.executable, "-m", "llmcli", "pretrain", "r.yaml",
+                               "data.source=corpus.tokens", "--nproc", "2", "-o", "run",
+                               "--overwrite"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: run is in use by another run (process {os.getpid()}); "
+                                   "wait for it to finish, or write this run elsewhere with -o DIR")
+    assert all(path.read_bytes() == b"another run's" for path in theirs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -113,6 +114,171 @@ def test_srun_variables_give_the_rank_layout(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("LLM_IGNORE_SLURM", "1")
     assert not from_env().enabled
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SLURM_PROCID": "abc"}, "SLURM_PROCID='abc': expected an integer from 0"),
+    ({"SLURM_PROCID": "0", "SLURM_LOCALID": "x"}, "SLURM_LOCALID='x': expected an integer"),
+    ({"SLURM_PROCID": "5"}, "SLURM_PROCID 5 is not below SLURM_NTASKS 2"),
+    ({"WORLD_SIZE": "2"}, "RANK is empty or not set"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': expected an integer from 1"),
+    ({"WORLD_SIZE": "2", "RANK": "3"}, "RANK 3 is not below WORLD_SIZE 2: ranks go from 0 to 1"),
+])
+def test_a_malformed_launcher_environment_is_named_not_waited_on(monkeypatch, env, message):
+    """A bare int() gave ValueError/KeyError; a rank beyond the world size waited forever."""
+    from llmcli.console import UserError
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LLM_IGNORE_SLURM"):
+        monkeypatch.delenv(key, raising=False)
+    if "WORLD_SIZE" not in env:
+        monkeypatch.setenv("SLURM_STEP_ID", "0")
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        from_env()
+    assert info.value.exit_code == 2
+
+
+def test_bad_input_is_refused_before_any_worker_starts(tmp_path, monkeypatch):
+    """fp16 under FSDP, an unknown device and a directory holding another run were refused by
+    every worker after loading the data, each saying so."""
+    from llmcli.train import distributed
+
+    def launched(*args, **kwargs):
+        raise AssertionError("launched")
+
+    monkeypatch.setattr(distributed, "relaunch", launched)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe()), encoding="utf-8")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "step-00000002.safetensors").write_bytes(b"x")
+    for args, message in [
+        (["train.parallel=fsdp", "train.precision=fp16"], "fp16 needs loss scaling"),
+        (["--device", "bogus"], "--device bogus: not a device"),
+        (["-o", "old"], "old already holds an earlier run"),
+    ]:
+        result = runner.invoke(app, ["pretrain", "r.yaml", "--nproc", "2", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "launched" not in result.output
+
+
+def test_a_busy_master_port_is_one_line_before_and_after_launching(tmp_path, monkeypatch):
+    from llmcli.train.distributed import meeting_problem
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe()), encoding="utf-8")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["pretrain", "r.yaml", "--nproc", "2", "--master-addr",
+                                     "127.0.0.1", "--master-port", str(port)])
+    assert result.exit_code == 2
+    assert f"--master-port {port}: in use on 127.0.0.1; pick a free port" in result.output
+    # the same from torchrun's error, when the port was taken after the check
+    error = RuntimeError("The server socket has failed to listen on any local network address. "
+                         "port: 5, useIpv6: false, code: -98, name: EADDRINUSE")
+    said = meeting_problem(["--master-addr=h", "--master-port=5", "--nproc-per-node=2"], error)
+    assert said == "--master-port 5: in use on h; pick a free port"
+
+
+def test_a_rendezvous_says_what_it_waits_for(capsys):
+    Launch(nproc=2, nnodes=2, rdzv_endpoint="node0:29400").say_where_they_meet()
+    assert "meeting at node0:29400 (torchrun's c10d rendezvous): waiting for all 4 processes " \
+           "(2 machine(s)) to join" in capsys.readouterr().err
+    Launch(nproc=2).say_where_they_meet()  # one machine, torchrun picks a port: no wait
+    assert capsys.readouterr().err == ""
+
+
+class Failure:
+    """torchrun's ProcessFailure, as root_cause reads it."""
+
+    def __init__(self, exitcode: int, pid: int = 100) -> None:
+        self.exitcode, self.pid = exitcode, pid
+
+    def signal_name(self) -> str:
+        return signal.Signals(-self.exitcode).name
+
+
+@pytest.mark.parametrize(("codes", "records", "expected"), [
+    # rank 0's own error wins over rank 1 losing it (gloo's "Connection closed by peer")
+    ({0: 2, 1: 1}, {0: ("data: no such file", 2, False), 1: ("Connection closed", 1, True)},
+     ("data: no such file", 2)),
+    # a worker killed by hand: the others only lost it (and torchrun SIGTERMed them)
+    ({0: -15, 1: -9}, {}, ("rank 1 (process 100) was killed by SIGKILL", 1)),
+    ({0: 1, 1: -9}, {0: ("Connection closed by peer", 1, True)}, ("killed by SIGKILL", 1)),
+    # SIGINT to one worker: every one saved and stopped; rank 0 said so (then got SIGTERM)
+    ({0: -15, 1: 130}, {0: ("interrupted: saved", 130, False, True)}, (None, 130)),
+    ({0: 1}, {0: ("Connection closed by peer", 1, True)}, ("Connection closed by peer", 1)),
+    ({1: 3}, {}, ("rank 1 (process 100) failed with exit code 3", 3)),
+])
+def test_a_failed_group_ends_with_the_error_that_caused_it(tmp_path, codes, records, expected):
+    from llmcli.train.distributed import root_cause
+
+    for rank, (message, code, lost, *said) in records.items():
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps(
+            {"message": message, "code": code, "peer_lost": lost, "said": bool(said)}))
+    message, code = root_cause({r: Failure(c) for r, c in codes.items()}, str(tmp_path))
+    assert code == expected[1]
+    assert message == expected[0] if expected[0] is None else expected[0] in message
+
+
+def test_a_worker_leaves_its_error_to_the_launcher_which_prints_it_once(
+        tmp_path, monkeypatch, capsys):
+    """Every rank printed its error, then torchrun its traceback and "Root Cause" box (exit 1)."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from llmcli.console import fail, run_guarded
+    from llmcli.train import distributed
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LLM_WORKER_ERRORS", str(tmp_path))
+    with pytest.raises(SystemExit) as worker:
+        run_guarded(lambda: fail("--device bogus: not a device"))
+    assert worker.value.code == 2 and capsys.readouterr().err == ""  # said by the launcher
+    record = json.loads((tmp_path / "rank1.json").read_text())
+    monkeypatch.delenv("RANK")
+
+    def failed(argv):
+        print(os.environ["LLM_WORKER_ERRORS"])
+        path = Path(os.environ["LLM_WORKER_ERRORS"], "rank0.json")
+        path.write_text(json.dumps(record), encoding="utf-8")
+        raise ChildFailedError("llmcli", {r: ProcessFailure(r, 100 + r, 2, "") for r in (0, 1)})
+
+    monkeypatch.setattr(torch.distributed.run, "main", failed)
+    monkeypatch.setattr(sys, "argv", ["-c", "--standalone", "--nproc-per-node=2", "-m", "llmcli"])
+    with pytest.raises(SystemExit) as launcher:
+        distributed.torchrun_main()
+    out, err = capsys.readouterr()
+    assert launcher.value.code == 2
+    assert err.strip() == "error: --device bogus: not a device"
+    assert not Path(out.strip()).exists()  # the records' folder is removed
+
+
+RELAY = textwrap.dedent("""
+    import os, signal, sys, time
+    from llmcli.train import distributed
+
+    def torchrun_command(launch, argv):  # stands for torchrun: it asks its parent to be stopped
+        return [sys.executable, "-c", "import os, signal, sys, time\\n"
+                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(130))\\n"
+                "os.kill(os.getppid(), signal.SIGTERM)\\n"
+                "time.sleep(60)\\n"
+                "sys.exit(99)"]
+
+    distributed.torchrun_command = torchrun_command
+    sys.exit(distributed.relaunch(distributed.Launch(nproc=2), []))
+""")
+
+
+def test_a_signal_to_the_launching_command_reaches_torchrun():
+    """SIGTERM to `llm pretrain --nproc 2` ended it alone (143) and left torchrun and the
+    workers training; SIGINT by `kill` was ignored. Both are passed on now."""
+    proc = subprocess.run([sys.executable, "-c", RELAY], env=clean_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,26 @@ def launch_options(nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint
     return launch
 
 
+def check_before_launch(recipe: Any, launch: Any, device: str, run_dir: Path | None,
+                        resume: Any, overwrite: bool) -> None:
+    """What every worker would refuse, refused once before any starts (they would refuse it
+    only after loading the data, each saying so)."""
+    import torch
+
+    from llmcli.checkpoint import check_run_dir, default_run_dir
+    from llmcli.device import check_device
+    from llmcli.train.precision import check_sharded_precision
+
+    if check_device(device).type == "cuda" and launch.nproc > torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        fail(f"--nproc {launch.nproc}: this machine has {count} CUDA device(s), one per "
+             f"process; use --nproc {count} or fewer")
+    check_sharded_precision(recipe.train.precision, recipe.train.parallel == "fsdp")
+    if launch.nnodes == 1:  # elsewhere it may be another machine's directory that counts
+        check_run_dir(run_dir or default_run_dir(recipe), resuming=resume is not None,
+                      overwrite=overwrite)
+
+
 NPROC_MEMORY_HELP = ("Also show the memory per device when training with this many processes, "
                      "under DDP and under FSDP (train.parallel).")
 DEVICE_MEMORY_HELP = "Memory of one device for that comparison: 80GiB (default), 141G, 24GB."

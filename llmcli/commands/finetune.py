@@ -16,6 +16,7 @@ from llmcli.commands.common import (
     OVERWRITE_HELP,
     RDZV_HELP,
     RESUME_HELP,
+    check_before_launch,
     launch_options,
     path_text,
     split_resume,
@@ -86,6 +87,7 @@ def command(
         if launch.needed:
             from llmcli.train.distributed import relaunch_under_torchrun
 
+            check_before_launch(loaded, launch, device, out, resume_spec, overwrite)
             relaunch_under_torchrun(launch)
         from llmcli.finetune import finetune
         from llmcli.train.distributed import from_env

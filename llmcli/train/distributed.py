@@ -60,6 +60,38 @@ class Dist:
         return self.local_rank == 0
 
 
+def _env_int(name: str, lo: int, default: int | None = None) -> int:
+    """An integer launcher variable, at least `lo`; a missing or malformed one is one line
+    naming it (a hand-made environment, a wrapper script's typo)."""
+    from llmcli.console import fail
+
+    text = os.environ.get(name, "").strip()
+    if not text and default is not None:
+        return default
+    if not text:
+        fail(f"{name} is empty or not set, but the launcher's other variables say this is one "
+             f"of several processes; set {name} (an integer from {lo}), or unset them for one "
+             "process")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < lo:
+        fail(f"{name}={text!r}: expected an integer from {lo}; fix the launcher's environment "
+             "(or unset it for one process)")
+    return value
+
+
+def _checked(info: Dist, rank_name: str, world_name: str) -> Dist:
+    """A rank at or beyond the world size would wait forever for processes that never come."""
+    from llmcli.console import fail
+
+    if info.rank >= info.world_size:
+        fail(f"{rank_name} {info.rank} is not below {world_name} {info.world_size}: ranks go "
+             f"from 0 to {info.world_size - 1}; fix the launcher's environment")
+    return info
+
+
 def slurm_layout() -> Dist | None:
     """The rank layout of an `srun` job step when torchrun's variables are absent, else None."""
     env = os.environ
@@ -67,15 +99,18 @@ def slurm_layout() -> Dist | None:
         return None
     if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
         return None
-    world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1")
-    return Dist(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", "0")))
+    world_name = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    world = _env_int(world_name, 1, default=1)
+    info = Dist(_env_int("SLURM_PROCID", 0), world, _env_int("SLURM_LOCALID", 0, default=0))
+    return _checked(info, "SLURM_PROCID", world_name)
 
 
 def from_env() -> Dist:
     """The rank layout torchrun (or srun) put in the environment (a single process when absent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1, default=1)
     if world > 1:
-        return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        info = Dist(_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0, default=0))
+        return _checked(info, "RANK", "WORLD_SIZE")
     if "WORLD_SIZE" not in os.environ:
         slurm = slurm_layout()
         if slurm is not None and slurm.enabled:
@@ -446,6 +481,31 @@ class Launch:
             fail(f"--node-rank {self.node_rank}: expected 0 to {self.nnodes - 1} "
                  f"(--nnodes {self.nnodes})")
 
+    def check_master_port(self) -> None:
+        """The static rendezvous's port must be free on node 0, which listens on it: refused
+        before launching, not as torchrun's traceback (a port in use on another machine is
+        torchrun's to find)."""
+        from llmcli.console import fail
+
+        if self.master_addr is None or (self.node_rank or 0) != 0:
+            return
+        port = self.master_port or DEFAULT_MASTER_PORT
+        if port_in_use(self.master_addr, port):
+            fail(f"--master-port {port}: in use on {self.master_addr}; pick a free port")
+
+    def say_where_they_meet(self) -> None:
+        """A rendezvous waits (silently, in torchrun) until every process has joined."""
+        from llmcli.console import info
+
+        if self.rdzv_endpoint is not None:
+            where = f"{self.rdzv_endpoint} (torchrun's c10d rendezvous)"
+        elif self.master_addr is not None:
+            where = f"{self.master_addr}:{self.master_port or DEFAULT_MASTER_PORT}"
+        else:
+            return
+        info(f"meeting at {where}: waiting for all {self.world_size} processes "
+             f"({self.nnodes} machine(s)) to join (Ctrl-C to give up)")
+
     def torchrun_args(self) -> list[str]:
         """torchrun's own arguments (what goes between `torch.distributed.run` and the
         program)."""
@@ -459,6 +519,27 @@ class Launch:
                     f"--master-addr={self.master_addr}",
                     f"--master-port={self.master_port or DEFAULT_MASTER_PORT}"]
         return ["--standalone", *args]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on `port` at `host`, a local address (False when `host` is
+    another machine's, or unknown: nothing to tell here)."""
+    import errno
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--master-addr",
@@ -489,6 +570,7 @@ def relaunch_under_torchrun(launch: Launch | int, argv: list[str] | None = None)
     if from_env().enabled:
         fail("--nproc/--nnodes are for launching; under torchrun or srun already "
              f"({from_env().world_size} processes), drop them")
+    launch.check_master_port()
     cleaned = strip_launch_options(sys.argv[1:] if argv is None else argv)
     sys.exit(relaunch(launch, cleaned))
 
@@ -501,27 +583,230 @@ def torchrun_command(launch: Launch | int, argv: list[str]) -> list[str]:
             "torchrun_main()", *launch.torchrun_args(), "-m", "llmcli", *argv]
 
 
+# The folder where the workers of `llm ... --nproc N` leave their error (rank<N>.json) for
+# torchrun_main, and the process id of the `llm` that started torchrun.
+WORKER_ERRORS_ENV = "LLM_WORKER_ERRORS"
+LAUNCHER_PID_ENV = "LLM_LAUNCHER_PID"
+# Signals the launching `llm` passes on to torchrun, which passes them on to the workers.
+PASSED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+# What a collective says when another process of the group went away: a consequence, not a cause
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
+
+
 def torchrun_main() -> None:
-    """torchrun itself, except that a Ctrl-C ends it as it ends the workers (which save a
-    checkpoint and say so): exit 130, not torchrun's traceback and exit 1."""
+    """torchrun itself, speaking as one command: a failed group ends with one line (the error
+    that caused the others, see `root_cause`) and that worker's exit code; Ctrl-C or SIGTERM
+    (passed on to the workers, which save a checkpoint and say so) with 130; never torchrun's
+    traceback and exit 1."""
+    import shutil
+    import tempfile
+
+    from llmcli.console import run_guarded, settings
+
+    argv = sys.argv[1:]
+    settings["debug"] = "--debug" in argv
+    _follow_parent()
+    errors = tempfile.mkdtemp(prefix="llm-workers-")
+    os.environ[WORKER_ERRORS_ENV] = errors
+    try:
+        run_guarded(lambda: _torchrun(argv, errors))
+    finally:
+        os.environ.pop(WORKER_ERRORS_ENV, None)
+        shutil.rmtree(errors, ignore_errors=True)
+
+
+def _torchrun(argv: list[str], errors: str) -> None:
+    import signal
+
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main
 
+    from llmcli.console import EXIT_INTERRUPTED, fail
+
+    if "--debug" not in argv:
+        _quiet_launcher_logs()
     try:
-        main(sys.argv[1:])
+        main(argv)
     except SignalException as exc:
-        sys.exit(128 + int(exc.sigval))
+        passed = exc.sigval in (signal.SIGINT, signal.SIGTERM)
+        sys.exit(EXIT_INTERRUPTED if passed else 128 + int(exc.sigval))
+    except ChildFailedError as exc:
+        message, code = root_cause(exc.failures, errors)
+        if message is None:
+            sys.exit(code)
+        fail(message, code)
+    except (DistError, RendezvousError) as exc:
+        fail(meeting_problem(argv, exc))
+
+
+def _quiet_launcher_logs() -> None:
+    """torchrun's log lines ("failed (exitcode: 2)", "Sending process ... closing signal"):
+    the workers and torchrun_main say what happened, once (--debug keeps them)."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _follow_parent() -> None:
+    """torchrun gets SIGTERM when the `llm` that started it dies without passing a signal on
+    (kill -9, out of memory): its workers then save and stop instead of training on as
+    orphans that hold the run directory (Linux)."""
+    import signal
+
+    parent = os.environ.pop(LAUNCHER_PID_ENV, "")
+    if not sys.platform.startswith("linux") or not parent.isdigit():
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        sys.exit(1)
+
+
+def tell_launcher(exc: BaseException, message: str, code: int, said: bool = False) -> bool:
+    """In a worker of `llm ... --nproc N`: leave how it ended for torchrun_main (`said`: this
+    worker printed it itself); False when not such a worker (the caller prints it)."""
+    import json
+
+    where, rank = os.environ.get(WORKER_ERRORS_ENV), os.environ.get("RANK", "")
+    if not where or not rank.isdigit():
+        return False
+    record = {"message": message, "code": code, "peer_lost": lost_peer(exc), "said": said}
+    try:
+        with open(os.path.join(where, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
+            json.dump(record, fh)
+    except OSError:
+        return False
+    return True
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` says only that another process of the group went away."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"DistError", "DistBackendError", "DistNetworkError"}) or any(
+        text in str(exc) for text in _PEER_LOST)
+
+
+def root_cause(failures: dict[int, Any], errors: str) -> tuple[str | None, int]:
+    """The one line (None: a worker said it already) and exit code a failed group ends with,
+    from torchrun's failures (rank -> exit code, pid) and the workers' records. In order: the
+    lowest rank's own error; a worker killed by a signal other than SIGTERM; an interrupt
+    (the workers saved and stopped); a worker killed by SIGTERM (torchrun ends the others so,
+    once one has failed); what a worker said about losing the others; an exit code."""
+    import json
+    import signal
+
+    from llmcli.console import EXIT_FAILURE, EXIT_INTERRUPTED
+
+    records: dict[int, dict[str, Any]] = {}
+    for rank in failures:
+        path = os.path.join(errors, f"rank{rank}.json")
+        with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as fh:
+            records[rank] = json.load(fh)
+    codes = {r: f.exitcode for r, f in failures.items()}
+    told = sorted(r for r, record in records.items()
+                  if not record.get("peer_lost") and record.get("code") != EXIT_INTERRUPTED)
+    if told:
+        return str(records[told[0]]["message"]), int(records[told[0]]["code"])
+    killed = sorted((code == -signal.SIGTERM, r) for r, code in codes.items() if code < 0)
+    if killed and not killed[0][0]:
+        return _killed(killed[0][1], failures[killed[0][1]]), EXIT_FAILURE
+    stopped = sorted({r for r, code in codes.items() if code == EXIT_INTERRUPTED}
+                     | {r for r, record in records.items() if record["code"] == EXIT_INTERRUPTED})
+    if stopped:
+        if any(record.get("said") for record in records.values()):
+            return None, EXIT_INTERRUPTED
+        return (f"rank {stopped[0]} was interrupted; the other processes stopped with it",
+                EXIT_INTERRUPTED)
+    if killed:
+        return _killed(killed[0][1], failures[killed[0][1]]), EXIT_FAILURE
+    if records:
+        first = records[min(records)]
+        return str(first["message"]), int(first["code"])
+    rank = min(codes)
+    return (f"rank {rank} (process {failures[rank].pid}) failed with exit code {codes[rank]}",
+            codes[rank] if 0 < codes[rank] < 256 else EXIT_FAILURE)
+
+
+def _killed(rank: int, failure: Any) -> str:
+    name = failure.signal_name()
+    hint = " (out of memory? or killed by hand)" if name == "SIGKILL" else ""
+    return (f"rank {rank} (process {failure.pid}) was killed by {name}{hint}; the other "
+            "processes stopped with it")
+
+
+def meeting_problem(argv: list[str], exc: BaseException) -> str:
+    """One line for a rendezvous that failed: the address given, and what to do."""
+    import errno as errnos
+
+    from llmcli.console import first_line
+
+    given = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
+    text = first_line(exc)
+    busy = "EADDRINUSE" in text or f"errno: {errnos.EADDRINUSE}" in text
+    if "master-port" in given:
+        where = f"--master-port {given['master-port']}"
+        if busy:
+            return (f"{where}: in use on {given.get('master-addr', 'this machine')}; pick a free "
+                    "port")
+        return (f"{where} on {given.get('master-addr')}: the processes could not meet there "
+                f"({text}); check the address and port")
+    if "rdzv-endpoint" in given:
+        return (f"--rdzv-endpoint {given['rdzv-endpoint']}: the processes could not meet there "
+                f"({text}); check that HOST:PORT is one of the machines and the port is free")
+    return f"the processes could not meet ({text})"
 
 
 def relaunch(launch: Launch | int, argv: list[str]) -> int:
-    """Run `llm <argv>` under torchrun; returns its exit code."""
+    """Run `llm <argv>` under torchrun; returns its exit code. torchrun runs in a session of
+    its own, and the signals this process gets (a Ctrl-C, `kill`, a scheduler's SIGTERM) are
+    passed on to it, and by it to the workers, once each: they finish the step, save and
+    stop, as a single process does."""
     if isinstance(launch, int):
         launch = Launch(nproc=launch)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc)))
-    proc = subprocess.Popen(torchrun_command(launch, argv), env=env)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them save and exit
-            continue
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
+    launch.say_where_they_meet()
+    proc = subprocess.Popen(torchrun_command(launch, argv), env=env,
+                            start_new_session=os.name == "posix")
+    with _passing_signals(proc):
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # no handler to pass it on (not the main thread)
+                continue
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N
+
+
+@contextlib.contextmanager
+def _passing_signals(proc: subprocess.Popen) -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def pass_on(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    sigs = [getattr(signal, name) for name in PASSED_SIGNALS if hasattr(signal, name)]
+    previous = {sig: signal.signal(sig, pass_on) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -70,7 +70,12 @@ from llmcli.recipe import ModelConfig, Recipe, TrainConfig
 from llmcli.train import distributed, state
 from llmcli.train.allocator import keep_freed_memory
 from llmcli.train.metrics import Metrics
-from llmcli.train.precision import Precision, enable_fast_matmul, resolve_precision
+from llmcli.train.precision import (
+    Precision,
+    check_sharded_precision,
+    enable_fast_matmul,
+    resolve_precision,
+)
 from llmcli.train.schedule import lr_at, warmup_problem
 
 SaveWeights = Callable[[Path, Any, dict], None]
@@ -198,9 +203,7 @@ class Trainer:
         # FSDP needs a process group: several processes (one process trains plainly whatever
         # the recipe says), or one whose caller set a group up itself (a one-GPU FSDP check).
         self.fsdp = self.cfg.parallel == "fsdp" and (self.dist.enabled or distributed.joined())
-        if self.fsdp and self.precision.name == "fp16":
-            fail("train.parallel=fsdp with train.precision=fp16: fp16 needs loss scaling that "
-                 "this FSDP path does not do; use train.precision=bf16 (or fp32)")
+        check_sharded_precision(self.precision.name, self.fsdp)
         self.scaler = self.precision.scaler()
         self.optimizer = build_optimizer(self.raw, self.cfg, self.device)
         self.trainable = [p for p in self.raw.parameters() if p.requires_grad]

@@ -53,6 +53,13 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     fail(f"train.precision={name}: use auto, fp32, bf16 or fp16")
 
 
+def check_sharded_precision(precision: str, sharded: bool) -> None:
+    """FSDP with fp16: refused, by the trainer and before `--nproc N` launches anything."""
+    if sharded and precision == "fp16":
+        fail("train.parallel=fsdp with train.precision=fp16: fp16 needs loss scaling that "
+             "this FSDP path does not do; use train.precision=bf16 (or fp32)")
+
+
 def enable_fast_matmul(device: torch.device) -> None:
     """TF32 for fp32 matmuls on CUDA (Ampere and newer): ~8x faster, loss curves unchanged."""
     if device.type == "cuda":

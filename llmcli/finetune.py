@@ -294,7 +294,8 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
                 keep_with_run(prep.recipe.data.tokenizer, run_dir)
                 kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
                 info(f"{kind}: training {trainable:,} of {total:,} parameters "
-                     f"({trainable / total:.2%}) from {prep.base}; run directory {run_dir}")
+                     f"({trainable / total:.2%}) from {prep.base} on {dev}"
+                     f"{dist.describe(prep.recipe.train.parallel)}; run directory {run_dir}")
                 if resume_path is not None:
                     info(f"resuming from {resume_path}")
 

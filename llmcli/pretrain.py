@@ -274,7 +274,7 @@ def describe_run(recipe: Recipe, corpus: Corpus, params: int, tokens_per_step: i
     if corpus.vocab is not None:
         vocab += (f" (compact: {len(corpus.vocab.ids):,} {recipe.data.tokenizer} ids: the "
                   "corpus's, end-of-text and the prompt templates'; + unknown)")
-    procs = f" x {dist.world_size} processes ({recipe.train.parallel})" if dist.enabled else ""
+    procs = dist.describe(recipe.train.parallel)
     info(f"{recipe.name}: {params / 1e6:.2f}M parameters, {vocab}; corpus {corpus.path} "
          f"({corpus.train_tokens:,} train / {corpus.val_tokens:,} validation tokens); "
          f"{tokens_per_step:,} tokens/step on {device}{procs}; run directory {run_dir}")

@@ -191,6 +191,20 @@ def test_a_rendezvous_says_what_it_waits_for(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_start_lines_and_process_count_notes_read_right():
+    from llmcli.train.distributed import Dist
+    from llmcli.train.loop import world_change_note
+
+    assert Dist(0, 2).describe("ddp") == " x 2 processes (ddp)"  # llm finetune's start line too
+    assert Dist().describe("ddp") == ""
+    fewer = world_change_note("s", 4, 2)
+    assert "ranks 0 to 1 continue their own batch streams, the batch streams of ranks 2 to 3 " \
+           "end, and a step now averages 2 batches instead of 4" in fewer
+    more = world_change_note("s", 1, 2)
+    assert "saved by 1 process, this run has 2" in more
+    assert "rank 0 continues its own batch stream, rank 1 starts a new batch stream" in more
+
+
 class Failure:
     """torchrun's ProcessFailure, as root_cause reads it."""
 
@@ -358,7 +372,9 @@ def test_two_machines_train_as_one_then_resume_after_srun(tmp_path, monkeypatch)
     result = runner.invoke(app, [*llm[3:-1], "three", "--resume"])
     assert result.exit_code == 0, result.output
     note = " ".join(result.output.split())
-    assert "saved by 2 process(es), this run has 1" in note
+    assert "saved by 2 processes, this run has 1" in note
+    assert "rank 0 continues its own batch stream, the batch stream of rank 1 ends" in note
+    assert "a step now averages 1 batch instead of 2" in note
     assert "optimizer moments, step and schedule continue exactly" in note
     assert "no longer step-for-step identical" in note
 

@@ -59,6 +59,10 @@ class Dist:
     def is_local_main(self) -> bool:
         return self.local_rank == 0
 
+    def describe(self, parallel: str) -> str:
+        """' x N processes (ddp)' for a run's start line; '' for one process."""
+        return f" x {self.world_size} processes ({parallel})" if self.enabled else ""
+
 
 def _env_int(name: str, lo: int, default: int | None = None) -> int:
     """An integer launcher variable, at least `lo`; a missing or malformed one is one line

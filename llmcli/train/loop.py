@@ -286,15 +286,7 @@ class Trainer:
 
     def note_world_change(self, where: str, saved: int) -> None:
         """What stays exact when a run resumes on another number of processes, and what not."""
-        now = self.dist.world_size
-        kept = min(saved, now)
-        streams = (f"ranks {saved} to {now - 1} start new batch streams" if now > saved else
-                   f"the batch streams of ranks {now} to {saved - 1} end")
-        info(f"note: {where} was saved by {saved} process(es), this run has {now}: weights, "
-             f"optimizer moments, step and schedule continue exactly; ranks 0 to {kept - 1} "
-             f"continue their own batch streams, {streams}, and a step now averages {now} "
-             f"batches instead of {saved}, so the run is no longer step-for-step identical to "
-             f"one that kept {saved} process(es)")
+        info(world_change_note(where, saved, self.dist.world_size))
 
     def parallelize(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(the model the training steps call, the one evaluation calls): activation
@@ -648,6 +640,31 @@ def _either(causes: list[str]) -> str:
 def _eval_part(batch_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The evaluation streams' share of a batch source's state (keys `<kind>.eval.<split>`)."""
     return {k: v.clone() for k, v in batch_state.items() if ".eval." in f".{k}"}
+
+
+def world_change_note(where: str, saved: int, now: int) -> str:
+    """The note of `Trainer.note_world_change`, worded for single ranks and batches too."""
+    kept = min(saved, now)
+    own = "continue their own batch streams" if kept > 1 else "continues its own batch stream"
+    if now > saved:
+        verb = "start new batch streams" if now - saved > 1 else "starts a new batch stream"
+        streams = f"{_ranks(saved, now - 1)} {verb}"
+    else:
+        streams = (f"the batch streams of {_ranks(now, saved - 1)} end" if saved - now > 1
+                   else f"the batch stream of rank {now} ends")
+    return (f"note: {where} was saved by {_count(saved, 'process', 'processes')}, this run has "
+            f"{now}: weights, optimizer moments, step and schedule continue exactly; "
+            f"{_ranks(0, kept - 1)} {own}, {streams}, and a step now averages "
+            f"{_count(now, 'batch', 'batches')} instead of {saved}, so the run is no longer "
+            f"step-for-step identical to one that kept {_count(saved, 'process', 'processes')}")
+
+
+def _ranks(first: int, last: int) -> str:
+    return f"rank {first}" if first == last else f"ranks {first} to {last}"
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def _flops_per_token(model: torch.nn.Module, recipe: Recipe) -> float | None:

@@ -16,6 +16,10 @@ rank layout; MASTER_ADDR must then be set (e.g. `export MASTER_ADDR=$(scontrol s
 $SLURM_JOB_NODELIST | head -n1)`), MASTER_PORT defaults to 29500. LLM_IGNORE_SLURM=1 turns this
 off (an interactive shell inside a multi-task allocation, say).
 
+The launching `llm` passes SIGINT/SIGTERM/SIGHUP on to torchrun (in a session of its own), which
+passes them to the workers: they save and stop. A worker's error goes to a file for
+`torchrun_main`, which prints the one that caused the others (`root_cause`) with its exit code.
+
 Training. NCCL on GPUs, gloo on CPU. Only global rank 0 prints and writes files; every rank
 draws its own batches. `train.parallel: ddp` replicates the model (DDP averages gradients);
 `fsdp` shards weights, gradients and optimizer state across all processes with FSDP2

@@ -249,13 +249,37 @@ def _group_voice() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _told_launcher(exc: BaseException, message: str, code: int, said: bool) -> bool:
-    """A worker of `llm ... --nproc N` leaves its error to the launcher, which prints the one
-    that caused the others (see llmcli.train.distributed.torchrun_main); `said`: printed
-    already."""
-    from llmcli.train.distributed import tell_launcher
+# The folder where the workers of `llm ... --nproc N` leave their error (rank<N>.json) for
+# the launcher (llmcli.train.distributed.torchrun_main), which prints the one that caused the
+# others.
+WORKER_ERRORS_ENV = "LLM_WORKER_ERRORS"
+# What a collective says when another process of the group went away: a consequence, not a cause
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
 
-    return tell_launcher(exc, message, code, said)
+
+def _told_launcher(exc: BaseException, message: str, code: int, said: bool) -> bool:
+    """In a worker of `llm ... --nproc N`: leave how it ended for the launcher (`said`: this
+    worker printed it itself); False when not such a worker (the caller prints it)."""
+    import json
+
+    where, rank = os.environ.get(WORKER_ERRORS_ENV), os.environ.get("RANK", "")
+    if not where or not rank.isdigit():
+        return False
+    record = {"message": message, "code": code, "peer_lost": lost_peer(exc), "said": said}
+    try:
+        with open(os.path.join(where, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
+            json.dump(record, fh)
+    except OSError:
+        return False
+    return True
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` says only that another process of the group went away."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"DistError", "DistBackendError", "DistNetworkError"}) or any(
+        text in str(exc) for text in _PEER_LOST)
 
 
 def _describe(exc: BaseException) -> tuple[str, int]:

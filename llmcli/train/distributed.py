@@ -591,15 +591,10 @@ def torchrun_command(launch: Launch | int, argv: list[str]) -> list[str]:
             "torchrun_main()", *launch.torchrun_args(), "-m", "llmcli", *argv]
 
 
-# The folder where the workers of `llm ... --nproc N` leave their error (rank<N>.json) for
-# torchrun_main, and the process id of the `llm` that started torchrun.
-WORKER_ERRORS_ENV = "LLM_WORKER_ERRORS"
+# The process id of the `llm` that started torchrun.
 LAUNCHER_PID_ENV = "LLM_LAUNCHER_PID"
 # Signals the launching `llm` passes on to torchrun, which passes them on to the workers.
 PASSED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
-# What a collective says when another process of the group went away: a consequence, not a cause
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-              "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
 
 
 def torchrun_main() -> None:
@@ -610,7 +605,7 @@ def torchrun_main() -> None:
     import shutil
     import tempfile
 
-    from llmcli.console import run_guarded, settings
+    from llmcli.console import WORKER_ERRORS_ENV, run_guarded, settings
 
     argv = sys.argv[1:]
     settings["debug"] = "--debug" in argv
@@ -679,30 +674,6 @@ def _follow_parent() -> None:
         return
     if os.getppid() != int(parent):  # it died before the line above
         sys.exit(1)
-
-
-def tell_launcher(exc: BaseException, message: str, code: int, said: bool = False) -> bool:
-    """In a worker of `llm ... --nproc N`: leave how it ended for torchrun_main (`said`: this
-    worker printed it itself); False when not such a worker (the caller prints it)."""
-    import json
-
-    where, rank = os.environ.get(WORKER_ERRORS_ENV), os.environ.get("RANK", "")
-    if not where or not rank.isdigit():
-        return False
-    record = {"message": message, "code": code, "peer_lost": lost_peer(exc), "said": said}
-    try:
-        with open(os.path.join(where, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
-            json.dump(record, fh)
-    except OSError:
-        return False
-    return True
-
-
-def lost_peer(exc: BaseException) -> bool:
-    """Whether `exc` says only that another process of the group went away."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"DistError", "DistBackendError", "DistNetworkError"}) or any(
-        text in str(exc) for text in _PEER_LOST)
 
 
 def root_cause(failures: dict[int, Any], errors: str) -> tuple[str | None, int]:

@@ -363,6 +363,10 @@ def test_checksum_mismatch_is_kept_aside(server: Server, tmp_path: Path) -> None
     assert not (tmp_path / "corpus.txt").exists()
     assert not (tmp_path / "corpus.txt.part").exists()
     assert (tmp_path / "corpus.txt.bad").read_bytes() == BODY
+    with pytest.raises(UserError, match=r"kept aside as .*corpus.txt.bad.1;"):  # never over one
+        fetch(f"{server.url}/corpus.txt", tmp_path, sha256="0" * 64, backoff=0)
+    assert (tmp_path / "corpus.txt.bad").read_bytes() == BODY
+    assert (tmp_path / "corpus.txt.bad.1").read_bytes() == BODY
 
 
 def test_existing_file_with_wrong_checksum_is_refused(server: Server, tmp_path: Path) -> None:

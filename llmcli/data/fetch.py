@@ -7,7 +7,8 @@ for it; see `fetch_hf_files`), a local path, or a preset name (`PRESETS`). A dow
 `DIR/NAME.part`; after a dropped connection the next attempt (or the next run) asks the server
 for the remaining bytes only. The file appears under its final name, by an atomic rename, only
 once it is complete and its checksum (when one is known) matches; a mismatching file is moved
-aside to `NAME.bad` and never presented as good. Standard library only (urllib).
+aside to `NAME.bad` (`NAME.bad.1`, ... when that is taken) and never presented as good.
+Standard library only (urllib).
 
 A resume is only trusted when the server can vouch that the remote file is still the one the
 `.part` holds: the first response's validator (a strong ETag, else Last-Modified) is kept in
@@ -397,7 +398,7 @@ def download(
         kept = _transfer(url, part, meta, headers or {}, retries, backoff, timeout, target.name)
         actual = sha256_file(part)
         if sha256 and actual != sha256:
-            bad = target.with_name(target.name + ".bad")
+            bad = _free_name(target.with_name(target.name + ".bad"))  # never over a file
             os.replace(part, bad)
             meta.unlink(missing_ok=True)
             fail(f"{url}: SHA-256 mismatch (expected {sha256}, got {actual}); the download was "
@@ -411,6 +412,14 @@ def download(
     info(f"downloaded {_human(size - kept)} in {seconds:.1f} s to {target}{resumed} "
          f"(sha256 {actual})")
     return target
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ...: the first name nothing has (an earlier mismatch,
+    or a file of the user's, keeps its own)."""
+    return next(candidate for n in range(10_000)
+                if not os.path.lexists(candidate := path.with_name(
+                    path.name + (f".{n}" if n else ""))))
 
 
 def _discard(part: Path, meta: Path) -> None:

@@ -157,10 +157,16 @@ def test_bad_input_is_refused_before_any_worker_starts(tmp_path, monkeypatch):
         (["train.parallel=fsdp", "train.precision=fp16"], "fp16 needs loss scaling"),
         (["--device", "bogus"], "--device bogus: not a device"),
         (["-o", "old"], "old already holds an earlier run"),
+        (["data.source=missing.txt"], "missing.txt: no such file"),
     ]:
         result = runner.invoke(app, ["pretrain", "r.yaml", "--nproc", "2", *args])
         assert result.exit_code == 2, result.output
         assert message in result.output and "launched" not in result.output
+    (tmp_path / "records.json").write_text("[]", encoding="utf-8")
+    result = runner.invoke(app, ["finetune", "r.yaml", "data.source=records.json",
+                                 "finetune.init=no-base", "--nproc", "2"])
+    assert result.exit_code == 2 and "launched" not in result.output, result.output
+    assert "no-base: checkpoint not found" in result.output
 
 
 def test_a_busy_master_port_is_one_line_before_and_after_launching(tmp_path, monkeypatch):

@@ -65,12 +65,13 @@ def launch_options(nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint
 
 
 def check_before_launch(recipe: Any, launch: Any, device: str, run_dir: Path | None,
-                        resume: Any, overwrite: bool) -> None:
+                        resume: Any, overwrite: bool, finetune: bool = False) -> None:
     """What every worker would refuse, refused once before any starts (they would refuse it
-    only after loading the data, each saying so)."""
+    only after loading the data, each saying so); `finetune`: its base must exist too."""
     import torch
 
-    from llmcli.checkpoint import check_run_dir, default_run_dir
+    from llmcli.checkpoint import check_run_dir, default_run_dir, resolve_checkpoint
+    from llmcli.data.fetch import check_source
     from llmcli.device import check_device
     from llmcli.train.precision import check_sharded_precision
 
@@ -79,6 +80,10 @@ def check_before_launch(recipe: Any, launch: Any, device: str, run_dir: Path | N
         fail(f"--nproc {launch.nproc}: this machine has {count} CUDA device(s), one per "
              f"process; use --nproc {count} or fewer")
     check_sharded_precision(recipe.train.precision, recipe.train.parallel == "fsdp")
+    for source in recipe.data.sources:
+        check_source(source)
+    if finetune and recipe.finetune.init and resume is None:  # a resume names its own base
+        resolve_checkpoint(recipe.finetune.init)
     if launch.nnodes == 1:  # elsewhere it may be another machine's directory that counts
         check_run_dir(run_dir or default_run_dir(recipe), resuming=resume is not None,
                       overwrite=overwrite)

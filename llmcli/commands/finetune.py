@@ -87,7 +87,8 @@ def command(
         if launch.needed:
             from llmcli.train.distributed import relaunch_under_torchrun
 
-            check_before_launch(loaded, launch, device, out, resume_spec, overwrite)
+            check_before_launch(loaded, launch, device, out, resume_spec, overwrite,
+                                finetune=True)
             relaunch_under_torchrun(launch)
         from llmcli.finetune import finetune
         from llmcli.train.distributed import from_env

@@ -197,6 +197,13 @@ def fetch(
                     retries=retries, backoff=backoff, timeout=timeout)
 
 
+def check_source(source: str) -> None:
+    """Refuse, without downloading anything, a source that is neither a preset, a URL, an
+    hf:// address nor an existing path: `--nproc N` asks before its workers start."""
+    if source not in PRESETS and "://" not in source and not Path(source).expanduser().exists():
+        fail(_unknown_source_message(source))
+
+
 def _unknown_source_message(source: str) -> str:
     names = ", ".join(PRESETS)
     if source in RETIRED:

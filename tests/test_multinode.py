@@ -405,3 +405,29 @@ def test_ctrl_c_ends_torchrun_with_130_not_a_traceback(monkeypatch: pytest.Monke
         distributed.torchrun_main()
     assert info.value.code == 130
     assert seen == [["--standalone", "--nproc-per-node=2", "-m", "llmcli"]]
+
+
+def test_torchrun_answers_ctrl_c_and_sigterm_while_the_processes_meet(tmp_path):
+    """An `llm` started in the background hands torchrun SIGINT ignored, and torchrun sets its
+    own handlers only once the workers start: a Ctrl-C during the rendezvous was ignored and
+    SIGTERM killed it silently (143). torchrun_main answers both with 130 from the start."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, time\n"
+            "from llmcli.train import distributed\n"
+            "distributed._answer_signals()\n"
+            "from llmcli.console import run_guarded\n"
+            "def wait():\n"
+            "    print('ready', flush=True)\n"
+            "    time.sleep(60)\n"
+            "run_guarded(wait)\n")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "interrupted" in err, (sig, err)

@@ -609,6 +609,7 @@ def torchrun_main() -> None:
 
     argv = sys.argv[1:]
     settings["debug"] = "--debug" in argv
+    _answer_signals()
     _follow_parent()
     errors = tempfile.mkdtemp(prefix="llm-workers-")
     os.environ[WORKER_ERRORS_ENV] = errors
@@ -654,6 +655,19 @@ def _quiet_launcher_logs() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _answer_signals() -> None:
+    """Ctrl-C and SIGTERM end torchrun while it waits for the others to join (a rendezvous):
+    it installs its own handlers only once the workers start, and an `llm` started in the
+    background hands it SIGINT ignored, as a shell does to background jobs."""
+    import signal
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupted)
 
 
 def _follow_parent() -> None:

@@ -69,7 +69,8 @@ def main() -> None:
 
         message = exc.format_message()
         if message:  # empty when the help was shown for a bare `llm` or `llm inspect`
-            err.print(f"error: {one_line(message)} (see llm --help)")
+            where = exc.ctx.command_path if exc.ctx is not None else "llm"
+            err.print(f"error: {one_line(message)} (see {where} --help)")
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)

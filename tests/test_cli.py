@@ -81,6 +81,21 @@ def test_a_closed_standard_output_is_refused_before_any_work():
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["generate", "--top-k", "many"], "(see llm generate --help)"),
+    (["inspect", "attention", "--no-such-option"], "(see llm inspect attention --help)"),
+    (["frobnicate"], "(see llm --help)"),
+])
+def test_a_parse_error_points_at_the_help_of_the_command_given(argv, hint):
+    """The hint named `llm --help` whatever the command, where the options are not listed."""
+    result = subprocess.run([sys.executable, "-c", "import sys; from llmcli.cli import main; "
+                             "sys.argv[0] = 'llm'; main()", *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert result.stderr.rstrip().endswith(hint), result.stderr
+
+
 def test_unknown_command_exits_2():
     result = runner.invoke(app, ["frobnicate"])
     assert result.exit_code == 2

@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -213,8 +214,11 @@ def run_guarded(func: Callable[[], T]) -> T:
     try:
         return func()
     except BaseException as exc:
-        if settings["debug"] or _passes_through(exc):
+        if _passes_through(exc):
             raise
+        if settings["debug"]:  # the traceback, and still the exit code that tells the kind
+            traceback.print_exc()
+            sys.exit(exit_code(exc))
         if isinstance(exc, Echoed):
             sys.exit(exc.exit_code)
         if exit_code(exc) == EXIT_INTERRUPTED:
@@ -441,9 +445,10 @@ def reader_gone() -> bool:
 
 
 def _passes_through(exc: BaseException) -> bool:
-    """Exits that are not errors: sys.exit, a closed generator, click's Exit and usage errors."""
+    """Exits that are not errors: sys.exit, a closed generator, click's Exit and usage errors
+    (click's own, or the copy of click that typer ships from 0.29 on)."""
     return (isinstance(exc, (SystemExit, GeneratorExit))
-            or type(exc).__module__.split(".")[0] == "click")
+            or type(exc).__module__.split(".")[0] in ("click", "typer"))
 
 
 def clip(text: str, limit: int = 1000) -> str:

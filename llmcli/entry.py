@@ -59,4 +59,7 @@ def main() -> None:
     if command in TORCH_COMMANDS and not {"--help", "-h", "--keys"} & set(words):
         import torch  # noqa: F401  (loaded here, where an interrupt is answered at once)
     signal.signal(signal.SIGINT, previous)
-    run()
+    try:
+        run()
+    finally:  # the command has ended and said so: a Ctrl-C now would only kill the exit silently
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -88,12 +88,115 @@ def test_a_closed_standard_output_is_refused_before_any_work():
 ])
 def test_a_parse_error_points_at_the_help_of_the_command_given(argv, hint):
     """The hint named `llm --help` whatever the command, where the options are not listed."""
-    result = subprocess.run([sys.executable, "-c", "import sys; from llmcli.cli import main; "
-                             "sys.argv[0] = 'llm'; main()", *argv],
-                            capture_output=True, text=True, timeout=60)
+    result = _llm(*argv)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert result.stderr.rstrip().endswith(hint), result.stderr
+
+
+def _llm(*argv: str, code: str = "") -> subprocess.CompletedProcess[str]:
+    """The console script's main() on `argv`, after `code` (a patch) has run."""
+    return subprocess.run([sys.executable, "-c", f"{code}\nfrom llmcli.cli import main; main()",
+                           *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["scaling", "--params", "1M", "-q"], "error: -q is an option of llm itself: put it before "
+     "the command, as in llm -q scaling ..."),
+    (["params", "r.yaml", "--debug"], "error: --debug is an option of llm itself: put it "
+     "before the command, as in llm --debug params ..."),
+    (["inspect", "lens", "--version"], "error: --version is an option of llm itself: put it "
+     "before the command, as in llm --version"),
+    (["pretrain", "r.yaml", "--max-iters", "5"], "error: --max-iters: no such option; recipe "
+     "keys are set after the recipe as KEY=VALUE, here train.max_iters=..."),
+    (["finetune", "r.yaml", "--rank=4"], "error: --rank: no such option; recipe keys are set "
+     "after the recipe as KEY=VALUE, here lora.rank=..."),
+    (["pretrain", "r.yaml", "--out"], "error: Option '--out' requires an argument. "
+     "(see llm pretrain --help)"),
+])
+def test_a_parse_error_says_how_to_fix_it(argv, expected):
+    """Options of llm itself given after the command, and recipe keys written as options, were
+    'No such option' with unrelated suggestions (`Possible options: --json`)."""
+    result = _llm(*argv)
+    assert (result.returncode, result.stderr) == (2, expected + "\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--resume=auto", "missing.yaml"],
+    ["pretrain", "--resume", "auto", "missing.yaml"],
+    ["pretrain", "--resume", "missing.yaml", "step-9.safetensors", "train.max_iters=5"],
+    ["finetune", "--resume=run", "missing.yaml"],
+])
+def test_resume_takes_its_checkpoint_before_or_after_the_recipe(argv):
+    """The help says to put the checkpoint (or `auto`) after --resume; `--resume=auto` was
+    'does not take a value' and `--resume auto R` read `auto` as the recipe."""
+    result = _llm(*argv)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: missing.yaml: recipe file not found"), result.stderr
+
+
+def test_recipe_first_moves_the_yaml_positional_to_the_recipe():
+    from pathlib import Path
+
+    from llmcli.commands.common import recipe_first
+
+    assert recipe_first(Path("auto"), ["r.yml", "a=1"], True) == (Path("r.yml"),
+                                                                   ["auto", "a=1"])
+    assert recipe_first(Path("r.yaml"), ["ck.safetensors"], True) == (Path("r.yaml"),
+                                                                      ["ck.safetensors"])
+    # without --resume, or with two YAML files, nothing is guessed: the usual errors follow
+    assert recipe_first(Path("auto"), ["r.yaml"], False) == (Path("auto"), ["r.yaml"])
+    assert recipe_first(Path("x"), ["a.yaml", "b.yaml"], True) == (Path("x"),
+                                                                  ["a.yaml", "b.yaml"])
+
+
+def test_debug_keeps_the_exit_code_of_bad_input():
+    """--debug shows the traceback, and still exits 2 for bad input (it exited 1)."""
+    result = _llm("--debug", "params", "missing.yaml")
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "recipe file not found" in result.stderr
+
+
+def test_ctrl_c_while_the_command_line_is_read_says_interrupted():
+    """typer turns a KeyboardInterrupt in its parsing into exit 130 without a word."""
+    patch = ("import os, signal, typer\n"
+             "from typer import core\n"
+             "real = core.TyperOption.process_value\n"
+             "def interrupted(self, ctx, value):\n"
+             "    os.kill(os.getpid(), signal.SIGINT)\n"
+             "    return real(self, ctx, value)\n"
+             "core.TyperOption.process_value = interrupted\n")
+    result = _llm("scaling", "--params", "1M", code=patch)
+    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", "")
+
+
+def _help_pages():
+    from llmcli.cli import _command
+
+    stack = [("llm", _command())]
+    while stack:
+        path, command = stack.pop()
+        yield path, command
+        stack.extend((f"{path} {name}", sub)
+                     for name, sub in getattr(command, "commands", {}).items())
+
+
+def test_help_shows_every_text_and_no_type_beside_a_flag():
+    """Square brackets in a help text (`[default: data]`) were taken as rich markup and
+    dropped; typer 0.29 shows flags as `<bool>`, as if they took a value."""
+    env = {**os.environ, "TERMINAL_WIDTH": "4000"}
+    for path, command in _help_pages():
+        page = subprocess.run([sys.executable, "-m", "llmcli", *path.split()[1:], "--help"],
+                              capture_output=True, text=True, env=env, timeout=60).stdout
+        flat = " ".join(page.split())
+        texts = [getattr(p, "help", None) for p in command.params]
+        texts += (command.help or "").split("\n\n")
+        for text in filter(None, texts):
+            assert " ".join(text.split()).lstrip("\b ") in flat, (path, text)
+        for line in page.splitlines():
+            if any(f" {opt} " in line for p in command.params
+                   if getattr(p, "is_flag", False) for opt in p.opts):
+                assert "<bool>" not in line, (path, line)
 
 
 def test_unknown_command_exits_2():

@@ -27,6 +27,18 @@ def path_text(value: str) -> Path:
     return Path(value)
 
 
+def recipe_first(recipe: Path, items: list[str], resume: bool) -> tuple[Path, list[str]]:
+    """The recipe and the other positionals, with the recipe the YAML one: `--resume auto R`
+    put the checkpoint (`auto`) where the recipe is expected."""
+    yaml = [item for item in items if "=" not in item and Path(item).suffix.lower() in _YAML]
+    if resume and Path(recipe).suffix.lower() not in _YAML and len(yaml) == 1:
+        return Path(yaml[0]), [str(recipe) if item == yaml[0] else item for item in items]
+    return recipe, items
+
+
+_YAML = (".yaml", ".yml")
+
+
 def split_resume(items: list[str], resume: bool) -> tuple[list[str], Any]:
     """With --resume, a positional argument without '=' is the checkpoint to resume from."""
     paths = [item for item in items if "=" not in item]

@@ -27,7 +27,7 @@ def command(
         "or a local path.", show_default=False,
     ),
     output_dir: Path = typer.Option(
-        None, "--output-dir", "-o", help="Directory to download into [default: data].",
+        None, "--output-dir", "-o", help="Directory to download into (default: data).",
         show_default=False, parser=path_text,
     ),
     sha256: str = typer.Option(

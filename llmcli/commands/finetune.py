@@ -19,6 +19,7 @@ from llmcli.commands.common import (
     check_before_launch,
     launch_options,
     path_text,
+    recipe_first,
     split_resume,
 )
 from llmcli.console import check_output, check_range, check_readable, fail, run_guarded
@@ -63,25 +64,26 @@ def command(
 
         stdout = console.out
         check_range("--nproc", nproc, 1, MAX_NPROC, "one process per GPU")
-        check_readable(recipe, "RECIPE")
+        recipe_path, given = recipe_first(recipe, list(overrides or []), resume)
+        check_readable(recipe_path, "RECIPE")
 
-        if merge and (recipe.suffix == ".safetensors" or recipe.is_dir()):
-            if overrides or resume or overwrite or nproc > 1 or nnodes > 1:
+        if merge and (recipe_path.suffix == ".safetensors" or recipe_path.is_dir()):
+            if given or resume or overwrite or nproc > 1 or nnodes > 1:
                 fail("--merge ADAPTER takes no overrides or --resume; to train and merge, give "
                      "a recipe: llm finetune RECIPE --merge")
             if out is not None:
                 check_output(out, "--out", file=None)  # a folder gets merged.safetensors
             from llmcli.finetune import merge_adapter
 
-            stdout.print(f"merged checkpoint: {merge_adapter(recipe, out)}")
+            stdout.print(f"merged checkpoint: {merge_adapter(recipe_path, out)}")
             return
-        if recipe.suffix == ".safetensors":
-            fail(f"{recipe}: a checkpoint, not a recipe; add --merge to merge a LoRA adapter, "
-                 "or give a recipe such as recipes/tiny-lora.yaml")
+        if recipe_path.suffix == ".safetensors":
+            fail(f"{recipe_path}: a checkpoint, not a recipe; add --merge to merge a LoRA "
+                 "adapter, or give a recipe such as recipes/tiny-lora.yaml")
         if out is not None:
             check_output(out, "--out", file=False)
-        items, resume_spec = split_resume(list(overrides or []), resume)
-        loaded = load_recipe(recipe, items)  # checked once, before any worker starts
+        items, resume_spec = split_resume(given, resume)
+        loaded = load_recipe(recipe_path, items)  # checked once, before any worker starts
         launch = launch_options(nproc, nnodes, node_rank, rdzv_endpoint, master_addr,
                                 master_port)
         if launch.needed:

@@ -120,7 +120,7 @@ def command(
 
     Examples: llm generate checkpoints/tiny "Once upon a time" --strategy beam --num-beams 4;
     llm generate --show-probs --top-p 0.9 "The"; llm generate --compare greedy,beam,sample;
-    llm generate checkpoints/tiny-sft --instruct "Name three colours".
+    llm generate checkpoints/tiny-lora --instruct "Name three colours".
     """
 
     def body() -> None:

@@ -19,6 +19,7 @@ from llmcli.commands.common import (
     check_before_launch,
     launch_options,
     path_text,
+    recipe_first,
     split_resume,
 )
 from llmcli.console import check_output, check_range, check_readable, fail, out, run_guarded
@@ -46,7 +47,8 @@ def command(
     master_port: int | None = typer.Option(None, "--master-port", help=MASTER_PORT_HELP),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved recipe, size, memory, token budget and an "
-        "ETA from a couple of measured steps, then exit."),
+        "ETA from a couple of measured steps, then exit; the corpus is fetched and tokenized "
+        "first if it has to be (as training would), no run directory is written."),
     keys: bool = typer.Option(False, "--keys", help="List every recipe key with its default."),
     json_out: bool = typer.Option(False, "--json", help="With --dry-run or --keys: JSON."),
 ) -> None:
@@ -66,13 +68,14 @@ def command(
         if recipe is None:
             fail("missing RECIPE: give a recipe file such as recipes/tiny.yaml "
                  "(`llm pretrain --keys` lists what a recipe can set)")
-        check_readable(recipe, "RECIPE")
+        recipe_path, given = recipe_first(recipe, list(overrides or []), resume)
+        check_readable(recipe_path, "RECIPE")
         if out_dir is not None:
             check_output(out_dir, "--out", file=False)
-        items, resume_spec = split_resume(list(overrides or []), resume)
+        items, resume_spec = split_resume(given, resume)
         from llmcli.recipe import load_recipe
 
-        loaded = load_recipe(recipe, items)  # checked once, before any worker starts
+        loaded = load_recipe(recipe_path, items)  # checked once, before any worker starts
         launch = launch_options(nproc, nnodes, node_rank, rdzv_endpoint, master_addr,
                                 master_port)
         if dry_run:  # reported for the processes asked for, by this one alone

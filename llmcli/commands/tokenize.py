@@ -23,8 +23,8 @@ def command(
         ".txt files; each file or record is one document.", show_default=False, parser=path_text,
     ),
     output: Path = typer.Option(
-        None, "--output", "-o", help="Token file to write [default: data/<input>.tokens; "
-        "several inputs: data/<a>+<b>.tokens, the name pretraining looks for].",
+        None, "--output", "-o", help="Token file to write (default: data/<input>.tokens; "
+        "several inputs: data/<a>+<b>.tokens, the name pretraining looks for).",
         show_default=False, parser=path_text,
     ),
     tokenizer: str = typer.Option(

@@ -454,7 +454,8 @@ _NUMBER = re.compile(r"^(?:(?:[0-9]+(?:_[0-9]+)*|[0-9]{1,3}(?:,[0-9]{3})+)(?:\.[
                      r"|\.[0-9]+)(?:e[+-]?[0-9]+)?$")
 
 
-def parse_number(text: str, option: str = "value") -> float:
+def parse_number(text: str, option: str = "value",
+                 example: str = "140M, 1.4e8, 7B or 1.5T") -> float:
     """'140M' -> 1.4e8; also 1.4e8, 7B, 1.5T, 12k, 100_000, 1,000,000. One-line error else."""
     raw = str(text).strip()
     body = raw.lower()
@@ -465,7 +466,7 @@ def parse_number(text: str, option: str = "value") -> float:
     negative = body.startswith("-")
     body = body.lstrip("-+").strip() if negative or body.startswith("+") else body
     if not _NUMBER.match(body):
-        fail(f"{option} {raw!r}: not a number; write it like 140M, 1.4e8, 7B or 1.5T")
+        fail(f"{option} {raw!r}: not a number; write it like {example}")
     value = float(body.replace("_", "").replace(",", "")) * scale
     if negative or not value >= 1:  # a count: below 1 the power laws divide by ~0
         fail(f"{option} {raw!r}: must be positive, at least 1")

@@ -45,6 +45,9 @@ def test_breakdown_adds_up_and_json_is_complete():
     # 6N over the matmul weights (everything but the embedding and the biases) + 12·L·d·T
     matmul = 12 * (3 * 512 * 512 + 512 * 512 + 2 * 512 * 2048) + 512 * 100256
     assert report["flops_per_token"] == 6 * matmul + 12 * 12 * 512 * 128
+    assert report["flops_n"] == matmul  # the N of 6N, printed beside it: not the total
+    text = runner.invoke(app, ["params", str(ROOT / "recipes" / "scifi.yaml")]).stdout
+    assert f"N = {matmul:,} weights in matrix products" in " ".join(text.split())
 
 
 def test_overrides_and_auto_vocab_note():

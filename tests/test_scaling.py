@@ -337,6 +337,7 @@ def test_cli_json_is_complete_and_alone_on_stdout():
     (["--params", "1B", "--gpu", "h1000"], "did you mean 'h100'"),
     (["--params", "1B", "--mfu", "140"], "--mfu '140'"),
     (["--params", "1B", "--num-gpus", "0"], "--num-gpus '0'"),
+    (["--params", "1B", "--num-gpus", "two"], "write it like 8 or 1k"),  # not "7B" GPUs
     (["--recipe", "missing.yaml"], "recipe file not found"),
     (["--recipe", str(SCIFI), "--params", "1B"], "drop --params"),
     (["--params", "1B", "train.max_iters=5"], "need --recipe"),

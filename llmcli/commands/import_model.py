@@ -41,7 +41,8 @@ def command(
         out.print(f"  parameters {result.parameters:,} ({result.dtype})")
         out.print(f"  tokenizer  {result.tokenizer}{eos}")
         out.print(f"  model      vocab {m.vocab_size:,}, context {m.context_length:,}, "
-                  f"d_model {m.d_model}, {m.num_blocks} blocks, {m.num_heads} heads, "
+                  f"d_model {m.d_model}, {m.num_blocks} block{'s' * (m.num_blocks != 1)}, "
+                  f"{m.num_heads} head{'s' * (m.num_heads != 1)}, "
                   f"{m.positions}, {m.norm}, {m.activation}, tied {str(m.tie_embeddings).lower()}")
         run = str(result.path.parent)  # quoted: the lines are to be pasted into a shell
         out.print(f"  next       llm generate {shlex.quote(run)} \"Hello\"  ·  llm finetune "

@@ -92,7 +92,8 @@ def print_report(report: dict[str, Any]) -> None:
     out.print(memory)
     flops = report["flops_per_token"]
     out.print(f"training FLOPs per token: {flops:.4g} (6N + attention at context "
-              f"{report['context_length']})")
+              f"{report['context_length']}; N = {report['flops_n']:,} weights in matrix products; "
+              "the embedding table is a lookup)")
     if report.get("device_memory"):
         print_device_memory(report["device_memory"])
     for note in report["notes"]:

@@ -84,7 +84,7 @@ def command(
              "--tokens": None if tokens is None else parse_count(tokens, "--tokens", "tokens")}
         n |= {k: None if v is None else parse_number(v, k)
               for k, v in (("--flops", flops), ("--tokens-per-second", tokens_per_second))}
-        gpus = parse_number(num_gpus, "--num-gpus")
+        gpus = parse_number(num_gpus, "--num-gpus", example="8 or 1k")
         if gpus != int(gpus) or gpus > MAX_GPUS:
             fail(f"--num-gpus {num_gpus!r}: must be a whole number of GPUs, at most "
                  f"{MAX_GPUS:,}")

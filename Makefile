@@ -18,12 +18,15 @@ lint:
 bench:
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
 
-demo:
+demo:  # the README's short tour, command for command
 	llm fetch builtin
+	llm tokenize data/python-reference.txt ../shared/data/alpaca_en_demo.json
 	llm params recipes/scifi.yaml
 	llm scaling --params 140M
 	llm pretrain recipes/tiny.yaml
-	llm generate checkpoints/tiny "The list" --strategy beam --num-beams 4 --max-new-tokens 30
+	llm generate checkpoints/tiny "The list" --strategy beam --num-beams 4 --max-new-tokens 20
+	llm finetune recipes/tiny-lora.yaml --merge
+	llm generate checkpoints/tiny-lora --instruct "Give three tips for staying healthy."
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -348,9 +348,10 @@ def describe_keys() -> list[tuple[str, Any, str]]:
 # Loading
 
 # YAML 1.1's int and float patterns less their base-60 forms, which read `records: 10:20` as 620
-# and `1:30:00` as 5400: the rest (0x10, 1_000, .inf, 1.5e3) as PyYAML reads them.
+# and `1:30:00` as 5400, and less its octal form, which read `num_blocks: 010` as 8 (and `018` as
+# 18): a leading zero is decimal, as in YAML 1.2. The rest (0x10, 1_000, .inf, 1.5e3) as PyYAML
+# reads them.
 _INT = re.compile(r"""^(?:[-+]?0b[0-1_]+
-    |[-+]?0[0-7_]+
     |[-+]?(?:0|[1-9][0-9_]*)
     |[-+]?0x[0-9a-fA-F_]+)$""", re.X)
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?

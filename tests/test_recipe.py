@@ -175,6 +175,14 @@ def test_colon_numbers_are_text_not_base_60(tmp_path):
     assert yaml.safe_load("a: 10:20") == {"a": 620}  # PyYAML's own loader left as it was
 
 
+def test_a_leading_zero_is_decimal_not_octal(tmp_path):
+    """YAML 1.1 read `010` as 8 (and `018`, no octal, as 18): a silently different model."""
+    recipe = load_recipe(write(tmp_path, "model:\n  d_model: 0100\n  num_heads: 04\n"),
+                         ["model.num_blocks=010", "train.seed=0777"])
+    assert (recipe.model.d_model, recipe.model.num_heads) == (100, 4)
+    assert (recipe.model.num_blocks, recipe.train.seed) == (10, 777)
+
+
 @pytest.mark.parametrize(("override", "expected"), [
     ("finetune.template={instruction}", "{instruction}"),
     ("finetune.template=Q: {instruction} A:", "Q: {instruction} A:"),

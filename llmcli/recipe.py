@@ -742,6 +742,14 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if isinstance(d.source, list) and not 1 <= len(d.source) <= 1000:
         bad("data.source", f"a list of 1 to 1000 sources, got {len(d.source)}; name the corpus "
             "files, e.g. [builtin, ../shared/data/alpaca_en_demo.json]")
+    # An empty path is the current folder to pathlib: every text file under it, a corpus
+    # nobody meant.
+    if any(not str(source).strip() for source in d.sources):
+        bad("data.source", "an empty name, which would read the current folder; name a file, "
+            "folder or preset, e.g. builtin")
+    if recipe.finetune.init is not None and not str(recipe.finetune.init).strip():
+        bad("finetune.init", "an empty path, which would be the current folder; name a "
+            "checkpoint file or run directory, or null to train from the recipe's model")
     problem = template_problem(recipe.finetune.template)
     if problem is not None:
         bad("finetune.template", problem)

@@ -175,6 +175,20 @@ def test_colon_numbers_are_text_not_base_60(tmp_path):
     assert yaml.safe_load("a: 10:20") == {"a": 620}  # PyYAML's own loader left as it was
 
 
+@pytest.mark.parametrize(("text", "overrides", "expected"), [
+    ('data:\n  source: ""\n', (), "data.source: an empty name, which would read the current"),
+    ("data:\n  source: ' '\n", (), "data.source: an empty name"),
+    ('data:\n  source: [builtin, ""]\n', (), "data.source: an empty name"),
+    ("", ('data.source=""',), "data.source: an empty name"),
+    ('finetune:\n  init: ""\n', (), "finetune.init: an empty path"),
+    ("", ("finetune.init=''",), "finetune.init: an empty path"),
+])
+def test_an_empty_path_key_is_refused_not_read_as_the_current_folder(tmp_path, text, overrides,
+                                                                      expected):
+    """`data.source: ""` trained on every text file under the current folder."""
+    assert expected in error_of(write(tmp_path, text), overrides)
+
+
 def test_a_leading_zero_is_decimal_not_octal(tmp_path):
     """YAML 1.1 read `010` as 8 (and `018`, no octal, as 18): a silently different model."""
     recipe = load_recipe(write(tmp_path, "model:\n  d_model: 0100\n  num_heads: 04\n"),

@@ -232,6 +232,14 @@ def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
     return result
 
 
+def _warn_unused(recipe: Recipe) -> None:
+    """data.records is fine-tuning's: pretraining reads every record of its sources, which the
+    key's presence in the data section would otherwise hide."""
+    if recipe.data.records is not None:
+        warn(f"data.records {recipe.data.records!r} selects the records `llm finetune` uses; "
+             "`llm pretrain` reads every record of data.source (drop the key, or cut the file)")
+
+
 def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path | bool | None =
              None, overwrite: bool = False, device: str = "auto",
              data_dir: Path = DATA_DIR) -> TrainResult:
@@ -257,6 +265,7 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
             model = build_model(recipe.model, dev)
             batches = make_batches(recipe, corpus, dist.rank)
             if dist.is_main:
+                _warn_unused(recipe)
                 keep_with_run(recipe.data.tokenizer, run_dir)
                 total, _ = count_parameters(model)
                 per_step = batches.tokens_per_batch * recipe.train.grad_accum * dist.world_size
@@ -341,6 +350,7 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
     problem = warmup_problem(recipe.train, steps)
     if problem:
         warn(problem)
+    _warn_unused(recipe)
     seconds = measure_step_time(recipe, model, batches, dev, measure_steps)
     return DryRun(
         rows=recipe.rows(), params=total, trainable=trainable,

@@ -55,7 +55,8 @@ class DataConfig:
     )
     val_fraction: float = _doc(0.1, "fraction of the corpus held out for validation (seed: 0.1)")
     records: str | None = _doc(
-        None, "instruction records to use, as a Python slice 'start:stop' (seed: '1000:5001')"
+        None, "instruction records `llm finetune` uses, as a Python slice 'start:stop' (seed: "
+        "'1000:5001'); `llm pretrain` reads them all"
     )
 
     @property
@@ -832,4 +833,7 @@ def parse_records(spec: str, where: str = "recipe") -> slice:
     except ValueError:
         fail(f"{where}: data.records: expected 'start:stop' such as '1000:5001', got "
              f"{_quote(str(spec))}; give a record range, either end may be left out: '10:'")
+    if start is not None and stop is not None and 0 <= stop <= start:
+        fail(f"{where}: data.records: {_quote(str(spec))} selects no record (stop is not after "
+             f"start); give a range such as '{start}:{start + 1000}'")
     return slice(start, stop)

@@ -187,6 +187,18 @@ def test_a_warmup_as_long_as_the_run_is_warned_once_by_the_run_and_the_dry_run(p
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
 
 
+def test_data_records_is_said_to_be_unused_by_the_run_and_the_dry_run(project):
+    """data.records was silently ignored by pretraining, which read every record."""
+    args = ("pretrain", "mini.yaml", "data.source=corpus.tokens", "data.records=0:10")
+    for extra in (("--dry-run",), ("-o", "with-records")):
+        result = llm(*args, *extra)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert warnings == ["warning: data.records '0:10' selects the records `llm finetune` "
+                            "uses; `llm pretrain` reads every record of data.source (drop the "
+                            "key, or cut the file)"], result.stderr
+
+
 def test_keys_lists_every_recipe_key_with_default_and_doc():
     result = llm("pretrain", "--keys", "--json")
     assert result.exit_code == 0

@@ -189,6 +189,13 @@ def test_an_empty_path_key_is_refused_not_read_as_the_current_folder(tmp_path, t
     assert expected in error_of(write(tmp_path, text), overrides)
 
 
+def test_a_record_range_that_selects_nothing_is_refused(tmp_path):
+    assert "data.records: '10:5' selects no record" in error_of(
+        write(tmp_path, ""), ("data.records=10:5",))
+    assert "selects no record" in error_of(write(tmp_path, "data:\n  records: '7:7'\n"))
+    assert parse_records("-5:") == slice(-5, None)  # the last five: still allowed
+
+
 def test_a_leading_zero_is_decimal_not_octal(tmp_path):
     """YAML 1.1 read `010` as 8 (and `018`, no octal, as 18): a silently different model."""
     recipe = load_recipe(write(tmp_path, "model:\n  d_model: 0100\n  num_heads: 04\n"),

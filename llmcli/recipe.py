@@ -811,6 +811,8 @@ def _check_sizes(recipe: Recipe, at: Blame) -> None:
          (batch, ctx, width, ffn), t.batch_size * m.context_length * max(m.d_model, m.ffn_width)),
         ("train.batch_size × model.context_length × model.vocab_size (logits)",
          (batch, ctx, "model.vocab_size"), t.batch_size * m.context_length * vocab),
+        ("train.batch_size × model.num_heads × model.context_length² (attention scores)",
+         (batch, "model.num_heads", ctx), t.batch_size * m.num_heads * m.context_length ** 2),
         ("model.vocab_size × model.d_model (embedding)", ("model.vocab_size", width),
          vocab * m.d_model),
         ("model.num_blocks × model.d_model × (4·d_model + 3·ffn_hidden) (weights)",
@@ -818,8 +820,8 @@ def _check_sizes(recipe: Recipe, at: Blame) -> None:
          m.num_blocks * m.d_model * (4 * m.d_model + 3 * m.ffn_width)),
     ]
     for names, keys, size in sizes:
-        if size > MAX_ELEMENTS:
-            fail(f"{at(*keys)}: {names} = {size:.2e} elements, above {MAX_ELEMENTS:.2e} (4 TiB "
+        if size >= MAX_ELEMENTS:
+            fail(f"{at(*keys)}: {names} = {size:.2e} elements, at least {MAX_ELEMENTS:.2e} (4 TiB "
                  "of fp32), which no machine can hold; lower these keys")
 
 

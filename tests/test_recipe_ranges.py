@@ -127,6 +127,10 @@ def test_out_of_range_values_exit_2_naming_key_range_and_fix(overrides, expected
      "train.batch_size × model.context_length × model.vocab_size (logits)"),
     ({"model": {"d_model": 65536, "num_heads": 64, "num_blocks": 1024}},
      "model.num_blocks × model.d_model"),
+    # a raw allocator error (4 TiB) at the first step, though every key is in range
+    ({"train": {"batch_size": 1}, "model": {"context_length": 1_048_576, "d_model": 2,
+                                           "num_heads": 1}},
+     "train.batch_size × model.num_heads × model.context_length² (attention scores)"),
 ])
 def test_products_of_in_range_keys_are_bounded(raw, names):
     message = error_of(raw)

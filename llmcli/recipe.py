@@ -338,10 +338,15 @@ def describe_keys() -> list[tuple[str, Any, str]]:
     """(section.key, default, documentation) for every recipe key."""
     rows = []
     for section, cls in SECTIONS.items():
+        hints = _hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             key, doc = f"{section}.{f.name}", f.metadata.get("doc", "")
-            rows.append((key, default, f"{doc}; allowed {LIMITS[key]}" if key in LIMITS else doc))
+            if key in LIMITS:
+                doc = f"{doc}; allowed {LIMITS[key]}"
+            elif typing.get_origin(hints[f.name]) is Literal:  # the values, not only the prose
+                doc = f"{doc}; one of {', '.join(map(str, typing.get_args(hints[f.name])))}"
+            rows.append((key, default, doc))
     return rows
 
 

@@ -199,6 +199,20 @@ def test_data_records_is_said_to_be_unused_by_the_run_and_the_dry_run(project):
                             "key, or cut the file)"], result.stderr
 
 
+def test_keys_lists_the_values_of_every_key_with_a_fixed_set():
+    """`train.precision` was 'auto = bf16 autocast on CUDA, fp32 elsewhere': fp16 was nowhere."""
+    import typing
+
+    from llmcli.recipe import SECTIONS
+
+    rows = {r["key"]: r["doc"] for r in json.loads(llm("pretrain", "--keys", "--json").stdout)}
+    for section, cls in SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls).items():
+            if typing.get_origin(hint) is typing.Literal:
+                values = ", ".join(map(str, typing.get_args(hint)))
+                assert rows[f"{section}.{name}"].endswith(f"; one of {values}"), name
+
+
 def test_keys_lists_every_recipe_key_with_default_and_doc():
     result = llm("pretrain", "--keys", "--json")
     assert result.exit_code == 0

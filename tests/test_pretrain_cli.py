@@ -199,6 +199,18 @@ def test_data_records_is_said_to_be_unused_by_the_run_and_the_dry_run(project):
                             "key, or cut the file)"], result.stderr
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (("mini.yaml", "--json"), "error: --json goes with --dry-run or --keys"),
+    (("--keys", "mini.yaml"), "error: --keys lists every recipe key and reads no recipe"),
+    (("--keys", "--dry-run"), "error: --keys lists every recipe key and reads no recipe"),
+])
+def test_options_that_would_be_ignored_are_refused(project, args, expected):
+    """`--json` trained with text output; `--keys R train.max_iters=abc` checked nothing."""
+    result = llm("pretrain", *args)
+    assert result.exit_code == 2 and result.stderr.startswith(expected), result.output
+    assert not (project / "checkpoints").exists()
+
+
 def test_keys_lists_the_values_of_every_key_with_a_fixed_set():
     """`train.precision` was 'auto = bf16 autocast on CUDA, fp32 elsewhere': fp16 was nowhere."""
     import typing

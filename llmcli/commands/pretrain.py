@@ -63,8 +63,14 @@ def command(
     def body() -> None:
         check_range("--nproc", nproc, 1, MAX_NPROC, "one process per GPU")
         if keys:
+            if recipe is not None or overrides or dry_run or resume or overwrite:
+                fail("--keys lists every recipe key and reads no recipe; drop the other "
+                     "arguments (or --keys)")
             _print_keys(json_out)
             return
+        if json_out and not dry_run:
+            fail("--json goes with --dry-run or --keys; a training run writes its figures to "
+                 "metrics.jsonl in the run directory")
         if recipe is None:
             fail("missing RECIPE: give a recipe file such as recipes/tiny.yaml "
                  "(`llm pretrain --keys` lists what a recipe can set)")

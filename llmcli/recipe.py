@@ -440,16 +440,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
              f"{exc.first_line}); a key may appear once: keep one of them and delete the other")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        position = getattr(exc, "position", None)  # a ReaderError's: a character it cannot take
+        if mark:
+            where = f"{where}: line {mark.line + 1}, column {mark.column + 1}"
+        elif position is not None:
+            where = f"{where}: character {position + 1}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        fail(f"{where}:{line}: YAML syntax error: {problem}; fix the YAML at that line")
+        fail(f"{where}: YAML syntax error: {problem}; fix the YAML there")
     except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
         fail(f"{where}: {_unreadable(exc)}; a recipe is only section: key: value lines")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         fail(f"{where}: a recipe is a mapping of sections (data:, model:, train:), "
-             f"not a {type(raw).__name__}")
+             f"not {'a list' if isinstance(raw, list) else 'the single value ' + _show(raw)}")
     return build_recipe(raw, overrides, name=path.stem, where=where, path=str(path))
 
 

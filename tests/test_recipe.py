@@ -116,6 +116,8 @@ def test_yaml_1e_notation_in_files_is_a_number(tmp_path):
     ("lora:\n  targets: [qvk]\n", (), "unknown target 'qvk' (did you mean 'qkv'?)"),
     ("model:\n  positions: rope\n  d_model: 24\n  num_heads: 8\n", (), "rope needs an even"),
     ("- just\n- a list\n", (), "a recipe is a mapping of sections"),
+    ("42\n", (), "(data:, model:, train:), not the single value 42"),  # was "not a int"
+    ("model:\n  d_model: 32\n\x00\n", (), ": character 22: YAML syntax error"),  # was "r.yaml::"
     ("model: 5\n", (), "section 'model' must be a mapping"),
 ])
 def test_bad_recipes_give_one_line_naming_file_key_and_fix(tmp_path, text, overrides, expected):

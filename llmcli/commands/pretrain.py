@@ -166,7 +166,8 @@ def _print_dry_run(report: Any, json_out: bool) -> None:
         f"tokens/step     {report.tokens_per_step:,}" + (
             f" ({report.processes} processes x {report.tokens_per_step // report.processes:,})"
             if report.processes > 1 else ""),
-        f"total tokens    {report.total_tokens:,} over {report.steps:,} steps "
+        f"total tokens    {report.total_tokens:,} over {report.steps:,} "
+        f"step{'s' * (report.steps != 1)} "
         f"({report.total_tokens / max(1, report.corpus_tokens):.1f} epochs of "
         f"{report.corpus_tokens:,} training tokens)",
         f"Chinchilla      {format_count(report.chinchilla_tokens)} tokens (20 per parameter): "

@@ -111,7 +111,8 @@ class TokenWindows:
                                  "data.val_fraction above 0, e.g. 0.1")
             if hi - lo < context_length + 1:
                 raise ValueError(
-                    f"the {split} split has {hi - lo} tokens, fewer than context_length + 1 = "
+                    f"the {split} split has {hi - lo:,} token{'s' * (hi - lo != 1)}, fewer than "
+                    f"context_length + 1 = "
                     f"{context_length + 1}; use a bigger corpus, a smaller model.context_length "
                     f"or a different data.val_fraction")
         self.generators = seeded_generators(seed, rank)

@@ -172,7 +172,8 @@ CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 @contextlib.contextmanager
 def locked(target: str | os.PathLike[str], *, wait: bool = True) -> Iterator[None]:
     """One process at a time for `target` (a download, a run directory), by a lock file
-    `.NAME.lock` beside it that holds the owner's process id; `wait=False` raises `Busy`.
+    `.NAME.lock` beside the file or folder it names (symlinks followed) that holds the owner's
+    process id; `wait=False` raises `Busy`.
 
     The lock file is opened without following symlinks and deleted when done, while still
     held. That is race-free on POSIX: a process that opened the file meanwhile and then gets
@@ -184,7 +185,8 @@ def locked(target: str | os.PathLike[str], *, wait: bool = True) -> Iterator[Non
     except ImportError:  # Windows: no advisory locks
         yield
         return
-    target = Path(target)
+    # Through its symlinks: `-o link` to a run directory in use must meet that run's lock.
+    target = Path(os.path.realpath(target))
     path = target.with_name(f".{target.name}.lock")
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)

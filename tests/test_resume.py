@@ -257,6 +257,20 @@ def test_weights_replaced_after_the_save_are_not_resumed(tmp_path):
     assert resolve_resume("auto", run).name == "step-00000002.safetensors"
 
 
+def test_a_symlink_to_a_run_in_use_meets_its_lock(tmp_path):
+    """`-o link` to a training run's directory took a lock of its own (.link.lock), and its
+    --overwrite deleted the running run's checkpoints."""
+    run, link, outer = tmp_path / "run", tmp_path / "link", tmp_path / "outer"
+    run.mkdir()
+    link.symlink_to(run)
+    outer.symlink_to(tmp_path)
+    with claim_run_dir(run, resume=None, overwrite=False):
+        for alias in (link, outer / "run", outer / "link"):
+            with pytest.raises(UserError, match="in use by another run"), \
+                    claim_run_dir(alias, resume=None, overwrite=True):
+                pass
+
+
 def test_one_run_at_a_time_per_directory(tmp_path):
     run = tmp_path / "run"
     busy = f"{run} is in use by another run \\(process {os.getpid()}\\)"

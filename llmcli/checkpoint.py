@@ -338,9 +338,10 @@ def set_aside_newer(run_dir: Path, resume: Path) -> Path | None:
     if not run_dir.is_dir() or resume.parent.resolve() != run_dir.resolve():
         return None
     match = STEP_RE.match(resume.name)
-    if match is None:
+    stored = match.group(1) if match else raw_metadata(resume).get("step")  # a renamed step
+    if not isinstance(stored, str) or not stored.isdigit():
         return None
-    step = int(match.group(1))
+    step = int(stored)
     newer = [p for s, p in step_checkpoints(run_dir) if s > step]
     for name in (BEST_NAME, MERGED_NAME):
         extra = run_dir / name
@@ -421,10 +422,25 @@ def _claim(run_dir: Path, stack: contextlib.ExitStack, resume: str | Path | bool
     resume_path = resolve_resume(resume, run_dir)
     if resume_path is not None and kind is not None:
         check_run_kind(resume_path, kind)
-    if resume_path is not None:
+    branching = resume_path is not None and resume_path.parent.resolve() != run_dir.resolve()
+    if branching:
+        _refuse_mixing(run_dir, resume_path)
+    elif resume_path is not None:
         set_aside_newer(run_dir, resume_path)
-    prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
+    prepare_run_dir(run_dir, resuming=resume_path is not None and not branching,
+                    overwrite=overwrite)
     return resume_path
+
+
+def _refuse_mixing(run_dir: Path, resume: Path) -> None:
+    """Resuming another directory's checkpoint into `run_dir` starts a branch there: a run
+    already in `run_dir` would have its metrics cut and its best replaced, and its higher
+    steps would outlive (and be resumed instead of) the branch's."""
+    old = run_files(run_dir)
+    if old and not all(p.name in RUN_FILES for p in old):
+        fail(f"--resume {resume}: {run_dir} holds a run of its own ({len(old)} files, e.g. "
+             f"{old[0].name}), which this branch would mix with; resume into a new directory "
+             "with -o DIR")
 
 
 def default_run_dir(recipe: Recipe) -> Path:

@@ -268,6 +268,40 @@ def test_resuming_an_older_step_moves_the_abandoned_branch_aside(project):
     assert pretrain("train.max_iters=6", "--resume").stderr.count("moved") == 0
 
 
+def test_a_renamed_older_step_still_sets_the_newer_branch_aside(project):
+    """Resuming from an older step under another name (foo.safetensors) replaced the newer
+    steps and best without a word: the step was read from the file name only."""
+    assert pretrain("train.max_iters=9").exit_code == 0
+    run = project / "runs/a"
+    old = snapshot(run)
+    for name in ("step-00000003.safetensors", "step-00000003.trainer.safetensors"):
+        os.replace(run / name, run / name.replace("step-00000003", "foo"))
+    branch = pretrain("train.max_iters=9", "train.lr=0.01", "--resume", "runs/a/foo.safetensors")
+    assert branch.exit_code == 0, branch.output
+    assert "moved to runs/a/abandoned-" in branch.stderr
+    (aside,) = [p for p in run.iterdir() if p.is_dir()]
+    assert (aside / "step-00000009.safetensors").read_bytes() == old["step-00000009.safetensors"]
+
+
+def test_resuming_another_directory_into_a_run_of_its_own_is_refused(project):
+    """`-o old --resume other/step-3` cut old's metrics, replaced its best, and pruned the
+    branch's own new steps in favour of old's higher ones."""
+    assert pretrain("train.max_iters=6").exit_code == 0
+    assert llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=6",
+               "model.vocab_size=257", "-o", "runs/other").exit_code == 0
+    before = snapshot(project / "runs/a")
+    mixed = pretrain("train.max_iters=6", "--resume", "runs/other/step-00000003.safetensors")
+    assert mixed.exit_code == 2
+    assert mixed.stderr.startswith("error: --resume runs/other/step-00000003.safetensors: "
+                                   "runs/a holds a run of its own"), mixed.stderr
+    assert snapshot(project / "runs/a") == before
+    elsewhere = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=6",
+                    "model.vocab_size=257", "-o", "runs/branch", "--resume",
+                    "runs/other/step-00000003.safetensors")
+    assert elsewhere.exit_code == 0, elsewhere.output  # a new directory is the way
+    assert [s for s, _ in step_checkpoints(project / "runs/branch")] == [6]
+
+
 def test_only_the_main_process_of_a_group_changes_the_run_directory(tmp_path):
     """A refused `--overwrite --nproc 2` deleted the running run's checkpoints: rank 1 swept and
     deleted while rank 0 was refused the lock. The others now only take rank 0's outcome."""

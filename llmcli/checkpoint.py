@@ -263,7 +263,7 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
             warn(f"{run_dir}: replacing {' and '.join(p.name for p in old)} of an earlier start "
                  "that stopped before saving a checkpoint")
         for path in old:
-            users = dependents(path) if STEP_RE.match(path.name) else []
+            users = dependents(path) if path.is_file() else []
             if users:
                 fail(f"--overwrite: {path} is the base of the LoRA run {users[0]}, which would "
                      f"break; merge it first (llm finetune --merge {users[0]}) or write this "
@@ -351,7 +351,7 @@ def set_aside_newer(run_dir: Path, resume: Path) -> Path | None:
     if not newer:
         return None
     for path in newer:
-        users = dependents(path) if STEP_RE.match(path.name) else []
+        users = dependents(path) if path.is_file() else []
         if users:
             fail(f"--resume {resume}: the newer {path.name} is the base of the LoRA run "
                  f"{users[0]}, so this run cannot branch here; resume into another directory "

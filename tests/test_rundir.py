@@ -245,6 +245,25 @@ def test_pruning_and_overwrite_keep_a_step_file_another_runs_adapter_is_based_on
     assert base.exists()
 
 
+def test_a_best_file_another_runs_adapter_is_based_on_is_kept(project, records):
+    """A LoRA run from runs/a/best.safetensors broke when runs/a went on improving (best was
+    rewritten) or was --overwrite-n (only step files were guarded)."""
+    assert pretrain().exit_code == 0
+    best = project / "runs/a/best.safetensors"
+    before = best.read_bytes()
+    finetune(ft_recipe(best, records), run_dir=project / "runs/lo", device="cpu")
+    resumed = pretrain("train.max_iters=30", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "kept runs/a/best.safetensors as it is: it is the base of the LoRA run" in \
+        resumed.stderr
+    assert resumed.stderr.count("kept runs/a/best") == 1  # once, not at every improvement
+    assert best.read_bytes() == before
+    Checkpoint.open(project / "runs/lo").load()  # the adapter still finds its base unchanged
+    over = pretrain("--overwrite")
+    assert over.exit_code == 2 and "best.safetensors is the base of the LoRA run" in over.stderr
+    assert best.read_bytes() == before
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming from an older step: a new branch
 

@@ -52,6 +52,7 @@ import torch
 
 from llmcli.checkpoint import (
     best_path,
+    dependents,
     load_tensors,
     load_trainer_state,
     load_weights,
@@ -214,6 +215,7 @@ class Trainer:
         self.elapsed = 0.0
         self.best_val: float | None = None
         self.best_step: int | None = None
+        self._told_best_kept = False
         self.last_val: float | None = None
         self.last_eval_train: float | None = None
         self.result = TrainResult(step=0)
@@ -582,8 +584,22 @@ class Trainer:
                                              or losses["val"] < self.best_val):
             self.best_val, self.best_step = losses["val"], self.step
             if self.step > 0:  # every rank: under FSDP the weights are gathered first
-                self.write_weights(best_path(self.run_dir))
+                weights = self.weights_to_save()
+                if self.main and not self._best_is_a_base():
+                    self.write_weights(best_path(self.run_dir), weights)
         self.metrics.plot()
+
+    def _best_is_a_base(self) -> bool:
+        """Another run's adapter is based on best.safetensors (`finetune.init=RUN/best...`):
+        replacing it would break that run, so it stays, and the newer best lives on in this
+        run's step files and its metrics."""
+        users = dependents(best_path(self.run_dir))
+        if users and not self._told_best_kept:
+            self._told_best_kept = True
+            warn(f"kept {best_path(self.run_dir)} as it is: it is the base of the LoRA run "
+                 f"{users[0]}; this run's newer best is in metrics.jsonl and its step files "
+                 f"(merge that run, llm finetune --merge {users[0]}, to let it go)")
+        return bool(users)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         if not self.peak or not self.flops_per_token:

@@ -23,6 +23,7 @@ import torch
 
 from llmcli.checkpoint import (
     MERGED_NAME,
+    VANISHED_RETRIES,
     Checkpoint,
     base_reference,
     check_resume_recipe,
@@ -37,7 +38,7 @@ from llmcli.checkpoint import (
     save_adapter,
     save_model,
 )
-from llmcli.console import fail, info, warn
+from llmcli.console import UserError, fail, info, warn
 from llmcli.data.instruct import (
     InstructBatches,
     ModelVocab,
@@ -161,6 +162,25 @@ def base_checkpoint(recipe: Recipe, resume: Path | None,
     return resolve_checkpoint(init)
 
 
+def _load_base(recipe: Recipe, resume: Path | None, saved: dict[str, Any] | None,
+               user_dir: Path | None) -> tuple[Path, Any, Recipe, dict[str, Any]]:
+    """The base model, from a run directory that may still be training and pruning its older
+    steps: marked as the base of `user_dir`'s adapters before it is read (so that run keeps
+    it), and picked again if it vanished in between."""
+    for attempt in range(VANISHED_RETRIES):
+        base_path = base_checkpoint(recipe, resume, saved)
+        if user_dir is not None:
+            record_dependent(base_path, user_dir)
+        try:
+            model, base_recipe, base_meta, _ = load_model(base_path, "cpu")
+        except UserError:
+            if base_path.exists() or attempt == VANISHED_RETRIES - 1:
+                raise
+            continue
+        return base_path, model, base_recipe, base_meta
+    raise AssertionError("unreachable")
+
+
 def _started_base(resume: Path, saved: dict[str, Any]) -> Path | None:
     """The base a fine-tuning checkpoint records (see checkpoint.base_reference)."""
     stored = saved.get("base")
@@ -192,8 +212,11 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
     if saved is not None:
         check_run_kind(resume, "finetune", saved)
         check_resume_recipe(recipe, saved, resume, RESUME_FIXED)
-    base_path = base_checkpoint(recipe, resume, saved)
-    model, base_recipe, base_meta, _ = load_model(base_path, "cpu")
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
+    lora = recipe.lora.rank > 0
+    # the base's own run must not prune what these adapters load onto
+    base_path, model, base_recipe, base_meta = _load_base(
+        recipe, resume, saved, run_dir if lora and main else None)
     recipe = reconcile(recipe, base_recipe, base_meta, recipe.path or "recipe")
     if recipe.model.dropout != base_recipe.model.dropout:  # same weights, new dropout modules
         weights = model.state_dict()
@@ -241,14 +264,12 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
              "encoding changed): training continues on the new rows, so the run is no longer "
              "the one an uninterrupted run would have given")
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
     extra_meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer, "template": template,
                                   "rows_digest": digest, **base_reference(run_dir, base_path)}
     if base_meta.get("vocab_map") is not None:
         extra_meta["vocab_map"] = base_meta["vocab_map"]
     if stop:
         extra_meta["stop"] = [stop]
-    lora = recipe.lora.rank > 0
     if lora:
         torch.manual_seed(recipe.train.seed)  # the adapters' A matrices start the same each run
         try:
@@ -256,8 +277,6 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
         except ValueError as exc:
             fail(f"lora: {exc}")
         extra_meta["lora"] = lora_meta(recipe.lora)
-        if main:  # the base's own run must not prune what these adapters load onto
-            record_dependent(base_path, run_dir)
     return Prepared(recipe, model, batches, base_path, extra_meta, lora)
 
 

@@ -264,6 +264,29 @@ def test_a_best_file_another_runs_adapter_is_based_on_is_kept(project, records):
     assert best.read_bytes() == before
 
 
+def test_a_base_pruned_while_a_lora_run_starts_is_picked_again(project, records, monkeypatch):
+    """finetune.init=RUN with RUN still training: the step picked was pruned before it was read
+    ('no such file or directory; check the path'), and nothing kept it until the run's end."""
+    import llmcli.finetune as ft
+
+    assert pretrain().exit_code == 0
+    run = project / "runs/a"
+    real, calls = ft.load_model, []
+
+    def pruned_first(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        assert list(path.parent.glob(f".{path.name}.used-by.*")), "read before it was marked"
+        if len(calls) == 1:  # the training run prunes the newest step just after the pick
+            for victim in (path, trainer_path(path)):
+                victim.unlink()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "load_model", pruned_first)
+    finetune(ft_recipe(run, records), run_dir=project / "runs/lo", device="cpu")
+    assert calls == ["step-00000006.safetensors", "step-00000003.safetensors"]
+    assert Checkpoint.open(project / "runs/lo").base_path.name == "step-00000003.safetensors"
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming from an older step: a new branch
 

@@ -335,8 +335,7 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
     from llmcli.model.count import count_parameters, training_memory
     from llmcli.model.gpt import build_model
     from llmcli.scaling import chinchilla_tokens
-    from llmcli.train.loop import total_steps
-    from llmcli.train.schedule import warmup_problem
+    from llmcli.train.schedule import total_steps, warmup_problem
     from llmcli.train.state import seed_everything
 
     dev = resolve_device(device)

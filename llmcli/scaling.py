@@ -142,6 +142,12 @@ class Hardware:
                 "flops_per_second": self.flops_per_second}
 
 
+def check_gpus(num_gpus: int) -> None:
+    """Before anything is planned with them: a recipe's tokens per step scale with them too."""
+    if num_gpus < 1:
+        fail(f"--num-gpus {num_gpus}: must be 1 or more")
+
+
 def make_hardware(
     gpu: str | None = None,
     num_gpus: int = 1,
@@ -155,8 +161,7 @@ def make_hardware(
     FLOPs per second (6N per token) so that plans with other sizes can be timed with it too.
     Without a GPU or a measurement the estimate assumes one H100, and says so.
     """
-    if num_gpus < 1:
-        fail(f"--num-gpus {num_gpus}: must be 1 or more")
+    check_gpus(num_gpus)
     if not MIN_MFU <= mfu <= 1:
         fail(f"--mfu {mfu:g}: utilisation must be from 0.1% to 100% (a fraction like 0.4, or a "
              "percentage like 40%)")
@@ -319,12 +324,13 @@ def analyse(
     "device_memory" (when N is known: --params or --recipe): memory per GPU under DDP and FSDP
     with `num_gpus` processes (`device_memory`)."""
     law = get_fit(fit)
+    check_gpus(num_gpus)
     report: dict[str, Any] = {"fit": law.to_dict()}
     if recipe is not None:
         if params is not None or tokens is not None or flops is not None:
             fail("--recipe gives the parameters and tokens itself; drop --params/--tokens/"
                  "--flops, or override the recipe (e.g. train.max_iters=100000)")
-        facts = recipe_facts(recipe, overrides)
+        facts = recipe_facts(recipe, overrides, num_gpus)
         mode = "recipe"
         plans = given_plans(law, facts["params"], facts["planned_tokens"], "recipe")
         report["recipe"] = facts
@@ -362,29 +368,38 @@ def analyse(
 # Recipes: N from the formula (no torch), D from the training plan
 
 
-def recipe_facts(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+def recipe_facts(path: str | Path, overrides: tuple[str, ...] | list[str] = (),
+                 processes: int = 1) -> dict[str, Any]:
     """N (counted as `llm params` counts it: `llmcli.params.training_view`), planned tokens and
-    where the vocabulary size came from, for one recipe."""
+    where the vocabulary size came from, for one recipe trained by `processes` processes.
+
+    The tokens are the trainer's: every process trains its own batch, so a step covers
+    `processes` of them (`llm pretrain --nproc N`), and train.max_tokens ends the run after the
+    step that reaches it (`total_steps`)."""
     from llmcli.model.count import formula_parameters
     from llmcli.params import training_view
     from llmcli.recipe import load_recipe
+    from llmcli.train.schedule import total_steps
 
     trained = training_view(load_recipe(path, list(overrides)))
     recipe = trained.recipe
     sidecar = find_sidecar(recipe.data.source, recipe.data.tokenizer)
     t, m = recipe.train, recipe.model
-    steps = t.max_iters * t.batch_size * t.grad_accum * m.context_length
-    planned = min(steps, t.max_tokens) if t.max_tokens else steps
+    per_step = t.batch_size * t.grad_accum * m.context_length * processes
+    steps = total_steps(t, per_step)
+    planned = steps * per_step
     model = formula_parameters(m)
     facts: dict[str, Any] = {
         "name": recipe.name, "path": str(path),
         "params": model + (trained.adapter or 0),
         "trainable": model if trained.adapter is None else trained.adapter,
         "vocab_size": int(m.vocab_size), "vocab_note": trained.vocab_note,
-        "notes": trained.notes,
+        "notes": [*trained.notes, *budget_notes(t, processes)],
         "max_iters": t.max_iters, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-        "context_length": m.context_length, "max_tokens": t.max_tokens,
-        "step_tokens": steps, "planned_tokens": planned, "corpus_tokens": None, "epochs": None,
+        "context_length": m.context_length, "max_tokens": t.max_tokens, "max_time": t.max_time,
+        "processes": processes, "tokens_per_step": per_step, "steps": steps,
+        "step_tokens": t.max_iters * per_step, "planned_tokens": planned, "corpus_tokens": None,
+        "epochs": None,
         "finetune_init": recipe.finetune.init,
         "num_blocks": m.num_blocks,
         "block_params": (formula_parameters(dataclasses.replace(m, num_blocks=1))
@@ -398,6 +413,18 @@ def recipe_facts(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) 
             facts["corpus_tokens"] = train_tokens
             facts["epochs"] = planned / train_tokens
     return facts
+
+
+def budget_notes(train: Any, processes: int) -> list[str]:
+    """What shapes the planned tokens beyond the recipe's steps: processes, and a time limit."""
+    notes = []
+    if processes > 1:
+        notes.append(f"each of the {processes} GPUs trains its own batch, as `llm pretrain "
+                     f"--nproc {processes}` does: a step is {processes} batches")
+    if train.max_time:
+        notes.append(f"train.max_time={train.max_time:g} s may stop the run before these "
+                     "tokens; `llm pretrain --dry-run` estimates where from measured steps")
+    return notes
 
 
 def recipe_vocab(recipe: Any, sidecar: tuple[Path, dict] | None) -> tuple[int, str]:

@@ -243,7 +243,28 @@ def test_recipe_overrides_and_token_cap():
     report = analyse(recipe=SCIFI, overrides=["train.max_iters=40000", "train.grad_accum=2"])
     assert report["recipe"]["planned_tokens"] == 4 * 30_720_000
     capped = analyse(recipe=SCIFI, overrides=["train.max_tokens=1000000"])
-    assert capped["recipe"]["planned_tokens"] == 1_000_000
+    # the trainer stops after the step that reaches the cap: 652 steps of 12 × 128 tokens
+    assert capped["recipe"]["planned_tokens"] == 652 * 12 * 128 == 1_001_472
+
+
+def test_recipe_plan_counts_a_batch_per_gpu_as_pretrain_nproc_trains():
+    """--num-gpus 4 planned a quarter of what `llm pretrain --nproc 4` trains (and timed it at
+    4 GPUs' speed): every process trains its own batch, so a step is 4 batches."""
+    one = analyse(recipe=SCIFI, tokens_per_second=1000)
+    four = analyse(recipe=SCIFI, num_gpus=4, tokens_per_second=1000)
+    assert four["recipe"]["planned_tokens"] == 4 * one["recipe"]["planned_tokens"]
+    assert four["recipe"]["tokens_per_step"] == 4 * 12 * 128
+    given = four["plans"]["given"]
+    assert given["flops"] == pytest.approx(4 * one["plans"]["given"]["flops"])
+    assert given["seconds"] == pytest.approx(one["plans"]["given"]["seconds"])  # 4× the work
+    assert given["loss"] < one["plans"]["given"]["loss"]
+    capped = analyse(recipe=SCIFI, num_gpus=4, overrides=["train.max_tokens=1000000"])
+    assert capped["recipe"]["steps"] == 163 and capped["recipe"]["planned_tokens"] == 163 * 6144
+    result = scaling("--recipe", str(SCIFI), "--num-gpus", "4")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "122,880,000" in text and "20,000 × 12 × 1 × 128 × 4" in text
+    assert "each of the 4 GPUs trains its own batch" in text
 
 
 def test_auto_vocabulary_from_tokenizer_then_from_sidecar(tmp_path, monkeypatch):

@@ -31,7 +31,8 @@ def command(
     ),
     recipe: Path = typer.Option(
         None, "--recipe", "-r", help="A recipe: its N (from the model section) and its planned "
-        "tokens (iterations × batch × grad_accum × context).", show_default=False,
+        "tokens (iterations × batch × grad_accum × context × --num-gpus, as llm pretrain "
+        "--nproc trains).", show_default=False,
         parser=path_text,
     ),
     fit: str = typer.Option(
@@ -168,16 +169,28 @@ def print_recipe(facts: dict[str, Any]) -> None:
                   f"({'model.vocab_size: auto' if auto else facts['vocab_note']})")
     table.add_row("planned tokens", f"{facts['planned_tokens']:,} "
                   f"({format_count(facts['planned_tokens'])})")
-    table.add_row("  = iters × batch × accum × context", f"{facts['max_iters']:,} × "
-                  f"{facts['batch_size']} × {facts['grad_accum']} × {facts['context_length']}")
+    table.add_row(*planned_tokens_row(facts))
     if facts["planned_tokens"] < facts["step_tokens"]:
-        table.add_row("  capped", f"by train.max_tokens {facts['max_tokens']:,}")
+        table.add_row("  capped", f"by train.max_tokens {facts['max_tokens']:,}: "
+                      f"{facts['steps']:,} of {facts['max_iters']:,} steps")
     if facts.get("corpus_tokens"):
         table.add_row("corpus", f"{format_count(facts['corpus_tokens'])} training tokens in "
                       f"{facts['corpus']}: {facts['epochs']:.2g} epochs")
     out.print(table)
     for note in facts["notes"]:
         out.print(f"note: {note}")
+
+
+def planned_tokens_row(facts: dict[str, Any]) -> tuple[str, str]:
+    """How the planned tokens come about: with several GPUs each trains its own batch, as
+    `llm pretrain --nproc N` does, so they multiply the tokens of a step."""
+    names = "steps × batch × accum × context"
+    values = (f"{facts['steps']:,} × {facts['batch_size']} × {facts['grad_accum']} × "
+              f"{facts['context_length']}")
+    if facts["processes"] > 1:
+        names += " × GPUs"
+        values += f" × {facts['processes']}"
+    return f"  = {names}", values
 
 
 def print_gpus(json_out: bool) -> None:

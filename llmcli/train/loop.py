@@ -77,7 +77,7 @@ from llmcli.train.precision import (
     enable_fast_matmul,
     resolve_precision,
 )
-from llmcli.train.schedule import lr_at, warmup_problem
+from llmcli.train.schedule import lr_at, total_steps, warmup_problem
 
 SaveWeights = Callable[[Path, Any, dict], None]
 DEFAULT_INIT_STD: float = ModelConfig.init_std
@@ -132,13 +132,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     # fused: one kernel per step on CUDA and a vectorised loop on CPU (torch >= 2.4).
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
-    steps = cfg.max_iters
-    if cfg.max_tokens:
-        steps = min(steps, math.ceil(cfg.max_tokens / tokens_per_step))
-    return steps
 
 
 class _StopFlag:

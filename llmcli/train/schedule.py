@@ -19,6 +19,15 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
+    """Optimizer steps a run takes: train.max_iters, or fewer when train.max_tokens runs out
+    first (its last step finishes). Pure Python: `llm scaling --recipe` plans with it too."""
+    steps = cfg.max_iters
+    if cfg.max_tokens:
+        steps = min(steps, math.ceil(cfg.max_tokens / tokens_per_step))
+    return steps
+
+
 def warmup_problem(cfg: TrainConfig, total_steps: int) -> str | None:
     """Why the warmup never completes in a run of `total_steps` steps (the peak lr is never
     trained at, a cosine never decays), or None. Legal settings, so a warning, not an error."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmcli.checkpoint import Checkpoint, latest_run
+from llmcli.checkpoint import Checkpoint, latest_run, tied_names
 from llmcli.console import fail
 from llmcli.model.count import (
     Part,
@@ -120,12 +120,12 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = (), *,
                  f"'{overrides[0]}' or count the recipe instead")
         ckpt = Checkpoint.open(target)
         recipe = ckpt.recipe
-        counts = {name: math.prod(shape) for name, shape in ckpt.shapes().items()}
+        counts = stored_counts(ckpt)
         source, kind = str(ckpt.path), "checkpoint"
         if ckpt.is_adapter:  # what runs is base + adapter; what trained is the adapter
             adapter = sum(counts.values())
             base = Checkpoint.read(ckpt.base_path)
-            counts = {name: math.prod(shape) for name, shape in base.shapes().items()}
+            counts = stored_counts(base)
             notes.append(f"LoRA adapter (rank {recipe.lora.rank}) of {adapter:,} "
                          f"parameters on the base {base.path} ({sum(counts.values()):,}); "
                          "FLOPs are the full model's")
@@ -135,8 +135,7 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = (), *,
         source, kind = str(target), "recipe"
         counts = None
     model = build_model(recipe.model, device="meta")
-    if counts is None:
-        counts = named_counts(model)
+    counts = named_counts(model) if counts is None else model_named(counts, model)
     total = trainable = sum(counts.values())
     parts = breakdown(recipe.model, counts)
     if adapter is not None:
@@ -162,6 +161,23 @@ def count_target(target: Path, overrides: tuple[str, ...] | list[str] = (), *,
         "device_memory": per_device,
         "notes": notes,
     }
+
+
+def stored_counts(ckpt: Checkpoint) -> dict[str, int]:
+    """Tensor name -> element count as stored in a checkpoint, without loading a weight."""
+    return {name: math.prod(shape) for name, shape in ckpt.shapes().items()}
+
+
+def model_named(counts: dict[str, int], model: Any) -> dict[str, int]:
+    """`counts` under the names the model's own count uses (`named_counts`): safetensors keeps
+    a tied tensor under one of its names (lm_head.weight for tied embeddings), which a count by
+    prefix would give to the output layer where a recipe's count gives it to the embedding."""
+    renamed = dict(counts)
+    for names in tied_names(model):  # the first name is the one `named_counts` keeps
+        stored = [name for name in names if name in renamed]
+        if stored and names[0] not in renamed:
+            renamed[names[0]] = renamed.pop(stored[0])
+    return renamed
 
 
 def memory_per_device(recipe: Recipe, counts: dict[str, int], total: int, trainable: int,

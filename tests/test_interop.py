@@ -363,6 +363,9 @@ def test_import_gives_transformers_logits_greedy_tokens_and_tokenizer(tmp_path, 
     code, output = invoke("params", "checkpoints/tiny-hf", "--json")
     assert code == 0 and json.loads(output)["total"] == sum(
         p.numel() for p in hf.parameters())
+    embedding = json.loads(output)["parts"][0]  # GPT-2 ties it to the output layer
+    assert embedding["name"] == "token embedding"
+    assert embedding["total"] == hf.get_input_embeddings().weight.numel()
 
 
 def test_round_trip_import_export_import_gives_identical_tensors(tmp_path):

@@ -73,10 +73,17 @@ def test_checkpoint_counts_the_stored_tensors(tmp_path, tiny_model_cfg):
     run = tmp_path / "run"
     save_model(run / "step-00000005.safetensors", model, recipe, step=5, tokenizer="bytes")
     expected = sum(p.numel() for p in model.parameters())  # tied weight once
+    recipe_file = tmp_path / "tied.yaml"
+    recipe_file.write_text(json.dumps({"model": dataclasses.asdict(recipe.model)}),
+                           encoding="utf-8")
+    from_recipe = count_target(recipe_file)
     for target in (run, run / "step-00000005.safetensors"):
         report = count_target(target)
         assert report["kind"] == "checkpoint"
         assert report["total"] == expected == parts_total(report)
+        # the shared tensor is stored as lm_head.weight; it is the embedding, as a recipe says
+        assert report["parts"] == from_recipe["parts"]
+        assert report["parts"][0]["total"] == 64 * 32
 
 
 def test_no_argument_uses_newest_run_else_scifi(tmp_path, monkeypatch):

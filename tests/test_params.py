@@ -50,6 +50,20 @@ def test_breakdown_adds_up_and_json_is_complete():
     assert f"N = {matmul:,} weights in matrix products" in " ".join(text.split())
 
 
+def test_training_memory_is_what_llm_trains_in_bf16_too():
+    """A "bf16" row showed 2-byte weights and gradients (1.6 GiB for scifi) beside a per-device
+    table of 2.1 GiB: llm's bf16 is autocast over fp32 weights, gradients and moments."""
+    scifi = str(ROOT / "recipes" / "scifi.yaml")
+    report = json.loads(runner.invoke(app, ["params", scifi, "train.precision=bf16", "--nproc",
+                                            "1", "--json"]).stdout)
+    assert list(report["memory_bytes"]) == ["fp32"]
+    ddp = report["device_memory"]["ddp"]
+    assert sum(report["memory_bytes"]["fp32"].values()) == ddp["total"] == 16 * 140_573_600
+    text = " ".join(runner.invoke(app, ["params", scifi]).stdout.split())
+    assert "268.1 MiB" not in text and "fp32 (any train.precision)" in text
+    assert "bf16 and fp16 autocast the compute only" in text
+
+
 def test_overrides_and_auto_vocab_note():
     report = count_target(ROOT / "recipes" / "scifi.yaml", ["model.num_blocks=24"])
     assert report["total"] == 140_573_600 + 12 * 3_150_848

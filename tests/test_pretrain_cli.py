@@ -142,6 +142,9 @@ def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
         assert needle in out, needle
     assert "auto from the corpus" in out
     assert not (project / "checkpoints").exists()
+    memory = [line for line in out.splitlines() if "AdamW" in line]  # as llm params says
+    assert len(memory) == 1 and "fp32: weights" in memory[0] and "bf16" not in memory[0][:40]
+    assert "bf16 and fp16 autocast the compute only" in " ".join(out.split())
 
     as_json = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "--dry-run", "--json")
     report = json.loads(as_json.stdout)
@@ -150,6 +153,8 @@ def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
     assert rows["train.max_iters"]["origin"] == "file"
     assert report["total_tokens"] == 6 * 64 and report["step_seconds"] > 0
     assert report["chinchilla_tokens"] == pytest.approx(20 * report["params"])
+    assert list(report["memory"]) == ["fp32"]
+    assert sum(report["memory"]["fp32"].values()) == 16 * report["params"]
 
 
 def test_dry_run_for_several_processes_reports_once_for_all_of_them(project, monkeypatch):

@@ -63,6 +63,7 @@ def command(
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from llmcli.model.count import AUTOCAST_NOTE
     from llmcli.scaling import format_bytes
 
     total = report["total"]
@@ -87,9 +88,11 @@ def print_report(report: dict[str, Any]) -> None:
     for column in ("precision", "weights", "gradients", "AdamW state", "total"):
         memory.add_column(column, justify="right" if column != "precision" else "left")
     for precision, parts in report["memory_bytes"].items():
-        memory.add_row(precision, *(format_bytes(v) for v in parts.values()),
+        memory.add_row(f"{precision} (any train.precision)",
+                       *(format_bytes(v) for v in parts.values()),
                        format_bytes(sum(parts.values())))
     out.print(memory)
+    out.print(f"memory: {AUTOCAST_NOTE}")
     flops = report["flops_per_token"]
     out.print(f"training FLOPs per token: {flops:.4g} (6N + attention at context "
               f"{report['context_length']}; N = {report['flops_n']:,} weights in matrix products; "

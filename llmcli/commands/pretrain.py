@@ -152,17 +152,18 @@ def _print_dry_run(report: Any, json_out: bool) -> None:
     gib = 1024**3
 
     def memory(kind: str) -> str:
+        from llmcli.model.count import AUTOCAST_NOTE
+
         parts = mem[kind]
         return (f"{sum(parts.values()) / gib:.2f} GiB ({kind}: weights "
                 f"{parts['weights'] / gib:.2f} + gradients {parts['gradients'] / gib:.2f} + "
-                f"AdamW {parts['adamw'] / gib:.2f}; activations extra)")
+                f"AdamW {parts['adamw'] / gib:.2f}; activations extra; {AUTOCAST_NOTE})")
 
     ratio = report.total_tokens / report.chinchilla_tokens if report.chinchilla_tokens else 0
     lines = [
         f"parameters      {report.params:,} ({format_count(report.params)}), "
         f"trainable {report.trainable:,}",
         f"memory          {memory('fp32')}",
-        f"                {memory('bf16')}",
         f"tokens/step     {report.tokens_per_step:,}" + (
             f" ({report.processes} processes x {report.tokens_per_step // report.processes:,})"
             if report.processes > 1 else ""),

@@ -127,12 +127,17 @@ def formula_parameters(cfg: ModelConfig, vocab_size: int | None = None) -> int:
     return emb + pos + L * block + norm + head
 
 
-def training_memory(total: int, trainable: int) -> dict[str, dict[str, int]]:
-    """Bytes for weights, gradients and AdamW's two moments, in fp32 and bf16 (activations aside).
+AUTOCAST_NOTE = ("every train.precision keeps these fp32: bf16 and fp16 autocast the compute "
+                 "only (train/precision.py)")
 
-    bf16 here means bf16 weights and gradients with fp32 optimizer moments, the usual setup.
+
+def training_memory(total: int, trainable: int) -> dict[str, dict[str, int]]:
+    """Bytes for weights, gradients and AdamW's two moments as llm trains (activations aside).
+
+    One entry, "fp32", whatever train.precision says: bf16 and fp16 are autocast over fp32
+    weights, so gradients and moments stay fp32 too (16 bytes per trained parameter); a
+    trainer holding bf16 weights would need less, but that is not how llm trains.
     """
     return {
         "fp32": {"weights": 4 * total, "gradients": 4 * trainable, "adamw": 8 * trainable},
-        "bf16": {"weights": 2 * total, "gradients": 2 * trainable, "adamw": 8 * trainable},
     }

@@ -23,7 +23,7 @@ from llmcli.data.tokenizer import get_tokenizer
 from llmcli.finetune import prepare
 from llmcli.model.count import count_parameters
 from llmcli.model.gpt import build_model
-from llmcli.pretrain import measure_step_time
+from llmcli.pretrain import measure_speed
 from llmcli.recipe import build_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +86,8 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, (prep, _, _) in prepared.items():
-                seconds = measure_step_time(prep.recipe, prep.model.to(device), prep.batches,
-                                            device, args.steps)
+                seconds = measure_speed(prep.recipe, prep.model.to(device), prep.batches,
+                                        device, args.steps).step
                 times[name].append(seconds)
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch 16 x "
           f"{prepared['full'][0].recipe.model.context_length} tokens, best of {args.rounds} "

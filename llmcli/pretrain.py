@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -306,23 +307,53 @@ class DryRun:
     trainable: int
     memory: dict[str, dict[str, int]]
     tokens_per_step: int
-    steps: int
+    steps: int  # the steps the run will take: by max_iters, max_tokens or (measured) max_time
     total_tokens: int
     chinchilla_tokens: float
     corpus_tokens: int
     step_seconds: float | None
     device: str
     processes: int = 1  # a step takes a batch from each (DDP / FSDP)
+    stopped_by: str = "max_iters"  # what ends the run: max_iters | max_tokens | max_time
+    max_time: float | None = None  # train.max_time: seconds of training steps
+    evaluations: int = 0  # at step 0, every eval_interval steps and at the end
+    eval_batches: int = 0  # forward passes per evaluation: eval_iters for each split
+    eval_batch_seconds: float | None = None  # measured, one eval batch (forward, no gradients)
+
+    @property
+    def eval_seconds(self) -> float | None:
+        """Evaluation on top of the steps (max_time counts training steps alone)."""
+        if self.eval_batch_seconds is None:
+            return None
+        return self.eval_batch_seconds * self.eval_batches * self.evaluations
 
     @property
     def eta_seconds(self) -> float | None:
-        return None if self.step_seconds is None else self.step_seconds * self.steps
+        if self.step_seconds is None or self.eval_seconds is None:
+            return None
+        return self.step_seconds * self.steps + self.eval_seconds
+
+    @property
+    def stop_note(self) -> str:
+        """Which limit ends the run, when it is not train.max_iters."""
+        if self.stopped_by == "max_time":
+            return (f"; train.max_time={self.max_time:g} s stops it after about {self.steps:,} "
+                    "steps at the measured speed (training steps only: evaluations come on "
+                    "top)")
+        return "; train.max_tokens stops it" if self.stopped_by == "max_tokens" else ""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["rows"] = [{"key": k, "value": v, "origin": o} for k, v, o in self.rows]
+        out["eval_seconds"] = self.eval_seconds
         out["eta_seconds"] = self.eta_seconds
         return out
+
+
+@dataclass
+class Speed:
+    step: float  # seconds per optimizer step (grad_accum micro-batches, forward and backward)
+    eval_batch: float  # seconds per evaluation batch (a forward pass without gradients)
 
 
 def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
@@ -330,7 +361,9 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
     """Resolve everything a run would use and time a couple of steps, without writing a run.
 
     `processes`: the run's process count: a step then covers that many batches (the step
-    time is one process's, measured here; the gradient exchange comes on top)."""
+    time is one process's, measured here; the gradient exchange comes on top). The ETA adds
+    the evaluations the run makes, timed on one batch of each split; train.max_time ends
+    the steps where the measured speed says it would."""
     from llmcli.device import resolve_device
     from llmcli.model.count import count_parameters, training_memory
     from llmcli.model.gpt import build_model
@@ -344,32 +377,54 @@ def dry_run(recipe: Recipe, *, device: str = "auto", data_dir: Path = DATA_DIR,
     model = build_model(recipe.model, dev)
     total, trainable = count_parameters(model)
     batches = make_batches(recipe, corpus)
-    tokens_per_step = batches.tokens_per_batch * recipe.train.grad_accum * processes
-    steps = total_steps(recipe.train, tokens_per_step)
-    problem = warmup_problem(recipe.train, steps)
+    cfg = recipe.train
+    tokens_per_step = batches.tokens_per_batch * cfg.grad_accum * processes
+    steps = total_steps(cfg, tokens_per_step)
+    problem = warmup_problem(cfg, steps)
     if problem:
         warn(problem)
     _warn_unused(recipe)
-    seconds = measure_step_time(recipe, model, batches, dev, measure_steps)
+    speed = measure_speed(recipe, model, batches, dev, measure_steps)
+    stopped_by = "max_tokens" if steps < cfg.max_iters else "max_iters"
+    if speed is not None and cfg.max_time:
+        timed = steps_within(cfg.max_time, speed.step)
+        if timed < steps:
+            steps, stopped_by = timed, "max_time"
     return DryRun(
         rows=recipe.rows(), params=total, trainable=trainable,
         memory=training_memory(total, trainable), tokens_per_step=tokens_per_step, steps=steps,
         total_tokens=steps * tokens_per_step, chinchilla_tokens=chinchilla_tokens(total),
-        corpus_tokens=corpus.train_tokens, step_seconds=seconds, device=str(dev),
-        processes=processes)
+        corpus_tokens=corpus.train_tokens, step_seconds=speed.step if speed else None,
+        device=str(dev), processes=processes, stopped_by=stopped_by, max_time=cfg.max_time,
+        evaluations=evaluations(steps, cfg.eval_interval), eval_batches=2 * cfg.eval_iters,
+        eval_batch_seconds=speed.eval_batch if speed else None)
 
 
-def measure_step_time(recipe: Recipe, model: torch.nn.Module, batches: TokenWindows,
-                      device: torch.device, steps: int) -> float | None:
-    """Seconds per optimizer step: one warm-up step, then the mean of `steps` timed ones."""
+def steps_within(max_time: float, step_seconds: float) -> int:
+    """Steps a run takes under train.max_time: it stops at the first step boundary at which its
+    training steps (evaluations aside) have taken max_time seconds."""
+    return max(1, math.ceil(max_time / step_seconds)) if step_seconds > 0 else 1
+
+
+def evaluations(steps: int, interval: int) -> int:
+    """Evaluations in a run of `steps` steps: at step 0, every `interval`, and at the last."""
+    return steps // interval + 1 + (1 if steps % interval else 0)
+
+
+def measure_speed(recipe: Recipe, model: torch.nn.Module, batches: TokenWindows,
+                  device: torch.device, steps: int) -> Speed | None:
+    """Seconds per optimizer step (one warm-up step, then the mean of `steps` timed ones) and
+    per evaluation batch (an evaluation of one batch per split, after an untimed one)."""
     if steps <= 0:
         return None
     from llmcli.console import progress
     from llmcli.train.loop import Trainer
 
+    one_batch = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train,
+                                                                       eval_iters=1))
     with _scratch_dir() as scratch, progress(transient=True) as bar:
-        task = bar.add_task("warm-up step", total=steps + 1)
-        trainer = Trainer(recipe, model, batches, scratch, device, None, None)
+        task = bar.add_task("warm-up step", total=steps + 3)
+        trainer = Trainer(one_batch, model, batches, scratch, device, None, None)
         trainer.metrics.enabled = False
         net = trainer.training_net()
         model.train()
@@ -381,7 +436,17 @@ def measure_step_time(recipe: Recipe, model: torch.nn.Module, batches: TokenWind
             trainer.train_step(net)
             bar.update(task, advance=1)
         _sync(device)
-    return (time.perf_counter() - start) / steps
+        step = (time.perf_counter() - start) / steps
+        bar.update(task, description="timing an evaluation")
+        trainer.evaluate(net)
+        bar.update(task, advance=1)
+        _sync(device)
+        start = time.perf_counter()
+        trainer.evaluate(net)  # one batch of each split
+        _sync(device)
+        eval_batch = (time.perf_counter() - start) / 2
+        bar.update(task, advance=1)
+    return Speed(step, eval_batch)
 
 
 def _scratch_dir() -> Any:

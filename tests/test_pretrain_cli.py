@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -155,6 +156,40 @@ def test_dry_run_shows_provenance_budget_and_eta_without_training(project):
     assert report["chinchilla_tokens"] == pytest.approx(20 * report["params"])
     assert list(report["memory"]) == ["fp32"]
     assert sum(report["memory"]["fp32"].values()) == 16 * report["params"]
+
+
+def test_dry_run_stops_at_max_time_as_the_run_does(project):
+    """max_iters=100000 with train.max_time set planned all 100,000 steps (and their ETA)
+    though the run stops once its training steps have taken max_time seconds."""
+    args = ("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=100000",
+            "train.max_time=0.5", "train.eval_interval=100000", "--dry-run")
+    report = json.loads(llm(*args, "--json").stdout)
+    assert report["stopped_by"] == "max_time" and report["max_time"] == 0.5
+    assert report["steps"] == math.ceil(0.5 / report["step_seconds"]) < 100_000
+    assert report["total_tokens"] == report["steps"] * 64
+    assert report["eta_seconds"] == pytest.approx(
+        report["steps"] * report["step_seconds"] + report["eval_seconds"])
+    text = " ".join(llm(*args).stdout.split())
+    assert "train.max_time=0.5 s stops it after about" in text
+
+
+def test_dry_run_eta_includes_the_evaluations_the_run_makes(project):
+    """eval_interval=1 with eval_iters=100 made the run take many times the dry run's ETA,
+    which counted training steps alone."""
+    args = ("pretrain", "mini.yaml", "data.source=corpus.tokens", "train.max_iters=6",
+            "train.eval_interval=4", "train.eval_iters=50")
+    report = json.loads(llm(*args, "--dry-run", "--json").stdout)
+    assert report["eval_batches"] == 100 and report["eval_batch_seconds"] > 0
+    assert report["eval_seconds"] == pytest.approx(
+        report["evaluations"] * 100 * report["eval_batch_seconds"])
+    assert report["eta_seconds"] == pytest.approx(6 * report["step_seconds"]
+                                                  + report["eval_seconds"])
+    assert "evaluations of 100 batches" in " ".join(llm(*args, "--dry-run").stdout.split())
+    trained = llm(*args, "-o", "run")
+    assert trained.exit_code == 0, trained.output
+    evals = [json.loads(line) for line in (project / "run" / "metrics.jsonl").open()]
+    assert [e["step"] for e in evals if e["kind"] == "eval"] == [0, 4, 6]
+    assert report["evaluations"] == 3
 
 
 def test_dry_run_for_several_processes_reports_once_for_all_of_them(project, monkeypatch):

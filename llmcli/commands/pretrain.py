@@ -170,7 +170,7 @@ def _print_dry_run(report: Any, json_out: bool) -> None:
         f"total tokens    {report.total_tokens:,} over {report.steps:,} "
         f"step{'s' * (report.steps != 1)} "
         f"({report.total_tokens / max(1, report.corpus_tokens):.1f} epochs of "
-        f"{report.corpus_tokens:,} training tokens)",
+        f"{report.corpus_tokens:,} training tokens{report.stop_note})",
         f"Chinchilla      {format_count(report.chinchilla_tokens)} tokens (20 per parameter): "
         f"this run is {ratio:.2%} of it",
     ]
@@ -178,7 +178,10 @@ def _print_dry_run(report: Any, json_out: bool) -> None:
         procs = f" x {report.processes} processes" if report.processes > 1 else ""
         lines.append(f"ETA             {format_duration(report.eta_seconds)} on {report.device}"
                      f"{procs} ({report.step_seconds:.3f} s/step measured in one process, "
-                     f"{report.tokens_per_step / report.step_seconds:,.0f} tokens/s)")
+                     f"{report.tokens_per_step / report.step_seconds:,.0f} tokens/s; "
+                     f"{report.evaluations:,} evaluations of {report.eval_batches:,} batches "
+                     f"at {report.eval_batch_seconds:.3f} s each, measured: "
+                     f"{format_duration(report.eval_seconds)})")
     for line in lines:
         out.print(line)
 

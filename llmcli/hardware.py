@@ -88,6 +88,9 @@ def get_gpu(name: str) -> GPU:
     """A card by the name a user types (`--gpu a100`); unknown names are a one-line error."""
     import difflib
 
+    if not name.strip():  # an unset shell variable: never silently the default card
+        fail(f"--gpu {name!r}: an empty GPU name; give one of {', '.join(GPUS)} (or leave "
+             "--gpu out for the h100 default)")
     by_key = {_gpu_key(k): g for k, g in GPUS.items()}
     key = _gpu_key(name)
     key = _gpu_key(GPU_ALIASES.get(key, key))

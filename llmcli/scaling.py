@@ -165,7 +165,7 @@ def make_hardware(
     if not MIN_MFU <= mfu <= 1:
         fail(f"--mfu {mfu:g}: utilisation must be from 0.1% to 100% (a fraction like 0.4, or a "
              "percentage like 40%)")
-    card = get_gpu(gpu) if gpu else None
+    card = get_gpu(gpu) if gpu is not None else None  # '' is refused, not the default
     gpus = f"{num_gpus}× " if num_gpus > 1 else ""
     if tokens_per_second is not None:
         if measured_params is None:
@@ -669,7 +669,8 @@ DEFAULT_DEVICE_MEMORY = 80 * 2**30  # an 80 GB H100 / A100 holds 80 GiB
 
 
 def parse_bytes(text: str, option: str = "--device-memory") -> int:
-    """'80GiB', '80GB' (10^9), '141G' (GiB), '24576MiB' -> bytes. One-line error else."""
+    """'80GiB', '80GB' (10^9), '141G' (GiB), '24576MiB', '512B' -> bytes; a bare number, which
+    no one means as bytes, and anything else is a one-line error."""
     raw = str(text).strip()
     match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)", raw.lower())
     if not match:
@@ -680,6 +681,9 @@ def parse_bytes(text: str, option: str = "--device-memory") -> int:
     if size < 1:  # 0, 0.5, 0.4B: no device, and never "not given" (the default)
         fail(f"{option} {raw!r}: less than 1 byte; write a device's memory like 80GiB, 80GB "
              "or 141G")
+    if not match.group(2) and match.group(3) != "b":  # '80' is 80 GB to a user, 80 B to us
+        fail(f"{option} {raw!r}: a memory size needs a unit; write it like "
+             f"{match.group(1)}GB (10^9 bytes) or {match.group(1)}GiB (2^30 bytes)")
     if size > 2**60:
         fail(f"{option} {raw!r}: larger than any device")
     return size

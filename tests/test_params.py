@@ -305,6 +305,14 @@ def test_device_memory_below_one_byte_is_refused(size):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_device_memory_without_a_unit_is_refused():
+    """`--device-memory 80` was 80 bytes: "2.1 GiB of 80 B per device (does not fit)"."""
+    result = runner.invoke(app, ["params", str(ROOT / "recipes" / "tiny.yaml"),
+                                 "--device-memory", "80"])
+    assert result.exit_code == 2 and "needs a unit" in result.stderr
+    assert "80GB" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_device_memory_of_zero_is_not_the_default():
     from llmcli.params import memory_per_device
     from llmcli.recipe import load_recipe

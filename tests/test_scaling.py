@@ -449,6 +449,26 @@ def test_device_memory_below_one_byte_is_refused(size):
     assert len(lines) == 1 and "less than 1 byte" in lines[0]
 
 
+@pytest.mark.parametrize("size", ["80", "80.5", "80i", "80ib"])
+def test_device_memory_needs_a_unit(size):
+    """'--device-memory 80' was read as 80 bytes ("2.1 GiB of 80 B per device")."""
+    result = scaling("--params", "140M", "--device-memory", size)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a unit" in lines[0] and "GB" in lines[0]
+    assert scaling("--params", "140M", "--device-memory", "80B", "--json").exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_gpu_is_refused_not_the_default(name):
+    result = scaling("--params", "140M", "--gpu", name)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "an empty GPU name" in lines[0] and "h100" in lines[0]
+    with pytest.raises(UserError, match="empty GPU name"):
+        make_hardware(gpu=name, tokens_per_second=1e4, measured_params=1e6)
+
+
 def test_device_memory_of_zero_bytes_is_not_the_default():
     assert analyse(params=1e8, device_bytes=0)["device_memory"]["device_bytes"] == 0
     assert analyse(params=1e8)["device_memory"]["device_bytes"] == 80 * 2**30

@@ -202,11 +202,21 @@ class Plan:
     def flops(self) -> float:
         return training_flops(self.params, self.tokens)
 
+    @property
+    def is_model(self) -> bool:
+        """At least one parameter and one token: below that a plan (the optimum of a tiny
+        compute budget) is arithmetic, not a model to train."""
+        return self.params >= 1 and self.tokens >= 1
+
+    def sizes(self) -> str:
+        return (f"{counted_ratio(self.params, 'parameter')} and "
+                f"{counted_ratio(self.tokens, 'token')}")
+
     def describe(self, fit: Fit, hardware: Hardware) -> dict[str, Any]:
         return {"label": self.label, "params": self.params, "tokens": self.tokens,
                 "tokens_per_param": self.tokens / self.params, "flops": self.flops,
                 "loss": fit.loss(self.params, self.tokens),
-                "seconds": hardware.seconds(self.flops)}
+                "seconds": hardware.seconds(self.flops), "meaningful": self.is_model}
 
 
 def plans_for(
@@ -229,13 +239,14 @@ def plans_for(
         fail("--params, --tokens and --flops together over-determine the plan (C = 6ND); "
              "give any two of them")
     mode, plans = _plans(fit, given, params, tokens, flops)
-    for plan in plans.values() if len(given) == 1 else ():  # each row derived from one input
-        if plan.params < 1 or plan.tokens < 1:
+    # One input: every column is derived from it, and one that is no model refuses it. Two:
+    # the user's own plan stands, however small, and a derived column that is no model is
+    # marked so ("meaningful": false), never shown as if it were one.
+    for plan in plans.values() if len(given) == 1 else ():
+        if not plan.is_model:
             inputs = " and ".join(f"--{k} {format_count(values[k])}" for k in given)
             fail(f"{inputs}: too small a budget to plan: the {plan.label} plan would have "
-                 f"{counted_ratio(plan.params, 'parameter')} and "
-                 f"{counted_ratio(plan.tokens, 'token')}, and a model needs at least 1 of each; "
-                 "raise it")
+                 f"{plan.sizes()}, and a model needs at least 1 of each; raise it")
     return mode, plans
 
 
@@ -294,6 +305,9 @@ def verdict(fit: Fit, plans: dict[str, Plan]) -> str:
                     f"{counted(optimal.tokens, 'token')}: predicted loss "
                     f"{fit.loss(optimal.params, optimal.tokens):.3f} instead of "
                     f"{fit.loss(n, d):.3f}")
+    if not optimal.is_model:
+        same_compute = (f"the same compute ({format_flops(given.flops)} FLOPs) is too small for "
+                        f"the {fit.name} law's optimum to be a model ({optimal.sizes()})")
     if ratio < 0.5:
         return (f"under-trained: {head} is about {_about(1 / ratio)}× fewer tokens than "
                 f"Chinchilla-optimal ({format_count(target)}); {same_compute}.")

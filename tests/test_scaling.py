@@ -536,6 +536,23 @@ def test_derived_and_fractional_counts(args, message):
     assert len(lines) == 1 and message in lines[0]
 
 
+def test_a_derived_plan_below_one_parameter_or_token_is_never_shown_as_a_model():
+    """`--params 1` is refused (its optimum would have 0.519 tokens), yet `--params 1 --tokens
+    1` printed an optimum column of 1.34 parameters and 0.744 tokens with its loss and time."""
+    plans = analyse(params=1, tokens=1)["plans"]
+    assert [p["meaningful"] for p in plans.values()] == [True, True, False]
+    assert all(p["meaningful"] for p in analyse(params=1e9, tokens=2e10)["plans"].values())
+    result = scaling("--params", "1", "--tokens", "1")
+    assert result.exit_code == 0, result.output
+    optimum_cells = [line.split("│")[-2].strip() for line in result.stdout.splitlines()
+                     if line.count("│") == 5]
+    assert len(optimum_cells) == 6 and set(optimum_cells) == {"-"}
+    text = " ".join(result.stdout.split())
+    assert "optimum, same C: not a model (1.34 parameters and 0.744 tokens" in text
+    assert "too small for the chinchilla law's optimum to be a model" in text
+    assert "best spent" not in text
+
+
 def test_counts_are_whole_numbers():
     from llmcli.scaling import parse_count
 

@@ -142,8 +142,12 @@ def print_report(report: dict[str, Any]) -> None:
         ("wall-clock", lambda p: format_duration(p["seconds"])),
     ]
     for name, cell in rows:
-        table.add_row(name, *(cell(p) for p in plans.values()))
+        table.add_row(name, *(cell(p) if p["meaningful"] else "-" for p in plans.values()))
     out.print(table)
+    for plan in plans.values():
+        if not plan["meaningful"]:
+            out.print(f"{plan['label']}: not a model ({format_ratio(plan['params'])} parameters "
+                      f"and {format_ratio(plan['tokens'])} tokens; it needs at least 1 of each)")
     if "verdict" in report:
         out.print(f"verdict: {report['verdict']}")
     out.print(f"law: L(N, D) = {fit['E']:g} + {fit['A']:g}/N^{fit['alpha']:g} + "

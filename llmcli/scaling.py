@@ -569,8 +569,11 @@ def counted_ratio(x: float, noun: str) -> str:
 
 
 def format_ratio(x: float) -> str:
-    """3 significant digits, in e-notation (1.00e30, 1.67e-31) outside 0.001 to a million."""
-    return f"{x:.3g}" if 1e-3 <= x < 1e6 else format_flops(x)
+    """3 significant digits (28.9, 0.0824), whole from 1,000 (9,999: never Python's 1e+04), and
+    the e-notation of the other cells (1.00e30, 1.67e-31) outside 0.001 to a million."""
+    if not 1e-3 <= x < 999_999.5:
+        return format_flops(x)
+    return f"{x:.3g}" if x < 999.5 else f"{x:,.0f}"
 
 
 def format_flops(x: float) -> str:

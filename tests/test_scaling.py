@@ -587,6 +587,20 @@ def test_huge_numbers_are_printed_in_e_notation():
         assert not any(long_digits.search(t) for t in texts(report)), texts(report)
 
 
+def test_ratios_from_a_thousand_to_a_million_are_never_pythons_e_notation():
+    """`--params 1e20` printed D/N as 1e+04 beside cells such as 28.9 and 8.50e-8."""
+    from llmcli.scaling import format_ratio
+
+    assert [format_ratio(x) for x in (8.5e-8, 0.0824, 28.9, 999.6, 9999.99, 123456.7, 2e6)] == [
+        "8.50e-8", "0.0824", "28.9", "1,000", "10,000", "123,457", "2.00e6"]
+    for args in (["--params", "1e20"], ["--params", "1", "--tokens", "5000"]):
+        result = scaling(*args)
+        assert result.exit_code == 0 and "e+" not in result.stdout, result.stdout
+    ratio = next(line for line in scaling("--params", "1e20").stdout.splitlines()
+                 if "D / N" in line)
+    assert ratio.split("│")[-2].strip() == "10,021"
+
+
 def test_one_parameter_and_one_token_are_singular():
     verdict = analyse(params=1, tokens=1)["verdict"]
     assert "1 token for 1 parameter (1 token per parameter)" in verdict

@@ -337,9 +337,11 @@ class DryRun:
     def stop_note(self) -> str:
         """Which limit ends the run, when it is not train.max_iters."""
         if self.stopped_by == "max_time":
-            return (f"; train.max_time={self.max_time:g} s stops it after about {self.steps:,} "
-                    "steps at the measured speed (training steps only: evaluations come on "
-                    "top)")
+            from llmcli.scaling import format_ratio
+
+            return (f"; train.max_time={format_ratio(self.max_time or 0)} s stops it after "
+                    f"about {self.steps:,} steps at the measured speed (training steps only: "
+                    "evaluations come on top)")
         return "; train.max_tokens stops it" if self.stopped_by == "max_tokens" else ""
 
     def to_dict(self) -> dict[str, Any]:

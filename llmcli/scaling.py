@@ -436,8 +436,8 @@ def budget_notes(train: Any, processes: int) -> list[str]:
         notes.append(f"each of the {processes} GPUs trains its own batch, as `llm pretrain "
                      f"--nproc {processes}` does: a step is {processes} batches")
     if train.max_time:
-        notes.append(f"train.max_time={train.max_time:g} s may stop the run before these "
-                     "tokens; `llm pretrain --dry-run` estimates where from measured steps")
+        notes.append(f"train.max_time={format_ratio(train.max_time)} s may stop the run before "
+                     "these tokens; `llm pretrain --dry-run` estimates where from measured steps")
     return notes
 
 
@@ -597,7 +597,7 @@ def format_duration(seconds: float) -> str:
 
 
 def _about(x: float) -> str:
-    return f"{x:.1f}" if x < 10 else f"{x:.2g}" if x < 100 else _big(round(x, -1), ",.0f")
+    return f"{x:.1f}" if x < 9.95 else f"{x:.2g}" if x < 99.5 else _big(round(x, -1), ",.0f")
 
 
 def _big(x: float, spec: str) -> str:

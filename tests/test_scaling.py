@@ -599,6 +599,11 @@ def test_ratios_from_a_thousand_to_a_million_are_never_pythons_e_notation():
     ratio = next(line for line in scaling("--params", "1e20").stdout.splitlines()
                  if "D / N" in line)
     assert ratio.split("│")[-2].strip() == "10,021"
+    from llmcli.scaling import _about
+
+    assert [_about(x) for x in (9.96, 99.6, 150)] == ["10", "100", "150"]  # not 1e+02
+    notes = analyse(recipe=SCIFI, overrides=["train.max_time=100000000"])["recipe"]["notes"]
+    assert any("train.max_time=1.00e8 s may stop the run" in note for note in notes)
 
 
 def test_one_parameter_and_one_token_are_singular():

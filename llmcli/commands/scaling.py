@@ -159,7 +159,7 @@ def print_report(report: dict[str, Any]) -> None:
 def print_recipe(facts: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from llmcli.scaling import format_count
+    from llmcli.scaling import format_count, format_ratio
 
     table = Table(title=f"recipe {facts['name']} ({facts['path']})", title_justify="left",
                   show_header=False)
@@ -179,7 +179,7 @@ def print_recipe(facts: dict[str, Any]) -> None:
                       f"{facts['steps']:,} of {facts['max_iters']:,} steps")
     if facts.get("corpus_tokens"):
         table.add_row("corpus", f"{format_count(facts['corpus_tokens'])} training tokens in "
-                      f"{facts['corpus']}: {facts['epochs']:.2g} epochs")
+                      f"{facts['corpus']}: {format_ratio(facts['epochs'])} epochs")
     out.print(table)
     for note in facts["notes"]:
         out.print(f"note: {note}")

@@ -127,8 +127,7 @@ def formula_parameters(cfg: ModelConfig, vocab_size: int | None = None) -> int:
     return emb + pos + L * block + norm + head
 
 
-AUTOCAST_NOTE = ("every train.precision keeps these fp32: bf16 and fp16 autocast the compute "
-                 "only (train/precision.py)")
+AUTOCAST_NOTE = "every train.precision keeps these in fp32: bf16 and fp16 autocast the compute"
 
 
 def training_memory(total: int, trainable: int) -> dict[str, dict[str, int]]:

@@ -61,7 +61,7 @@ def test_training_memory_is_what_llm_trains_in_bf16_too():
     assert sum(report["memory_bytes"]["fp32"].values()) == ddp["total"] == 16 * 140_573_600
     text = " ".join(runner.invoke(app, ["params", scifi]).stdout.split())
     assert "268.1 MiB" not in text and "fp32 (any train.precision)" in text
-    assert "bf16 and fp16 autocast the compute only" in text
+    assert "bf16 and fp16 autocast the compute" in text
 
 
 def test_overrides_and_auto_vocab_note():

@@ -406,6 +406,37 @@ def not_regular(path: str | os.PathLike[str]) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+MAX_TEXT_INPUT = 64 * 2**20  # bytes of a prompt file or piped prompt: far past any context
+
+
+def read_text_input(source: Path | None, where: str) -> str:
+    """A text the user hands over whole (a prompt file, `--file`, standard input when `source`
+    is None), as UTF-8; refused past MAX_TEXT_INPUT bytes, where /dev/zero or `yes |` would
+    otherwise fill the memory. Pipes and process substitution (`-f <(echo hi)`) are read as
+    files."""
+    limit = MAX_TEXT_INPUT
+    try:
+        if source is None:
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(source, "rb") as fh:
+                data = fh.read(limit + 1)
+    except FileNotFoundError:
+        fail(f"{where}: file not found")
+    except IsADirectoryError:
+        fail(f"{where}: is a directory; give a text file")
+    except OSError as exc:
+        fail(f"{where}: cannot read it ({exc.strerror or exc}); give a readable text file")
+    if len(data) > limit:
+        fail(f"{where}: more than {limit // 2**20} MiB of text, far more than a model reads "
+             "at once; give a shorter text (a device such as /dev/zero never ends)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"{where}: not UTF-8 text (byte {exc.start}); save it as UTF-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads lines
+
+
 def check_readable(path: Path, option: str = "") -> None:
     """Refuse an input that exists but cannot be read, before anything waits on it: one line
     naming the option (when given) and the path. A file must be regular and readable (a FIFO

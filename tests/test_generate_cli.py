@@ -292,6 +292,21 @@ def test_bad_knobs_are_one_line_errors(ckpt, args, message):
     assert message in error_line(result)
 
 
+def test_a_prompt_that_never_ends_is_refused_not_read_into_memory(ckpt, monkeypatch):
+    """`-f /dev/zero` (or `yes |`) read until the kernel killed the process."""
+    from llmcli import console
+
+    result = gen(str(ckpt), "-f", "/dev/zero")
+    assert result.exit_code == 2
+    assert error_line(result).startswith("error: --prompt-file /dev/zero: more than 64 MiB")
+    monkeypatch.setattr(console, "MAX_TEXT_INPUT", 1000)
+    result = gen(str(ckpt), input="y\n" * 600)
+    assert result.exit_code == 2
+    assert error_line(result).startswith("error: standard input: more than 0 MiB")
+    piped = gen(str(ckpt), "-n", "2", "--strategy", "greedy", input="Hi\r\n")
+    assert piped.exit_code == 0, piped.output  # within the limit, lines as text mode reads them
+
+
 def test_missing_checkpoint(tmp_path):
     result = gen(str(tmp_path / "nope.safetensors"), "Hi")
     assert result.exit_code == 2 and "checkpoint not found" in result.stderr

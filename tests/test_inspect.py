@@ -456,6 +456,8 @@ def test_lora_run_is_inspected_merged(tmp_path, tiny_model_cfg):
     (["lens", "{ckpt}", "abc", "--position", "3"], "--position 3: the prompt has 3 token"),
     (["score", "{ckpt}"], "give the text to score"),
     (["score", "{ckpt}", "--file", "{missing}"], "file not found"),
+    (["score", "{ckpt}", "--file", "/dev/zero"], "--file /dev/zero: more than 64 MiB of text"),
+    (["score", "{ckpt}", "--file", "{ckpt}"], "not UTF-8 text"),
     (["positions", "{missing}"], "checkpoint not found"),
 ])
 def test_bad_input_is_one_line(tmp_path, ckpt, tiny_model_cfg, args, words):

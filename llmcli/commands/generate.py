@@ -14,7 +14,16 @@ from typing import Any
 import typer
 
 from llmcli.commands.common import path_text
-from llmcli.console import as_utf8, check_range, fail, info, out, run_guarded, warn
+from llmcli.console import (
+    as_utf8,
+    check_range,
+    fail,
+    info,
+    out,
+    read_text_input,
+    run_guarded,
+    warn,
+)
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -258,26 +267,11 @@ def _strategies(spec: str) -> list[str]:
 
 def _read_prompt(prompt_file: Path | None) -> str:
     if prompt_file is not None:
-        try:
-            text = prompt_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            fail(f"--prompt-file {prompt_file}: file not found")
-        except IsADirectoryError:
-            fail(f"--prompt-file {prompt_file}: is a directory; give a text file")
-        except UnicodeDecodeError as exc:
-            fail(f"--prompt-file {prompt_file}: not UTF-8 text (byte {exc.start}); save it as "
-                 "UTF-8")
-        except OSError as exc:
-            fail(f"--prompt-file {prompt_file}: cannot read it ({exc.strerror or exc}); give a "
-                 "readable text file")
+        text = read_text_input(prompt_file, f"--prompt-file {prompt_file}")
     elif sys.stdin is None:  # closed (`<&-`): read as an empty pipe, like < /dev/null
         text = ""
     elif not sys.stdin.isatty():
-        try:
-            text = sys.stdin.read()
-        except UnicodeDecodeError as exc:
-            fail(f"standard input: not UTF-8 text (byte {exc.start}); pipe UTF-8 text, or give "
-                 "the prompt as PROMPT")
+        text = read_text_input(None, "standard input")
     else:
         return ""
     # The newline that ends a file or an echo is not part of the prompt.

@@ -13,7 +13,15 @@ import typer
 from typer.core import TyperGroup
 
 from llmcli.commands.common import path_text
-from llmcli.console import as_utf8, check_png_output, fail, info, out, run_guarded
+from llmcli.console import (
+    as_utf8,
+    check_png_output,
+    fail,
+    info,
+    out,
+    read_text_input,
+    run_guarded,
+)
 
 
 class _Views(TyperGroup):
@@ -272,7 +280,7 @@ def score(
             fail("score: no text given; give the text to score as TEXT or with --file FILE")
         if text is not None and file is not None:
             fail("score: give the text to score either as TEXT or with --file, not both")
-        content = text if file is None else _read(file)
+        content = text if file is None else read_text_input(file, f"--file {file}")
         gen = _load(checkpoint, device)
         result = score_text(gen, content, top)
         if json_out:
@@ -287,16 +295,6 @@ def score(
 
     run_guarded(body)
 
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        fail(f"--file {path}: file not found")
-    except IsADirectoryError:
-        fail(f"--file {path}: is a directory; give a text file")
-    except UnicodeDecodeError as exc:
-        fail(f"--file {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8")
 
 
 @command.command("lens")

@@ -564,6 +564,7 @@ class Checkpoint:
                  f"{base.path}; give the base checkpoint it was trained on")
         model = base.load(device, depth + 1)
         tensors = read_tensors(self.path, device)
+        check_weights(tensors, str(self.path))
         try:
             apply_lora(model, self.recipe.lora)
             load_lora_state(model, tensors)
@@ -815,9 +816,8 @@ def load_weights(model: Any, path: Path, *, strict: bool = True, device: Any = "
 
 
 def load_tensors(model: Any, tensors: dict[str, Any], where: str, strict: bool = True) -> None:
-    """Put `tensors` into `model`; a mismatch names the keys, NaN/Inf weights are refused."""
-    import torch
-
+    """Put `tensors` into `model`; a mismatch names the keys, NaN/Inf weights and weights that
+    are not floats are refused."""
     expected = model.state_dict()
     tensors = dict(tensors)
     for names in tied_names(model):  # safetensors stores a tied tensor under one of its names
@@ -838,11 +838,41 @@ def load_tensors(model: Any, tensors: dict[str, Any], where: str, strict: bool =
                                            if len(problems) > 6 else "")
         fail(f"{where}: weights do not match the recipe's model: {shown}; use the recipe the "
              "checkpoint was written with")
+    check_weights(tensors, where)
+    model.load_state_dict(tensors, strict=strict)
+
+
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # what weights are stored as
+
+
+def dtype_name(tensor: Any) -> str:
+    """A tensor's dtype as safetensors' header names it (F32, BF16, I64, U8, ...)."""
+    import torch
+
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+             torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    return names.get(tensor.dtype, str(tensor.dtype).removeprefix("torch.").upper())
+
+
+def check_float_tensor(name: str, tensor: Any, where: str) -> None:
+    """Refuse a weight that is not stored as floats: loading would cast it silently, reading
+    float bits as integers (a norm's 1.0 becomes 1065353216)."""
+    kind = dtype_name(tensor)
+    if kind not in FLOAT_DTYPES:
+        fail(f"{where}: tensor {name} is {kind}; expected a floating-point dtype "
+             f"({'/'.join(FLOAT_DTYPES)}); the file was altered or does not hold weights")
+
+
+def check_weights(tensors: dict[str, Any], where: str) -> None:
+    """Every weight a float, every value finite: what each loader of weights checks."""
+    import torch
+
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        check_float_tensor(name, tensor, where)
+        if not bool(torch.isfinite(tensor).all()):
             fail(f"{where}: weight {name} contains NaN or Inf values, so the model cannot "
                  "compute anything; use an earlier checkpoint of the run")
-    model.load_state_dict(tensors, strict=strict)
 
 
 def tied_names(model: Any) -> list[list[str]]:

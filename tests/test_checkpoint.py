@@ -202,6 +202,40 @@ def test_weights_with_nan_are_refused_at_load(tmp_path):
     assert "NaN or Inf" in str(info.value) and "blocks.1.ffn.fc_in.weight" in str(info.value)
 
 
+def retype(path, name_part, dtype):
+    """Rewrite one tensor of a safetensors file (the first whose name holds `name_part`) with
+    another dtype, keeping the metadata: what an altered or foreign file holds."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if name_part in k)
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, str(path), metadata=read_raw_meta(path))
+    return name
+
+
+@pytest.mark.parametrize("dtype, shown", [(torch.int64, "I64"), (torch.int32, "I32")])
+def test_weights_that_are_not_floats_are_refused_at_load(tmp_path, dtype, shown):
+    """An integer tensor loaded silently before: cast to float (an I32 header over float bytes
+    gave norms of 1065353216) and the model generated."""
+    path = write_checkpoint(tmp_path / "int.safetensors")
+    name = retype(path, "norm", dtype)
+    result = llm("generate", str(path), "ab", "--max-new-tokens", "1")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: {path}: tensor {name} is {shown}; expected a "
+                                     "floating-point dtype (F32/BF16/F16); the file was altered "
+                                     "or does not hold weights")
+
+
+def test_adapter_tensors_that_are_not_floats_are_refused_at_load(tmp_path):
+    base = write_checkpoint(tmp_path / "base" / "step-00000001.safetensors")
+    adapter, _ = adapter_on(tmp_path, base)
+    name = retype(adapter, "lora_A", torch.int64)
+    with pytest.raises(UserError) as info:
+        Checkpoint.open(adapter).load()
+    assert f"tensor {name} is I64; expected a floating-point dtype" in str(info.value)
+
+
 @pytest.mark.parametrize("patch, words", [
     (lambda m: m.pop("recipe"), "no recipe"),
     (lambda m: m.__setitem__("recipe", "[1, 2]"), "no recipe"),

@@ -872,6 +872,25 @@ def test_biases_the_config_says_exist_must_be_in_the_checkpoint(tmp_path, kind, 
     assert not Path("run").exists()
 
 
+@pytest.mark.parametrize("kind, weight", [("gpt2", "transformer.h.1.ln_2.weight"),
+                                          ("llama", "model.layers.0.self_attn.k_proj.weight")])
+def test_weights_that_are_not_floats_are_refused_at_import(tmp_path, kind, weight):
+    """Only the first tensor's dtype was checked: any other was cast to it (a Llama's k_proj
+    of ints even unseen, by the concatenation with q_proj and v_proj)."""
+    from safetensors.torch import save_file
+
+    source = hf_folder(tmp_path / "src", kind)
+    weights = load_file(source / "model.safetensors")
+    weights[weight] = weights[weight].to(torch.int32)
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    code, output = invoke("import", str(source), "-o", "run")
+    assert code == 2, output
+    assert output.splitlines()[-1] == (f"error: {source}: tensor {weight} is I32; expected a "
+                                       "floating-point dtype (F32/BF16/F16); the file was "
+                                       "altered or does not hold weights")
+    assert not Path("run").exists()
+
+
 @pytest.mark.parametrize(("config", "which", "added"), [
     ({"attention_bias": True}, "feed-forward", 2 * (2 * 64 + 32)),  # gate, up, down per block
     ({"mlp_bias": True}, "attention output (o_proj)", 2 * 32),

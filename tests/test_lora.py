@@ -124,6 +124,9 @@ def test_adapter_state_round_trip(tiny_model_cfg):
     bad[key] = torch.zeros(7, 7)
     with pytest.raises(ValueError, match="shape"):
         load_lora_state(b, bad)
+    bad[key] = state[key].to(torch.int64)  # copy_ cast it silently
+    with pytest.raises(ValueError, match="not floating-point"):
+        load_lora_state(b, bad)
 
 
 def test_refuses_rank_zero_and_double_apply(tiny_model_cfg):

@@ -28,7 +28,6 @@ from llmcli.recipe import Recipe, build_recipe, check_name
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
-DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_CHOICES = ("auto", "cl100k_base", "bytes")
 
 
@@ -216,8 +215,6 @@ def note_zero_biases(config: dict[str, Any], recipe: Recipe, params: int, where:
 def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
               tokenizer: str = "auto") -> ImportResult:
     """Convert `source` (folder or hub id) into an llm run directory; see the module doc."""
-    import torch
-
     from llmcli.interop.tokenizer_store import add_run, write
 
     folder = locate(source)
@@ -233,12 +230,9 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     recipe = build_recipe({"name": name, "data": {"tokenizer": tok_name, "vocab": "full"},
                            "model": keys}, where=f"{folder / 'config.json'} (as a recipe)")
     info(f"reading {len(files)} safetensors file(s) from {folder} ({cls})")
-    raw = read_weights(files)
-    first = next(iter(raw.values()), None)
-    dtype = first.dtype if first is not None else torch.float32
-    if str(dtype).removeprefix("torch.") not in DTYPES:
-        fail(f"{where}: weights stored as {dtype}; llm imports float32, bfloat16 or float16")
-    ours = {k: v.to(dtype) for k, v in from_hf(raw, recipe.model, cls, config, where).items()}
+    mapped = from_hf(read_weights(files), recipe.model, cls, config, where)  # floats only
+    dtype = next(iter(mapped.values())).dtype  # the embedding's: the stored precision
+    ours = {k: v.to(dtype) for k, v in mapped.items()}
     model = build_model(ours, recipe, where)
     from llmcli.model.count import unique_parameters
 

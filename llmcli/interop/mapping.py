@@ -48,6 +48,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from llmcli.checkpoint import check_float_tensor
 from llmcli.console import clip, fail
 from llmcli.recipe import LIMITS, Bound, ModelConfig
 
@@ -442,6 +443,7 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
             fail(f"{where}: weight {name} is missing; the checkpoint is incomplete or is not a "
                  f"{cls}")
         used.add(name)
+        check_float_tensor(name, tensors[name], where)  # before a cat promotes it unseen
         return tensors[name]
 
     def bias(name: str, held: bool, n: int, like: torch.Tensor) -> torch.Tensor:

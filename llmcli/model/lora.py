@@ -134,7 +134,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into an adapted model; every key must match, shapes included."""
+    """Copy adapter tensors into an adapted model; every key must match, shapes and float
+    dtypes included."""
     own = dict(model.named_parameters())
     expected = set(lora_state_dict(model))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -143,6 +144,8 @@ def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"adapter tensors do not match the model's LoRA layers ({problem})")
     with torch.no_grad():
         for name, tensor in tensors.items():
+            if not tensor.is_floating_point():  # copy_ would cast the bits silently
+                raise ValueError(f"adapter tensor {name} is {tensor.dtype}, not floating-point")
             if own[name].shape != tensor.shape:
                 raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(own[name].shape)}")

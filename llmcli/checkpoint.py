@@ -25,7 +25,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -946,7 +946,8 @@ def save_trainer_state(path: Path, tensors: dict[str, Any], meta: dict[str, Any]
 
 
 def load_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensors, metadata) of a trainer state; a missing or foreign file is a one-line error."""
+    """(tensors, metadata) of a trainer state, every field and tensor checked (see
+    `trainer_state_problem`); a missing, foreign or altered file is a one-line error."""
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
@@ -961,13 +962,215 @@ def load_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         fail(f"{path}: not a readable trainer state ({first_line(exc)}); was it fully written?")
     if raw.get("format") != TRAINER_FORMAT:
         fail(f"{path}: not an llm trainer state (no '{TRAINER_FORMAT}' metadata)")
-    try:
-        meta = {key: json.loads(value) for key, value in raw.items() if key != "format"}
-    except json.JSONDecodeError as exc:
-        fail(f"{path}: trainer state metadata is not JSON ({exc.msg}); the file was altered")
-    if not isinstance(meta.get("step"), int) or meta["step"] < 0:
-        fail(f"{path}: trainer state has no valid step; the file was altered")
+    meta = _trainer_meta(raw)
+    if isinstance(meta, str):
+        fail(f"{path}: trainer state {meta}; the file was altered")
+    layout = {k: (dtype_name(v), tuple(v.shape)) for k, v in tensors.items()}
+    problem = trainer_state_problem(meta, layout) or _trainer_values_problem(tensors.items())
+    if problem is not None:
+        fail(f"{path}: trainer state {problem}; the file was altered or damaged: resume from "
+             "another checkpoint of the run (--resume auto takes the newest intact one)")
     return tensors, meta
+
+
+def _trainer_meta(raw: dict[str, str]) -> dict[str, Any] | str:
+    """A trainer state's metadata JSON-decoded, or what is wrong with it."""
+    meta = {}
+    for key, value in raw.items():
+        if key == "format":
+            continue
+        try:
+            meta[key] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            return f"field '{key}' is not JSON"
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a trainer state: every field and tensor, before anything uses one. The header-level
+# part (metadata, tensor names, dtypes, shapes) is what `resume_damage` checks too, so that
+# --resume auto passes over an altered state; values are checked when the tensors are read.
+
+OPTIM_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's state per parameter
+OPTIM_RE = re.compile(r"^optim\.(\d+)\.(\w+)$")
+RANK_RE = re.compile(r"^rank(\d+)\.(.+)$")
+SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+MT_WORDS = 624  # the Mersenne Twister state of numpy and Python
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def trainer_state_problem(meta: dict[str, Any],
+                          layout: dict[str, tuple[str, tuple[int, ...]]]) -> str | None:
+    """What is wrong with a trainer state's metadata and tensors (`layout`: name -> (dtype,
+    shape)), said as "field 'X' ..." or "tensor X ...", or None. The model is not known here:
+    `llmcli.train.state` checks the optimizer's tensors against its parameters."""
+    for check in (_counters_problem, _optimizer_meta_problem):
+        problem = check(meta)
+        if problem is not None:
+            return problem
+    return _tensors_problem(meta, layout)
+
+
+def _counters_problem(meta: dict[str, Any]) -> str | None:
+    step = meta.get("step")
+    if not _is_int(step) or step < 0:
+        return "field 'step' is missing or not a count"
+    for key in ("total_steps", "tokens"):
+        if key in meta and not (_is_int(meta[key]) and meta[key] >= 0):
+            return f"field '{key}' is {str(meta[key])[:20]!r}, not a count"
+    elapsed = meta.get("elapsed", 0.0)
+    if not (_is_number(elapsed) and 0 <= elapsed < float("inf")):
+        return f"field 'elapsed' is {str(elapsed)[:20]!r}, not a number of seconds"
+    world = meta.get("world_size", 1)
+    if not (_is_int(world) and world >= 1):
+        return f"field 'world_size' is {str(world)[:20]!r}, not a process count (1 or more)"
+    for key in ("best_val", "val_loss", "train_loss"):
+        if meta.get(key) is not None and not _is_number(meta[key]):
+            return f"field '{key}' is {str(meta[key])[:20]!r}, not a loss"
+    best = meta.get("best_step")
+    if best is not None and not (_is_int(best) and 0 <= best <= step):
+        return f"field 'best_step' is {str(best)[:20]!r}, not a step up to {step}"
+    evals = meta.get("evals", [])
+    if not isinstance(evals, list) or not all(
+            isinstance(e, dict) and _is_int(e.get("step")) and 0 <= e["step"] <= step
+            and _is_number(e.get("train")) and _is_number(e.get("val")) for e in evals):
+        return f"field 'evals' is not a list of {{step, train, val}} up to step {step}"
+    scaler = meta.get("scaler")
+    if scaler and not (isinstance(scaler, dict) and all(
+            _is_number(scaler.get(k)) and scaler[k] >= 0 for k in SCALER_KEYS)):
+        return f"field 'scaler' is not a gradient scaler's state ({', '.join(SCALER_KEYS)})"
+    if "save_id" in meta and not isinstance(meta["save_id"], str):
+        return "field 'save_id' is not a string"
+    return None
+
+
+def _optimizer_meta_problem(meta: dict[str, Any]) -> str | None:
+    optimizer = meta.get("optimizer")
+    if not isinstance(optimizer, dict):
+        return "field 'optimizer' is missing or not a mapping"
+    groups = optimizer.get("param_groups")
+    if not (isinstance(groups, list) and groups and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return "field 'optimizer' has no list of parameter groups"
+    indices = [i for g in groups for i in g["params"]]
+    if indices != list(range(len(indices))):
+        return "field 'optimizer' numbers its parameters out of order"
+    scalars = optimizer.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(
+            k.isdigit() and int(k) < len(indices) and isinstance(v, dict)
+            and all(_is_number(x) or x is None for x in v.values())
+            for k, v in scalars.items()):
+        return "field 'optimizer' has scalars that are not numbers of its parameters"
+    return None
+
+
+def _tensors_problem(meta: dict[str, Any],
+                     layout: dict[str, tuple[str, tuple[int, ...]]]) -> str | None:
+    """Every tensor has a place, a dtype and a shape it can have."""
+    params = sum(len(g["params"]) for g in meta["optimizer"]["param_groups"])
+    optim: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    ranks: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for name, (dtype, shape) in layout.items():
+        found = OPTIM_RE.match(name)
+        ranked = RANK_RE.match(name)
+        if found and int(found.group(1)) < params and found.group(2) in OPTIM_KEYS:
+            optim.setdefault(int(found.group(1)), {})[found.group(2)] = (dtype, shape)
+        elif ranked:
+            ranks.setdefault(int(ranked.group(1)), {})[ranked.group(2)] = (dtype, shape)
+        elif not name.startswith("param."):
+            return f"tensor {name} has no place in it"
+        if (found or name.startswith("param.")) and dtype not in FLOAT_DTYPES:
+            return f"tensor {name} is {dtype}; expected a floating-point dtype"
+    for index, values in sorted(optim.items()):
+        problem = _moments_problem(index, values, meta["optimizer"].get("scalars", {}))
+        if problem is not None:
+            return problem
+    return _rng_problem(meta, ranks)
+
+
+def _moments_problem(index: int, values: dict[str, tuple[str, tuple[int, ...]]],
+                     scalars: dict[str, Any]) -> str | None:
+    """AdamW's state of one parameter: a step count and two moments of one shape."""
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key not in values:
+            return f"tensor optim.{index}.{key} is missing (parameter {index} has " \
+                   f"{', '.join(sorted(values))})"
+    if "step" not in values and "step" not in scalars.get(str(index), {}):
+        return f"tensor optim.{index}.step is missing"
+    if "step" in values and values["step"][1] not in ((), (1,)):
+        return f"tensor optim.{index}.step has shape {values['step'][1]}, not a single count"
+    shape = values["exp_avg"][1]
+    for key in ("exp_avg_sq", "max_exp_avg_sq"):
+        if key in values and values[key][1] != shape:
+            return (f"tensor optim.{index}.{key} has shape {values[key][1]}, but "
+                    f"optim.{index}.exp_avg has {shape}")
+    return None
+
+
+def _rng_problem(meta: dict[str, Any],
+                 ranks: dict[int, dict[str, tuple[str, tuple[int, ...]]]]) -> str | None:
+    """One set of random states per process that saved: torch's, numpy's, Python's."""
+    import torch
+
+    rng = meta.get("rng")
+    world = meta.get("world_size", max(len(ranks), 1))
+    if not isinstance(rng, dict) or sorted(rng) != [str(r) for r in range(world)]:
+        return f"field 'rng' does not hold one entry per process (0 to {world - 1})"
+    if sorted(ranks) != list(range(world)):
+        return f"its tensors do not hold the random states of processes 0 to {world - 1}"
+    generator = torch.Generator().get_state().numel()
+    for rank in range(world):
+        entry = rng[str(rank)]
+        numpy_state = entry.get("numpy") if isinstance(entry, dict) else None
+        python_state = entry.get("python") if isinstance(entry, dict) else None
+        if not (isinstance(numpy_state, list) and len(numpy_state) == 4
+                and isinstance(numpy_state[0], str) and _is_int(numpy_state[1])
+                and 0 <= numpy_state[1] <= MT_WORDS and numpy_state[2] in (0, 1)
+                and _is_number(numpy_state[3])
+                and isinstance(python_state, list) and len(python_state) == 2
+                and _is_int(python_state[0])
+                and (python_state[1] is None or _is_number(python_state[1]))):
+            return f"field 'rng' entry '{rank}' is not the numpy and Python states it saves"
+        want = {"rng.torch": ("U8", (generator,)), "rng.numpy": ("I64", (MT_WORDS,)),
+                "rng.python": ("I64", (MT_WORDS + 1,))}
+        held = ranks[rank]
+        for key, (_, shape) in held.items():
+            if key.startswith("batches.") and ".rng." in f".{key}":
+                want.setdefault(key, ("U8", (generator,)))
+            elif key.startswith("rng.cuda."):
+                want.setdefault(key, ("U8", shape))
+        for key, (dtype, shape) in want.items():
+            name = f"rank{rank}.{key}"
+            if key not in held:
+                return f"tensor {name} is missing"
+            if held[key] != (dtype, shape):
+                return (f"tensor {name} is {held[key][0]} {list(held[key][1])}, not the "
+                        f"{dtype} {list(shape)} of a random state")
+    return None
+
+
+def _trainer_values_problem(tensors: Iterable[tuple[str, Any]]) -> str | None:
+    """Values no training writes: moments that are not finite or a negative second moment
+    (the loss would turn NaN and be blamed on the learning rate), random states out of range.
+    `tensors`: (name, tensor) pairs, read one at a time if need be."""
+    import torch
+
+    for name, tensor in tensors:
+        if name.startswith(("optim.", "param.")) and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {name} holds NaN or Inf values"
+        if name.endswith(("exp_avg_sq", ".step")) and bool((tensor < 0).any()):
+            return f"tensor {name} holds negative values"
+        if name.endswith((".rng.numpy", ".rng.python")) and len(tensor) and not (
+                int(tensor.min()) >= 0 and int(tensor.max()) < 2**32):
+            return f"tensor {name} holds values beyond 32 bits"
+    return None
 
 
 def resume_damage(path: Path) -> str | None:
@@ -983,12 +1186,22 @@ def resume_damage(path: Path) -> str | None:
 
     try:
         with safe_open(str(state), framework="pt") as fh:
-            if (fh.metadata() or {}).get("format") != TRAINER_FORMAT:
-                return f"{state.name}: not an llm trainer state"
+            raw = fh.metadata() or {}
+            layout = {k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape()))
+                      for k in fh.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
         return f"{state.name}: {first_line(exc)}"
+    if raw.get("format") != TRAINER_FORMAT:
+        return f"{state.name}: not an llm trainer state"
     if _data_end(state) > state.stat().st_size:
         return f"{state.name}: truncated"
+    meta = _trainer_meta(raw)
+    problem = meta if isinstance(meta, str) else trainer_state_problem(meta, layout)
+    if problem is None:
+        with safe_open(str(state), framework="pt") as fh:  # one tensor at a time: flat memory
+            problem = _trainer_values_problem((k, fh.get_tensor(k)) for k in layout)
+    if problem is not None:
+        return f"{state.name}: {problem}"
     return _pair_problem(path, state)
 
 

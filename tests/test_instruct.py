@@ -252,6 +252,12 @@ def test_batches_cover_each_epoch_and_resume_exactly(tok):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="fine-tuning run"):
         other.load_state_dict({"rng.train": state["rng.train"]})
+    # an altered state: a row out of range failed mid-run, a cursor past the end hung
+    for key, value in [("order.train", torch.full((10,), 99)),
+                       ("cursor.train", torch.tensor([10])),
+                       ("order.train", torch.tensor(3))]:
+        with pytest.raises(ValueError, match=key.replace(".", "\\.")):
+            fresh.load_state_dict({**state, key: value})
 
 
 def test_shared_alpaca_files_encode(shared_data, cl100k):

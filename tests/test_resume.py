@@ -271,6 +271,94 @@ def test_a_symlink_to_a_run_in_use_meets_its_lock(tmp_path):
                 pass
 
 
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A run with intact steps 2 and 4, to copy and damage."""
+    run = tmp_path_factory.mktemp("four") / "run"
+    recipe, model, batches = fresh(max_iters=4, checkpoint_interval=2, eval_interval=2)
+    train(recipe, model, batches, run, device="cpu")
+    return run
+
+
+def damage_trainer_state(run: Path, patch) -> Path:
+    """Rewrite the step-4 trainer state with `patch(meta, tensors)` applied (raw metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state = trainer_path(run / "step-00000004.safetensors")
+    with safe_open(str(state), framework="pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    patch(meta, tensors)
+    save_file(tensors, str(state), metadata=meta)
+    return state
+
+
+def moments(index: int, exp_avg, exp_avg_sq=None):
+    def patch(meta, tensors):
+        tensors[f"optim.{index}.exp_avg"] = exp_avg(tensors[f"optim.{index}.exp_avg"])
+        if exp_avg_sq is not None:
+            tensors[f"optim.{index}.exp_avg_sq"] = exp_avg_sq(tensors[f"optim.{index}.exp_avg"])
+    return patch
+
+
+def with_nan(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("patch, words", [
+    (lambda m, t: m.pop("optimizer"), "field 'optimizer' is missing"),
+    (lambda m, t: t.pop("optim.0.exp_avg"), "tensor optim.0.exp_avg is missing"),
+    (lambda m, t: t.__setitem__("rank0.rng.torch", torch.zeros(5, dtype=torch.uint8)),
+     "tensor rank0.rng.torch is U8 [5], not the U8 [5056]"),
+    (lambda m, t: m.__setitem__("rng", '{"0": 5}'), "field 'rng' entry '0'"),
+    (lambda m, t: m.__setitem__("rng", '{}'), "field 'rng' does not hold one entry per process"),
+    (lambda m, t: m.__setitem__("evals", "[1, 2]"), "field 'evals'"),
+    (lambda m, t: m.__setitem__("tokens", '"many"'), "field 'tokens' is 'many', not a count"),
+    (lambda m, t: m.__setitem__("best_val", '"x"'), "field 'best_val' is 'x', not a loss"),
+    (lambda m, t: m.__setitem__("world_size", "0"), "field 'world_size' is '0'"),
+    (lambda m, t: m.__setitem__("step", "null"), "field 'step'"),
+    (moments(0, lambda t: torch.zeros(3)), "tensor optim.0.exp_avg_sq has shape"),
+    (moments(1, with_nan), "tensor optim.1.exp_avg holds NaN or Inf values"),
+    (moments(1, lambda t: t, lambda t: -t.abs() - 1), "tensor optim.1.exp_avg_sq holds negative"),
+    (moments(1, lambda t: t.to(torch.int64)), "tensor optim.1.exp_avg is I64; expected a float"),
+    (lambda m, t: t.__setitem__("rank0.rng.python", torch.full((625,), 2**40)),
+     "tensor rank0.rng.python holds values beyond 32 bits"),
+    (lambda m, t: t.__setitem__("stray", torch.zeros(1)), "tensor stray has no place"),
+], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
+def test_a_damaged_trainer_state_is_named_by_file_and_field_and_auto_passes_it(
+        four_steps, tmp_path, patch, words):
+    """These were KeyErrors and TypeErrors (exit 1), or accepted: a moment of another shape
+    then gave a NaN loss blamed on the learning rate, world_size 0 a note on ranks 0 to -1."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    state = damage_trainer_state(run, patch)
+    with pytest.raises(UserError) as info:
+        resolve_resume(True, run)
+    message = str(info.value)
+    assert info.value.exit_code == 2 and "\n" not in message
+    assert f"({state.name}: {words}" in message, message
+    assert "step-00000002.safetensors: rerun with --resume auto" in message
+    assert resolve_resume("auto", run).name == "step-00000002.safetensors"
+
+
+def test_a_trainer_state_that_does_not_fit_the_model_is_named_by_tensor(four_steps, tmp_path):
+    """Both moments of another shape agree with each other: only the model tells."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    zeros = lambda t: torch.zeros(3)  # noqa: E731
+    state = damage_trainer_state(run, moments(0, zeros, zeros))
+    recipe, model, batches = fresh(max_iters=6, checkpoint_interval=2, eval_interval=2)
+    with pytest.raises(UserError) as info:
+        train(recipe, model, batches, run, device="cpu",
+              resume=resolve_resume(True, run))
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith(f"{state}: trainer state tensor optim.0.exp_avg has shape "
+                                      "(3,), but its parameter has (64, 32)")
+    assert not (run / "step-00000006.safetensors").exists()
+
+
 def test_one_run_at_a_time_per_directory(tmp_path):
     run = tmp_path / "run"
     busy = f"{run} is in use by another run \\(process {os.getpid()}\\)"

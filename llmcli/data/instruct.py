@@ -331,12 +331,21 @@ class InstructBatches:
                 raise ValueError(f"batch sampler state has no 'order.{name}'; the trainer state "
                                  "does not belong to a fine-tuning run of this version")
             rows = self.rows(_split_of(name))
-            if len(state[f"order.{name}"]) != rows:
-                raise ValueError(f"the saved {_split_of(name)} split has "
-                                 f"{len(state[f'order.{name}'])} rows, this data has {rows}; "
-                                 "resume with the same data and recipe")
-            self.order[name] = state[f"order.{name}"].to(dtype=torch.int64).clone()
-            self.cursor[name] = int(state[f"cursor.{name}"][0])
+            order, cursor = state[f"order.{name}"], state[f"cursor.{name}"]
+            if order.dim() == 1 and len(order) != rows:
+                raise ValueError(f"the saved {_split_of(name)} split has {len(order)} rows, this "
+                                 f"data has {rows}; resume with the same data and recipe")
+            # a row out of range would fail in the middle of training, a cursor past the end
+            # never fill a batch again
+            if order.dim() != 1 or order.is_floating_point() or not torch.equal(
+                    torch.sort(order.to(torch.int64)).values, torch.arange(rows)):
+                raise ValueError(f"batch sampler state order.{name} is not an order of the "
+                                 f"{rows} rows; the trainer state was altered")
+            if cursor.numel() != 1 or not 0 <= int(cursor.reshape(-1)[0]) < rows:
+                raise ValueError(f"batch sampler state cursor.{name} is not a row of the "
+                                 f"{rows}; the trainer state was altered")
+            self.order[name] = order.to(dtype=torch.int64).clone()
+            self.cursor[name] = int(cursor.reshape(-1)[0])
         load_generator_states(self.generators, state)
 
 

@@ -63,7 +63,16 @@ from llmcli.checkpoint import (
     trainer_path,
     unwrap,
 )
-from llmcli.console import EXIT_FAILURE, EXIT_INTERRUPTED, UserError, err, fail, info, warn
+from llmcli.console import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    UserError,
+    err,
+    fail,
+    first_line,
+    info,
+    warn,
+)
 from llmcli.constants import IGNORE_INDEX
 from llmcli.data.batches import BatchSource
 from llmcli.hardware import peak_flops
@@ -234,25 +243,27 @@ class Trainer:
 
     def restore(self, resume: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Everything but the weights: optimizer, scaler, RNG and sampler streams, counters."""
-        where = str(resume)
+        where, held = str(resume), str(trainer_path(resume))
+        # The moments continue; the hyper-parameters are the recipe's (it may have changed):
+        # the optimizer's own groups are loaded with them (`state.optimizer_state_dict`).
         if self.fsdp:
             indexed = state.optimizer_state_dict(self.optimizer, tensors, meta["optimizer"],
-                                                 where)
+                                                 held)
             distributed.load_full_optimizer_state(self.raw, self.optimizer, indexed)
         else:
-            state.load_optimizer_state(self.optimizer, tensors, meta["optimizer"], where)
-        # The moments continue; the hyper-parameters are the recipe's (it may have changed).
-        for group, decay in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0),
-                                strict=False):
-            group["weight_decay"] = decay
-            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+            state.load_optimizer_state(self.optimizer, tensors, meta["optimizer"], held)
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         rank_prefix = f"rank{self.dist.rank}."
         ranked = state.unprefixed(tensors, rank_prefix)
         saved_world = meta.get("world_size")
         if ranked:
-            state.set_rng_state(ranked, meta["rng"][str(self.dist.rank)])
+            try:
+                state.set_rng_state(ranked, meta["rng"][str(self.dist.rank)])
+            except (RuntimeError, ValueError) as exc:  # the sizes were checked, not the bytes
+                fail(f"{held}: trainer state holds random states of rank {self.dist.rank} that "
+                     f"cannot be restored ({first_line(exc)}); the file was altered: resume "
+                     "from another checkpoint of the run")
             try:
                 self.batches.load_state_dict(state.unprefixed(ranked, "batches."))
             except ValueError as exc:  # other data or another kind of run: say so, no crash

@@ -42,24 +42,28 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 def optimizer_state_dict(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                          meta: dict, where: str) -> dict[str, Any]:
-    """The optimizer state dict stored by `optimizer_state`, checked against `optimizer`."""
+    """The optimizer state dict stored by `optimizer_state`, checked against `optimizer`: a
+    moment of another shape would be taken and broadcast, and the loss turn NaN. The group
+    settings are this optimizer's (`llmcli.checkpoint.load_trainer_state` checked the rest)."""
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g["params"]) for g in meta["param_groups"]]
+    if ours != theirs:
+        fail(f"{where}: the optimizer state covers {theirs} parameters per group but this model "
+             f"trains {ours}; resume with the same recipe (model and lora sections) as the run")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, index, key = name.split(".", 2)
+            want = tuple(params[int(index)].shape)
+            if key != "step" and tuple(value.shape) != want:
+                fail(f"{where}: trainer state tensor {name} has shape {tuple(value.shape)}, but "
+                     f"its parameter has {want}; the file was altered or belongs to another "
+                     "model: resume with the run's recipe, or from another checkpoint")
             state.setdefault(int(index), {})[key] = value
     for index, values in meta.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(values)
-    groups = meta["param_groups"]
-    for group in groups:  # JSON turned the betas tuple into a list
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    ours = [len(g["params"]) for g in optimizer.param_groups]
-    theirs = [len(g["params"]) for g in groups]
-    if ours != theirs:
-        fail(f"{where}: the optimizer state covers {theirs} parameters per group but this model "
-             f"trains {ours}; resume with the same recipe (model and lora sections) as the run")
-    return {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

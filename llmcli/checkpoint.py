@@ -906,13 +906,22 @@ def _metadata(recipe: Recipe, meta: dict[str, Any], kind: str = FORMAT) -> dict[
     return out
 
 
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """Where a safetensors writer puts `path`: atomically, and a full disk is named after
+    `path` (safetensors' error names no file; the staging file's name means nothing)."""
+    from llmcli.console import writing
+    from llmcli.files import atomic_path_in_private_dir
+
+    with writing(path), atomic_path_in_private_dir(path) as tmp:
+        yield tmp
+
+
 def save_model(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
     """Write weights and metadata atomically; values of `meta` are stored as JSON."""
     from safetensors.torch import save_model as st_save_model
 
-    from llmcli.files import atomic_path_in_private_dir
-
-    with atomic_path_in_private_dir(path) as tmp:
+    with _staged(path) as tmp:
         st_save_model(unwrap(model), str(tmp), metadata=_metadata(recipe, meta))
 
 
@@ -920,11 +929,10 @@ def save_adapter(path: Path, model: Any, recipe: Recipe, **meta: Any) -> None:
     """Write a model's LoRA tensors and metadata atomically (meta holds "lora" and "base")."""
     from safetensors.torch import save_file
 
-    from llmcli.files import atomic_path_in_private_dir
     from llmcli.model.lora import lora_state_dict
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unwrap(model)).items()}
-    with atomic_path_in_private_dir(path) as tmp:
+    with _staged(path) as tmp:
         save_file(tensors, str(tmp), metadata=_metadata(recipe, meta))
 
 
@@ -936,12 +944,10 @@ def save_trainer_state(path: Path, tensors: dict[str, Any], meta: dict[str, Any]
     """Tensors in safetensors, the small non-tensor parts as JSON metadata; atomic."""
     from safetensors.torch import save_file
 
-    from llmcli.files import atomic_path_in_private_dir
-
     metadata = {"format": TRAINER_FORMAT}
     metadata.update({key: json.dumps(value) for key, value in meta.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path_in_private_dir(path) as tmp:
+    with _staged(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 

@@ -241,6 +241,34 @@ def test_ctrl_c_during_an_evaluation_abandons_it_at_once(tmp_path):
     assert step_checkpoints(run) == []
 
 
+def test_a_full_disk_at_the_weights_names_them_and_leaves_no_state_without_weights(
+        tmp_path, monkeypatch):
+    """The disk filled after the trainer state of step 4 was written: the error named no file,
+    and step-4's trainer state stayed without its weights."""
+    import errno
+
+    import safetensors.torch as st
+
+    real = st.save_model
+
+    def full_at_step_4(model, filename, metadata=None):
+        if "00000004" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, filename, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_model", full_at_step_4)
+    recipe, model, batches = fresh(max_iters=4, checkpoint_interval=2, eval_interval=100)
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        train(recipe, model, batches, run, device="cpu")
+    assert info.value.exit_code == 1
+    assert str(info.value) == (f"{run / 'step-00000004.safetensors'}: no space left on the "
+                               "device; free some space or choose another output path")
+    assert sorted(p.name for p in run.iterdir() if "step" in p.name) == [
+        "step-00000002.safetensors", "step-00000002.trainer.safetensors"]
+    assert resolve_resume(True, run).name == "step-00000002.safetensors"
+
+
 def test_weights_replaced_after_the_save_are_not_resumed(tmp_path):
     """A step file and its trainer state carry one save id: weights copied or merged over the
     step file would otherwise continue with another run's optimizer state."""

@@ -432,8 +432,9 @@ class Trainer:
             save_model(path, weights, self.recipe, **meta)
 
     def save(self) -> Path:
-        """Trainer state first, then the weights: a step file always has its state beside it.
-        Both carry one `save_id`, so a resume can tell that they were saved together."""
+        """Trainer state first, then the weights: a step file always has its state beside it,
+        and a state whose weights could not be written goes. Both carry one `save_id`, so a
+        resume can tell that they were saved together."""
         path = step_path(self.run_dir, self.step)
         save_id = uuid.uuid4().hex
         rng_tensors, rng_meta = state.rng_state()
@@ -463,7 +464,11 @@ class Trainer:
                 "save_id": save_id,
             }
             save_trainer_state(trainer_path(path), tensors, meta)
-            self.write_weights(path, weights, save_id=save_id)
+            try:
+                self.write_weights(path, weights, save_id=save_id)
+            except BaseException:  # a full disk, Ctrl-C: no trainer state without its weights
+                trainer_path(path).unlink(missing_ok=True)
+                raise
             prune_checkpoints(self.run_dir, self.cfg.keep_last)
         distributed.barrier(self.dist)
         self.result.checkpoint = path

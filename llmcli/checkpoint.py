@@ -1127,7 +1127,7 @@ def _rng_problem(meta: dict[str, Any],
 
     rng = meta.get("rng")
     world = meta.get("world_size", max(len(ranks), 1))
-    if not isinstance(rng, dict) or sorted(rng) != [str(r) for r in range(world)]:
+    if not isinstance(rng, dict) or set(rng) != {str(r) for r in range(world)}:
         return f"field 'rng' does not hold one entry per process (0 to {world - 1})"
     if sorted(ranks) != list(range(world)):
         return f"its tensors do not hold the random states of processes 0 to {world - 1}"

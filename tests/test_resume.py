@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -369,6 +370,22 @@ def test_a_damaged_trainer_state_is_named_by_file_and_field_and_auto_passes_it(
     assert f"({state.name}: {words}" in message, message
     assert "step-00000002.safetensors: rerun with --resume auto" in message
     assert resolve_resume("auto", run).name == "step-00000002.safetensors"
+
+
+def test_a_trainer_state_of_twelve_processes_is_intact(four_steps, tmp_path):
+    """Ranks 10 and 11 sort before 2 as text: the check must not take that for damage."""
+    def twelve(meta, tensors):
+        rng = json.loads(meta["rng"])
+        for rank in range(1, 12):
+            rng[str(rank)] = rng["0"]
+            tensors.update({k.replace("rank0.", f"rank{rank}.", 1): v.clone()
+                            for k, v in list(tensors.items()) if k.startswith("rank0.")})
+        meta.update(rng=json.dumps(rng), world_size="12")
+
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    damage_trainer_state(run, twelve)
+    assert resolve_resume(True, run).name == "step-00000004.safetensors"
 
 
 def test_a_trainer_state_that_does_not_fit_the_model_is_named_by_tensor(four_steps, tmp_path):

@@ -483,9 +483,14 @@ def test_run_guarded_turns_any_error_into_one_line(
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and words in err
 
 
-def test_debug_shows_the_panic(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_debug_shows_the_panic(monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--debug prints the traceback, and exits with the code the error's kind has (1)."""
     from llmcli import console
 
     monkeypatch.setitem(console.settings, "debug", True)
-    with pytest.raises(_Panic):
+    with pytest.raises(SystemExit) as stopped:
         console.run_guarded(lambda: _raise(_Panic("boom")))
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("_Panic: boom")

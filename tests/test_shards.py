@@ -55,6 +55,25 @@ def corpus_files(folder: Path, records: int = 60) -> list[Path]:
     return sorted(folder.iterdir())
 
 
+def test_a_pool_worker_ends_on_sigterm_whatever_handler_it_inherited():
+    """The suite hung in Pool.terminate(): a worker forked from a process whose SIGTERM handler
+    an earlier in-process test had set (torchrun_main's) did not end on the pool's SIGTERM.
+    The workers' initializer now restores SIGTERM's default action, which needs no Python."""
+    import signal
+
+    from llmcli.data import tokenize
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        tokenize._ignore_interrupts()  # what each worker runs first
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_shards_concatenate_to_the_single_file_whatever_the_workers(tmp_path):
     files = corpus_files(tmp_path / "in")
     single = tokenize_files(files, tmp_path / "single", "cl100k_base", 0.1)

@@ -599,10 +599,13 @@ def _pool(workers: int) -> Any:
 
 def _ignore_interrupts() -> None:
     """Ctrl-C reaches the whole process group: the parent answers it (removing its temporary
-    files, ending the pool); a worker that also raised would print its own traceback."""
+    files, ending the pool); a worker that also raised would print its own traceback. SIGTERM,
+    which ends the pool, ends a worker whatever handler it inherited from the parent (one that
+    only takes note would leave the pool's end waiting on it for ever)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _read_part(path: Path, chunk: int = 1 << 20) -> Iterator[np.ndarray]:

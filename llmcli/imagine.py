@@ -24,12 +24,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from llmcli.checkpoint import CHECKPOINTS_DIR
 from llmcli.console import (
     EXIT_FAILURE,
     check_png_output,
+    clip,
     fail,
     first_line,
     info,
@@ -248,13 +249,24 @@ def locate_model(model: str) -> ModelSource:
                  "save_pretrained wrote")
         _check_model_index(model, path / "model_index.json")
         return ModelSource(str(path), is_dir=True, cached=False)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model:
-        fail(f"--model {model}: no such folder, and not a Hugging Face model id (owner/name, "
-             f"e.g. {DEFAULT_MODEL})")
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    from llmcli.interop.hub import looks_like_hub_id
+
+    if model.count("/") != 1 or not looks_like_hub_id(model):
+        _not_a_model(model)
+    try:  # the Hub's own rules too: at most 96 characters, no '--', no '.' at the end
+        cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    except HFValidationError:
+        _not_a_model(model)
     return ModelSource(model, is_dir=False, cached=cached)
+
+
+def _not_a_model(model: str) -> NoReturn:
+    fail(f"--model {clip(model, 120)}: no such folder, and not a Hugging Face model id "
+         f"(owner/name of letters, digits, '-', '_' and '.', at most 96 characters, e.g. "
+         f"{DEFAULT_MODEL})")
 
 
 def _check_model_index(model: str, index: Path) -> None:

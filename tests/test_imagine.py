@@ -228,6 +228,10 @@ def test_an_image_never_replaces_a_file_that_is_not_a_png(tmp_path):
     (["--device", "tpu"], "--device tpu"),
     (["--model", "./no/such/dir"], "no such folder, and not a Hugging Face model id"),
     (["--model", ""], "--model '': give a pipeline folder or a Hugging Face model id"),
+    (["--model", "stabilityai/sdxl turbo"], "not a Hugging Face model id (owner/name"),
+    (["--model", "a/b..c"], "not a Hugging Face model id (owner/name"),
+    (["--model", "a/é"], "not a Hugging Face model id (owner/name"),
+    (["--model", "a/" + "x" * 97], "not a Hugging Face model id (owner/name"),
 ])
 def test_bad_input_is_one_line_exit_2(args, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

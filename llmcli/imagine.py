@@ -280,6 +280,24 @@ def _check_model_index(model: str, index: Path) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
         fail(f"--model {model}: model_index.json names no pipeline class (\"_class_name\"), so "
              "it is not a diffusers pipeline; give the folder save_pretrained wrote")
+    for name, entry in data.items():
+        part = index.parent / name
+        if _names_a_class(entry) and not (part.is_dir() and any(part.iterdir())):
+            _incomplete(model, name, f"model_index.json names a {entry[1]} there")
+
+
+def _names_a_class(entry: Any) -> bool:
+    """Whether a model_index.json entry is a part to load (["transformers", "CLIPTokenizer"]),
+    not a setting or a part left out ([null, null])."""
+    return (isinstance(entry, list) and len(entry) == 2
+            and all(isinstance(item, str) for item in entry))
+
+
+def _incomplete(model: str, part: str, why: str) -> NoReturn:
+    """A pipeline without one of its parts would load (libraries fill gaps with random weights or
+    an empty tokenizer) and then draw noise or crash mid-way: refuse it before drawing."""
+    fail(f"--model {model}: {part}/ is missing or incomplete ({why}); give a complete pipeline "
+         "(the folder save_pretrained or `hf download ID --local-dir DIR` writes)")
 
 
 def _hub_cache_dir() -> str:
@@ -390,21 +408,150 @@ def _quiet_libraries() -> Iterator[None]:
 
 
 def _from_pretrained(name: str, dtype: Any, variants: tuple[str | None, ...],
-                     local_only: bool) -> tuple[Any, str | None]:
+                     local_only: bool) -> tuple[Any, str | None, list[WeightReport]]:
     """Try each weight variant; raise the first failure if none loads."""
-    from diffusers import AutoPipelineForText2Image
-
     first: Exception | None = None
     for variant in variants:
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                name, dtype=dtype, variant=variant, use_safetensors=True,
-                local_files_only=local_only)
-            return pipe, variant
+            pipe, reports = _load_variant(name, dtype, variant, local_only)
+            return pipe, variant, reports
         except (OSError, ValueError) as exc:
             first = first or exc
     assert first is not None
     raise first
+
+
+def _load_variant(name: str, dtype: Any, variant: str | None,
+                  local_only: bool) -> tuple[Any, list[WeightReport]]:
+    """The pipeline, with what the libraries reported of missing or unused weights."""
+    from diffusers import AutoPipelineForText2Image
+
+    reports: list[WeightReport] = []
+    with _library_log(WEIGHT_REPORT_LOGGERS,
+                      lambda record: reports.extend(_weight_reports(record.getMessage()))):
+        pipe = AutoPipelineForText2Image.from_pretrained(
+            name, dtype=dtype, variant=variant, use_safetensors=True, local_files_only=local_only)
+    return pipe, reports
+
+
+# Where transformers and diffusers report the weights a part's files lack (which they fill with
+# random values, or leave on the meta device) or hold unused: they only log it.
+WEIGHT_REPORT_LOGGERS = ("transformers.modeling_utils", "diffusers.models.modeling_utils")
+_REPORT_PART = re.compile(r"(?:checkpoint at|from:) (.+?)(?: and are newly| were not used|$)", re.M)
+_ANSI = re.compile(r"\x1b\[[\d;]*m")
+
+
+@dataclass(frozen=True)
+class WeightReport:
+    """A weight that a part's files lack ("MISSING") or hold unused ("UNEXPECTED")."""
+
+    status: str
+    part: str  # the pipeline folder's subfolder: unet, text_encoder, ...
+    key: str
+
+
+def _weight_reports(message: str) -> list[WeightReport]:
+    """The first missing and first unexpected weight of one of the libraries' load reports:
+    transformers 5's table ("key | MISSING"), or the sentences of diffusers and transformers 4
+    ("... at DIR/unet and are newly initialized: ['conv_out.weight']", "... were not used ...")."""
+    message = _ANSI.sub("", message)
+    where = _REPORT_PART.search(message)
+    if where is None:
+        return []
+    part = Path(where[1].strip()).name
+    reports = []
+    for status, sentence in (("MISSING", "newly initialized"), ("UNEXPECTED", "were not used")):
+        found = (re.search(rf"^(\S.*?)\s*\|\s*{status}\b", message, re.M)
+                 or re.search(rf"{sentence}[^\[]*\[\s*'([^',]+)", message))
+        if found:
+            reports.append(WeightReport(status, part, found[1].strip()))
+    return reports
+
+
+class _Relay(logging.Handler):
+    """Passes each record to a function (which may raise, to stop the library where it logs)."""
+
+    def __init__(self, on_record: Callable[[logging.LogRecord], None]) -> None:
+        super().__init__()
+        self.on_record = on_record
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.on_record(record)
+
+
+@contextlib.contextmanager
+def _library_log(names: tuple[str, ...], on_record: Callable[[logging.LogRecord], None],
+                 level: int = logging.WARNING) -> Iterator[None]:
+    """Hand these library loggers' records to `on_record`: some news (weights left random, a
+    request that got no answer) the libraries only log. Only --debug also prints them."""
+    handler = _Relay(on_record)
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+        logger.propagate = settings["debug"]
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, (old_level, propagate) in zip(loggers, saved, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = propagate
+
+
+def _check_loaded(model: str, source: ModelSource, pipe: Any,
+                  reports: list[WeightReport]) -> None:
+    """Refuse a pipeline that loaded with a part missing or incomplete; warn of unused weights."""
+    for report in reports:
+        if report.status == "MISSING":
+            _incomplete(model, report.part, f"its weights lack {report.key}, which would be "
+                        "drawn with random values")
+    for report in reports:  # all UNEXPECTED now
+        warn(f"--model {model}: {report.part}/ holds weights its model does not use (e.g. "
+             f"{report.key}); they are ignored")
+    index = _model_index(source)
+    required = {name for name, param in inspect.signature(type(pipe).__init__).parameters.items()
+                if param.default is param.empty}
+    for name, part in pipe.components.items():
+        if part is None and index and (_names_a_class(index.get(name))
+                                       or (name not in index and name in required)):
+            _incomplete(model, name, f"{type(pipe).__name__} needs a {name} and none was loaded")
+        if _is_empty_tokenizer(part):
+            _incomplete(model, name, "the tokenizer has no vocabulary")
+        if (meta := _meta_weight(part)) is not None:
+            _incomplete(model, name, f"its weights lack {meta}")
+
+
+def _model_index(source: ModelSource) -> dict[str, Any]:
+    """The pipeline's model_index.json ({} when unreadable: then nothing is inferred from it)."""
+    if source.is_dir:
+        path: Any = Path(source.name) / "model_index.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(source.name, "model_index.json")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, TypeError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_empty_tokenizer(part: Any) -> bool:
+    """transformers builds a tokenizer that knows only its special tokens from a folder without
+    vocabulary files; it turns every prompt into the same few ids."""
+    special = getattr(part, "all_special_tokens", None)
+    return special is not None and len(part) <= len(set(special))
+
+
+def _meta_weight(part: Any) -> str | None:
+    """A weight diffusers left on the meta device (not in the files): moving it would fail."""
+    import torch
+
+    if not isinstance(part, torch.nn.Module):
+        return None
+    return next((name for name, param in part.named_parameters() if param.is_meta), None)
 
 
 def _folder_error(folder: str, exc: Exception) -> str:
@@ -472,9 +619,10 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
 
         start = time.perf_counter()
         pipe = variant = local_error = None
+        reports: list[WeightReport] = []
         if source.is_dir or source.cached:
             try:
-                pipe, variant = _from_pretrained(source.name, torch_dtype, variants, True)
+                pipe, variant, reports = _from_pretrained(source.name, torch_dtype, variants, True)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 # the last three: a folder whose configs have the wrong shape, read unchecked
                 if source.is_dir:
@@ -484,11 +632,13 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
             if source.cached:
                 _require_hub(model, partly_cached=True)
             try:
-                pipe, variant = _from_pretrained(source.name, torch_dtype, variants, False)
+                pipe, variant, reports = _from_pretrained(source.name, torch_dtype, variants,
+                                                          False)
             except (OSError, ValueError) as exc:
                 cached = f" (cached copy: {first_line(local_error)})" if local_error else ""
                 fail(f"--model {model}: download or load failed: {first_line(exc)}{cached}",
                      EXIT_FAILURE)
+        _check_loaded(model, source, pipe, reports)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)  # our own bar follows the steps
         sdpa = _use_sdpa(pipe)

@@ -183,6 +183,97 @@ def test_pickled_weights_are_refused(tiny_sd, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def _drop_weights(path: Path, marker: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    kept = {key: value for key, value in tensors.items() if marker not in key}
+    save_file(kept, path, metadata={"format": "pt"})
+
+
+def _break(model: Path, how: str) -> None:
+    """Damage a pipeline folder copy the way a half-copied or hand-edited download is damaged."""
+    if how == "no tokenizer":
+        shutil.rmtree(model / "tokenizer")
+    elif how == "tokenizer without vocabulary":
+        (model / "tokenizer" / "tokenizer.json").unlink()
+    elif how == "class of another pipeline":
+        index = json.loads((model / "model_index.json").read_text())
+        index["_class_name"] = "StableDiffusionXLPipeline"
+        (model / "model_index.json").write_text(json.dumps(index))
+    elif how == "unet tensor":
+        _drop_weights(model / "unet" / "diffusion_pytorch_model.safetensors", "conv_out.weight")
+    elif how == "text encoder layer":
+        _drop_weights(model / "text_encoder" / "model.safetensors", "layers.1.")
+
+
+@pytest.mark.parametrize(("how", "expected"), [
+    ("no tokenizer", "tokenizer/ is missing or incomplete (model_index.json names a CLIPTokenizer"),
+    ("tokenizer without vocabulary", "tokenizer/ is missing or incomplete (the tokenizer has no"),
+    ("class of another pipeline", "text_encoder_2/ is missing or incomplete"),
+    ("unet tensor", "unet/ is missing or incomplete (its weights lack conv_out.weight"),
+    ("text encoder layer", "text_encoder/ is missing or incomplete (its weights lack encoder."
+                           "layers.1."),
+])
+def test_a_pipeline_with_a_part_missing_is_refused_before_drawing(how, expected, tiny_sd,
+                                                                 tmp_path):
+    model = tmp_path / "broken"
+    shutil.copytree(tiny_sd, model)
+    _break(model, how)
+    result = _imagine("a sea", "--model", str(model), "--steps", "1", *TINY_SIDE, "-o",
+                      str(tmp_path / "x.png"))
+    assert result.exit_code == 2, result.output + result.stderr
+    assert f"--model {model}: {expected}" in _one_error_line(result)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_weights_left_on_meta_are_refused_whatever_the_library_logs(tiny_sd, tmp_path,
+                                                                     monkeypatch):
+    import llmcli.imagine as imagine
+
+    monkeypatch.setattr(imagine, "_weight_reports", lambda message: [])  # a report not understood
+    model = tmp_path / "broken"
+    shutil.copytree(tiny_sd, model)
+    _break(model, "unet tensor")
+    result = _imagine("a sea", "--model", str(model), *TINY_SIDE, "-o", str(tmp_path / "x.png"))
+    assert result.exit_code == 2
+    assert "unet/ is missing or incomplete (its weights lack conv_out.weight" in _one_error_line(
+        result)
+
+
+def test_unused_weights_are_a_warning(tiny_sd, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "extra"
+    shutil.copytree(tiny_sd, model)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(weights), "extra.weight": torch.zeros(2)}, weights,
+              metadata={"format": "pt"})
+    result = _imagine("a sea", "--model", str(model), *TINY_SIDE, "-o", str(tmp_path / "x.png"))
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "vae/ holds weights its model does not use (e.g. extra.weight)" in result.stderr
+
+
+def test_load_reports_of_every_library_version_are_read():
+    from llmcli.imagine import WeightReport, _weight_reports
+
+    table = ("\x1b[1mCLIPTextModel LOAD REPORT\x1b[0m from: /m/text_encoder\n"
+             "Key | Status | \n----+--------+-\nlogit_scale | \x1b[33mUNEXPECTED\x1b[0m | \n"
+             "encoder.layers.1.mlp.fc1.bias | \x1b[31mMISSING\x1b[0m | \n\nNotes: ...")
+    assert _weight_reports(table) == [WeightReport("MISSING", "text_encoder", "encoder.layers.1.mlp"
+                                                   ".fc1.bias"),
+                                      WeightReport("UNEXPECTED", "text_encoder", "logit_scale")]
+    sentence = ("Some weights of CLIPTextModel were not initialized from the model checkpoint at "
+                "/my models/p/text_encoder and are newly initialized: ['a.weight', 'b.bias']\n"
+                "You should probably TRAIN this model")
+    assert _weight_reports(sentence) == [WeightReport("MISSING", "text_encoder", "a.weight")]
+    unused = ("Some weights of the model checkpoint at p/vae were not used when initializing "
+              "AutoencoderKL: \n ['extra.weight, other.bias']")
+    assert _weight_reports(unused) == [WeightReport("UNEXPECTED", "vae", "extra.weight")]
+    assert _weight_reports("The config attributes {'a': 1} were passed to X") == []
+
+
 def test_output_names_and_slugs(tmp_path):
     from llmcli.imagine import IMAGES_DIR, output_paths, slug
 

@@ -13,6 +13,7 @@ get the model, instead of hanging in network retries.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import logging
@@ -387,15 +388,17 @@ def _variants(dtype: Any) -> tuple[str | None, ...]:
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """diffusers/transformers chatter (progress bars, deprecations) would break the one-line
-    output; --debug shows it all."""
+    """diffusers/transformers/huggingface_hub chatter (progress bars, deprecations, retries)
+    would break the one-line output; --debug shows it all."""
     if settings["debug"]:
         yield
         return
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
+    hub_logging.set_verbosity_error()  # "Retrying in 8s [Retry 5/5]" and the like
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity(logging.CRITICAL)
@@ -416,6 +419,8 @@ def _from_pretrained(name: str, dtype: Any, variants: tuple[str | None, ...],
             pipe, reports = _load_variant(name, dtype, variant, local_only)
             return pipe, variant, reports
         except (OSError, ValueError) as exc:
+            if _network_failure(exc) is not None:
+                raise  # the next variant would only wait for the network again
             first = first or exc
     assert first is not None
     raise first
@@ -585,6 +590,68 @@ def _use_sdpa(pipe: Any) -> bool:
     return fused and hasattr(pipe, "unet")
 
 
+# Where huggingface_hub says that a request got no answer, before it tries again (up to five
+# times, with pauses of up to 8 s, each try waiting its whole timeout, for every file).
+HUB_LOGGERS = ("huggingface_hub.file_download", "huggingface_hub.utils._http")
+
+
+class HubStalled(BaseException):
+    """The Hub stopped answering during a download. A BaseException, as KeyboardInterrupt is, so
+    that the libraries' retries and broad `except Exception` blocks let it through at once."""
+
+
+def _stop_when_unanswered(record: logging.LogRecord) -> None:
+    """End the download at the Hub's first unanswered request: a bounded wait (one timeout,
+    HF_HUB_ETAG_TIMEOUT or HF_HUB_DOWNLOAD_TIMEOUT) instead of minutes of retries."""
+    from huggingface_hub import constants
+
+    message = record.getMessage()
+    if message.startswith("No local file found. Retrying"):  # a HEAD for a file went unanswered
+        raise HubStalled(f"no answer to a file request within {constants.HF_HUB_ETAG_TIMEOUT} s")
+    if (("thrown while requesting" in message and not message.startswith("HTTP Error"))
+            or message.startswith("Error while downloading")):
+        raise HubStalled(message)
+
+
+def _network_failure(exc: BaseException) -> BaseException | None:
+    """The transport failure (no answer, refused, cut off) behind `exc`, if any: the libraries
+    wrap it (diffusers in an OSError saying the file does not exist)."""
+    errors: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP library, by version
+        with contextlib.suppress(ImportError):
+            errors.append(importlib.import_module(module).TransportError)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, tuple(errors)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _hub_stopped(model: str, detail: str) -> NoReturn:
+    fail(f"--model {model}: the Hugging Face Hub stopped answering during the download "
+         f"({clip(detail, 200)}); check the network and run again (what "
+         f"has arrived is kept), or {how_to_get(model)}", EXIT_FAILURE)
+
+
+def _download_pipeline(model: str, dtype: Any, variants: tuple[str | None, ...],
+                       local_error: Exception | None) -> tuple[Any, str | None, list[WeightReport]]:
+    """Download what is missing and load it; any network failure is one line, exit 1."""
+    try:
+        with _library_log(HUB_LOGGERS, _stop_when_unanswered, logging.INFO):
+            return _from_pretrained(model, dtype, variants, False)
+    except HubStalled as exc:
+        _hub_stopped(model, first_line(exc))
+    except Exception as exc:
+        if (failure := _network_failure(exc)) is not None:
+            _hub_stopped(model, first_line(failure))
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
+        cached = f" (cached copy: {first_line(local_error)})" if local_error else ""
+        fail(f"--model {model}: download or load failed: {first_line(exc)}{cached}",
+             EXIT_FAILURE)
+
+
 def _require_hub(model: str, partly_cached: bool) -> None:
     """Fail at once, in one line, when the model must come from a Hub that cannot be used."""
     state = "is only partly" if partly_cached else "is not"
@@ -631,13 +698,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
         if pipe is None:
             if source.cached:
                 _require_hub(model, partly_cached=True)
-            try:
-                pipe, variant, reports = _from_pretrained(source.name, torch_dtype, variants,
-                                                          False)
-            except (OSError, ValueError) as exc:
-                cached = f" (cached copy: {first_line(local_error)})" if local_error else ""
-                fail(f"--model {model}: download or load failed: {first_line(exc)}{cached}",
-                     EXIT_FAILURE)
+            pipe, variant, reports = _download_pipeline(model, torch_dtype, variants,
+                                                        local_error)
         _check_loaded(model, source, pipe, reports)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)  # our own bar follows the steps

@@ -363,11 +363,12 @@ def test_output_under_a_file_fails_before_loading(tmp_path):
 # The Hugging Face cache and the offline error (fresh processes: the hub reads its env at import)
 
 
-def _run_llm(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess:
+def _run_llm(args: list[str], home: Path, timeout: float = 120,
+             **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
     environ.update(HF_HOME=str(home), OMP_NUM_THREADS="1", **env)
     return subprocess.run([sys.executable, "-m", "llmcli", "imagine", "--device", "cpu", *args],
-                          capture_output=True, text=True, env=environ, timeout=120)
+                          capture_output=True, text=True, env=environ, timeout=timeout)
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -398,6 +399,74 @@ def test_unreachable_hub_fails_fast_with_the_same_advice(tmp_path):
     line = _error_line(proc)
     assert "the Hugging Face Hub cannot be reached" in line
     assert "hf download someone/tiny-turbo" in line
+
+
+@pytest.fixture
+def stalling_hub():
+    """A Hub on 127.0.0.1 that answers the model lookup and then, for files, says nothing (mode
+    "all") or sends the headers but no bytes (mode "body"); yields a function of the mode that
+    returns its address."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+    servers = []
+
+    def serve(mode: str) -> str:
+        class Hub(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def answer(self, body: bool) -> None:
+                if self.path.startswith("/api/models/"):
+                    data = json.dumps({"id": "me/pipe", "sha": "a" * 40, "siblings": []}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if body:
+                        self.wfile.write(data)
+                    return
+                if mode == "body":
+                    self.send_response(200)
+                    self.send_header("X-Repo-Commit", "a" * 40)
+                    self.send_header("ETag", '"e1"')
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    if not body:
+                        return
+                release.wait(60)
+
+            def do_HEAD(self) -> None:
+                self.answer(body=False)
+
+            def do_GET(self) -> None:
+                self.answer(body=True)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    release.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["all", "body"])
+def test_a_hub_that_stops_answering_is_one_line_after_one_timeout(mode, stalling_hub, tmp_path):
+    proc = _run_llm(["a sea", "--model", "me/pipe", "-o", str(tmp_path / "a.png")],
+                    tmp_path / "hf", timeout=60, HF_ENDPOINT=stalling_hub(mode),
+                    HF_HUB_ETAG_TIMEOUT="1", HF_HUB_DOWNLOAD_TIMEOUT="1")
+    assert proc.returncode == 1, proc.stderr
+    line = _error_line(proc)
+    assert "me/pipe: the Hugging Face Hub stopped answering during the download" in line
+    assert "hf download me/pipe" in line
+    for chatter in ("Retrying", "thrown while requesting", "Trying to resume"):
+        assert chatter not in proc.stderr.replace(line, "")
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_cached_hub_model_loads_offline(tiny_sdxl, tmp_path):

@@ -742,6 +742,36 @@ def draw(loaded: LoadedPipeline, request: ImageRequest, seed: int,
     return result.images[0]
 
 
+def warn_cut_prompts(pipe: Any, request: ImageRequest) -> None:
+    """Say once when a prompt is longer than the text encoder reads: diffusers cuts it with only
+    a log line (hidden with the rest), so prompts that differ past the cut draw the same image
+    while their PNGs record different prompts."""
+    texts = [("the prompt", request.prompt)]
+    if request.negative and request.guidance > 1.0:  # otherwise it is unused (warned already)
+        texts.append(("--negative", request.negative))
+    tokenizers = [tokenizer for name in ("tokenizer", "tokenizer_2")
+                  if (tokenizer := getattr(pipe, name, None)) is not None]
+    with _quiet_libraries():  # transformers' own "sequence length is longer" line
+        for label, text in texts:
+            cut = next(filter(None, (_cut(tokenizer, text) for tokenizer in tokenizers)), None)
+            if cut is not None:
+                count, window, dropped = cut
+                warn(f"{label} is {count} tokens and the text encoder reads the first {window}; "
+                     f"it ignores \"{clip(dropped, 60)}\"")
+
+
+def _cut(tokenizer: Any, text: str) -> tuple[int, int, str] | None:
+    """(tokens, window, the text past the window) when `text` does not fit; the counts include
+    the start and end markers, as the window does."""
+    window = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(window, int) or window > 100_000:  # "no limit" is a huge number
+        return None
+    ids = tokenizer(text, truncation=False).input_ids
+    if len(ids) <= window:
+        return None
+    return len(ids), window, tokenizer.decode(ids[window - 1:-1]).strip()
+
+
 def imagine(request: ImageRequest, out: str | Path | None = None, model: str = DEFAULT_MODEL,
             device: str = "auto", dtype: str = "auto",
             on_saved: Callable[[SavedImage], None] | None = None) -> ImagineResult:
@@ -756,6 +786,7 @@ def imagine(request: ImageRequest, out: str | Path | None = None, model: str = D
     attention = ", SDPA attention" if loaded.sdpa else ""
     info(f"loaded {type(loaded.pipe).__name__} in {loaded.seconds:.2f} s")
     info(f"on {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}{weights}{attention}")
+    warn_cut_prompts(loaded.pipe, request)
     result = ImagineResult(loaded=loaded, request=request)
     with progress() as bar:
         for index, path in enumerate(paths):

@@ -125,6 +125,25 @@ def test_negative_prompt_steers_with_guidance(tiny_sd, tmp_path):
     assert quiet.exit_code == 0 and "--negative needs --guidance above 1" in quiet.stderr
 
 
+def test_a_prompt_past_the_text_encoders_window_is_a_warning(tiny_sdxl, tmp_path):
+    head = "the sea " * 37 + "a "  # 75 tokens of the tiny tokenizer: 77 with start and end
+    common = ("--model", str(tiny_sdxl), "--steps", "1", *TINY_SIDE, "--seed", "1",
+              "--guidance", "2", "--negative")
+    result = _imagine(head + "and a lighthouse", *common, head + "and fog",
+                      "-o", str(tmp_path / "a.png"))
+    assert result.exit_code == 0, result.output + result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "text encoder reads" in line]
+    assert len(warnings) == 2, result.stderr  # once each, though SDXL has two tokenizers
+    prompt, negative = warnings
+    assert prompt.startswith("warning: the prompt is 90 tokens and the text encoder reads the "
+                             "first 77;")
+    assert prompt.endswith('ignores "and a lighthouse"')
+    assert negative.startswith("warning: --negative is 83 tokens")
+    assert negative.endswith('ignores "and fog"')
+    short = _imagine("a sea", *common, "fog", "-o", str(tmp_path / "b.png"))
+    assert short.exit_code == 0 and "text encoder reads" not in short.stderr
+
+
 def test_default_output_goes_under_checkpoints_images(tiny_sd, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = _imagine("A calm sea!", "--model", str(tiny_sd), "--steps", "1", *TINY_SIDE,

@@ -17,6 +17,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -162,6 +163,9 @@ def output_paths(out: str | Path | None, prompt: str, seed: int, count: int) -> 
         base = out / default_name
     else:
         base = out
+        if base.name.lower() == ".png":  # a hidden file with no name, hard to find again
+            fail(f"-o {out}: give the image a name, e.g. -o {out.with_name('image.png')}, or "
+                 f"the folder, -o {out.parent}{os.sep}, for the default name")
         if base.suffix.lower() != ".png":
             fail(f"-o {out}: images are saved as PNG (their prompt and seed go in the PNG "
                  f"metadata); use a name ending in .png, e.g. -o {out.with_suffix('.png')}")
@@ -178,8 +182,6 @@ def output_paths(out: str | Path | None, prompt: str, seed: int, count: int) -> 
 
 def _check_writable(directory: Path) -> None:
     """Catch an unwritable output place before the slow model load, not after it."""
-    import os
-
     probe = directory
     while not probe.exists():
         if probe.parent == probe:

@@ -334,6 +334,8 @@ def test_an_image_never_replaces_a_file_that_is_not_a_png(tmp_path):
     (["-n", "0"], "--num-images 0: must be at least 1"),
     (["--seed", "-3"], "--seed -3: must be from 0"),
     (["-o", "out.jpg"], "use a name ending in .png"),
+    (["-o", "out/.png"], "-o out/.png: give the image a name, e.g. -o out/image.png, or the "
+                         f"folder, -o out{os.sep}, for the default name"),
     (["--dtype", "fp8"], "--dtype fp8: use auto, fp32, fp16, bf16"),
     (["--device", "tpu"], "--device tpu"),
     (["--model", "./no/such/dir"], "no such folder, and not a Hugging Face model id"),
@@ -375,7 +377,9 @@ def test_a_malformed_model_index_is_one_line(index, expected, tmp_path):
 def test_output_under_a_file_fails_before_loading(tmp_path):
     (tmp_path / "taken").write_text("x")
     result = _imagine("a sea", "--model", "./no/such/dir", "-o", str(tmp_path / "taken/a.png"))
-    assert result.exit_code == 2 and "is a file" in _one_error_line(result)
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert line.startswith(f"error: -o {tmp_path / 'taken/a.png'}: ") and "is a file" in line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def command(
         request.validate()
         check_range("--guidance", guidance, 0, MAX_GUIDANCE, "0 for turbo models, 5-8 others")
         if out is not None:
-            check_output(Path(out), "--out", file=None)
+            check_output(Path(out), "-o", file=None)
             output_paths(out, prompt, request.seed, request.num_images)  # before the slow load
         if steps is None and "turbo" not in model.lower():
             warn("1 step is for turbo models; others need e.g. --steps 30 --guidance 7")

@@ -7,7 +7,11 @@ that made an image travel with it as PNG text chunks.
 
 A Hugging Face model id is looked up in the local cache first; when it is not there and the Hub
 cannot be reached (or HF_HUB_OFFLINE is set), the run stops at once with one line saying how to
-get the model, instead of hanging in network retries.
+get the model, instead of hanging in network retries; so does a download at the Hub's first
+unanswered request (one HF_HUB_ETAG_TIMEOUT or HF_HUB_DOWNLOAD_TIMEOUT, 10 s by default).
+
+A pipeline with a part missing or incomplete (a folder, a tokenizer without vocabulary, weights
+the libraries would fill with random values) is refused before anything is drawn.
 """
 
 from __future__ import annotations
@@ -632,8 +636,8 @@ def _network_failure(exc: BaseException) -> BaseException | None:
 
 def _hub_stopped(model: str, detail: str) -> NoReturn:
     fail(f"--model {model}: the Hugging Face Hub stopped answering during the download "
-         f"({clip(detail, 200)}); check the network and run again (what "
-         f"has arrived is kept), or {how_to_get(model)}", EXIT_FAILURE)
+         f"({clip(detail, 200)}); check the network and run again (what has arrived is kept), "
+         f"or {how_to_get(model)}", EXIT_FAILURE)
 
 
 def _download_pipeline(model: str, dtype: Any, variants: tuple[str | None, ...],

@@ -257,16 +257,12 @@ def locate_model(model: str) -> ModelSource:
         _check_model_index(model, path / "model_index.json")
         return ModelSource(str(path), is_dir=True, cached=False)
     from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
 
     from llmcli.interop.hub import looks_like_hub_id
 
-    if model.count("/") != 1 or not looks_like_hub_id(model):
+    if model.count("/") != 1 or not looks_like_hub_id(model):  # the Hub's own rules too
         _not_a_model(model)
-    try:  # the Hub's own rules too: at most 96 characters, no '--', no '.' at the end
-        cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
-    except HFValidationError:
-        _not_a_model(model)
+    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
     return ModelSource(model, is_dir=False, cached=cached)
 
 

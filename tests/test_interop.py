@@ -603,6 +603,9 @@ def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE is set" in output and "hf download llm-tests/no-such-model" in output
     code, output = invoke("import", "./no/such/folder")
     assert code == 2 and "no such folder" in output
+    for malformed in ("a/b--c", "a/" + "x" * 97, "a/b.", "a/é"):  # the Hub's own rules
+        code, output = invoke("import", malformed)
+        assert code == 2 and "not a Hugging Face model id" in output, (malformed, output)
 
 
 def test_imported_tokenizer_names_are_checked(tmp_path):

@@ -20,7 +20,17 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def looks_like_hub_id(text: str) -> bool:
-    return HUB_ID.fullmatch(text) is not None and ".." not in text
+    """owner/name as the Hub takes it (its own validator: at most 96 characters, no '--' or
+    '..'): anything else is refused at once, never sent to the Hub to fail there (exit 1)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if HUB_ID.fullmatch(text) is None:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def how_to_get(repo_id: str) -> str:

@@ -319,6 +319,11 @@ def test_frequent_tokens_come_from_the_corpus_token_file(tmp_path, tiny_model_cf
     gen.recipe.data.source = str(tmp_path / "missing.txt")
     ids, source = emb.frequent_ids(gen, 3, data_dir=data)
     assert ids[:2] == [ord(" "), ord("e")] and "built-in" in source
+    # more than the corpus holds: the count said is the count taken from it
+    gen.recipe.data.source = str(text)
+    ids, source = emb.frequent_ids(gen, 8, data_dir=data)
+    assert len(ids) == 8 and ids[:4] == [ord(c) for c in "eato"]
+    assert source.startswith("the 6 most frequent tokens of ") and "built-in" in source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +352,21 @@ def test_position_tables_are_the_models_own(tmp_path, tiny_model_cfg):
     recipe.write_text("model:\n  positions: learned\n  context_length: 16\n")
     with pytest.raises(UserError, match="learned positions have no values"):
         load_positions(str(recipe))
+
+
+def test_an_odd_width_s_last_sinusoidal_pair_has_one_dimension(tiny_model_cfg):
+    from rich.console import Console
+
+    from llmcli.inspect.render import position_tables
+
+    cfg = dataclasses.replace(tiny_model_cfg, d_model=15, num_heads=5, vocab_size=257)
+    table = position_table(cfg)
+    assert table.values.shape[-1] == 15 and len(table.frequencies) == 8
+    console = Console(width=150, record=True)
+    for part in position_tables(table, 2, 150):
+        console.print(part)
+    text = console.export_text()
+    assert " 12, 13 " in text and " 14 " in text and "14, 15" not in text
 
 
 # ---------------------------------------------------------------------------------------------

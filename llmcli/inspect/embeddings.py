@@ -180,15 +180,20 @@ def frequent_ids(gen: Any, n: int, data_dir: Path = Path("data")) -> tuple[list[
                 break
             if i not in skip:
                 chosen.append(i)
-        source = f"the {n} most frequent tokens of {path}"
+        source = f"the {len(chosen)} most frequent tokens of {path}"
     if len(chosen) < n:
         counter = Counter(i for i in gen.tokenizer.encode(SAMPLE_TEXT) if gen.vocab.has(i))
         sample = [gen.vocab.map([i])[0][0] for i, _ in counter.most_common()]
-        chosen += [i for i in sample if i not in skip and i not in chosen][:n - len(chosen)]
+        added = [i for i in sample if i not in skip and i not in chosen][:n - len(chosen)]
+        if added and source:
+            source += ", then of a built-in English paragraph"
+        chosen += added
         source = source or "the most frequent tokens of a built-in English paragraph"
     if len(chosen) < n:
         taken = set(chosen)
-        chosen += [i for i in range(vocab_size) if i not in skip and i not in taken][
+        added = [i for i in range(vocab_size) if i not in skip and i not in taken][
             :n - len(chosen)]
-        source += ", then the lowest ids"
+        if added:
+            source += ", then the lowest ids"
+        chosen += added
     return chosen, source

@@ -14,6 +14,11 @@ TAIL_COLUMNS = 2  # a wide table shows its first columns, "…", then its last t
 CELL = 10  # terminal cells a value column takes ("-0.1234", padding, separator)
 
 
+def _pair(i: int, width: int) -> str:
+    """The dimensions sinusoidal pair i fills: an odd width's last pair has only its sine."""
+    return f"{2 * i}, {2 * i + 1}" if 2 * i + 1 < width else str(2 * i)
+
+
 def _columns(width: int, room: int = 8) -> list[int | None]:
     """Column indices to show in `room` columns, None marking the elided middle (like torch's
     printed tables)."""
@@ -117,7 +122,7 @@ def position_tables(table: Any, rows: int, width: int = 80) -> list[Table]:
             if i is None:
                 freq.add_row("…", *(["…"] if table.kind == "sinusoidal" else []), "…", "…")
                 continue
-            dims = [f"{2 * i}, {2 * i + 1}"] if table.kind == "sinusoidal" else []
+            dims = [_pair(i, columns)] if table.kind == "sinusoidal" else []
             freq.add_row(str(i), *dims, f"{table.frequencies[i]:.6g}",
                          f"{table.wavelengths[i]:,.1f}")
         out.append(freq)

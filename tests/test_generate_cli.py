@@ -159,6 +159,27 @@ def test_compare_runs_each_strategy_on_the_same_prompt_and_seed(ckpt):
     assert "greedy" in table.stdout and "beam" in table.stdout
 
 
+def test_compare_honours_every_flag_or_says_it_is_ignored(ckpt):
+    # -t 0 samples greedily, as without --compare; the settings shown are the ones that ran
+    data = as_json(gen(str(ckpt), "Hi", "--compare", "greedy,sample", "-t", "0", "-n", "4",
+                       "--seed", "2", "--json"))
+    assert data["settings"]["temperature"] == 0 and data["seed"] is None
+    assert data["compare"][0]["token_ids"] == data["compare"][1]["token_ids"]
+    plain = gen(str(ckpt), "Hi", "--compare", "greedy,sample", "-t", "0", "-n", "4")
+    assert "sample at temperature 0 is greedy" in plain.stderr
+    # flags that no listed strategy uses are named, as for one strategy; no seed without sampling
+    result = gen(str(ckpt), "Hi", "--compare", "greedy,beam", "-t", "0.5", "--top-k", "3",
+                 "-s", "sample", "-n", "3")
+    assert result.exit_code == 0, result.output
+    assert "--strategy sample: ignored; --compare runs each strategy it lists" in result.stderr
+    assert "--temperature, --top-k: --compare greedy,beam picks tokens by score" in result.stderr
+    assert "seed" not in result.stderr
+    beams = gen(str(ckpt), "Hi", "--compare", "greedy,sample", "--num-beams", "3", "-n", "3")
+    assert "--num-beams: only beam search uses beams (this is --compare greedy,sample)" in (
+        beams.stderr)
+    assert "seed " in beams.stderr
+
+
 def test_batch_gives_one_json_line_per_prompt(ckpt, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("One\n\nTwo\n", encoding="utf-8")

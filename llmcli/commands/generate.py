@@ -170,7 +170,7 @@ def command(
             info(padding)
         settings = dataclasses.replace(gen.recipe.generate,
                                        **{k: v for k, v in given.items() if v is not None})
-        _warn_ignored(settings.strategy if not strategies else None, given)
+        _warn_ignored(strategies or [settings.strategy], strategies is not None, given, settings)
         stops = [as_utf8(s) for s in stop or []]
         show_prompt = True
         if instruct is not None:
@@ -246,15 +246,25 @@ def _positionals(checkpoint: str | None, prompt: str | None) -> tuple[str | None
     return checkpoint, prompt
 
 
-def _warn_ignored(strategy: str | None, given: dict[str, Any]) -> None:
-    """Say so when an option given on the command line has no effect on this strategy."""
+def _warn_ignored(strategies: list[str], compared: bool, given: dict[str, Any],
+                  settings: Any) -> None:
+    """Say so when an option given on the command line has no effect on the strategies run
+    (the one, or those --compare lists)."""
+    named = "--compare " + ",".join(strategies) if compared else f"{strategies[0]} search"
+    if compared and given["strategy"] is not None:
+        warn(f"--strategy {given['strategy']}: ignored; --compare runs each strategy it lists")
     sampling = [k for k in ("temperature", "top_k", "top_p", "min_p") if given[k] is not None]
-    if strategy in ("greedy", "beam") and sampling:
+    if "sample" not in strategies and sampling:
         flags = ", ".join("--" + k.replace("_", "-") for k in sampling)
-        warn(f"{flags}: {strategy} search picks tokens by score, not by sampling, and ignores "
-             "them; use --strategy sample")
-    if strategy in ("greedy", "sample") and given["num_beams"] is not None:
-        warn(f"--num-beams: only beam search uses beams (this is {strategy})")
+        fix = "add sample to --compare" if compared else "use --strategy sample"
+        warn(f"{flags}: {named} picks tokens by score, not by sampling, and ignores them; {fix}")
+    beam_only = [k for k in ("num_beams", "length_penalty") if given[k] is not None]
+    if "beam" not in strategies and beam_only:
+        flags = ", ".join("--" + k.replace("_", "-") for k in beam_only)
+        warn(f"{flags}: only beam search uses beams (this is {named})")
+    if compared and "sample" in strategies and settings.temperature == 0:
+        warn("--compare: sample at temperature 0 is greedy; give --temperature above 0 to "
+             "sample")
 
 
 def _strategies(spec: str) -> list[str]:
@@ -386,14 +396,18 @@ class _Run:
 
         if self.show_probs:
             warn("--show-probs is ignored with --compare")
+        from llmcli.generate.decode import is_greedy
+
         ids = self._ids(text)
         seed = self._seed()
         rows = compare(self.gen, ids, self.settings, strategies, stop=self.stops, seed=seed,
                        use_cache=self.use_cache)
+        sampled = "sample" in strategies and not is_greedy(
+            dataclasses.replace(self.settings, strategy="sample"))
         if self.json_out:
             self._emit_json({
                 "checkpoint": str(self.gen.path), "prompt": text, "prompt_tokens": len(ids),
-                "seed": seed,
+                "seed": seed if sampled else None,
                 "settings": dataclasses.asdict(self.settings), "stop": self.stops,
                 "compare": [{"strategy": name, **r.to_json()} for name, r in rows],
             })
@@ -402,4 +416,5 @@ class _Run:
             _write(f"prompt: {text}\n")
         out.print(compare_table([(name, r.text, r.generation) for name, r in rows],
                                 width=out.width))
-        info(f"seed {seed}")
+        if sampled:
+            info(f"seed {seed}")

@@ -261,8 +261,6 @@ def compare(gen: Generator, prompt_ids: Sequence[int], settings: GenerateConfig,
     rows = []
     for name in strategies:
         chosen = dataclasses.replace(settings, strategy=name)
-        if name == "sample" and chosen.temperature == 0:
-            chosen = dataclasses.replace(chosen, temperature=1.0)
         result = generate_text(gen, prompt_ids, chosen, stop=stop, seed=seed,
                                use_cache=use_cache)[0]
         rows.append((name, result))

@@ -601,7 +601,8 @@ def resolve_checkpoint(spec: str | Path | None, root: Path = CHECKPOINTS_DIR) ->
         candidates += [p for p in (path / MERGED_NAME, path / BEST_NAME) if p.exists()]
         if not candidates:
             fail(f"{path}: no checkpoint in this directory (expected step-*.safetensors); "
-                 "give a run directory written by `llm pretrain` or a .safetensors file")
+                 f"give a run directory written by `llm pretrain` or a .safetensors file"
+                 f"{_import_hint(path)}")
         newest = candidates[0]
         problem = damage(newest)
         if problem is None:
@@ -665,12 +666,21 @@ def _data_end(path: Path) -> int:
     return 8 + size + max(ends, default=0)
 
 
+def _import_hint(folder: Path) -> str:
+    """Where a transformers model folder (config.json beside the weights) was given for a
+    checkpoint: the way to bring it in."""
+    if not (folder / "config.json").is_file():
+        return ""
+    return (f"; {folder} holds a transformers model: bring it in with `llm import {folder} -o "
+            "checkpoints/NAME`")
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The checkpoint's metadata, JSON-decoded; a foreign or broken file is a one-line error."""
     problem = damage(path)
     if problem is not None:
         fail(f"{path}: not an llm checkpoint it can use ({problem}); give a checkpoint written "
-             "by `llm pretrain` or `llm finetune`")
+             f"by `llm pretrain` or `llm finetune`{_import_hint(path.parent)}")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:

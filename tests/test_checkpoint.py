@@ -456,3 +456,21 @@ def test_corpus_problems_are_one_line(project, setup, words):
     assert result.exit_code == 2, result.output
     last = result.stderr.strip().splitlines()[-1]  # after the run's description, if it began
     assert last.startswith("error:") and words in last and result.stderr.count("error:") == 1
+
+
+def test_a_transformers_folder_given_as_a_checkpoint_points_to_llm_import(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    save_file({"wte.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    for call in (lambda: resolve_checkpoint(folder), lambda: read_metadata(
+            folder / "model.safetensors")):
+        with pytest.raises(UserError, match=r"holds a transformers model: bring it in with "
+                           r"`llm import .*hf-model -o checkpoints/NAME`"):
+            call()
+    (folder / "config.json").unlink()  # a folder that is not a model keeps the plain message
+    with pytest.raises(UserError) as plain:
+        resolve_checkpoint(folder)
+    assert "llm import" not in str(plain.value)

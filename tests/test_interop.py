@@ -25,6 +25,7 @@ from llmcli.data.tokenizer import get_tokenizer
 from llmcli.generate.decode import sample
 from llmcli.interop.hf_export import export_hf
 from llmcli.interop.hf_import import import_hf
+from llmcli.interop.mapping import import_class
 from llmcli.model.gpt import build_model
 from llmcli.recipe import GenerateConfig, build_recipe
 
@@ -533,6 +534,22 @@ def test_bad_config_values_are_one_line_naming_key_and_file(tmp_path, base, upda
     assert code == 2 and output.count("\n") == 1, output
     assert output.startswith(f"error: {folder / 'config.json'}: {message}"), output
     assert not Path("checkpoints").exists()
+
+
+@pytest.mark.parametrize(("update", "message"), [
+    ({"auto_map": {"AutoModelForCausalLM": "modeling_my.MyLlama"}},
+     "auto_map names custom modelling code"),
+    ({"model_type": "my_llama"}, "model_type 'my_llama' is not 'llama'"),
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not 'llama'"),
+])
+def test_custom_modelling_code_under_a_known_class_name_is_refused(tmp_path, update, message):
+    """A config with auto_map (its own code) or another model_type under the name
+    LlamaForCausalLM was imported as a plain Llama: other logits than transformers gives."""
+    folder = config_folder(tmp_path / "src", {**LLAMA_CONFIG, **update})
+    code, output = invoke("import", str(folder))
+    assert code == 2 and output.count("\n") == 1, output
+    assert message in output and "it cannot be imported" in output, output
+    assert import_class({**LLAMA_CONFIG, "model_type": "llama"}, "x") == "LlamaForCausalLM"
 
 
 UNSUPPORTED = [  # keys transformers honours (or honoured) that llm's model cannot compute

@@ -119,12 +119,24 @@ def hf_config(cfg: ModelConfig, cls: str, *, bos_id: int | None, eos_id: int | N
 
 
 def import_class(config: Mapping[str, Any], where: str) -> str:
-    """The supported class a transformers config.json describes, or a one-line error naming it."""
+    """The supported class a transformers config.json describes, or a one-line error naming it.
+
+    The class name alone is not enough: a config with `auto_map` (custom modelling code) or
+    another model_type runs other code under that name in transformers, and llm never runs
+    remote code, so it would silently compute something else."""
     fields = ConfigFields(config, where)
     archs = fields.names("architectures")
     model_type = fields.text("model_type", None)
+    if "auto_map" in config:
+        fail(f"{where}: auto_map names custom modelling code, which is not transformers' "
+             f"{GPT2} or {LLAMA} (llm never runs a checkpoint's own code); it cannot be "
+             "imported")
     for cls, kind in MODEL_TYPES.items():
         if cls in archs or (not archs and model_type == kind):
+            if model_type not in (None, kind):
+                fail(f"{where}: model_type {clip(model_type, 40)!r} is not {kind!r}, the type "
+                     f"of transformers' {cls}: it names other modelling code, which llm never "
+                     "runs and may compute something else; it cannot be imported")
             return cls
     if model_type in MODEL_TYPES.values() and archs:
         named = f"{', '.join(archs)} (model_type {model_type})"

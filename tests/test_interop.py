@@ -369,6 +369,34 @@ def test_import_gives_transformers_logits_greedy_tokens_and_tokenizer(tmp_path, 
     assert embedding["total"] == hf.get_input_embeddings().weight.numel()
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_stored_head_that_differs_from_a_tied_embedding_is_kept_as_transformers_does(
+        tmp_path, kind):
+    """tie_word_embeddings true with a different lm_head.weight in the file: the head was
+    silently dropped (logits far from transformers', which keeps it and unties)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    source = hf_folder(tmp_path / "src", kind, tie_word_embeddings=True)
+    path = source / "model.safetensors"
+    tensors = load_file(path)
+    embedding = "transformer.wte.weight" if kind == "gpt2" else "model.embed_tokens.weight"
+    tensors["lm_head.weight"] = tensors[embedding].clone()  # the tied copy: still tied
+    save_file(tensors, path, metadata={"format": "pt"})
+    code, output = invoke("import", str(source), "-o", "checkpoints/same")
+    assert code == 0 and "warning" not in output, output
+    assert Checkpoint.open("checkpoints/same").recipe.model.tie_embeddings
+    tensors["lm_head.weight"] = torch.randn_like(tensors[embedding]) * 0.15
+    save_file(tensors, path, metadata={"format": "pt"})
+    code, output = invoke("import", str(source), "-o", "checkpoints/x")
+    assert code == 0, output
+    assert "lm_head.weight that differs from the token embedding; imported untied" in output
+    ckpt = Checkpoint.open("checkpoints/x")
+    assert not ckpt.recipe.model.tie_embeddings
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    logits_and_greedy(hf, ckpt.load(), eos=0)
+
+
 def test_round_trip_import_export_import_gives_identical_tensors(tmp_path):
     source = hf_folder(tmp_path / "src", "llama", tie_word_embeddings=True)
     first = import_hf(str(source), Path("checkpoints/a"))

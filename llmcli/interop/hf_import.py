@@ -22,7 +22,14 @@ from llmcli.checkpoint import CHECKPOINTS_DIR, save_model, step_path
 from llmcli.console import check_readable, fail, first_line, info, warn
 from llmcli.constants import RUN_TOKENIZERS
 from llmcli.interop.hub import fetch, looks_like_hub_id
-from llmcli.interop.mapping import LLAMA, from_hf, import_class, model_keys, zero_biases
+from llmcli.interop.mapping import (
+    LLAMA,
+    from_hf,
+    head_untied,
+    import_class,
+    model_keys,
+    zero_biases,
+)
 from llmcli.interop.staging import check_target, staged_folder
 from llmcli.recipe import Recipe, build_recipe, check_name
 
@@ -227,10 +234,16 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     keys = model_keys(config, cls, str(folder / "config.json"))
     files = weight_files(folder)
     tok_name, eos, tok_files = read_tokenizer(folder, config, keys["context_length"], tokenizer)
+    info(f"reading {len(files)} safetensors file(s) from {folder} ({cls})")
+    tensors = read_weights(files)
+    if keys["tie_embeddings"] and head_untied(tensors, cls):
+        keys["tie_embeddings"] = False
+        warn(f"{folder / 'config.json'}: tie_word_embeddings is true but the weights hold an "
+             "lm_head.weight that differs from the token embedding; imported untied, as "
+             "transformers loads it")
     recipe = build_recipe({"name": name, "data": {"tokenizer": tok_name, "vocab": "full"},
                            "model": keys}, where=f"{folder / 'config.json'} (as a recipe)")
-    info(f"reading {len(files)} safetensors file(s) from {folder} ({cls})")
-    mapped = from_hf(read_weights(files), recipe.model, cls, config, where)  # floats only
+    mapped = from_hf(tensors, recipe.model, cls, config, where)  # floats only
     dtype = next(iter(mapped.values())).dtype  # the embedding's: the stored precision
     ours = {k: v.to(dtype) for k, v in mapped.items()}
     model = build_model(ours, recipe, where)

@@ -431,6 +431,19 @@ def to_hf(model: Any, cls: str) -> dict[str, torch.Tensor]:
 
 
 GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks older GPT-2 files hold
+EMBEDDINGS = {GPT2: ("transformer.wte.weight", "wte.weight"),
+              LLAMA: ("model.embed_tokens.weight",)}
+
+
+def head_untied(tensors: Mapping[str, torch.Tensor], cls: str) -> bool:
+    """Whether the file stores an output layer that differs from its token embedding.
+
+    transformers then keeps the two apart whatever tie_word_embeddings says (it warns "we will
+    NOT tie them"), so the import must too; a stored copy equal to the embedding is only the
+    tied weight written twice."""
+    head = tensors.get("lm_head.weight")
+    embedding = next((tensors[k] for k in EMBEDDINGS[cls] if k in tensors), None)
+    return head is not None and embedding is not None and not torch.equal(head, embedding)
 
 
 def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
@@ -507,6 +520,9 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
                     sd[f"{ours}ffn.{a}.bias"] = bias(f"{hf}mlp.{b}.bias", mlp_bias, w.shape[0], w)
         sd["norm.weight"] = take("model.norm.weight")
     if cfg.tie_embeddings:
+        if head_untied(tensors, cls):  # import_hf unties the recipe first
+            fail(f"{where}: lm_head.weight differs from the token embedding, so the model is "
+                 "not tied as its config says")
         sd["lm_head.weight"] = sd["tok_emb.weight"]
         used.add("lm_head.weight")  # some files store the tied copy as well
     else:

@@ -939,6 +939,43 @@ def test_weights_that_are_not_floats_are_refused_at_import(tmp_path, kind, weigh
     assert not Path("run").exists()
 
 
+WRONG_SHAPES = {  # every tensor from_hf reshapes, transposes or concatenates, and the others
+    "gpt2": [("transformer.h.0.attn.c_attn.weight", (32, 90), (32, 96)),
+             ("transformer.h.0.attn.c_attn.weight", (96, 32), (32, 96)),  # not transposed
+             ("transformer.h.0.attn.c_attn.weight", (96,), (32, 96)),
+             ("transformer.h.1.mlp.c_fc.weight", (2, 32, 128), (32, 128)),
+             ("transformer.h.1.mlp.c_proj.bias", (16,), (32,)),
+             ("transformer.wpe.weight", (10, 32), (64, 32))],
+    "llama": [("model.layers.0.self_attn.k_proj.weight", (16, 32), (32, 32)),
+              ("model.layers.0.self_attn.q_proj.weight", (32, 16), (32, 32)),
+              ("model.layers.0.self_attn.v_proj.weight", (32, 16), (32, 32)),
+              ("model.layers.0.self_attn.q_proj.weight", (1024,), (32, 32)),
+              ("model.layers.1.self_attn.k_proj.bias", (16,), (32,)),
+              ("model.layers.0.mlp.up_proj.weight", (40, 32), (64, 32)),
+              ("model.norm.weight", (), (32,))],
+}
+
+
+@pytest.mark.parametrize("kind", WRONG_SHAPES)
+def test_wrongly_shaped_weights_are_one_line_naming_the_tensor_and_both_shapes(tmp_path, kind):
+    """A Llama q/k/v or a GPT-2 Conv1D weight of the wrong shape failed inside the reshape,
+    transpose or concatenation: "error: RuntimeError: shape '[4, 8, 16]' is invalid", exit 1."""
+    from safetensors.torch import save_file
+
+    source = hf_folder(tmp_path / "src", kind, **({"attention_bias": True} if kind == "llama"
+                                                  else {}))
+    weights = load_file(source / "model.safetensors")
+    for name, shape, expected in WRONG_SHAPES[kind]:
+        save_file({**weights, name: torch.zeros(shape)}, source / "model.safetensors",
+                  metadata={"format": "pt"})
+        code, output = invoke("import", str(source), "-o", "run")
+        assert code == 2, output
+        assert output.splitlines()[-1] == (
+            f"error: {source}: weights do not match its config.json: {name} {shape} vs config "
+            f"{expected}; the folder's config and weights are from different models"), output
+        assert not Path("run").exists()
+
+
 @pytest.mark.parametrize(("config", "which", "added"), [
     ({"attention_bias": True}, "feed-forward", 2 * (2 * 64 + 32)),  # gate, up, down per block
     ({"mlp_bias": True}, "attention output (o_proj)", 2 * 32),

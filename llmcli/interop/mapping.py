@@ -451,55 +451,64 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
     """Our state dict (tied names both present) from a transformers checkpoint's tensors and
     its `config` (config.json).
 
-    Weights the checkpoint lacks, biases its config says it has included, are named in a
-    one-line error; biases that our recipe carries but the checkpoint's class left out (its
-    config's attention_bias or mlp_bias false) are zeros. Tensors nothing reads are an error
-    too (a different architecture under the same name).
+    Weights the checkpoint lacks, biases its config says it has included, and every tensor
+    whose shape is not the one its config implies (checked before any is reshaped, transposed
+    or concatenated) are named in a one-line error; biases that our recipe carries but the
+    checkpoint's class left out (its config's attention_bias or mlp_bias false) are zeros.
+    Tensors nothing reads are an error too (a different architecture under the same name).
     """
-    d = cfg.d_model
+    d, ffn, vocab = cfg.d_model, cfg.ffn_width, int(cfg.vocab_size)
     attention_bias, mlp_bias = llama_biases(config, where) if cls == LLAMA else (True, True)
     if cls == GPT2:  # GPT2Model files (the hub's gpt2) have no "transformer." prefix
         tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v
                    for k, v in tensors.items() if not k.endswith(GPT2_BUFFERS)}
     used: set[str] = set()
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, *shape: int) -> torch.Tensor:
+        """The tensor `name`, checked to be floats of the `shape` its config implies."""
         if name not in tensors:
             fail(f"{where}: weight {name} is missing; the checkpoint is incomplete or is not a "
                  f"{cls}")
         used.add(name)
-        check_float_tensor(name, tensors[name], where)  # before a cat promotes it unseen
-        return tensors[name]
+        tensor = tensors[name]
+        check_float_tensor(name, tensor, where)  # before a cat promotes it unseen
+        if tuple(tensor.shape) != shape:
+            fail(f"{where}: weights do not match its config.json: {name} "
+                 f"{tuple(tensor.shape)} vs config {shape}; the folder's config and weights "
+                 "are from different models")
+        return tensor
 
     def bias(name: str, held: bool, n: int, like: torch.Tensor) -> torch.Tensor:
         """The source's bias where its class has one (`held`), else zeros."""
-        return take(name) if held else torch.zeros(n, dtype=like.dtype)
+        return take(name, n) if held else torch.zeros(n, dtype=like.dtype)
 
     sd: dict[str, torch.Tensor] = {}
     if cls == GPT2:
-        sd["tok_emb.weight"] = take("transformer.wte.weight")
-        sd["pos_emb.weight"] = take("transformer.wpe.weight")
+        sd["tok_emb.weight"] = take("transformer.wte.weight", vocab, d)
+        sd["pos_emb.weight"] = take("transformer.wpe.weight", cfg.context_length, d)
         for i in range(cfg.num_blocks):
             ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
             for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                sd[f"{ours}{a}.weight"] = take(f"{hf}{b}.weight")
-                sd[f"{ours}{a}.bias"] = take(f"{hf}{b}.bias")
-            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                         ("ffn.fc_in", "mlp.c_fc"), ("ffn.fc_out", "mlp.c_proj")):
-                sd[f"{ours}{a}.weight"] = take(f"{hf}{b}.weight").t()
-                sd[f"{ours}{a}.bias"] = take(f"{hf}{b}.bias")
-        sd["norm.weight"] = take("transformer.ln_f.weight")
-        sd["norm.bias"] = take("transformer.ln_f.bias")
+                sd[f"{ours}{a}.weight"] = take(f"{hf}{b}.weight", d)
+                sd[f"{ours}{a}.bias"] = take(f"{hf}{b}.bias", d)
+            for a, b, n_in, n_out in (("attn.qkv", "attn.c_attn", d, 3 * d),
+                                      ("attn.proj", "attn.c_proj", d, d),
+                                      ("ffn.fc_in", "mlp.c_fc", d, ffn),
+                                      ("ffn.fc_out", "mlp.c_proj", ffn, d)):
+                sd[f"{ours}{a}.weight"] = take(f"{hf}{b}.weight", n_in, n_out).t()  # Conv1D
+                sd[f"{ours}{a}.bias"] = take(f"{hf}{b}.bias", n_out)
+        sd["norm.weight"] = take("transformer.ln_f.weight", d)
+        sd["norm.bias"] = take("transformer.ln_f.bias", d)
     else:
         inverse = torch.argsort(rope_order(cfg))
-        sd["tok_emb.weight"] = take("model.embed_tokens.weight")
+        sd["tok_emb.weight"] = take("model.embed_tokens.weight", vocab, d)
         for i in range(cfg.num_blocks):
             ours, hf = f"blocks.{i}.", f"model.layers.{i}."
-            sd[f"{ours}norm1.weight"] = take(f"{hf}input_layernorm.weight")
-            sd[f"{ours}norm2.weight"] = take(f"{hf}post_attention_layernorm.weight")
+            sd[f"{ours}norm1.weight"] = take(f"{hf}input_layernorm.weight", d)
+            sd[f"{ours}norm2.weight"] = take(f"{hf}post_attention_layernorm.weight", d)
             weights, biases = [], []
             for name in ("q_proj", "k_proj", "v_proj"):
-                w = take(f"{hf}self_attn.{name}.weight")
+                w = take(f"{hf}self_attn.{name}.weight", d, d)
                 b = bias(f"{hf}self_attn.{name}.bias", attention_bias, d, w)
                 if name != "v_proj":
                     w, b = _per_head(w, cfg, inverse), _per_head(b, cfg, inverse)
@@ -508,17 +517,19 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
             sd[f"{ours}attn.qkv.weight"] = torch.cat(weights)
             if cfg.qkv_bias:
                 sd[f"{ours}attn.qkv.bias"] = torch.cat(biases)
-            o_proj = take(f"{hf}self_attn.o_proj.weight")
+            o_proj = take(f"{hf}self_attn.o_proj.weight", d, d)
             sd[f"{ours}attn.proj.weight"] = o_proj
             if cfg.bias:
                 sd[f"{ours}attn.proj.bias"] = bias(f"{hf}self_attn.o_proj.bias", attention_bias,
                                                    d, o_proj)
-            for a, b in (("fc_gate", "gate_proj"), ("fc_in", "up_proj"), ("fc_out", "down_proj")):
-                w = take(f"{hf}mlp.{b}.weight")
+            for a, b, n_out, n_in in (("fc_gate", "gate_proj", ffn, d),
+                                      ("fc_in", "up_proj", ffn, d),
+                                      ("fc_out", "down_proj", d, ffn)):
+                w = take(f"{hf}mlp.{b}.weight", n_out, n_in)
                 sd[f"{ours}ffn.{a}.weight"] = w
                 if cfg.bias:
                     sd[f"{ours}ffn.{a}.bias"] = bias(f"{hf}mlp.{b}.bias", mlp_bias, w.shape[0], w)
-        sd["norm.weight"] = take("model.norm.weight")
+        sd["norm.weight"] = take("model.norm.weight", d)
     if cfg.tie_embeddings:
         if head_untied(tensors, cls):  # import_hf unties the recipe first
             fail(f"{where}: lm_head.weight differs from the token embedding, so the model is "
@@ -526,7 +537,7 @@ def from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, cls: str,
         sd["lm_head.weight"] = sd["tok_emb.weight"]
         used.add("lm_head.weight")  # some files store the tied copy as well
     else:
-        sd["lm_head.weight"] = take("lm_head.weight")
+        sd["lm_head.weight"] = take("lm_head.weight", vocab, d)
     unused = sorted(set(tensors) - used)
     if unused:
         shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")

@@ -939,6 +939,35 @@ def test_weights_that_are_not_floats_are_refused_at_import(tmp_path, kind, weigh
     assert not Path("run").exists()
 
 
+def test_mixed_dtypes_are_imported_as_float32_and_said(tmp_path):
+    """An fp16 embedding beside fp32 weights: every tensor was cast to the embedding's dtype,
+    silently rounding the fp32 ones."""
+    from safetensors.torch import save_file
+
+    source = hf_folder(tmp_path / "src", "llama")
+    weights = load_file(source / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].half()
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    code, output = invoke("import", str(source), "-o", "run")
+    assert code == 0, output
+    assert "(float32; the file mixes float16 and float32, each held exactly)" in output, output
+    ours = load_file("run/step-00000000.safetensors")
+    assert {t.dtype for t in ours.values()} == {torch.float32}
+    assert torch.equal(ours["tok_emb.weight"], weights["model.embed_tokens.weight"].float())
+    assert torch.equal(ours["lm_head.weight"], weights["lm_head.weight"])
+    weights = {k: v.to(torch.bfloat16 if "mlp" in k else torch.float16)
+               for k, v in weights.items()}
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    result = import_hf(str(source), Path("run2"))
+    assert result.dtype == "float32" and result.stored == ["bfloat16", "float16"]
+    ours = load_file(result.path)
+    assert torch.equal(ours["blocks.0.ffn.fc_in.weight"],
+                       weights["model.layers.0.mlp.up_proj.weight"].float())
+    weights = {k: v.half() for k, v in weights.items()}  # one dtype: kept
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    assert import_hf(str(source), Path("run3")).dtype == "float16"
+
+
 WRONG_SHAPES = {  # every tensor from_hf reshapes, transposes or concatenates, and the others
     "gpt2": [("transformer.h.0.attn.c_attn.weight", (32, 90), (32, 96)),
              ("transformer.h.0.attn.c_attn.weight", (96, 32), (32, 96)),  # not transposed

@@ -38,7 +38,9 @@ def command(
         m = result.recipe.model
         eos = f", end-of-text {result.eos}" if result.eos else ""
         out.print(f"wrote {result.path} ({result.cls} from {result.source})")
-        out.print(f"  parameters {result.parameters:,} ({result.dtype})")
+        mixed = (f"; the file mixes {' and '.join(result.stored)}, each held exactly"
+                 if len(result.stored) > 1 else "")
+        out.print(f"  parameters {result.parameters:,} ({result.dtype}{mixed})")
         out.print(f"  tokenizer  {result.tokenizer}{eos}")
         out.print(f"  model      vocab {m.vocab_size:,}, context {m.context_length:,}, "
                   f"d_model {m.d_model}, {m.num_blocks} block{'s' * (m.num_blocks != 1)}, "

@@ -4,7 +4,8 @@ The folder (or Hub snapshot) must hold config.json and safetensors weights (mode
 or shards named by model.safetensors.index.json): pickled weights are refused unread. The result
 is `checkpoints/<name>/step-00000000.safetensors` with a recipe that rebuilds the model exactly
 (see `llmcli.interop.mapping`), so every command that takes a run directory takes it, and
-`finetune.init=checkpoints/<name>` starts from it. Weights keep their stored dtype.
+`finetune.init=checkpoints/<name>` starts from it. Weights keep their stored dtype (float32
+when the file mixes dtypes, which holds each exactly).
 
 The tokenizer comes from the folder's tokenizer.json (stored by content, see
 `llmcli.interop.tokenizer_store`); one that `llm export` wrote for cl100k_base or bytes is
@@ -47,7 +48,8 @@ class ImportResult:
     tokenizer: str
     eos: str | None
     parameters: int
-    dtype: str
+    dtype: str  # the run's
+    stored: list[str]  # the file's dtypes: more than one when it mixed them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +209,20 @@ def build_model(tensors: dict[str, Any], recipe: Recipe, where: str) -> Any:
     return model
 
 
+def dtype_names(tensors: dict[str, Any]) -> list[str]:
+    """The dtypes the weights are stored in, by name (float16, float32, ...)."""
+    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+
+
+def common_dtype(tensors: dict[str, Any]) -> Any:
+    """The one dtype the model is kept in: the stored one, or float32 when the file mixes
+    dtypes (float32 holds float16 and bfloat16 exactly; a narrower one would round)."""
+    import torch
+
+    return next(iter(tensors.values())).dtype if len(dtype_names(tensors)) == 1 else \
+        torch.float32
+
+
 def note_zero_biases(config: dict[str, Any], recipe: Recipe, params: int, where: str) -> None:
     """Say so when the model holds more parameters than the source (`zero_biases`)."""
     which, added = zero_biases(config, recipe.model, where)
@@ -244,7 +260,7 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
     recipe = build_recipe({"name": name, "data": {"tokenizer": tok_name, "vocab": "full"},
                            "model": keys}, where=f"{folder / 'config.json'} (as a recipe)")
     mapped = from_hf(tensors, recipe.model, cls, config, where)  # floats only
-    dtype = next(iter(mapped.values())).dtype  # the embedding's: the stored precision
+    dtype, stored = common_dtype(mapped), dtype_names(mapped)
     ours = {k: v.to(dtype) for k, v in mapped.items()}
     model = build_model(ours, recipe, where)
     from llmcli.model.count import unique_parameters
@@ -265,4 +281,4 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
         warn(f"the tokenizer has {n_vocab:,} ids but the model's vocabulary only {vocab:,}: "
              "text that tokenizes to the others cannot be given to it")
     return ImportResult(step_path(out, 0), folder, cls, recipe, tok_name, eos, params,
-                        str(dtype).removeprefix("torch."))
+                        str(dtype).removeprefix("torch."), stored)

@@ -281,6 +281,18 @@ def test_outputs_that_cannot_be_folders_are_one_line(tmp_path):
     assert Path("file").read_text() == "mine"
 
 
+def test_an_output_that_cannot_be_created_is_named_as_given(tmp_path):
+    """A read-only place named llm's hidden folder: "ro/.out.b6aseo8j.tmp: read-only file
+    system". /proc takes no new folders, for root too."""
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
+    export_hf(ckpt, tmp_path / "exported")
+    for out in ("/proc/llm-test-out", "/proc/llm-test-dir/out"):
+        for command in (("export", str(ckpt)), ("import", str(tmp_path / "exported"))):
+            code, output = invoke(*command, "-o", out)
+            assert code == 2 and ".tmp" not in output, output
+            assert output.splitlines()[-1].startswith(f"error: {out}: "), output
+
+
 def test_a_run_started_in_the_target_meanwhile_is_not_replaced(tmp_path):
     from llmcli.interop.staging import staged_folder
 

@@ -106,11 +106,10 @@ def staged_folder(target: Path, overwrite: bool, kind: Kind) -> Iterator[Path]:
     minutes, and a run started there meanwhile must not be lost."""
     target = Path(target)
     check_target(target, overwrite, kind)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
+    try:
+        tmp = make_stage(target)
+    except OSError as exc:
+        raise named_as(exc, target) from None
     try:
         yield tmp
         check_target(target, overwrite, kind)
@@ -125,4 +124,30 @@ def staged_folder(target: Path, overwrite: bool, kind: Kind) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(exc):  # named after the folder asked for, not the one just removed
             raise DiskFull(target) from None
+        if isinstance(exc, OSError) and names_stage(exc, tmp):
+            raise named_as(exc, target) from None
         raise
+
+
+def make_stage(target: Path) -> Path:
+    """The empty hidden folder beside `target` that becomes it, with the usual permissions."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
+    return tmp
+
+
+def names_stage(exc: OSError, tmp: Path) -> bool:
+    """Whether `exc` is about the hidden folder (or a file in it), a name the user never gave."""
+    return any(isinstance(name, str) and Path(name).is_relative_to(tmp)
+               for name in (exc.filename, exc.filename2))
+
+
+def named_as(exc: OSError, target: Path) -> Exception:
+    """The same error about `target`, the folder the user asked for: a read-only file system
+    or a missing permission is reported under -o's path, not llm's hidden temporary one."""
+    if disk_full(exc):
+        return DiskFull(target)
+    return type(exc)(exc.errno, exc.strerror, os.fspath(target))

@@ -245,6 +245,30 @@ def test_overwrite_replaces_only_an_earlier_output_never_a_run_or_other_files(tm
     assert (Path("exported") / "model.safetensors").is_file()
 
 
+def test_overwrite_never_deletes_a_model_folder_llm_did_not_export(tmp_path):
+    """A folder transformers' save_pretrained wrote was taken for "an earlier export", and
+    --overwrite deleted it."""
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
+    theirs = hf_folder(tmp_path / "theirs", "gpt2")
+    kept = snapshot(theirs)
+    for flags in ((), ("--overwrite",)):
+        code, output = invoke("export", str(ckpt), "-o", str(theirs), *flags)
+        assert code == 2 and output.count("\n") == 1, output
+        assert "holds a transformers model llm did not export (config.json, " in output, output
+        assert "--overwrite never deletes" in output, output
+    assert snapshot(theirs) == kept
+    export_hf(ckpt, Path("ours"))
+    assert "llm_export" in safe_metadata(Path("ours/model.safetensors"))
+    assert invoke("export", str(ckpt), "-o", "ours", "--overwrite")[0] == 0
+
+
+def safe_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()
+
+
 @pytest.mark.parametrize("where", ["empty", "full"])
 def test_the_current_directory_is_never_an_output(tmp_path, monkeypatch, where):
     """-o . once failed with "error: ValueError: PosixPath('.') has an empty name"; replacing

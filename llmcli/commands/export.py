@@ -27,7 +27,8 @@ def command(
         "loaded by transformers' AutoModelForCausalLM and AutoTokenizer.",
     ),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an earlier export there (never a run or other files).",
+        False, "--overwrite", help="Replace an earlier llm export there (never a run, a "
+        "model llm did not export, or other files).",
     ),
 ) -> None:
     """Export a checkpoint (LoRA merged) for transformers: GPT-2 or Llama, by its recipe."""

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcli import __version__
 from llmcli.checkpoint import Checkpoint
 from llmcli.console import fail, warn
 from llmcli.files import atomic_open, atomic_path, write_text
 from llmcli.interop.mapping import export_class, hf_config, to_hf
-from llmcli.interop.staging import check_target, staged_folder
+from llmcli.interop.staging import EXPORT_MARK, check_target, staged_folder
 from llmcli.interop.tokenizer_export import NATIVE, write_native
 
 REGULAR_IDS = {"cl100k_base": 100256, "bytes": 256}  # ids below the special tokens
@@ -83,6 +84,6 @@ def export_hf(spec: str | Path | None, out: Path, *, overwrite: bool = False) ->
         generation = GenerationConfig(bos_token_id=bos, eos_token_id=eos)
         write_text(tmp / "generation_config.json", generation.to_json_string(use_diff=True))
         with atomic_path(tmp / "model.safetensors") as path:
-            save_file(tensors, str(path), metadata={"format": "pt"})
+            save_file(tensors, str(path), metadata={"format": "pt", EXPORT_MARK: __version__})
         files = sorted(p.name for p in tmp.iterdir())
     return ExportResult(out, ckpt.path, cls, ckpt.tokenizer, eos, params, dtype_name, files)

@@ -2,9 +2,11 @@
 
 A failure (or Ctrl-C) at any point leaves the target as it was: absent, or the earlier folder
 when `--overwrite` replaces one. `--overwrite` only ever replaces what the same command wrote
-before (an earlier export: a transformers model folder; an earlier import: a run directory
-holding only the imported step-00000000.safetensors) or an empty folder. A training run, any
-other file, and the current directory (or one holding it) are refused, never deleted.
+before (an earlier export: a transformers model folder whose model.safetensors carries llm's
+mark, `EXPORT_MARK` in its metadata; an earlier import: a run directory holding only the
+imported step-00000000.safetensors) or an empty folder. A training run, a transformers model
+llm did not export (an export by a version before the mark included), any other file, and the
+current directory (or one holding it) are refused, never deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ EXPORT_FILES = frozenset({
     "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
 })
 SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+EXPORT_MARK = "llm_export"  # model.safetensors metadata key: llm's version wrote this folder
 HINT = {"export": "-o hf-model", "import": "-o checkpoints/NAME"}
 
 
@@ -79,17 +82,30 @@ def foreign(folder: Path, kind: Kind) -> str | None:
         files = f"{len(run)} files, e.g." if len(run) > 1 else "1 file:"
         return f"an llm run ({files} {run[0].name})"
     others = entries if kind == "import" else [p for p in entries if not export_file(p)]
-    if not others:
-        return None
-    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in others[:3])
-    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-    return f"{shown}{more} (not part of an earlier {kind})"
+    if others:
+        return f"{listed(others)} (not part of an earlier {kind})"
+    if not exported(folder / "model.safetensors"):
+        return (f"a transformers model llm did not export ({listed(entries)}; exports by llm "
+                "versions before exports were marked count as such too)")
+    return None
+
+
+def listed(paths: list[Path]) -> str:
+    """The first few names, folders with a slash."""
+    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def export_file(path: Path) -> bool:
-    """Whether `path` is a file an earlier export (a transformers model folder) holds."""
+    """Whether `path` is a file a transformers model folder holds."""
     plain = path.is_file() and not path.is_symlink()
     return plain and (path.name in EXPORT_FILES or SHARD.fullmatch(path.name) is not None)
+
+
+def exported(path: Path) -> bool:
+    """Whether a model.safetensors was written by `llm export` (its metadata carries the mark)."""
+    plain = path.is_file() and not path.is_symlink()
+    return plain and EXPORT_MARK in raw_metadata(path)
 
 
 def imported(path: Path) -> bool:

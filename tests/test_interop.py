@@ -689,6 +689,46 @@ def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
         assert code == 2 and "not a Hugging Face model id" in output, (malformed, output)
 
 
+def test_a_partly_cached_hub_model_is_downloaded_or_said_to_be_incomplete(tmp_path,
+                                                                         monkeypatch):
+    """A cache snapshot an interrupted download left (config and tokenizer, no weights) was
+    taken as the model: "no model.safetensors", exit 2, and the Hub never asked, forever."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from llmcli.interop import hub
+
+    source = hf_folder(tmp_path / "src", "gpt2")
+    cache = tmp_path / "hub-cache"
+    repo = cache / "models--llm-tests--tiny"
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, snap / name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    asked = []
+    monkeypatch.setattr(hub, "probe", lambda repo_id: asked.append(repo_id) or "test: offline")
+    code, output = invoke("import", "llm-tests/tiny")
+    assert code == 1 and asked == ["llm-tests/tiny"], output
+    assert "only partly in the Hugging Face cache (model.safetensors missing" in output, output
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    shutil.copy(source / "model.safetensors", snap / "model-00001-of-00002.safetensors")
+    code, output = invoke("import", "llm-tests/tiny")
+    assert code == 1 and output.count("\n") == 1 and len(asked) == 1, output
+    assert "(shard model-00002-of-00002.safetensors missing" in output, output
+    assert "HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to finish the download" in output
+    (snap / "model.safetensors.index.json").unlink()
+    (snap / "model-00001-of-00002.safetensors").unlink()
+    shutil.copy(source / "model.safetensors", snap / "model.safetensors")
+    code, output = invoke("import", "llm-tests/tiny")  # complete: the cache is the model
+    assert code == 0 and len(asked) == 1, output
+
+
 def test_imported_tokenizer_names_are_checked(tmp_path):
     from llmcli.interop.tokenizer_store import roots
 

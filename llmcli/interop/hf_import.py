@@ -22,7 +22,7 @@ from typing import Any
 from llmcli.checkpoint import CHECKPOINTS_DIR, save_model, step_path
 from llmcli.console import check_readable, fail, first_line, info, warn
 from llmcli.constants import RUN_TOKENIZERS
-from llmcli.interop.hub import fetch, looks_like_hub_id
+from llmcli.interop.hub import INDEX, fetch, looks_like_hub_id
 from llmcli.interop.mapping import (
     LLAMA,
     from_hf,
@@ -35,7 +35,6 @@ from llmcli.interop.staging import check_target, staged_folder
 from llmcli.recipe import Recipe, build_recipe, check_name
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-INDEX = "model.safetensors.index.json"
 TOKENIZER_CHOICES = ("auto", "cl100k_base", "bytes")
 
 

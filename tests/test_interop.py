@@ -138,6 +138,36 @@ def test_cl100k_exports_as_a_fast_tokenizer_with_tiktokens_ids(tmp_path):
     assert seed.encode(text, add_special_tokens=False) == cl100k.encode(text)
 
 
+def test_only_an_unaltered_native_tokenizer_is_taken_for_cl100k_or_bytes(tmp_path):
+    """cl100k's vocabulary and merges with another pre-tokenizer (or normalizer, added token)
+    were taken for cl100k_base, whose ids then differed from transformers'."""
+    from llmcli.interop.tokenizer_export import native_name, write_native
+
+    write_native(tmp_path / "cl100k", "cl100k_base", 100258, 128)  # end-of-text only
+    assert native_name(tmp_path / "cl100k" / "tokenizer.json") == "cl100k_base"
+    write_native(tmp_path / "bytes", "bytes", 257, 128)
+    assert native_name(tmp_path / "bytes" / "tokenizer.json") == "bytes"
+    for name in ("cl100k", "bytes"):
+        path = tmp_path / name / "tokenizer.json"
+        ours = json.loads(path.read_text())
+        merges = ours["model"]["merges"]
+        if merges:  # the older spelling of merges is the same tokenizer
+            path.write_text(json.dumps({**ours, "model": {
+                **ours["model"], "merges": [" ".join(m) for m in merges]}}))
+            assert native_name(path) == "cl100k_base"
+        extra = {"content": "<|mine|>", "id": 300000, "single_word": False, "lstrip": False,
+                 "rstrip": False, "normalized": False, "special": True}
+        for edit in ({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True,
+                                        "trim_offsets": True, "use_regex": True}},
+                     {"normalizer": {"type": "Lowercase"}},
+                     {"post_processor": None},
+                     {"decoder": None},
+                     {"added_tokens": [*ours["added_tokens"], extra]},
+                     {"model": {**ours["model"], "byte_fallback": True}}):
+            path.write_text(json.dumps({**ours, **edit}))
+            assert native_name(path) is None, (name, edit)
+
+
 def test_lora_adapter_exports_merged(tmp_path):
     from transformers import AutoModelForCausalLM
 

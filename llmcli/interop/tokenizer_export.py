@@ -143,25 +143,53 @@ def write_native(folder: Path, name: str, vocab_size: int, context_length: int) 
 
 def native_name(tokenizer_json: Path) -> str | None:
     """cl100k_base or bytes when `tokenizer_json` is what `write_native` writes for it (so a
-    model that went out and came back gets tiktoken again), else None."""
+    model that went out and came back gets tiktoken again), else None.
+
+    Everything that changes ids or text must match, not only the vocabulary and merges: a
+    normalizer, pre-tokenizer, post-processor, decoder or added token of its own makes it
+    another tokenizer (stored as any other tokenizer.json is)."""
     try:
         data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
         vocab = data["model"]["vocab"]
-        merges = data["model"]["merges"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(vocab, dict) or not isinstance(merges, list):
+    if not isinstance(vocab, dict):
         return None
-    if len(vocab) == 256 and not merges:
-        ours = {spell(bytes((b,))): b for b in range(256)}
-        return "bytes" if vocab == ours else None
     from llmcli.data.tokenizer import get_tokenizer
 
-    ranks = get_tokenizer("cl100k_base").encoding._mergeable_ranks
-    if len(vocab) != len(ranks) or len(merges) != len(ranks) - 256:
+    regular = {"bytes": 256, "cl100k_base": len(get_tokenizer("cl100k_base").encoding
+                                                 ._mergeable_ranks)}
+    name = next((n for n, size in regular.items() if len(vocab) == size), None)
+    return name if name is not None and same_tokenizer(data, native_json(name)) else None
+
+
+@functools.cache
+def native_json(name: str) -> dict[str, Any]:
+    """The tokenizer.json `write_native` writes for `name` with all its special tokens."""
+    return json.loads(build_tokenizer(name, 2**31).to_str())
+
+
+def same_tokenizer(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether tokenizer.json `theirs` is `ours`: every field equal but the format version,
+    merges in either spelling ("a b" or ["a", "b"]), and its special tokens the first of ours
+    (a smaller model vocabulary holds fewer)."""
+    if set(theirs) != set(ours) or not isinstance(theirs["model"], dict):
+        return False
+    added = theirs["added_tokens"]
+    if not isinstance(added, list) or added != ours["added_tokens"][:len(added)]:
+        return False
+    if set(theirs["model"]) != set(ours["model"]):
+        return False
+    if any(theirs["model"][k] != v for k, v in ours["model"].items() if k != "merges"):
+        return False
+    skip = ("version", "added_tokens", "model")
+    if any(theirs[k] != v for k, v in ours.items() if k not in skip):
+        return False
+    return _merge_pairs(theirs["model"]["merges"]) == _merge_pairs(ours["model"]["merges"])
+
+
+def _merge_pairs(merges: Any) -> list[list[str]] | None:
+    """Merges as pairs, whichever way the tokenizers version spelled them; None if neither."""
+    if not isinstance(merges, list):
         return None
-    if vocab != {spell(token): rank for token, rank in ranks.items()}:
-        return None
-    ours_merges = [[spell(a), spell(b)] for a, b in recover_merges(ranks)]
-    theirs = [m.split(" ", 1) if isinstance(m, str) else m for m in merges]
-    return "cl100k_base" if theirs == ours_merges else None
+    return [m.split(" ", 1) if isinstance(m, str) else m for m in merges]

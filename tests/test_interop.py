@@ -464,6 +464,75 @@ def test_a_stored_head_that_differs_from_a_tied_embedding_is_kept_as_transformer
     logits_and_greedy(hf, ckpt.load(), eos=0)
 
 
+def with_post_processor(folder: Path, processor: dict) -> None:
+    path = folder / "tokenizer.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "post_processor": processor}))
+
+
+BOS_TEMPLATE = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                         {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
+                                                     "tokens": ["<|endoftext|>"]}}}
+
+
+def test_a_sequence_starts_with_the_bos_the_tokenizer_adds(tmp_path):
+    """A Llama tokenizer whose post-processor puts BOS first: llm encoded prompts without it,
+    so every prompt differed from transformers' tokenizer(text) and greedy text differed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcli.data.instruct import ModelVocab, encode_records
+    from llmcli.generate.pipeline import load_generator
+    from llmcli.inspect.score import score_text
+
+    source = hf_folder(tmp_path / "src", "llama")
+    with_post_processor(source, BOS_TEMPLATE)
+    import_hf(str(source), Path("run"))
+    theirs = AutoTokenizer.from_pretrained(source)
+    ours = get_tokenizer(Checkpoint.open("run").tokenizer)
+    assert ours.start_ids == (0,)
+    for text in ("The quick brown fox", "Colour red"):
+        assert ours.encode_start(text) == theirs(text).input_ids
+        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
+    code, output = invoke("generate", "run", "The quick", "-s", "greedy", "-n", "8", "--json")
+    assert code == 0, output
+    hf = AutoModelForCausalLM.from_pretrained(source).eval()
+    enc = theirs("The quick", return_tensors="pt")
+    new = hf.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=0,
+                      pad_token_id=0)[0, enc.input_ids.shape[1]:].tolist()
+    mine = json.loads(output[output.index("{"):])["results"][0]["token_ids"]
+    assert mine == new[:len(mine)] and (len(mine) == 8 or new[len(mine)] == 0)
+    gen = load_generator("run", device="cpu")
+    assert gen.encode("") == [0]  # a document's start
+    score = score_text(gen, "The quick brown fox")
+    assert score.start_id == 0 and len(score.tokens) == len(ours.encode("The quick brown fox"))
+    [example], _ = encode_records([{"instruction": "Colour?", "input": "", "output": "red"}],
+                                  ours, ModelVocab(gen.vocab.vocab_size, None),
+                                  template="Q: {instruction}\nA: ", context_length=64)
+    prompt = ours.encode_start("Q: Colour?\nA: ")
+    assert example.ids == [*prompt, *ours.encode("red"), 0]  # the answer gets no BOS
+
+
+@pytest.mark.parametrize(("processor", "message"), [
+    ({**BOS_TEMPLATE, "single": [{"Sequence": {"id": "A", "type_id": 1}}]},
+     "gives type ids other than 0"),
+    ({**BOS_TEMPLATE, "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                 {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}]},
+     "adds 1 token(s) after every sequence"),
+])
+def test_post_processors_llm_cannot_reproduce_are_refused_at_import(tmp_path, processor,
+                                                                     message):
+    source = hf_folder(tmp_path / "src", "gpt2")
+    with_post_processor(source, processor)
+    code, output = invoke("import", str(source), "-o", "run")
+    assert code == 2 and output.count("\n") == 1, output
+    assert f"the tokenizer's post-processor {message}" in output, output
+    assert not Path("run").exists()
+
+
 def test_round_trip_import_export_import_gives_identical_tensors(tmp_path):
     source = hf_folder(tmp_path / "src", "llama", tie_word_embeddings=True)
     first = import_hf(str(source), Path("checkpoints/a"))

@@ -180,7 +180,8 @@ def encode_records(
         prompt = render_prompt(template, rec["instruction"], given)
         usable.append((i, prompt, rec["output"]))
 
-    prompts = tokenizer.encode_batch([p for _, p, _ in usable])
+    prompts = [[*tokenizer.start_ids, *ids]  # each record is a sequence: `encode_start`
+               for ids in tokenizer.encode_batch([p for _, p, _ in usable])]
     answers = tokenizer.encode_batch([a for _, _, a in usable])
     examples: list[Example] = []
     limit = context_length + 1  # x and y of one row come from context_length + 1 tokens

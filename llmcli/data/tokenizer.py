@@ -70,9 +70,16 @@ class Tokenizer:
     name: str
     n_vocab: int  # ids are < n_vocab
     eot_id: int  # the end-of-text id that separates documents
+    start_ids: tuple[int, ...] = ()  # what begins a sequence: a BOS its post-processor adds
 
     def encode(self, text: str) -> list[int]:
+        """`text` as it continues a sequence: no start ids (an answer after its prompt)."""
         raise NotImplementedError
+
+    def encode_start(self, text: str) -> list[int]:
+        """`text` as a sequence's start (a prompt, a record's prompt), as transformers'
+        tokenizer(text) encodes it: the tokenizer's start ids, then the text's."""
+        return [*self.start_ids, *self.encode(text)]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]

@@ -66,15 +66,24 @@ class Generator:
     def text_of(self, ids: Sequence[int]) -> str:
         return render([self.token_bytes(i) for i in ids if i != self.eos_id])[0]
 
+    def document_start(self) -> list[int]:
+        """The model ids a document begins with: the tokenizer's start ids (a BOS), else
+        end-of-text, which precedes every document in training; [] when the vocabulary holds
+        neither."""
+        if self.tokenizer.start_ids:
+            return self.vocab.map(list(self.tokenizer.start_ids))[0]
+        return [self.eos_id] if self.eos_id is not None else []
+
     def encode(self, text: str) -> list[int]:
-        """Prompt text → model ids; an empty prompt is end-of-text (a document's start)."""
+        """Prompt text → model ids, begun as a sequence begins (`encode_start`); an empty
+        prompt is a document's start alone."""
         if not text:
-            if self.eos_id is None:
+            if not self.document_start():
                 fail(f"empty prompt: this model's vocabulary ({self.vocab.vocab_size:,} ids) has "
                      f"no end-of-text token (id {self.tokenizer.eot_id:,}) to start from; "
                      "give a prompt")
-            return [self.eos_id]
-        ids = self.tokenizer.encode(text)
+            return self.document_start()
+        ids = self.tokenizer.encode_start(text)
         unseen = []
         for token_id in ids:
             if not self.vocab.has(token_id):

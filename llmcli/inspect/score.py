@@ -1,8 +1,9 @@
 """The probability a model gives every token of a fixed text: loss, perplexity, surprises.
 
-The text starts a document: when the vocabulary holds end-of-text, it goes first (as between
-documents in training), so even the first token is scored; otherwise scoring starts at the
-second token. Token i is predicted from tokens before it; the loss is the mean of −ln p over
+The text starts a document: what a document begins with goes first (`Generator.document_start`:
+the tokenizer's BOS where its post-processor adds one, else end-of-text, as between documents in
+training), so even the first token is scored; without either, scoring starts at the second
+token. Token i is predicted from tokens before it; the loss is the mean of −ln p over
 the scored tokens, exactly what the model's own cross-entropy gives for them.
 """
 
@@ -87,23 +88,25 @@ def score_text(gen: Any, text: str, top: int = 3) -> TextScore:
     if not text:
         fail("score: empty text; give the text to score (TEXT or --file)")
     raw = gen.tokenizer.encode(text)
-    ids = gen.encode(text)
-    start = gen.eos_id
-    seq = ([start] if start is not None else []) + ids
+    ids = gen.encode(text)[len(gen.tokenizer.start_ids):]  # the text's own
+    lead_in = gen.document_start()
+    start = lead_in[-1] if lead_in else None
+    seq = lead_in + ids
     if len(seq) < 2:
         fail("score: the text is a single token and this vocabulary has no end-of-text to "
              "predict it from; give a longer text")
     if len(seq) - 1 > gen.context_length:
         fail(f"score: the text is {len(ids):,} tokens and this model's context is "
-             f"{gen.context_length}; score at most {gen.context_length - (start is not None) + 1}"
+             f"{gen.context_length}; score at most {gen.context_length - len(lead_in) + 1}"
              " tokens at a time")
     model = gen.model
     device = next(model.parameters()).device
     idx = torch.tensor([seq], dtype=torch.long, device=device)
+    skip = max(len(lead_in) - 1, 0)  # positions before the start token predict nothing scored
     with torch.no_grad():
         logits, _ = model(idx[:, :-1])
-    logp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
-    targets = idx[0, 1:].cpu()
+    logp = torch.log_softmax(logits[0, skip:].float(), dim=-1).cpu()
+    targets = idx[0, skip + 1:].cpu()
     chosen = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
     ranks = (logp > chosen.unsqueeze(1)).sum(dim=1) + 1
     best_p, best_i = logp.topk(min(top, logp.shape[-1]), dim=-1)

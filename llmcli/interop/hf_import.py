@@ -142,7 +142,12 @@ def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
     """(tokenizer name, end-of-text token, the files the run keeps of a stored tokenizer) for
     the model in `folder`."""
     from llmcli.interop.tokenizer_export import EOT_TEXT, native_name
-    from llmcli.interop.tokenizer_store import check_decoder, eos_token, store
+    from llmcli.interop.tokenizer_store import (
+        check_decoder,
+        check_post_processor,
+        eos_token,
+        store,
+    )
 
     if choice not in TOKENIZER_CHOICES:
         fail(f"--tokenizer {choice}: use {', '.join(TOKENIZER_CHOICES)}")
@@ -166,6 +171,7 @@ def read_tokenizer(folder: Path, config: dict[str, Any], context_length: int,
         fail(f"{path}: not a tokenizer the tokenizers library reads ({first_line(exc)})")
     check_decoder(json.loads(data).get("decoder"), str(path),
                   "use this model through transformers, or give a tokenizer.json with one of those")
+    check_post_processor(tok, str(path))
     eos = eos_token(folder, tok, config)
     if eos is None:
         fail(f"{folder}: no end-of-text token found (tokenizer_config.json eos_token, config.json "

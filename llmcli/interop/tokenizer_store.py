@@ -144,8 +144,10 @@ class HFTokenizer(Tokenizer):
             fail(f"{path}: not a readable tokenizer ({first_line(exc)}); import the model again")
         check_decoder(self._decoder, str(path), "this run (imported by an earlier version, "
                       "which printed such text wrongly) can only be used through transformers")
-        self.tok.no_truncation()
-        self.tok.no_padding()
+        start = start_ids(self.tok)
+        if isinstance(start, str):
+            fail(f"{path}: the tokenizer's post-processor {start}; import the model again")
+        self.start_ids = start
         if hasattr(self.tok, "encode_special_tokens"):
             self.tok.encode_special_tokens = True  # "<|endoftext|>" in text is text, as in llm
         vocab = self.tok.get_vocab(with_added_tokens=True)
@@ -185,6 +187,42 @@ class HFTokenizer(Tokenizer):
             table[token_id] = render(text)
         self._table = table
         return table
+
+
+def start_ids(tok: Any) -> tuple[int, ...] | str:
+    """The ids the tokenizer's post-processor puts before a single sequence (Llama's BOS), or
+    why llm cannot reproduce what it adds. Found by the library itself, encoding probes with
+    and without special tokens, so every kind of post-processor is read as transformers runs
+    it; llm adds nothing after a sequence (a prompt is continued, not ended), and type ids
+    other than 0 (which transformers would pass to the model) have no place in llm's input."""
+    tok.no_truncation()
+    tok.no_padding()
+    found = set()
+    for probe in ("a", "Hello, world"):
+        bare = tok.encode(probe, add_special_tokens=False).ids
+        full = tok.encode(probe, add_special_tokens=True)
+        if any(full.type_ids):
+            return "gives type ids other than 0, which llm's model has no input for"
+        at = next((k for k in range(len(full.ids) - len(bare) + 1)
+                   if full.ids[k:k + len(bare)] == bare), None)
+        if at is None:
+            return "changes the text's own tokens, not only adds some around them"
+        found.add((tuple(full.ids[:at]), tuple(full.ids[at + len(bare):])))
+    if len(found) != 1:
+        return "adds tokens that depend on the text"
+    start, end = found.pop()
+    if end:
+        return (f"adds {len(end)} token(s) after every sequence (ids {list(end)[:4]}), which "
+                "llm does not (a prompt is continued, not ended)")
+    return start
+
+
+def check_post_processor(tok: Any, where: str) -> None:
+    """A one-line error for a post-processor whose additions llm cannot reproduce."""
+    start = start_ids(tok)
+    if isinstance(start, str):
+        fail(f"{where}: the tokenizer's post-processor {start}; llm reproduces one that only "
+             "puts tokens before a sequence (a BOS); use this model through transformers")
 
 
 # ---------------------------------------------------------------------------------------------

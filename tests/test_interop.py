@@ -516,21 +516,28 @@ def test_a_sequence_starts_with_the_bos_the_tokenizer_adds(tmp_path):
     assert example.ids == [*prompt, *ours.encode("red"), 0]  # the answer gets no BOS
 
 
-@pytest.mark.parametrize(("processor", "message"), [
-    ({**BOS_TEMPLATE, "single": [{"Sequence": {"id": "A", "type_id": 1}}]},
-     "gives type ids other than 0"),
-    ({**BOS_TEMPLATE, "single": [{"Sequence": {"id": "A", "type_id": 0}},
-                                 {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}]},
-     "adds 1 token(s) after every sequence"),
-])
-def test_post_processors_llm_cannot_reproduce_are_refused_at_import(tmp_path, processor,
-                                                                     message):
+def test_post_processors_llm_cannot_reproduce_are_refused_at_import(tmp_path):
     source = hf_folder(tmp_path / "src", "gpt2")
-    with_post_processor(source, processor)
+    with_post_processor(source, {**BOS_TEMPLATE,
+                                 "single": [{"Sequence": {"id": "A", "type_id": 1}}]})
     code, output = invoke("import", str(source), "-o", "run")
     assert code == 2 and output.count("\n") == 1, output
-    assert f"the tokenizer's post-processor {message}" in output, output
+    assert "the tokenizer's post-processor gives type ids other than 0" in output, output
     assert not Path("run").exists()
+
+
+def test_tokens_a_post_processor_appends_are_left_out_of_prompts_and_said(tmp_path):
+    source = hf_folder(tmp_path / "src", "gpt2")
+    with_post_processor(source, {**BOS_TEMPLATE, "single": [
+        {"Sequence": {"id": "A", "type_id": 0}},
+        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}]})
+    code, output = invoke("import", str(source), "-o", "run")
+    assert code == 0, output
+    assert "post-processor appends 1 token(s) to every sequence" in output, output
+    from llmcli.generate.pipeline import load_generator
+
+    gen = load_generator("run", device="cpu")
+    assert gen.encode("The quick") == gen.tokenizer.encode("The quick")
 
 
 def test_round_trip_import_export_import_gives_identical_tensors(tmp_path):

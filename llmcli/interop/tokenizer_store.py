@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.checkpoint import CHECKPOINTS_DIR
-from llmcli.console import UserError, check_readable, fail, first_line
+from llmcli.console import UserError, check_readable, fail, first_line, warn
 from llmcli.constants import RUN_TOKENIZERS
 from llmcli.data.tokenizer import Tokenizer
 from llmcli.files import atomic_open, cache_dir
@@ -189,12 +189,12 @@ class HFTokenizer(Tokenizer):
         return table
 
 
-def start_ids(tok: Any) -> tuple[int, ...] | str:
-    """The ids the tokenizer's post-processor puts before a single sequence (Llama's BOS), or
-    why llm cannot reproduce what it adds. Found by the library itself, encoding probes with
-    and without special tokens, so every kind of post-processor is read as transformers runs
-    it; llm adds nothing after a sequence (a prompt is continued, not ended), and type ids
-    other than 0 (which transformers would pass to the model) have no place in llm's input."""
+def additions(tok: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+    """(ids put before, ids put after) a single sequence by the tokenizer's post-processor
+    (Llama's BOS; an EOS some tokenizers append), or why llm cannot reproduce what it adds.
+    Found by the library itself, encoding probes with and without special tokens, so every
+    kind of post-processor is read as transformers runs it; type ids other than 0 (which
+    transformers would pass to the model) have no place in llm's input."""
     tok.no_truncation()
     tok.no_padding()
     found = set()
@@ -210,19 +210,29 @@ def start_ids(tok: Any) -> tuple[int, ...] | str:
         found.add((tuple(full.ids[:at]), tuple(full.ids[at + len(bare):])))
     if len(found) != 1:
         return "adds tokens that depend on the text"
-    start, end = found.pop()
-    if end:
-        return (f"adds {len(end)} token(s) after every sequence (ids {list(end)[:4]}), which "
-                "llm does not (a prompt is continued, not ended)")
-    return start
+    return found.pop()
+
+
+def start_ids(tok: Any) -> tuple[int, ...] | str:
+    """The ids a sequence begins with (a BOS), or why llm cannot reproduce the post-processor.
+    What it puts after a sequence is left out: a prompt is continued, not ended."""
+    found = additions(tok)
+    return found if isinstance(found, str) else found[0]
 
 
 def check_post_processor(tok: Any, where: str) -> None:
-    """A one-line error for a post-processor whose additions llm cannot reproduce."""
-    start = start_ids(tok)
-    if isinstance(start, str):
-        fail(f"{where}: the tokenizer's post-processor {start}; llm reproduces one that only "
-             "puts tokens before a sequence (a BOS); use this model through transformers")
+    """A one-line error for a post-processor whose additions llm cannot reproduce, and a
+    warning for the tokens it appends, which llm leaves out."""
+    found = additions(tok)
+    if isinstance(found, str):
+        fail(f"{where}: the tokenizer's post-processor {found}; llm reproduces one that puts "
+             "tokens before or after a sequence (a BOS, an EOS); use this model through "
+             "transformers")
+    end = found[1]
+    if end:
+        warn(f"{where}: the tokenizer's post-processor appends {len(end)} token(s) to every "
+             f"sequence (ids {list(end)[:4]}); llm leaves them out of a prompt, which it continues "
+             "rather than ends (transformers' tokenizer(text) keeps them)")
 
 
 # ---------------------------------------------------------------------------------------------

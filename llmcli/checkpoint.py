@@ -245,7 +245,8 @@ def _header_format(path: Path) -> str | None:
     return meta.get("format") if isinstance(meta, dict) else None
 
 
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
+                    inputs: Iterable[tuple[str, Path]] = ()) -> None:
     """Refuse to mix a new run with an earlier one; sweep stale temporary files.
 
     Without `--resume` a directory holding another run's checkpoints is refused (exit 2): the
@@ -253,12 +254,14 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     pick the old run's higher-step files. `--overwrite` deletes that run first. Metrics and a
     plot alone are a start that failed before its first checkpoint: nothing there can be
     resumed (`--resume` finds nothing), so refusing would leave no way but `--overwrite`; the
-    new run replaces them, and says so. Only the process holding the directory's lock may call
-    this (see `claim_run_dir`): it deletes files.
+    new run replaces them, and says so. `inputs` ((what, path): the run's base, its data) must
+    not be among what goes. Only the process holding the directory's lock may call this (see
+    `claim_run_dir`), once the run's inputs are loaded: it deletes files.
     """
     run_dir = Path(run_dir)
     old = check_run_dir(run_dir, resuming=resuming, overwrite=overwrite)
     if old and not resuming:
+        refuse_cleared_inputs(run_dir, old, inputs, overwrite)
         if all(p.name in RUN_FILES for p in old) and not overwrite:
             warn(f"{run_dir}: replacing {' and '.join(p.name for p in old)} of an earlier start "
                  "that stopped before saving a checkpoint")
@@ -277,6 +280,24 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     if swept:
         warn(f"removed {len(swept)} unfinished temporary file(s) of an interrupted write in "
              f"{run_dir}")
+
+
+def refuse_cleared_inputs(run_dir: Path, old: list[Path], inputs: Iterable[tuple[str, Path]],
+                          overwrite: bool) -> None:
+    """Refuse (exit 2) a run whose input (`inputs`: (what, path)) is one of the earlier run's
+    files `old` that it would delete, or inside one: `finetune.init` naming the run being
+    overwritten would leave neither the base nor a new run."""
+    gone = [p.resolve() for p in old]
+    for what, path in inputs:
+        try:
+            target = Path(path).resolve()
+        except (OSError, RuntimeError):  # a symlink loop: it names none of them
+            continue
+        if any(target == victim or victim in target.parents for victim in gone):
+            why = ("which --overwrite would clear" if overwrite else
+                   "whose earlier start this run replaces")
+            fail(f"{what} {path}: inside the run directory {run_dir}, {why}; write this run "
+                 "elsewhere with -o DIR (or move the input out first)")
 
 
 def refuse_contradiction(resuming: bool, overwrite: bool) -> None:
@@ -377,40 +398,72 @@ def set_aside_newer(run_dir: Path, resume: Path) -> Path | None:
     return aside
 
 
+@dataclass
+class RunClaim:
+    """A run directory held for one training run (see `claim_run_dir`)."""
+
+    run_dir: Path
+    resume: Path | None  # the step checkpoint to continue; None for a fresh run
+    overwrite: bool
+    main: bool
+    share: Callable[[Any], Any]
+
+    def start(self, inputs: Iterable[tuple[str, Path]] = ()) -> None:
+        """Make room for the run, now that every input is loaded and checked: set a resume's
+        newer steps aside, delete the earlier run that --overwrite (or a fresh start over a
+        failed one) replaces, sweep temporaries. Not before: a run refused on its base, its
+        records or its corpus must leave the earlier one whole. `inputs` ((what, path)) among
+        the files that would go are refused first. Every process of a group calls it."""
+        _main_decides(lambda: _make_room(self, list(inputs)), self.main, self.share)
+
+
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, *, resume: str | Path | bool | None, overwrite: bool,
                   main: bool = True, kind: str | None = None,
-                  share: Callable[[Any], Any] | None = None) -> Iterator[Path | None]:
-    """A run directory held for the length of one training run; yields the checkpoint to
-    resume from (None for a fresh run). `kind` ("pretrain" / "finetune"): the command, whose
+                  share: Callable[[Any], Any] | None = None) -> Iterator[RunClaim]:
+    """A run directory held for the length of one training run: yields its `RunClaim` (the
+    checkpoint to resume from, None for a fresh run; `start()`, called once the inputs are
+    loaded, changes the directory). `kind` ("pretrain" / "finetune"): the command, whose
     resume must be of a run of its own kind.
 
     One run at a time per directory: two would interleave their metrics and replace each
     other's checkpoints. The process that writes (the main one of a process group) holds a lock
-    beside the directory (`llmcli.files.locked`); a second run is refused, naming the first.
-    Only that process looks at and changes the directory (deleting, setting aside, sweeping):
-    a refused group must not touch the run that holds it. `share` (every process of a group
-    calls it once: `distributed.from_main`) hands the main process's outcome to the others,
-    which wait for it; a refusal ends them quietly with its exit code (`Echoed`).
+    beside the directory (`llmcli.files.locked`), taken first; a second run is refused, naming
+    the first. What would be refused anyway (an earlier run without --overwrite, a resume of
+    the wrong kind) is refused here, before anything is loaded. Only the main process looks at
+    and changes the directory (deleting, setting aside, sweeping): a refused group must not
+    touch the run that holds it. `share` (every process of a group calls it once per step:
+    `distributed.from_main`) hands the main process's outcome to the others, which wait for
+    it; a refusal ends them quietly with its exit code (`Echoed`).
     """
     share = share or (lambda value: value)
     with contextlib.ExitStack() as stack:
-        outcome: tuple[Path | None, int | None] = (None, None)
-        if main:
-            try:
-                outcome = (_claim(Path(run_dir), stack, resume, overwrite, kind), None)
-            except BaseException as exc:
-                share((None, exit_code(exc)))
-                raise
-        resume_path, refused = share(outcome)
-        if refused is not None:
-            raise Echoed(refused)
-        yield resume_path
+        resume_path = _main_decides(
+            lambda: _claim(Path(run_dir), stack, resume, overwrite, kind), main, share)
+        yield RunClaim(Path(run_dir), resume_path, overwrite, main, share)
+
+
+def _main_decides(work: Callable[[], Any], main: bool, share: Callable[[Any], Any]) -> Any:
+    """`work()` in the main process, its result handed to every process by `share`; a
+    refusal there ends the others with its exit code."""
+    outcome: tuple[Any, int | None] = (None, None)
+    if main:
+        try:
+            outcome = (work(), None)
+        except BaseException as exc:
+            share((None, exit_code(exc)))
+            raise
+    value, refused = share(outcome)
+    if refused is not None:
+        raise Echoed(refused)
+    return value
 
 
 def _claim(run_dir: Path, stack: contextlib.ExitStack, resume: str | Path | bool | None,
            overwrite: bool, kind: str | None) -> Path | None:
-    """claim_run_dir's work in the main process: lock, pick the resume, set the directory up."""
+    """claim_run_dir's work in the main process: lock, pick the resume, refuse what `start`
+    would refuse about the directory (it reads only: nothing is changed before the inputs
+    are loaded)."""
     refuse_contradiction(resume not in (None, False), overwrite)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -422,14 +475,26 @@ def _claim(run_dir: Path, stack: contextlib.ExitStack, resume: str | Path | bool
     resume_path = resolve_resume(resume, run_dir)
     if resume_path is not None and kind is not None:
         check_run_kind(resume_path, kind)
-    branching = resume_path is not None and resume_path.parent.resolve() != run_dir.resolve()
+    branching = _branches(run_dir, resume_path)
     if branching:
         _refuse_mixing(run_dir, resume_path)
-    elif resume_path is not None:
-        set_aside_newer(run_dir, resume_path)
-    prepare_run_dir(run_dir, resuming=resume_path is not None and not branching,
-                    overwrite=overwrite)
+    check_run_dir(run_dir, resuming=resume_path is not None and not branching,
+                  overwrite=overwrite)
     return resume_path
+
+
+def _branches(run_dir: Path, resume: Path | None) -> bool:
+    """Whether `resume` is another directory's checkpoint, continued into `run_dir`."""
+    return resume is not None and resume.parent.resolve() != run_dir.resolve()
+
+
+def _make_room(claim: RunClaim, inputs: list[tuple[str, Path]]) -> None:
+    """RunClaim.start's work in the main process."""
+    branching = _branches(claim.run_dir, claim.resume)
+    if claim.resume is not None and not branching:
+        set_aside_newer(claim.run_dir, claim.resume)
+    prepare_run_dir(claim.run_dir, resuming=claim.resume is not None and not branching,
+                    overwrite=claim.overwrite, inputs=inputs)
 
 
 def _refuse_mixing(run_dir: Path, resume: Path) -> None:

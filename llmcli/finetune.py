@@ -82,6 +82,7 @@ class Prepared:
     base: Path
     extra_meta: dict[str, Any]
     lora: bool
+    inputs: list[tuple[str, Path]] = dataclasses.field(default_factory=list)  # what it reads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +278,8 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
         except ValueError as exc:
             fail(f"lora: {exc}")
         extra_meta["lora"] = lora_meta(recipe.lora)
-    return Prepared(recipe, model, batches, base_path, extra_meta, lora)
+    inputs = [("finetune.init", base_path), ("data.source", source)]
+    return Prepared(recipe, model, batches, base_path, extra_meta, lora, inputs)
 
 
 def rows_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -305,12 +307,12 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
     try:
         with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
                            main=dist.is_main, kind="finetune",
-                           share=partial(distributed.from_main, info=dist)) as resume_path:
+                           share=partial(distributed.from_main, info=dist)) as claim:
+            resume_path = claim.resume
             prep = prepare(recipe, run_dir=run_dir, resume=resume_path, strict=strict,
                            rank=dist.rank, main=dist.is_main)
             total, trainable = count_parameters(prep.model)
             if dist.is_main:
-                keep_with_run(prep.recipe.data.tokenizer, run_dir)
                 kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
                 info(f"{kind}: training {trainable:,} of {total:,} parameters "
                      f"({trainable / total:.2%}) from {prep.base} on {dev}"
@@ -323,9 +325,14 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
                 def save_weights(path: Path, model: Any, meta: dict) -> None:
                     save_adapter(path, model, prep.recipe, **meta)
 
+            def start() -> None:  # the earlier run goes only now that everything is loaded
+                claim.start(prep.inputs)
+                if dist.is_main:
+                    keep_with_run(prep.recipe.data.tokenizer, run_dir)
+
             result = train(prep.recipe, prep.model, prep.batches, run_dir, device=dev,
                            resume=resume_path, save_weights=save_weights,
-                           extra_meta=prep.extra_meta, base=prep.base)
+                           extra_meta=prep.extra_meta, base=prep.base, before_start=start)
             run = FinetuneRun(result, run_dir, prep.base, trainable, total, prep.lora)
             if merge and dist.is_main:
                 if not prep.lora:

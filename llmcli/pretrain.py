@@ -260,21 +260,33 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path 
     try:
         with claim_run_dir(run_dir, resume=resume, overwrite=overwrite,
                            main=dist.is_main, kind="pretrain",
-                           share=partial(distributed.from_main, info=dist)) as resume_path:
+                           share=partial(distributed.from_main, info=dist)) as claim:
+            resume_path = claim.resume
             recipe, corpus = prepare(recipe, dist, resume_path, data_dir)
             seed_everything(recipe.train.seed)
             model = build_model(recipe.model, dev)
             batches = make_batches(recipe, corpus, dist.rank)
             if dist.is_main:
                 _warn_unused(recipe)
-                keep_with_run(recipe.data.tokenizer, run_dir)
                 total, _ = count_parameters(model)
                 per_step = batches.tokens_per_batch * recipe.train.grad_accum * dist.world_size
                 describe_run(recipe, corpus, total, per_step, run_dir, dev, dist, resume_path)
+
+            def start() -> None:  # the earlier run goes only now that everything is loaded
+                claim.start(corpus_inputs(recipe, corpus))
+                if dist.is_main:
+                    keep_with_run(recipe.data.tokenizer, run_dir)
+
             return train(recipe, model, batches, run_dir, device=dev, resume=resume_path,
-                         extra_meta=extra_meta(recipe, corpus))
+                         extra_meta=extra_meta(recipe, corpus), before_start=start)
     finally:
         distributed.cleanup()
+
+
+def corpus_inputs(recipe: Recipe, corpus: Corpus) -> list[tuple[str, Path]]:
+    """What the run reads, which clearing its run directory must not delete."""
+    return [("data.source", Path(s)) for s in recipe.data.sources] + [
+        ("the token file", corpus.path)]
 
 
 def describe_run(recipe: Recipe, corpus: Corpus, params: int, tokens_per_step: int,

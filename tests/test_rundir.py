@@ -287,6 +287,42 @@ def test_a_base_pruned_while_a_lora_run_starts_is_picked_again(project, records,
     assert Checkpoint.open(project / "runs/lo").base_path.name == "step-00000003.safetensors"
 
 
+def files_of(run: Path) -> dict[str, bytes]:
+    """A run's files, without the markers a LoRA start leaves beside its base."""
+    return {name: data for name, data in snapshot(run).items() if not name.startswith(".")}
+
+
+def test_a_run_refused_on_its_inputs_leaves_the_run_it_would_overwrite(project, records):
+    """--overwrite deleted the earlier run before the new one's inputs were read: a base that
+    was that very run (or a file in it), empty records, a misspelt finetune.init or a corpus
+    too small for the context left an empty directory, and no run at all."""
+    assert pretrain().exit_code == 0
+    run = project / "runs/a"
+    before = files_of(run)
+    step = run / "step-00000006.safetensors"
+    for init in (run, step):
+        for lora in ("lora.rank=2", "lora.rank=0"):
+            with pytest.raises(UserError, match=rf"^finetune.init {step}: inside the run "
+                               rf"directory {run}, which --overwrite would clear; write this "
+                               "run elsewhere with -o DIR") as caught:
+                finetune(ft_recipe(init, records, lora), run_dir=run, device="cpu",
+                         overwrite=True)
+            assert caught.value.exit_code == 2 and files_of(run) == before
+    small = pretrain("model.context_length=4096", "--overwrite")  # 3,600 training tokens
+    assert small.exit_code == 2 and "fewer than context_length" in small.stderr
+    assert files_of(run) == before
+    ft = project / "runs/ft"
+    finetune(ft_recipe(step, records), run_dir=ft, device="cpu")
+    earlier = files_of(ft)
+    (project / "empty.json").write_text("[]", encoding="utf-8")
+    for bad in ("data.source=empty.json", "finetune.init=runs/typo"):
+        with pytest.raises(UserError):
+            finetune(ft_recipe(step, records, bad), run_dir=ft, device="cpu", overwrite=True)
+        assert files_of(ft) == earlier
+    finetune(ft_recipe(step, records), run_dir=ft, device="cpu", overwrite=True)  # still works
+    assert files_of(ft).keys() == earlier.keys()
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming from an older step: a new branch
 
@@ -357,8 +393,9 @@ def test_only_the_main_process_of_a_group_changes_the_run_directory(tmp_path):
     for path in kept:
         path.write_bytes(b"x")
     with claim_run_dir(run, resume=None, overwrite=True, main=False,
-                       share=lambda _: (run / "step-00000002.safetensors", None)) as resume:
-        assert resume == run / "step-00000002.safetensors"  # what the main process chose
+                       share=lambda _: (run / "step-00000002.safetensors", None)) as claim:
+        assert claim.resume == run / "step-00000002.safetensors"  # what the main process chose
+        claim.start()  # the main process clears; this one only waits for its outcome
     assert all(path.exists() for path in kept)
     with pytest.raises(Echoed) as refused, claim_run_dir(run, resume=None, overwrite=True,
                                                          main=False, share=lambda _: (None, 2)):
@@ -369,4 +406,12 @@ def test_only_the_main_process_of_a_group_changes_the_run_directory(tmp_path):
             claim_run_dir(run, resume=None, overwrite=True, share=shared.append):
         pass
     assert shared == [(None, 2)]  # the refusal's exit code, told to the others
+    assert all(path.exists() for path in kept)
+    shared.clear()
+    with claim_run_dir(run, resume=None, overwrite=True,
+                       share=lambda outcome: shared.append(outcome) or outcome) as claim:
+        assert all(path.exists() for path in kept)  # nothing goes before the inputs are read
+        with pytest.raises(UserError, match="inside the run directory"):
+            claim.start([("finetune.init", run / "step-00000002.safetensors")])
+    assert shared == [(None, None), (None, 2)]  # claimed, then the refusal told to the others
     assert all(path.exists() for path in kept)

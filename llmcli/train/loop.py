@@ -3,7 +3,7 @@
 Interface (stable: `llm pretrain` and `llm finetune` both build on it):
 
     train(recipe, model, batches, run_dir, *, device, resume=None, save_weights=None,
-          extra_meta=None, base=None) -> TrainResult
+          extra_meta=None, base=None, before_start=None) -> TrainResult
 
 - `batches`: a `llmcli.data.batches.BatchSource`: `get_batch(split) -> (x, y)` int64 CPU
   tensors (B, T), y = IGNORE_INDEX (-100) where no loss is wanted; `state_dict()` and
@@ -20,6 +20,10 @@ Interface (stable: `llm pretrain` and `llm finetune` both build on it):
   state (which then stores them), so LoRA runs resume over the same frozen base.
 - `base`: the checkpoint a fine-tune's weights came from (None: the recipe's init), named when
   the untrained model's loss is not finite.
+- `before_start()`: called on every process once the trainer is set up (and a resume restored),
+  before anything is written to `run_dir`: the run directory's claim clears the earlier run
+  there only then (`llmcli.checkpoint.RunClaim.start`), so a run refused on its set-up
+  leaves it whole.
 - Ctrl-C finishes the step, saves and raises `TrainingInterrupted` (exit 130); a non-finite loss
   (training, or any evaluation, the one at step 0 included) raises a `UserError` (exit 1)
   without touching the checkpoints already written.
@@ -476,20 +480,24 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self, resume: Path | None) -> TrainResult:
+    def run(self, resume: Path | None,
+            before_start: Callable[[], None] | None = None) -> TrainResult:
         saved = self.restore_weights(Path(resume)) if resume is not None else None
         model, net = self.parallelize()
         try:
-            return self._run(model, net, resume, saved)
+            return self._run(model, net, resume, saved, before_start)
         finally:
             distributed.undo_activation_checkpointing(self.checkpointed)
 
     def _run(self, model: torch.nn.Module, net: torch.nn.Module, resume: Path | None,
-             saved: tuple[dict[str, torch.Tensor], dict] | None) -> TrainResult:
+             saved: tuple[dict[str, torch.Tensor], dict] | None,
+             before_start: Callable[[], None] | None = None) -> TrainResult:
         if resume is not None and saved is not None:
             self.restore(Path(resume), *saved)
         else:
             state.seed_everything(self.cfg.seed + self.dist.rank)
+        if before_start is not None:
+            before_start()
         start = self.step
         eval_streams = _eval_part(self.batches.state_dict())
         problem = warmup_problem(self.cfg, self.total)
@@ -777,8 +785,9 @@ def train(
     save_weights: SaveWeights | None = None,
     extra_meta: dict | None = None,
     base: Path | None = None,
+    before_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `batches` as `recipe.train` says; see the module docstring."""
     trainer = Trainer(recipe, model, batches, Path(run_dir), torch.device(device), save_weights,
                       extra_meta, base)
-    return trainer.run(resume)
+    return trainer.run(resume, before_start)

@@ -852,8 +852,10 @@ def adapter_base(path: Path, meta: dict[str, Any]) -> Path:
     return base
 
 
-def base_reference(adapter_dir: Path, base: Path) -> dict[str, str]:
-    """Metadata naming `base` from an adapter written in `adapter_dir` (see the module doc)."""
+def base_reference(adapter_dir: Path, base: Path, sha256: str | None = None) -> dict[str, str]:
+    """Metadata naming `base` from an adapter written in `adapter_dir` (see the module doc).
+    `sha256`: the base's, when known: a resumed full fine-tune keeps the one it recorded,
+    as its base may have moved or gone since."""
     from llmcli.files import sha256_file
 
     try:
@@ -861,7 +863,7 @@ def base_reference(adapter_dir: Path, base: Path) -> dict[str, str]:
     except (OSError, RuntimeError) as exc:  # a symlink loop in either path
         fail(f"{adapter_dir}: cannot resolve the run directory or its base {base} ({exc}); "
              "give a plain directory with -o")
-    return {"base": relative, "base_sha256": sha256_file(Path(base))}
+    return {"base": relative, "base_sha256": sha256 or sha256_file(Path(base))}
 
 
 def dataclasses_differ(a: Any, b: Any, ignore: tuple[str, ...] = ("dropout",)) -> bool:

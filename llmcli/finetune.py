@@ -142,32 +142,56 @@ def records_path(recipe: Recipe) -> Path:
 def base_checkpoint(recipe: Recipe, resume: Path | None,
                     saved: dict[str, Any] | None = None) -> Path:
     """The checkpoint fine-tuning starts from: finetune.init, or on a resume the base the run
-    started on. finetune.init may name that base again (its file or its run directory, which
-    may have newer steps by now) but not another one: a LoRA resume would silently keep its
-    own, a full one would record the wrong base."""
+    started on (as it recorded it: a run directory named again may hold newer steps by now).
+    finetune.init may name that base again (its file or its run directory), or hold the same
+    bytes elsewhere (it moved), but not another one: a LoRA resume would silently keep its own,
+    a full one would record the wrong base. A full fine-tune's recorded base may be gone (its
+    checkpoints hold every weight); a LoRA one's is checked present and unchanged."""
     started = _started_base(resume, saved) if resume is not None and saved else None
     init = recipe.finetune.init
-    if started is not None:
-        if init and not _names(init, started):
-            shown = os.path.normpath(started)
-            fail(f"finetune.init: {init} is not the base {resume} was fine-tuned from "
-                 f"({shown}); a resumed run keeps its base: resume with "
-                 f"finetune.init={shown}, or start a new run elsewhere (-o DIR)")
-        if "lora" in saved:
-            return Checkpoint.read(resume).base_path  # present, and the same bytes
-        if started.is_file():
-            return started
-    if not init:
-        fail("finetune.init: no base checkpoint; set it in the recipe or on the command line, "
-             "e.g. finetune.init=checkpoints/tiny")
-    return resolve_checkpoint(init)
+    if started is None:
+        if not init:
+            fail("finetune.init: no base checkpoint; set it in the recipe or on the command "
+                 "line, e.g. finetune.init=checkpoints/tiny")
+        return resolve_checkpoint(init)
+    assert resume is not None and saved is not None
+    if init and not _names(init, started):
+        return _moved_base(init, started, resume, saved)
+    if "lora" in saved:
+        return Checkpoint.read(resume).base_path  # present, and the same bytes
+    return started
+
+
+def _moved_base(init: str, started: Path, resume: Path, saved: dict[str, Any]) -> Path:
+    """finetune.init on a resume that names another path than the recorded base: that base
+    moved when it holds the same bytes (the SHA-256 the run recorded); else refused."""
+    from llmcli.files import sha256_file
+
+    given = Path(init)
+    same_name = given / started.name
+    candidate = same_name if given.is_dir() and same_name.is_file() else resolve_checkpoint(init)
+    want = saved.get("base_sha256")
+    if isinstance(want, str) and sha256_file(candidate) == want:
+        return candidate
+    shown = os.path.normpath(started)
+    fail(f"finetune.init: {init} is not the base {resume} was fine-tuned from ({shown}): "
+         f"neither that path nor the same bytes; a resumed run keeps its base: resume with "
+         f"finetune.init={shown} (or its new place, if it moved), or start a new run "
+         "elsewhere (-o DIR)")
 
 
 def _load_base(recipe: Recipe, resume: Path | None, saved: dict[str, Any] | None,
                user_dir: Path | None) -> tuple[Path, Any, Recipe, dict[str, Any]]:
     """The base model, from a run directory that may still be training and pruning its older
     steps: marked as the base of `user_dir`'s adapters before it is read (so that run keeps
-    it), and picked again if it vanished in between."""
+    it), and picked again if it vanished in between. A full fine-tune's resume reads no base:
+    its own checkpoint holds every weight, the shape and the vocabulary (the loop loads it)."""
+    if saved is not None and resume is not None and "lora" not in saved:
+        base_path = base_checkpoint(recipe, resume, saved)
+        own = Checkpoint.read(resume)
+        from llmcli.model.gpt import build_model
+
+        return base_path, build_model(own.recipe.model), own.recipe, own.meta
     for attempt in range(VANISHED_RETRIES):
         base_path = base_checkpoint(recipe, resume, saved)
         if user_dir is not None:
@@ -192,12 +216,13 @@ def _started_base(resume: Path, saved: dict[str, Any]) -> Path | None:
 
 
 def _names(init: str, base: Path) -> bool:
-    """Whether finetune.init names `base`: the file itself, or the run directory holding it."""
+    """Whether finetune.init names `base`: the file itself, or the run directory holding it
+    (either may be gone: a full fine-tune resumes without its base)."""
     try:
         given, wanted = Path(init).resolve(), base.resolve()
     except (OSError, RuntimeError):  # a symlink loop: it names nothing
         return False
-    return given == wanted or (given.is_dir() and wanted.parent == given)
+    return given in (wanted, wanted.parent)
 
 
 def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None = None,
@@ -218,6 +243,9 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
     # the base's own run must not prune what these adapters load onto
     base_path, model, base_recipe, base_meta = _load_base(
         recipe, resume, saved, run_dir if lora and main else None)
+    if not base_path.exists() and main:
+        info(f"the base {base_path} is gone; {resume} holds every weight, so the full "
+             "fine-tune resumes without it")
     recipe = reconcile(recipe, base_recipe, base_meta, recipe.path or "recipe")
     if recipe.model.dropout != base_recipe.model.dropout:  # same weights, new dropout modules
         weights = model.state_dict()
@@ -265,8 +293,11 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
              "encoding changed): training continues on the new rows, so the run is no longer "
              "the one an uninterrupted run would have given")
 
+    # a resume keeps the base it recorded, which may have moved (the same bytes) or gone
+    known = saved.get("base_sha256") if saved is not None else None
     extra_meta: dict[str, Any] = {"tokenizer": recipe.data.tokenizer, "template": template,
-                                  "rows_digest": digest, **base_reference(run_dir, base_path)}
+                                  "rows_digest": digest,
+                                  **base_reference(run_dir, base_path, sha256=known)}
     if base_meta.get("vocab_map") is not None:
         extra_meta["vocab_map"] = base_meta["vocab_map"]
     if stop:

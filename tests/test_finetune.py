@@ -291,8 +291,9 @@ def test_resume_keeps_its_base_and_refuses_another(base, records, tmp_path, lora
     finetune(make_recipe(base, records, lora, "train.max_iters=3"), run_dir=tmp_path / "b",
              device="cpu")
     other = tmp_path / "other" / "step-00000010.safetensors"
-    other.parent.mkdir()
-    other.write_bytes(base.read_bytes())  # the same weights elsewhere: still another base
+    recipe = build_recipe({"name": "base", "data": {"tokenizer": "bytes"}, "model": MODEL})
+    torch.manual_seed(1)  # the same shape, other weights: another base
+    save_model(other, build_model(recipe.model), recipe, tokenizer="bytes", step=10)
     with pytest.raises(UserError, match=r"finetune.init: .*other.* is not the base .* "
                        r"fine-tuned from \(.*base/step-00000010.safetensors\)") as caught:
         finetune(make_recipe(base, records, lora, f"finetune.init={other}"),
@@ -309,6 +310,62 @@ def test_resume_keeps_its_base_and_refuses_another(base, records, tmp_path, lora
         run = finetune(make_recipe(base, records, lora, "train.max_iters=5", "finetune.init="),
                        run_dir=tmp_path / "b", device="cpu", resume=True)
         assert run.base.resolve() == base.resolve() and run.result.step == 5
+
+
+def test_a_full_fine_tune_resumes_after_its_base_moved_or_went(base, records, tmp_path):
+    """A full fine-tune holds every weight, yet its resume loaded the base: once the base moved,
+    the old path was "not found" and the new one "not the base"; a LoRA resume still needs
+    its base, said in one line, and finds it at its new place by its bytes."""
+    for lora in ("lora.rank=0", "lora.rank=2"):
+        run = tmp_path / lora
+        finetune(make_recipe(base, records, lora, "train.max_iters=3"), run_dir=run,
+                 device="cpu")
+        digest = read_metadata(run / "step-00000003.safetensors")["base_sha256"]
+        moved = tmp_path / "moved"
+        base.parent.rename(moved)
+        try:
+            if lora == "lora.rank=2":
+                with pytest.raises(UserError, match="base checkpoint .* is missing") as caught:
+                    finetune(make_recipe(base, records, lora, "train.max_iters=4"),
+                             run_dir=run, device="cpu", resume=True)
+                assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+            else:  # the old path, gone: nothing to load, the recorded base kept
+                old = finetune(make_recipe(base, records, lora, "train.max_iters=4"),
+                               run_dir=run, device="cpu", resume=True)
+                assert old.result.step == 4 and old.base.resolve() == base.resolve()
+                meta = read_metadata(old.result.checkpoint)
+                assert meta["base"].endswith("base/step-00000010.safetensors")
+                assert meta["base_sha256"] == digest
+            for init in (moved, moved / base.name):  # its new place: the same bytes
+                steps = 5 if init == moved else 6
+                again = finetune(make_recipe(init, records, lora, f"train.max_iters={steps}"),
+                                 run_dir=run, device="cpu", resume=True)
+                assert again.result.step == steps and again.base.resolve() == moved / base.name
+                meta = read_metadata(again.result.checkpoint)
+                assert meta["base"].endswith("moved/step-00000010.safetensors")
+                assert meta["base_sha256"] == digest
+            with pytest.raises(UserError, match=r"finetune.init: .* is not the base .* "
+                               "neither that path nor the same bytes") as caught:
+                finetune(make_recipe(run, records, lora, "train.max_iters=7"), run_dir=run,
+                         device="cpu", resume=True)
+            assert caught.value.exit_code == 2
+        finally:
+            moved.rename(base.parent)
+
+
+def test_a_resume_keeps_the_step_it_started_from_when_its_run_went_on(base, records, tmp_path):
+    """finetune.init=RUN_DIR whose run went on (newer steps, the first one pruned): a full
+    resume logged and recorded the newest step as its base, though it started from another."""
+    run = tmp_path / "ft"
+    finetune(make_recipe(base.parent, records, "train.max_iters=3"), run_dir=run, device="cpu")
+    recipe = build_recipe({"name": "base", "data": {"tokenizer": "bytes"}, "model": MODEL})
+    newer = base.parent / "step-00000020.safetensors"
+    save_model(newer, build_model(recipe.model), recipe, tokenizer="bytes", step=20)
+    base.unlink()  # pruned by train.keep_last
+    again = finetune(make_recipe(base.parent, records, "train.max_iters=4"), run_dir=run,
+                     device="cpu", resume=True)
+    assert again.base.name == base.name and again.result.step == 4
+    assert read_metadata(again.result.checkpoint)["base"].endswith(base.name)
 
 
 def test_resume_on_other_records_is_told(base, records, tmp_path, capsys):

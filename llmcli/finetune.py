@@ -395,16 +395,45 @@ def merge_adapter(adapter: str | Path, out: str | Path | None = None) -> Path:
     if target.suffix != ".safetensors":
         fail(f"-o {target}: the merged checkpoint is a .safetensors file; give a name ending in "
              ".safetensors or an existing directory (merged.safetensors goes in it)")
-    if target.exists() and "merged_from" not in raw_metadata(target):
-        fail(f"-o {target}: exists and is not an earlier merge (a run's checkpoint?); "
-             "merging never replaces other weights: give a new file name")
+    if target.exists():
+        _check_replaceable(target, path)
     model, recipe, meta, _ = load_model(path, "cpu")
     dropped = ("format", "recipe", "lora", "base", "base_sha256", "save_id")
     kept = {k: v for k, v in meta.items() if k not in dropped}
-    kept["merged_from"] = str(path)
+    # relative to the merged file, as an adapter names its base: the run can move as a whole
+    kept["merged_from"] = os.path.relpath(path.resolve(), target.parent.resolve())
     recipe = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, rank=0))
     save_model(target, model, recipe, **kept)
     return target
+
+
+def _check_replaceable(target: Path, adapter: Path) -> None:
+    """A merge replaces only an earlier merge of the same run's adapters (a newer step merged
+    over an older one); another run's merge, or any other weights, are refused."""
+    import json
+
+    stored = raw_metadata(target).get("merged_from")
+    if stored is None:
+        fail(f"-o {target}: exists and is not an earlier merge (a run's checkpoint?); "
+             "merging never replaces other weights: give a new file name")
+    try:
+        source = Path(json.loads(stored))
+    except (json.JSONDecodeError, TypeError):
+        source = Path(stored)
+    # recorded relative to the merged file (older merges: to the folder they were run from)
+    named = [source] if source.is_absolute() else [target.parent / source, source]
+    run = adapter.resolve().parent
+    if not any(_resolved(p).parent == run for p in named):
+        fail(f"-o {target}: is the merge of {os.path.normpath(named[0])}, another run's "
+             f"adapter; merging {adapter} replaces only a merge of its own run: give -o "
+             "another file")
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: matches nothing
+        return path
 
 
 def _quiet(message: str) -> None:

@@ -270,6 +270,27 @@ def test_cli_runs_lora_and_merges(base, records, tmp_path):
     assert result.exit_code == 2 and "not a LoRA adapter" in result.output
 
 
+def test_a_merge_replaces_only_a_merge_of_its_own_run(base, records, tmp_path, monkeypatch):
+    """`--merge runs/A -o runs/B` silently replaced B's own merge with A's: any earlier merge
+    counted. Now only a merge of the same run's adapters (another step) is replaced."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run, seed in ((a, "train.seed=7"), (b, "train.seed=8")):
+        finetune(make_recipe(base, records, "lora.rank=2", "train.max_iters=3", seed),
+                 run_dir=run, device="cpu")
+    own = merge_adapter(b)
+    before = own.read_bytes()
+    for target in (b, own):
+        with pytest.raises(UserError, match=rf"-o {own}: is the merge of "
+                           rf"{b / 'step-00000003.safetensors'}, another run's adapter; .*"
+                           "give -o another file") as caught:
+            merge_adapter(a, target)
+        assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+    assert own.read_bytes() == before
+    assert merge_adapter(b / "step-00000003.safetensors", own) == own  # its own run: replaced
+    monkeypatch.chdir(a)  # recorded beside the merge, so read from any folder
+    assert merge_adapter(b, own) == own
+
+
 @pytest.mark.parametrize("override", ["train.seed=8", "data.val_fraction=0.5",
                                       "data.records=0:30", "finetune.packing=true",
                                       "finetune.template=alpaca"])

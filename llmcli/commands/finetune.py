@@ -35,7 +35,8 @@ def command(
         "lora.rank=8 train.max_iters=200"),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run directory (default checkpoints/<recipe name>); with "
-        "--merge ADAPTER, the merged .safetensors file.", parser=path_text),
+        "--merge ADAPTER, the merged .safetensors file (an existing one only if it is a merge "
+        "of the same run).", parser=path_text),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     merge: bool = typer.Option(

@@ -271,7 +271,7 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
     ctx = recipe.model.context_length
     examples, report = encode_records(
         records, tokenizer, vocab, template=template, context_length=ctx, records_range=span,
-        train_on_prompt=recipe.finetune.train_on_prompt, strict=strict)
+        train_on_prompt=recipe.finetune.train_on_prompt, strict=strict, source=source)
     say(f"{source}: {report.summary()}")
     for line in report.warnings(ctx) if main else []:
         warn(line)
@@ -279,7 +279,8 @@ def prepare(recipe: Recipe, *, run_dir: Path | None = None, resume: Path | None 
         fail(f"{source}: most tokens ({report.unknown_tokens:,} of {report.tokens:,}) are not in "
              f"the base model's compact vocabulary, so there is little to learn; fine-tune a "
              "base pretrained on similar text, with data.vocab=full or data.tokenizer=bytes")
-    train_ex, val_ex = split_examples(examples, recipe.data.val_fraction, recipe.train.seed)
+    train_ex, val_ex = split_examples(examples, recipe.data.val_fraction, recipe.train.seed,
+                                      source)
     packing = recipe.finetune.packing
     splits = {"train": build_rows(train_ex, ctx, packing), "val": build_rows(val_ex, ctx, packing)}
     batches = InstructBatches(splits, recipe.train.batch_size, seed=recipe.train.seed, rank=rank)

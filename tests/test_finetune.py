@@ -224,6 +224,23 @@ def test_vocabulary_without_end_of_text_ends_answers_with_stop_text(tmp_path, re
     assert bytes(answer_and_stop).decode().endswith(STOP_TEXTS[0])
 
 
+def test_every_record_error_names_its_file(base, records, tmp_path):
+    """`--strict` said "record 0: has no 'instruction' field" without the file it was in."""
+    import re
+
+    with pytest.raises(UserError, match=rf"^{re.escape(str(records))}: record 5: has no "
+                       "'output' field"):
+        prepare(make_recipe(base, records), strict=True)
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps([{"instruction": "x" * 60, "output": "y"}] * 3), encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(long))}: record 0: its prompt alone"):
+        prepare(make_recipe(base, long), strict=True)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"instruction": "a", "output": "b"}]), encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(one))}: only 1 usable record"):
+        prepare(make_recipe(base, one))
+
+
 def test_cli_runs_lora_and_merges(base, records, tmp_path):
     recipe = tmp_path / "ft.yaml"
     recipe.write_text(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,11 +153,13 @@ def encode_records(
     train_on_prompt: bool = False,
     strict: bool = False,
     problem: Callable[[Any], str | None] | None = None,
+    source: str | Path | None = None,
 ) -> tuple[list[Example], EncodeReport]:
     """Turn Alpaca records into examples; malformed records are skipped and reported (or fatal).
 
     `problem(record)` says why a record is unusable (None if fine); record indices in messages
-    are positions in the file, so `data.records: 1000:5001` still reports `record 1234`.
+    are positions in the file, so `data.records: 1000:5001` still reports `record 1234`, and
+    errors name the file (`source`) they are in.
     """
     template = resolve_template(template)
     problem = problem or _record_problem
@@ -170,8 +173,8 @@ def encode_records(
         why = problem(records[i])
         if why:
             if strict:
-                fail(f"record {i}: {why}; fix the record or drop --strict to skip malformed "
-                     "records")
+                fail(f"{_at(source, i)}: {why}; fix the record or drop --strict to skip "
+                     "malformed records")
             report.malformed.append((i, why))
             continue
         rec = records[i]
@@ -191,7 +194,8 @@ def encode_records(
             a_ids, a_unknown = vocab.map(answer_ids)
         except ValueError as exc:
             if strict:
-                fail(f"record {i}: {exc}; use a base model whose vocabulary covers the data")
+                fail(f"{_at(source, i)}: {exc}; use a base model whose vocabulary covers the "
+                     "data")
             report.malformed.append((i, str(exc)))
             continue
         if len(p_ids) >= limit:
@@ -207,9 +211,14 @@ def encode_records(
         report.target_tokens += sum(mask)
         examples.append(Example(i, ids, mask))
     if strict and report.no_room:
-        fail(f"record {report.no_room[0]}: its prompt alone is longer than the context "
+        fail(f"{_at(source, report.no_room[0])}: its prompt alone is longer than the context "
              f"({context_length} tokens); shorten it or drop --strict to skip such records")
     return examples, report
+
+
+def _at(source: str | Path | None, index: int) -> str:
+    """Where a record is, as an error names it: `FILE: record N`."""
+    return f"{source}: record {index}" if source is not None else f"record {index}"
 
 
 def _record_problem(rec: Any) -> str | None:
@@ -223,14 +232,16 @@ def _record_problem(rec: Any) -> str | None:
     return problem
 
 
-def split_examples(examples: list[Example], val_fraction: float,
-                   seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, val): a seeded shuffle, then the last `val_fraction` of records held out."""
+def split_examples(examples: list[Example], val_fraction: float, seed: int,
+                   source: str | Path | None = None) -> tuple[list[Example], list[Example]]:
+    """(train, val): a seeded shuffle, then the last `val_fraction` of records held out.
+    `source`: the records' file, named by the error."""
     import random
 
     if len(examples) < 2:
-        fail(f"only {len(examples)} usable record(s); fine-tuning needs at least 2 (one for "
-             "validation); check data.records and the data file")
+        where = f"{source}: " if source is not None else ""
+        fail(f"{where}only {len(examples)} usable record(s); fine-tuning needs at least 2 (one "
+             "for validation); check data.records and the data file")
     order = list(examples)
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)

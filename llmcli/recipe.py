@@ -24,7 +24,7 @@ from typing import Any, Literal, NoReturn, Union
 import yaml
 
 from llmcli.console import fail
-from llmcli.data.templates import template_problem
+from llmcli.data.templates import TEMPLATES, template_problem
 
 Auto = Literal["auto"]
 TOKENIZER_NAMES = ("cl100k_base", "bytes")
@@ -158,7 +158,8 @@ class TrainConfig:
 class FinetuneConfig:
     init: str | None = _doc(None, "checkpoint file or run directory to start from")
     template: str = _doc(
-        "alpaca", "prompt template: 'alpaca' or a string with {instruction} and {input}"
+        "alpaca", f"prompt template: {', '.join(repr(name) for name in TEMPLATES)} or a string "
+        "with {instruction} and {input}"
     )
     train_on_prompt: bool = _doc(False, "also train on prompt tokens (default: answers only)")
     packing: bool = _doc(False, "pack several records into one context instead of padding")

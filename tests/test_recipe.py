@@ -63,6 +63,14 @@ def test_every_key_has_a_default_and_a_doc():
         assert doc, f"{key} has no documentation"
 
 
+def test_the_template_key_lists_every_named_template():
+    """--keys named 'alpaca' only, though the tiny recipes use 'alpaca-short'."""
+    from llmcli.data.templates import TEMPLATES
+
+    doc = {key: doc for key, _, doc in describe_keys()}["finetune.template"]
+    assert all(repr(name) in doc for name in TEMPLATES) and "alpaca-short" in doc
+
+
 def test_defaults_and_provenance(tmp_path):
     recipe = load_recipe(write(tmp_path, "model:\n  d_model: 256\n"), ["train.max_iters=7"])
     assert recipe.model.d_model == 256 and recipe.train.max_iters == 7

@@ -323,6 +323,23 @@ def test_a_run_refused_on_its_inputs_leaves_the_run_it_would_overwrite(project, 
     assert files_of(ft).keys() == earlier.keys()
 
 
+def test_a_group_is_refused_an_input_it_would_clear_before_it_starts(project, records):
+    """`--nproc 2` is told before any process starts (each would load the base and the
+    records first, then rank 0 would refuse)."""
+    assert pretrain().exit_code == 0
+    run = project / "runs/a"
+    before = files_of(run)
+    (project / "ft.yaml").write_text(json.dumps({
+        "data": {"source": str(records)}, "finetune": {"init": "runs/a"},
+        "lora": {"rank": 2}, "train": {"max_iters": 2}}), encoding="utf-8")
+    group = llm("finetune", "ft.yaml", "-o", "runs/a", "--overwrite", "--nproc", "2")
+    assert group.exit_code == 2 and group.stderr == (
+        "error: finetune.init runs/a/step-00000006.safetensors: inside the run directory "
+        "runs/a, which --overwrite would clear; write this run elsewhere with -o DIR (or move "
+        "the input out first)\n")
+    assert files_of(run) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming from an older step: a new branch
 

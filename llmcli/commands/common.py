@@ -82,7 +82,12 @@ def check_before_launch(recipe: Any, launch: Any, device: str, run_dir: Path | N
     only after loading the data, each saying so); `finetune`: its base must exist too."""
     import torch
 
-    from llmcli.checkpoint import check_run_dir, default_run_dir, resolve_checkpoint
+    from llmcli.checkpoint import (
+        check_run_dir,
+        default_run_dir,
+        refuse_cleared_inputs,
+        resolve_checkpoint,
+    )
     from llmcli.data.fetch import check_source
     from llmcli.device import check_device
     from llmcli.train.precision import check_sharded_precision
@@ -92,13 +97,16 @@ def check_before_launch(recipe: Any, launch: Any, device: str, run_dir: Path | N
         fail(f"--nproc {launch.nproc}: this machine has {count} CUDA device(s), one per "
              f"process; use --nproc {count} or fewer")
     check_sharded_precision(recipe.train.precision, recipe.train.parallel == "fsdp")
+    inputs = [("data.source", Path(source)) for source in recipe.data.sources]
     for source in recipe.data.sources:
         check_source(source)
     if finetune and recipe.finetune.init and resume is None:  # a resume names its own base
-        resolve_checkpoint(recipe.finetune.init)
+        inputs.append(("finetune.init", resolve_checkpoint(recipe.finetune.init)))
     if launch.nnodes == 1:  # elsewhere it may be another machine's directory that counts
-        check_run_dir(run_dir or default_run_dir(recipe), resuming=resume is not None,
-                      overwrite=overwrite)
+        where = run_dir or default_run_dir(recipe)
+        old = check_run_dir(where, resuming=resume is not None, overwrite=overwrite)
+        if resume is None:
+            refuse_cleared_inputs(where, old, inputs, overwrite)
 
 
 NPROC_MEMORY_HELP = ("Also show the memory per device when training with this many processes, "

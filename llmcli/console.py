@@ -240,12 +240,18 @@ def _interrupted(exc: BaseException) -> NoReturn:
     (every one stops alike)."""
     said = _group_voice()
     message = "" if isinstance(exc, KeyboardInterrupt) else _describe(exc)[0]
-    if said and message:
-        err.print(Text.assemble(("interrupted:", "yellow"), " ", clip(one_line(message))))
-    elif said:
-        err.print("interrupted", style="yellow")
+    if said:
+        say_interrupted(message)
     _told_launcher(exc, message or "interrupted", EXIT_INTERRUPTED, said=said)
     sys.exit(EXIT_INTERRUPTED)
+
+
+def say_interrupted(message: str = "") -> None:
+    """The line a command stopped by Ctrl-C or SIGTERM ends with (yellow: asked for)."""
+    if message:
+        err.print(Text.assemble(("interrupted:", "yellow"), " ", clip(one_line(message))))
+    else:
+        err.print("interrupted", style="yellow")
 
 
 def _group_voice() -> bool:

@@ -3,6 +3,7 @@ torchrun's c10d and static rendezvous, srun's environment, one checkpoint, exact
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +433,55 @@ def test_torchrun_answers_ctrl_c_and_sigterm_while_the_processes_meet(tmp_path):
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and "interrupted" in err, (sig, err)
+
+
+def _torchrun_of(launcher: subprocess.Popen) -> int | None:
+    """The torchrun process `llm --nnodes ...` started, once it holds a socket (it is then
+    connecting to node 0), else None."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    for pid in children.read_text().split() if children.exists() else []:
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd).startswith("socket:")
+                   for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return int(pid)
+    return None
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_node_waiting_for_node_0_stops_at_once(tmp_path, sig):
+    """Static rendezvous on node 1 with nobody on node 0: torch's TCPStore retries its connect
+    in C++ for 15 minutes through every signal, so Ctrl-C and SIGTERM were ignored, and a
+    torchrun whose `llm` was killed (SIGKILL) went on waiting; each retry also printed a C++
+    warning with pages of stack frames. Now: one line, 130, and torchrun ends with its `llm`."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe()), encoding="utf-8")
+    llm = [sys.executable, "-m", "llmcli", "pretrain", "r.yaml", "-o", "run", "--nnodes", "2",
+           "--nproc", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--node-rank", "1"]
+    proc = start(llm, tmp_path, clean_env())
+    deadline = time.monotonic() + 120
+    while (torchrun := _torchrun_of(proc)) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1)  # inside the connect loop
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=30)
+        assert _gone(torchrun, within=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(torchrun, signal.SIGKILL)
+    lines = err.strip().splitlines()
+    assert "TCPStore" not in err and "frame #" not in err, err[-2000:]
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 130, err
+        assert lines[1:] == ["interrupted"], err

@@ -34,7 +34,8 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -609,13 +610,14 @@ def torchrun_main() -> None:
 
     argv = sys.argv[1:]
     settings["debug"] = "--debug" in argv
-    _answer_signals()
-    _follow_parent()
     errors = tempfile.mkdtemp(prefix="llm-workers-")
+    stop_watching = _answer_signals(lambda: shutil.rmtree(errors, ignore_errors=True))
+    _follow_parent()
     os.environ[WORKER_ERRORS_ENV] = errors
     try:
         run_guarded(lambda: _torchrun(argv, errors))
     finally:
+        stop_watching()
         os.environ.pop(WORKER_ERRORS_ENV, None)
         shutil.rmtree(errors, ignore_errors=True)
 
@@ -623,6 +625,8 @@ def torchrun_main() -> None:
 def _torchrun(argv: list[str], errors: str) -> None:
     import signal
 
+    with _quiet_cpp_log("--debug" not in argv):
+        import torch  # noqa: F401  (reads TORCH_CPP_LOG_LEVEL once, here)
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -647,20 +651,49 @@ def _torchrun(argv: list[str], errors: str) -> None:
         fail(meeting_problem(argv, exc))
 
 
+@contextlib.contextmanager
+def _quiet_cpp_log(quiet: bool) -> Iterator[None]:
+    """Import torch in torchrun with its C++ log at errors only (a rendezvous that cannot reach
+    node 0 logs every retry as a warning with pages of stack frames; torchrun_main says what
+    failed in one line), unless the user set TORCH_CPP_LOG_LEVEL. The variable is unset again
+    before the workers start, so that their log stays as it is."""
+    name = "TORCH_CPP_LOG_LEVEL"
+    ours = quiet and name not in os.environ
+    if ours:
+        os.environ[name] = "ERROR"
+    try:
+        yield
+    finally:
+        if ours:
+            os.environ.pop(name, None)
+
+
 def _quiet_launcher_logs() -> None:
     """torchrun's log lines ("failed (exitcode: 2)", "Sending process ... closing signal"):
-    the workers and torchrun_main say what happened, once (--debug keeps them)."""
+    the workers and torchrun_main say what happened, once (--debug keeps them). Its C++ log
+    (a TCPStore's retries, with stack frames) is quieted by _quiet_cpp_log."""
     import logging
+
+    # the rendezvous backends are imported when one is chosen, and each module's logger then
+    # gets its level from torch (LOGLEVEL, default WARNING): make them now, to quiet them too
+    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend  # noqa: F401
+    import torch.distributed.elastic.rendezvous.static_tcp_rendezvous  # noqa: F401
 
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _answer_signals() -> None:
+# How long the main thread has to answer a Ctrl-C or SIGTERM itself before the watcher ends
+# the process (it cannot while torch's C++ code waits for node 0, see _watch_signals)
+SIGNAL_GRACE_S = 1.0
+
+
+def _answer_signals(cleanup: Callable[[], None] = lambda: None) -> Callable[[], None]:
     """Ctrl-C and SIGTERM end torchrun while it waits for the others to join (a rendezvous):
     it installs its own handlers only once the workers start, and an `llm` started in the
-    background hands it SIGINT ignored, as a shell does to background jobs."""
+    background hands it SIGINT ignored, as a shell does to background jobs. Returns what to
+    call once the main thread is ending (see _watch_signals)."""
     import signal
 
     def interrupted(signum: int, frame: object) -> None:
@@ -668,6 +701,52 @@ def _answer_signals() -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupted)
+    return _watch_signals(interrupted, cleanup)
+
+
+def _watch_signals(ours: Callable[[int, object], None],
+                   cleanup: Callable[[], None]) -> Callable[[], None]:
+    """A Python handler runs only between bytecodes of the main thread, and torch's TCPStore
+    (the static rendezvous's wait for node 0) retries its connect in C++ through every signal
+    for 15 minutes: a thread woken by the signal's byte (set_wakeup_fd) ends the process if the
+    main thread has not within SIGNAL_GRACE_S. Only before the workers start (our SIGTERM
+    handler still in place, nothing written yet); afterwards torchrun's handlers pass the
+    signal to the workers, which save and stop. `cleanup` runs before such an end; the function
+    returned stops the watcher (the main thread is ending and says so itself)."""
+    import signal
+
+    ending = threading.Event()
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    wanted = {int(signal.SIGINT), int(signal.SIGTERM)}
+
+    def watch() -> None:
+        with open(read, "rb", buffering=0) as pipe:
+            while not ending.is_set():
+                got = pipe.read(64)
+                if not got:  # stop() closed the other end
+                    return
+                if not wanted & set(got):
+                    continue
+                if ending.wait(SIGNAL_GRACE_S):
+                    return
+                if signal.getsignal(signal.SIGTERM) is not ours:  # torchrun's: workers run
+                    continue
+                from llmcli.console import EXIT_INTERRUPTED, say_interrupted
+
+                cleanup()
+                say_interrupted()
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
+
+    def stop() -> None:
+        ending.set()
+        signal.set_wakeup_fd(previous)
+        os.close(write)  # the watcher reads the end of the pipe, and returns
+
+    threading.Thread(target=watch, name="llm-signals", daemon=True).start()
+    return stop
 
 
 def _follow_parent() -> None:
@@ -786,7 +865,6 @@ def relaunch(launch: Launch | int, argv: list[str]) -> int:
 @contextlib.contextmanager
 def _passing_signals(proc: subprocess.Popen) -> Iterator[None]:
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield

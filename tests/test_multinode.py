@@ -142,6 +142,36 @@ def test_a_malformed_launcher_environment_is_named_not_waited_on(monkeypatch, en
     assert info.value.exit_code == 2
 
 
+@pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT"])
+def test_ranks_set_by_hand_need_where_to_meet_and_say_they_wait(monkeypatch, capsys, missing):
+    """WORLD_SIZE/RANK by hand, no torchrun: a missing MASTER_ADDR was torch's ValueError
+    (exit 1), and with it set the process waited 15 minutes without a word."""
+    import torch
+    import torch.distributed as dist
+
+    from llmcli.console import UserError, settings
+    from llmcli.train import distributed
+
+    for key in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "LLM_IGNORE_SLURM"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setitem(settings, "quiet", False)
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: joined.append(kw))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    distributed.setup(torch.device("cpu"))
+    assert len(joined) == 1
+    assert "meeting at 127.0.0.1:29511: waiting for all 2 processes (RANK 0 to 1) to join" \
+        in capsys.readouterr().err
+    monkeypatch.delenv(missing)
+    with pytest.raises(UserError, match=f"WORLD_SIZE=2 and RANK=0 are set but {missing} is "
+                                        "not: export MASTER_ADDR") as info:
+        distributed.setup(torch.device("cpu"))
+    assert info.value.exit_code == 2 and len(joined) == 1
+
+
 def test_bad_input_is_refused_before_any_worker_starts(tmp_path, monkeypatch):
     """fp16 under FSDP, an unknown device and a directory holding another run were refused by
     every worker after loading the data, each saying so."""

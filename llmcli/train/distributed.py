@@ -141,6 +141,24 @@ def _adopt_slurm(info: Dist) -> None:
     os.environ["LOCAL_RANK"] = str(info.local_rank)
 
 
+def _check_meeting_point(info: Dist) -> None:
+    """WORLD_SIZE and RANK set without torchrun: init_process_group (env://) needs where to
+    meet, and waits silently there (for as long as its timeout) until all have joined."""
+    from llmcli.console import fail
+    from llmcli.console import info as say
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name, "").strip():
+            fail(f"WORLD_SIZE={info.world_size} and RANK={info.rank} are set but {name} is "
+                 f"not: export MASTER_ADDR=<rank 0's host> MASTER_PORT=<a free port there> in "
+                 "every process, launch with `llm ... --nproc N` (or torchrun), or unset "
+                 "WORLD_SIZE for one process")
+    if info.is_main:
+        say(f"meeting at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: waiting for "
+            f"all {info.world_size} processes (RANK 0 to {info.world_size - 1}) to join "
+            "(Ctrl-C to give up)")
+
+
 def setup(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group (once) and pick this rank's device (cuda:LOCAL_RANK on GPUs)."""
     import torch
@@ -155,6 +173,8 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         settings["quiet"] = True
     if "WORLD_SIZE" not in os.environ:
         _adopt_slurm(info)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # srun, by hand or a launcher of one's own
+        _check_meeting_point(info)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)

@@ -258,8 +258,15 @@ class Failure:
     ({0: 2, 1: 1}, {0: ("data: no such file", 2, False), 1: ("Connection closed", 1, True)},
      ("data: no such file", 2)),
     # a worker killed by hand: the others only lost it (and torchrun SIGTERMed them)
-    ({0: -15, 1: -9}, {}, ("rank 1 (process 100) was killed by SIGKILL", 1)),
-    ({0: 1, 1: -9}, {0: ("Connection closed by peer", 1, True)}, ("killed by SIGKILL", 1)),
+    # (rank 0 had promised to save on torchrun's SIGTERM, and could not: said so)
+    ({0: -15, 1: -9}, {}, ("rank 1 (process 100) was killed by SIGKILL (out of memory? or "
+                           "killed by hand); the other processes stopped with it, without "
+                           "saving: --resume continues from the newest checkpoint", 1)),
+    ({0: 1, 1: -9}, {0: ("Connection closed by peer", 1, True)},
+     ("killed by SIGKILL (out of memory? or killed by hand); the other processes stopped with "
+      "it, without saving", 1)),
+    ({0: 130, 1: -9}, {0: ("interrupted: saved", 130, False, True)},
+     ("the other processes stopped with it, after saving a checkpoint", 1)),
     # SIGINT to one worker: every one saved and stopped; rank 0 said so (then got SIGTERM)
     ({0: -15, 1: 130}, {0: ("interrupted: saved", 130, False, True)}, (None, 130)),
     ({0: 1}, {0: ("Connection closed by peer", 1, True)}, ("Connection closed by peer", 1)),

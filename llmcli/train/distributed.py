@@ -811,8 +811,9 @@ def root_cause(failures: dict[int, Any], errors: str) -> tuple[str | None, int]:
     if told:
         return str(records[told[0]]["message"]), int(records[told[0]]["code"])
     killed = sorted((code == -signal.SIGTERM, r) for r, code in codes.items() if code < 0)
+    saved = any(record.get("code") == EXIT_INTERRUPTED for record in records.values())
     if killed and not killed[0][0]:
-        return _killed(killed[0][1], failures[killed[0][1]]), EXIT_FAILURE
+        return _killed(killed[0][1], failures[killed[0][1]], saved), EXIT_FAILURE
     stopped = sorted({r for r, code in codes.items() if code == EXIT_INTERRUPTED}
                      | {r for r, record in records.items() if record["code"] == EXIT_INTERRUPTED})
     if stopped:
@@ -821,7 +822,7 @@ def root_cause(failures: dict[int, Any], errors: str) -> tuple[str | None, int]:
         return (f"rank {stopped[0]} was interrupted; the other processes stopped with it",
                 EXIT_INTERRUPTED)
     if killed:
-        return _killed(killed[0][1], failures[killed[0][1]]), EXIT_FAILURE
+        return _killed(killed[0][1], failures[killed[0][1]], saved), EXIT_FAILURE
     if records:
         first = records[min(records)]
         return str(first["message"]), int(first["code"])
@@ -830,11 +831,16 @@ def root_cause(failures: dict[int, Any], errors: str) -> tuple[str | None, int]:
             codes[rank] if 0 < codes[rank] < 256 else EXIT_FAILURE)
 
 
-def _killed(rank: int, failure: Any) -> str:
+def _killed(rank: int, failure: Any, saved: bool) -> str:
+    """A killed worker ends the group; the others were told to save first (torchrun's SIGTERM)
+    but cannot without it (every save is collective): say which happened."""
     name = failure.signal_name()
     hint = " (out of memory? or killed by hand)" if name == "SIGKILL" else ""
+    ending = ("after saving a checkpoint (continue with the same command plus --resume)"
+              if saved else "without saving: --resume continues from the newest checkpoint "
+              "saved before")
     return (f"rank {rank} (process {failure.pid}) was killed by {name}{hint}; the other "
-            "processes stopped with it")
+            f"processes stopped with it, {ending}")
 
 
 def meeting_problem(argv: list[str], exc: BaseException) -> str:

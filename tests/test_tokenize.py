@@ -603,3 +603,21 @@ def test_text_records_under_another_field_name_it(tmp_path: Path) -> None:
     meta = tokenize_files([source], tmp_path / "c.tokens", tokenizer="bytes",
                           text_field="content")
     assert meta["documents"] == 2
+
+
+def test_a_folder_names_the_files_it_skips_once(tmp_path: Path, capsys) -> None:
+    """b.TXT, a dangling c.txt link and d.jsonl beside a.txt were left out without a word."""
+    from llmcli.data.token_cache import expand_inputs
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text", encoding="utf-8")
+    (folder / "b.TXT").write_text("more text", encoding="utf-8")
+    (folder / "c.txt").symlink_to(folder / "nowhere")
+    (folder / "d.jsonl").write_text('{"text": "hi"}\n', encoding="utf-8")
+    assert expand_inputs([folder]) == [folder / "a.txt"]  # the rule is kept
+    assert expand_inputs([folder]) == [folder / "a.txt"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("warning:") == 1, err
+    assert f"{folder}/: skipped 3 file(s) (b.TXT: not .txt (names are case-sensitive), c.txt: " \
+           "a broken link, d.jsonl: folders are read for .txt when they hold any)" in err

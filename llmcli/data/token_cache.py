@@ -69,6 +69,7 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
             if not found:
                 fail(f"{path}: directory holds no .txt, .jsonl, .jsonl.gz, .jsonl.zst or "
                      ".parquet files; put the corpus in such files or name the files directly")
+            _warn_skipped(path, found)
             files.extend(found)
         elif path.is_file():
             if path.name.endswith(".tokens"):
@@ -81,6 +82,44 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     if not files:
         fail("no input files; give one or more text, .json/.jsonl files or directories")
     return files
+
+
+# Folders whose skipped files were named already: tokenize and the cache lookup list a folder
+# more than once in one command, and it is said once
+_SKIPS_SAID: set[Path] = set()
+SKIPS_SHOWN = 5  # skipped files named in the warning; the rest are counted
+
+
+def _warn_skipped(folder: Path, found: list[Path]) -> None:
+    """One line naming the files of `folder` that expand_inputs leaves out, and why: a file
+    dropped without a word is a corpus that silently lacks part of its text."""
+    from llmcli.console import warn
+
+    if folder.resolve() in _SKIPS_SAID:
+        return
+    _SKIPS_SAID.add(folder.resolve())
+    taken = set(found)
+    skipped = [(p, _skip_reason(p, found)) for p in sorted(folder.rglob("*"))
+               if p not in taken and (p.is_file() or (p.is_symlink() and not p.exists()))]
+    if not skipped:
+        return
+    named = ", ".join(f"{p.relative_to(folder)}: {why}" for p, why in skipped[:SKIPS_SHOWN])
+    more = f", and {len(skipped) - SKIPS_SHOWN} more" if len(skipped) > SKIPS_SHOWN else ""
+    warn(f"{folder}/: skipped {len(skipped)} file(s) ({named}{more})")
+
+
+def _skip_reason(path: Path, found: list[Path]) -> str:
+    from llmcli.data.readers import stream_kind
+
+    if path.is_symlink() and not path.exists():
+        return "a broken link"
+    if found[0].suffix == ".txt":
+        if path.suffix.lower() == ".txt":
+            return "not .txt (names are case-sensitive)"
+        if stream_kind(path):
+            return "folders are read for .txt when they hold any"
+        return "not .txt"
+    return "not .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet"
 
 
 def source_stem(path: Path) -> str:

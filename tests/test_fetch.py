@@ -48,6 +48,7 @@ class Server:
         self.always_drop: dict[str, int] = {}  # the same, every time
         self.stall_after: dict[str, tuple[int, float]] = {}  # send n bytes, then wait s
         self.fail_times: dict[str, int] = {}  # answer 503 this many times first
+        self.retry_after: dict[str, str] = {}  # ... with this Retry-After header
         self.status: dict[str, int] = {}  # always answer with this status
         self.no_range: set[str] = set()  # ignore Range headers
         self.redirects: dict[str, str] = {}
@@ -77,6 +78,12 @@ class Server:
                     return
                 if server.fail_times.get(path, 0) > 0:
                     server.fail_times[path] -= 1
+                    if path in server.retry_after:
+                        self.send_response(503)
+                        self.send_header("Retry-After", server.retry_after[path])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_error(503)
                     return
                 if path not in server.files:
@@ -894,3 +901,27 @@ def test_sizes_that_round_alike_are_told_apart_in_bytes() -> None:
     assert fetch_mod._human_pair(30_000, 102_400) == ("30.0 KB", "102.4 KB")
     with pytest.raises(fetch_mod._Retry, match="after 107950 B of 108000 B"):
         fetch_mod._check_complete(107_950, None, 108_000, 0, 0)
+
+
+@pytest.mark.parametrize(("header", "waited", "said"), [
+    ("7", 7.0, "retrying in 7.0 s (the server's Retry-After)"),
+    ("86400", 300.0, "retrying in 300.0 s, the most llm waits (the "
+                                         "server's Retry-After asked for 86400 s)"),
+    (email.utils.formatdate(time.time() + 3600, usegmt=True), 300.0,
+     "the server's Retry-After asked for"),
+    ("soon", None, "retrying in 0.0 s"),  # unreadable: the usual backoff (0 here)
+])
+def test_a_503s_retry_after_is_honoured_up_to_a_limit(server: Server, tmp_path: Path, capsys,
+                                                      monkeypatch, header, waited, said) -> None:
+    """Retry-After on a 429/503 was ignored: llm came back after its own short backoff."""
+    server.files["/busy.txt"] = BODY
+    server.fail_times["/busy.txt"] = 1
+    server.retry_after["/busy.txt"] = header
+    slept: list[float] = []
+    monkeypatch.setattr(fetch_mod.time, "sleep", slept.append)
+    assert fetch(f"{server.url}/busy.txt", tmp_path, backoff=0).read_bytes() == BODY
+    if waited is None:
+        assert slept == [0.0]
+    else:
+        assert slept[0] == pytest.approx(waited, abs=2)
+    assert said in " ".join(capsys.readouterr().err.split())

@@ -337,8 +337,10 @@ def _check_sha256(value: str) -> str:
 class _Retry(Exception):
     """A transient failure: try again after a pause, resuming from the .part file."""
 
-    def __init__(self, reason: str, reached: int | None = None, kept: int | None = None) -> None:
+    def __init__(self, reason: str, reached: int | None = None, kept: int | None = None,
+                 wait: float | None = None) -> None:
         super().__init__(reason)
+        self.wait = wait  # seconds the server asked for (Retry-After), else None
         # Bytes the .part holds after this attempt, and those of them it held before (None:
         # the attempt did not touch it). Only going past the furthest point any attempt
         # reached counts as progress and resets the retry count: a server that cannot resume
@@ -544,6 +546,7 @@ def _transfer(url: str, part: Path, meta: Path, headers: dict[str, str], retries
             offset, validator = _resume_point(url, part, meta)
             if kept is None:
                 kept = furthest = offset
+            wait = None
             try:
                 if not _attempt(url, part, meta, offset, validator, headers, timeout, bar, task):
                     kept = 0  # the server sent the whole file again
@@ -555,7 +558,7 @@ def _transfer(url: str, part: Path, meta: Path, headers: dict[str, str], retries
                 failures += 1
                 reason = str(exc)
             except _Retry as exc:
-                reason = str(exc)
+                reason, wait = str(exc), exc.wait
                 reached = offset if exc.reached is None else exc.reached
                 kept = min(kept, offset if exc.kept is None else exc.kept)
                 failures = 0 if reached > furthest and retries else failures + 1
@@ -565,9 +568,41 @@ def _transfer(url: str, part: Path, meta: Path, headers: dict[str, str], retries
                 fail(f"could not download {url}: {reason} (gave up after {tries}); check "
                      "the network, or fetch the file another way and pass its local path (e.g. "
                      "data.source=path/to/file)", exit_code=EXIT_FAILURE)
-            delay = min(60.0, backoff * 2 ** max(failures - 1, 0)) * random.uniform(0.8, 1.2)
-            warn(f"{label}: {reason}; retrying in {delay:.1f} s")
+            delay, why = _pause(backoff, failures, wait)
+            warn(f"{label}: {reason}; retrying in {delay:.1f} s{why}")
             time.sleep(delay)
+
+
+# The longest Retry-After honoured: a server asking for more gets retried sooner
+RETRY_AFTER_MAX = 300.0
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds a 429/503's Retry-After asks for (a number of seconds or an HTTP date), or None
+    when absent or unreadable."""
+    import email.utils
+
+    text = (value or "").strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _pause(backoff: float, failures: int, wait: float | None) -> tuple[float, str]:
+    """The pause before the next attempt, and what it came from for the retry line: the
+    server's Retry-After (capped at RETRY_AFTER_MAX), else an exponential backoff."""
+    if wait is None:
+        return min(60.0, backoff * 2 ** max(failures - 1, 0)) * random.uniform(0.8, 1.2), ""
+    if wait > RETRY_AFTER_MAX:
+        return RETRY_AFTER_MAX, (f", the most llm waits (the server's Retry-After asked for "
+                                 f"{wait:.0f} s)")
+    return wait, " (the server's Retry-After)"
 
 
 def _resume_point(url: str, part: Path, meta: Path) -> tuple[int, str | None]:
@@ -740,7 +775,7 @@ def _http_error(url: str, exc: urllib.error.HTTPError, offset: int) -> None:
         raise _Restart("the partial file no longer fits the remote file")
     reason = " ".join(str(exc.reason).split())  # urllib's own reasons can span lines
     if code in RETRYABLE_STATUS:
-        raise _Retry(f"HTTP {code} {reason}")
+        raise _Retry(f"HTTP {code} {reason}", wait=retry_after(exc.headers.get("Retry-After")))
     hint = "check the URL"
     if 300 <= code < 400:
         reason, hint = "redirects", ("the server keeps redirecting (a loop, or more than "
@@ -866,6 +901,7 @@ def _listing_page(url: str, headers: dict[str, str], retries: int, backoff: floa
                   timeout: float, source: str) -> tuple[list, str | None]:
     request = _request(url, headers)
     for attempt in range(retries + 1):
+        wait = None
         try:
             with _OPENER.open(request, timeout=timeout) as response:
                 body = response.read(64 << 20)
@@ -878,11 +914,15 @@ def _listing_page(url: str, headers: dict[str, str], retries: int, backoff: floa
                             else "check the owner, dataset name, revision and folder")
                     fail(f"{source}: cannot list the dataset's files (HTTP {exc.code} "
                          f"{exc.reason}); {hint}")
+                wait = retry_after(exc.headers.get("Retry-After"))
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             if attempt == retries:
                 fail(f"{source}: cannot list the dataset's files ({_describe(exc)}); check the "
                      "network", exit_code=EXIT_FAILURE)
-        time.sleep(min(60.0, backoff * 2 ** attempt))
+        delay, why = _pause(backoff, attempt + 1, wait)
+        if why:
+            warn(f"{source}: the Hub is busy; listing again in {delay:.1f} s{why}")
+        time.sleep(delay)
     try:
         page = json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -207,7 +207,8 @@ def test_resume_a_previous_runs_part_file(server: Server, tmp_path: Path) -> Non
     assert path.read_bytes() == BODY
     assert server.requests[1][1]["Range"] == "bytes=12345-"
     assert server.requests[1][1]["If-Range"].startswith('"')
-    assert sorted(os.listdir(tmp_path)) == ["big.bin"]  # no .part, .part.json nor .lock left
+    # no .part, .part.json nor .lock left; the record of where big.bin came from
+    assert sorted(os.listdir(tmp_path)) == ["big.bin", "big.bin.fetched.json"]
 
 
 def test_complete_part_file_is_finished_without_a_body(server: Server, tmp_path: Path) -> None:
@@ -573,7 +574,8 @@ def test_cli_fetch_url(server: Server, tmp_path: Path) -> None:
                      "--sha256", sha(b"abc\n"))
     assert result.exit_code == 0, result.output
     assert Path(result.stdout.strip()).read_bytes() == b"abc\n"
-    assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == ["c.txt"]
+    listed = [n for n in os.listdir(tmp_path) if not n.startswith(".")]
+    assert sorted(listed) == ["c.txt", "c.txt.fetched.json"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,7 +592,7 @@ def test_changed_remote_is_downloaded_afresh_not_spliced(server: Server, tmp_pat
     assert path.read_bytes() == new
     resumed = server.requests[-1][1]
     assert resumed["Range"] == "bytes=30000-" and resumed["If-Range"] == old_etag
-    assert sorted(os.listdir(tmp_path)) == ["big.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["big.bin", "big.bin.fetched.json"]
 
 
 def test_last_modified_is_the_validator_without_an_etag(server: Server, tmp_path: Path) -> None:
@@ -925,3 +927,28 @@ def test_a_503s_retry_after_is_honoured_up_to_a_limit(server: Server, tmp_path: 
     else:
         assert slept[0] == pytest.approx(waited, abs=2)
     assert said in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_file_of_the_same_name_from_another_source_is_not_taken_as_complete(
+        server: Server, tmp_path: Path, capsys) -> None:
+    """.../b/same.txt into the folder holding .../a/same.txt said "already complete", exit 0,
+    and left the first URL's bytes; a file put there by hand was "complete" too."""
+    server.files["/a/same.txt"] = b"first"
+    server.files["/b/same.txt"] = b"second"
+    first, second = f"{server.url}/a/same.txt", f"{server.url}/b/same.txt"
+    fetch(first, tmp_path, backoff=0)
+    fetch(first, tmp_path, backoff=0)  # the same source: complete, not downloaded again
+    assert "same.txt is already complete; not downloading it again" in capsys.readouterr().err
+    with pytest.raises(UserError) as info:
+        fetch(second, tmp_path, backoff=0)
+    assert str(info.value) == (f"{tmp_path / 'same.txt'} came from {first}, not {second}; use "
+                               "another -o folder or --force to replace it")
+    assert fetch(second, tmp_path, backoff=0, force=True).read_bytes() == b"second"
+    fetch(second, tmp_path, backoff=0)  # the record followed the new file
+    capsys.readouterr()
+    (tmp_path / "same.txt").unlink()
+    (tmp_path / "same.txt").write_bytes(b"by hand")  # no record of its own: kept, said honestly
+    assert fetch(first, tmp_path, backoff=0).read_bytes() == b"by hand"
+    assert "same.txt exists; not downloading it again (--force to redo)" in " ".join(
+        capsys.readouterr().err.split())
+    assert len(server.requests) == 2  # the first download and the forced one

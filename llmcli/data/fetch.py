@@ -63,7 +63,11 @@ BLOCK = 1 << 20
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_NAME_BYTES = 200  # leaves room for `.NAME.lock`, `NAME.part.json` and its temporary file
 RECORD_KIND = "llm fetch partial download"  # marks a NAME.part.json as written by llm fetch
-OWN_SUFFIXES = (".part.json", ".part", ".bad")  # what llm fetch adds to a download's name
+# marks a NAME.fetched.json as llm fetch's record of where the complete NAME came from
+SOURCE_KIND = "llm fetch source"
+SOURCE_SUFFIX = ".fetched.json"
+# what llm fetch adds to a download's name
+OWN_SUFFIXES = (".part.json", ".part", ".bad", SOURCE_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -389,16 +393,21 @@ def download(
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     meta = target.with_name(target.name + ".part.json")
+    source = target.with_name(target.name + SOURCE_SUFFIX)
     with locked(_family(target)):
         _refuse_unfinished_download(target)
         if target.exists() and not force:
+            came_from = _source_of(target, source)
+            if came_from is not None and came_from != url:
+                fail(f"{target} came from {came_from}, not {url}; use another -o folder or "
+                     "--force to replace it")
             if sha256:
                 actual = sha256_file(target)
                 if actual != sha256:
                     fail(f"{target} exists but its SHA-256 is {actual}, expected {sha256}; "
                          "delete it or pass --force to download it again")
-            info(f"{target} is already complete; not downloading it again "
-                        "(--force to redo)")
+            state = "is already complete" if came_from else "exists"
+            info(f"{target} {state}; not downloading it again (--force to redo)")
             return target
         if force:
             _discard_own(part, meta)
@@ -414,6 +423,7 @@ def download(
                  f"not installed and is kept aside as {bad}; check the checksum or retry with "
                  "--force", exit_code=EXIT_FAILURE)
         size = part.stat().st_size
+        _write_source(source, url, part)  # names the .part's inode: true once it is renamed
         publish(part, target)
         meta.unlink(missing_ok=True)
     seconds = max(time.monotonic() - started, 1e-9)
@@ -465,6 +475,31 @@ def _write_record(meta: Path, url: str, validator: str | None, st: os.stat_resul
     """Claim the `.part` whose status is `st` as this URL's partial download."""
     write_json(meta, {"kind": RECORD_KIND, "url": url, "validator": validator,
                       "part": [st.st_dev, st.st_ino]})
+
+
+def _write_source(source: Path, url: str, part: Path) -> None:
+    """Record that the file about to be published from `part` came from `url`. Written before
+    the rename and naming the file (inode, size, time), so that a crash between the two, or a
+    file put in its place later, leaves a record that matches no file (replaced next time)."""
+    write_json(source, {"kind": SOURCE_KIND, "url": url, "file": _identity(os.stat(part))})
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """A file's identity that a rename keeps and a new file (even on a reused inode) does not."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _source_of(target: Path, source: Path) -> str | None:
+    """The URL the complete `target` was downloaded from, or None: no record (a file put there
+    by hand, or by an llm older than the record) or one about another file."""
+    record = _read_record(source)
+    if record.get("kind") != SOURCE_KIND or not isinstance(record.get("url"), str):
+        return None
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    return record["url"] if record.get("file") == _identity(st) else None
 
 
 def _owned_size(part: Path, record: dict[str, Any] | None) -> int | None:

@@ -94,13 +94,15 @@ def _warn_skipped(folder: Path, found: list[Path]) -> None:
     """One line naming the files of `folder` that expand_inputs leaves out, and why: a file
     dropped without a word is a corpus that silently lacks part of its text."""
     from llmcli.console import warn
+    from llmcli.data.fetch import SOURCE_SUFFIX
 
     if folder.resolve() in _SKIPS_SAID:
         return
     _SKIPS_SAID.add(folder.resolve())
     taken = set(found)
     skipped = [(p, _skip_reason(p, found)) for p in sorted(folder.rglob("*"))
-               if p not in taken and (p.is_file() or (p.is_symlink() and not p.exists()))]
+               if p not in taken and (p.is_file() or (p.is_symlink() and not p.exists()))
+               and not p.name.endswith(SOURCE_SUFFIX)]  # llm fetch's record of a download
     if not skipped:
         return
     named = ", ".join(f"{p.relative_to(folder)}: {why}" for p, why in skipped[:SKIPS_SHOWN])

@@ -522,3 +522,43 @@ def test_a_node_waiting_for_node_0_stops_at_once(tmp_path, sig):
     if sig != signal.SIGKILL:
         assert proc.returncode == 130, err
         assert lines[1:] == ["interrupted"], err
+
+
+def test_the_settings_compared_across_processes_leave_paths_out(tmp_path):
+    from llmcli.recipe import load_recipe
+    from llmcli.train.loop import differing_settings, run_settings
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe()), encoding="utf-8")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    mine = run_settings(recipe, {"corpus": "abc", "vocab_map": [1, 2]})
+    assert "data.source" not in mine and "finetune.init" not in mine
+    assert mine["train.lr"] == 3e-3
+    assert mine["the corpus (the token file's sources and length)"] == "abc"
+    other = {**mine, "train.lr": 0.5, "model.dropout": 0.3}
+    assert differing_settings([mine, mine]) is None
+    assert differing_settings([mine, mine, other, {**other, "train.lr": 0.7}]) == (
+        "model.dropout: 0.1 on rank 0, 0.3 on rank 2; train.lr: 0.003 on rank 0, 0.5 on rank 2")
+
+
+def test_machines_started_with_other_overrides_refuse_together(tmp_path):
+    """Node 1 with train.lr=0.5 model.dropout=0.3 trained apart, and rank 0's checkpoint said
+    lr 0.001; other max_iters ended in gloo's 'Connection reset by peer' and a 300 s wait."""
+    write_tokens(tmp_path / "corpus.tokens", markov_tokens(4000))
+    recipe = tiny_recipe(max_iters=4)
+    recipe["model"]["vocab_size"] = "auto"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    port = str(free_port())
+    llm = [sys.executable, "-m", "llmcli", "pretrain", "r.yaml", "data.source=corpus.tokens",
+           "-o", "run", "--nnodes", "2", "--nproc", "1", "--master-addr", "127.0.0.1",
+           "--master-port", port, "--node-rank"]
+    procs = [start([*llm, "0"], tmp_path, clean_env()),
+             start([*llm, "1", "train.lr=0.5", "model.dropout=0.3"], tmp_path, clean_env())]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 2, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error: the processes were started with different settings "
+                               "(model.dropout: 0.1 on rank 0, 0.3 on rank 1; train.lr: "
+                               "0.003 on rank 0, 0.5 on rank 1)"), err[-3000:]
+        assert "Traceback" not in err
+    assert not step_checkpoints(tmp_path / "run")

@@ -482,6 +482,7 @@ class Trainer:
 
     def run(self, resume: Path | None,
             before_start: Callable[[], None] | None = None) -> TrainResult:
+        check_same_run(self.recipe, self.extra_meta, self.dist)
         saved = self.restore_weights(Path(resume)) if resume is not None else None
         model, net = self.parallelize()
         try:
@@ -772,6 +773,53 @@ class _View:
             self.bar.update(self.task, stats=self._stats())
         else:
             info(line)
+
+
+# Keys naming files, which another machine may hold at another path: what they hold is
+# compared instead (the corpus or records digest of the run's metadata)
+MACHINE_LOCAL_KEYS = ("data.source", "data.records", "finetune.init")
+# The run's metadata compared across processes, and what each says in an error
+COMPARED_META = {"corpus": "the corpus (the token file's sources and length)",
+                 "rows_digest": "the instruction records (as encoded rows)"}
+
+
+def run_settings(recipe: Recipe, extra_meta: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's numbers, as key -> value: every recipe key but the paths, and the
+    digests of the data they name."""
+    settings = {key: value for key, value, _ in recipe.rows() if key not in MACHINE_LOCAL_KEYS}
+    settings.update({name: extra_meta[key] for key, name in COMPARED_META.items()
+                     if key in extra_meta})
+    return settings
+
+
+def differing_settings(per_rank: list[dict[str, Any]]) -> str | None:
+    """How the processes' settings differ from rank 0's ('train.lr: 0.001 on rank 0, 0.5 on
+    rank 1; ...', the first rank that differs for each key), or None when they agree."""
+    main, missing = per_rank[0], "(not set)"
+    differing: dict[str, tuple[int, Any]] = {}
+    for rank, mine in enumerate(per_rank[1:], 1):
+        for key in sorted(main.keys() | mine.keys()):
+            if key not in differing and mine.get(key, missing) != main.get(key, missing):
+                differing[key] = (rank, mine.get(key, missing))
+    if not differing:
+        return None
+    return "; ".join(f"{key}: {main.get(key, missing)!r} on rank 0, {value!r} on rank {rank}"
+                     for key, (rank, value) in differing.items())
+
+
+def check_same_run(recipe: Recipe, extra_meta: dict[str, Any], dist: distributed.Dist) -> None:
+    """Every process of a group must train the same run: machines started with other
+    overrides trained apart under rank 0's name (its checkpoint recording its own lr), or met
+    a collective the others never reached (gloo's 'Connection reset by peer'). Every rank
+    refuses, before any step, naming the keys."""
+    if not dist.enabled:
+        return
+    differ = differing_settings(distributed.gather_objects(run_settings(recipe, extra_meta),
+                                                           dist))
+    if differ is not None:
+        fail(f"the processes were started with different settings ({differ}); give every "
+             "machine the same recipe and overrides (only the paths "
+             f"{', '.join(MACHINE_LOCAL_KEYS)} may differ, to the same data)")
 
 
 def train(

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -562,3 +563,30 @@ def test_machines_started_with_other_overrides_refuse_together(tmp_path):
                                "0.003 on rank 0, 0.5 on rank 1)"), err[-3000:]
         assert "Traceback" not in err
     assert not step_checkpoints(tmp_path / "run")
+
+
+def test_a_failed_rendezvous_is_one_line(tmp_path):
+    """A rendezvous endpoint that is not a store (here: a port that hangs up at once) printed
+    torch's C++ warning for every retry and its final error, each with pages of stack frames,
+    before the one line."""
+    with socket.socket() as hangs_up:
+        hangs_up.bind(("127.0.0.1", 0))
+        hangs_up.listen(16)
+
+        def refuse() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    hangs_up.accept()[0].close()
+
+        threading.Thread(target=refuse, daemon=True).start()
+        port = hangs_up.getsockname()[1]
+        launch = Launch(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}")
+        torchrun = torchrun_command(launch, ["pretrain"])
+        at = torchrun.index("-m")  # the store's timeout, 60 s by default: 3 s here
+        torchrun[at:at] = ["--rdzv-conf=read_timeout=3"]
+        proc = subprocess.run(torchrun, cwd=tmp_path, env=clean_env(), capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: --rdzv-endpoint 127.0.0.1:{port}: the processes "
+                                  "could not meet there"), proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]

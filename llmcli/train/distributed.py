@@ -673,14 +673,14 @@ def _torchrun(argv: list[str], errors: str) -> None:
 
 @contextlib.contextmanager
 def _quiet_cpp_log(quiet: bool) -> Iterator[None]:
-    """Import torch in torchrun with its C++ log at errors only (a rendezvous that cannot reach
-    node 0 logs every retry as a warning with pages of stack frames; torchrun_main says what
-    failed in one line), unless the user set TORCH_CPP_LOG_LEVEL. The variable is unset again
-    before the workers start, so that their log stays as it is."""
+    """Import torch in torchrun with its C++ log at fatal errors only (a rendezvous that cannot
+    reach node 0 logs every retry, and the last error, with pages of stack frames; torchrun_main
+    says what failed in one line), unless the user set TORCH_CPP_LOG_LEVEL. The variable is
+    unset again before the workers start, so that their log stays as it is."""
     name = "TORCH_CPP_LOG_LEVEL"
     ours = quiet and name not in os.environ
     if ours:
-        os.environ[name] = "ERROR"
+        os.environ[name] = "FATAL"
     try:
         yield
     finally:

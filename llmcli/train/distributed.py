@@ -17,8 +17,10 @@ $SLURM_JOB_NODELIST | head -n1)`), MASTER_PORT defaults to 29500. LLM_IGNORE_SLU
 off (an interactive shell inside a multi-task allocation, say).
 
 The launching `llm` passes SIGINT/SIGTERM/SIGHUP on to torchrun (in a session of its own), which
-passes them to the workers: they save and stop. A worker's error goes to a file for
-`torchrun_main`, which prints the one that caused the others (`root_cause`) with its exit code.
+passes them to the workers: they save and stop. Before the workers start (a rendezvous, even
+torch's C++ wait for node 0) torchrun stops at once, with 130 (`_watch_signals`). A worker's
+error goes to a file for `torchrun_main`, which prints the one that caused the others
+(`root_cause`) with its exit code.
 
 Training. NCCL on GPUs, gloo on CPU. Only global rank 0 prints and writes files; every rank
 draws its own batches. `train.parallel: ddp` replicates the model (DDP averages gradients);

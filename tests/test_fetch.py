@@ -208,7 +208,7 @@ def test_resume_a_previous_runs_part_file(server: Server, tmp_path: Path) -> Non
     assert server.requests[1][1]["Range"] == "bytes=12345-"
     assert server.requests[1][1]["If-Range"].startswith('"')
     # no .part, .part.json nor .lock left; the record of where big.bin came from
-    assert sorted(os.listdir(tmp_path)) == ["big.bin", "big.bin.fetched.json"]
+    assert sorted(os.listdir(tmp_path)) == [".big.bin.fetched.json", "big.bin"]
 
 
 def test_complete_part_file_is_finished_without_a_body(server: Server, tmp_path: Path) -> None:
@@ -575,7 +575,8 @@ def test_cli_fetch_url(server: Server, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert Path(result.stdout.strip()).read_bytes() == b"abc\n"
     listed = [n for n in os.listdir(tmp_path) if not n.startswith(".")]
-    assert sorted(listed) == ["c.txt", "c.txt.fetched.json"]
+    assert listed == ["c.txt"]  # the record of its source is hidden, as the lock was
+    assert (tmp_path / ".c.txt.fetched.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,7 +593,7 @@ def test_changed_remote_is_downloaded_afresh_not_spliced(server: Server, tmp_pat
     assert path.read_bytes() == new
     resumed = server.requests[-1][1]
     assert resumed["Range"] == "bytes=30000-" and resumed["If-Range"] == old_etag
-    assert sorted(os.listdir(tmp_path)) == ["big.bin", "big.bin.fetched.json"]
+    assert sorted(os.listdir(tmp_path)) == [".big.bin.fetched.json", "big.bin"]
 
 
 def test_last_modified_is_the_validator_without_an_etag(server: Server, tmp_path: Path) -> None:

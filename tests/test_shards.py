@@ -237,7 +237,9 @@ def test_fetch_a_glob_of_hf_shards_resumes_verifies_and_tokenizes(tmp_path, monk
         server.drop_after["/datasets/o/web/resolve/main/data/part-1.jsonl.gz"] = 100
         folder = fetch("hf://datasets/o/web/data/*.jsonl.gz", tmp_path / "dl", backoff=0)
         assert folder == tmp_path / "dl" / "web" / "data"
-        assert sorted(p.name for p in folder.iterdir()) == sorted(Path(p).name for p in shards)
+        names = sorted(Path(p).name for p in shards)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            names + [f".{name}.fetched.json" for name in names])  # the data, and hidden records
         for path, data in shards.items():
             assert (tmp_path / "dl" / "web" / path).read_bytes() == data
         resumed = [h for p, h in server.requests if p.endswith("part-1.jsonl.gz")]

@@ -63,7 +63,7 @@ BLOCK = 1 << 20
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_NAME_BYTES = 200  # leaves room for `.NAME.lock`, `NAME.part.json` and its temporary file
 RECORD_KIND = "llm fetch partial download"  # marks a NAME.part.json as written by llm fetch
-# marks a NAME.fetched.json as llm fetch's record of where the complete NAME came from
+# marks a .NAME.fetched.json as llm fetch's record of where the complete NAME came from
 SOURCE_KIND = "llm fetch source"
 SOURCE_SUFFIX = ".fetched.json"
 # what llm fetch adds to a download's name
@@ -393,7 +393,7 @@ def download(
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     meta = target.with_name(target.name + ".part.json")
-    source = target.with_name(target.name + SOURCE_SUFFIX)
+    source = source_record(target)
     with locked(_family(target)):
         _refuse_unfinished_download(target)
         if target.exists() and not force:
@@ -475,6 +475,12 @@ def _write_record(meta: Path, url: str, validator: str | None, st: os.stat_resul
     """Claim the `.part` whose status is `st` as this URL's partial download."""
     write_json(meta, {"kind": RECORD_KIND, "url": url, "validator": validator,
                       "part": [st.st_dev, st.st_ino]})
+
+
+def source_record(target: Path) -> Path:
+    """Where llm fetch records the source of the complete `target`: hidden beside it, as its
+    lock is, so that listings and globs of a data folder show the data alone."""
+    return target.with_name(f".{target.name}{SOURCE_SUFFIX}")
 
 
 def _write_source(source: Path, url: str, part: Path) -> None:

@@ -91,12 +91,15 @@ def test_nproc_relaunches_the_command_under_torchrun(tmp_path):
     recipe = tiny_recipe(max_iters=4, checkpoint_interval=2, eval_interval=2)
     recipe["model"]["vocab_size"] = "auto"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    scratch = tmp_path / "tmp"  # the temporary folder, where torchrun left a log tree a run
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     proc = subprocess.run([sys.executable, "-m", "llmcli", "pretrain", "r.yaml",
                            "data.source=corpus.tokens", "--nproc", "2", "-o", "run"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [s for s, _ in step_checkpoints(tmp_path / "run")] == [2, 4]
+    assert not [p for p in scratch.iterdir() if p.name.startswith("torchelastic_")]
     assert "x 2 processes" in proc.stderr
     assert proc.stdout.count("step 4, train loss") == 1  # the result, printed by rank 0 only
 

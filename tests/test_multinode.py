@@ -444,7 +444,9 @@ def test_ctrl_c_ends_torchrun_with_130_not_a_traceback(monkeypatch: pytest.Monke
     with pytest.raises(SystemExit) as info:
         distributed.torchrun_main()
     assert info.value.code == 130
-    assert seen == [["--standalone", "--nproc-per-node=2", "-m", "llmcli"]]
+    [argv] = seen  # torchrun's logs go in the folder torchrun_main removes
+    assert argv[0].startswith("--log-dir=") and argv[0].endswith("/logs")
+    assert argv[1:] == ["--standalone", "--nproc-per-node=2", "-m", "llmcli"]
 
 
 def test_torchrun_answers_ctrl_c_and_sigterm_while_the_processes_meet(tmp_path):

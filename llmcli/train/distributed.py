@@ -660,7 +660,9 @@ def _torchrun(argv: list[str], errors: str) -> None:
     if "--debug" not in argv:
         _quiet_launcher_logs()
     try:
-        main(argv)
+        # logs in the folder torchrun_main removes: by default every run left a torchelastic_*
+        # tree of empty folders in the temporary folder
+        main([f"--log-dir={os.path.join(errors, 'logs')}", *argv])
     except SignalException as exc:
         passed = exc.sigval in (signal.SIGINT, signal.SIGTERM)
         sys.exit(EXIT_INTERRUPTED if passed else 128 + int(exc.sigval))

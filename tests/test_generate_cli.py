@@ -173,6 +173,8 @@ def test_compare_honours_every_flag_or_says_it_is_ignored(ckpt):
     assert result.exit_code == 0, result.output
     assert "--strategy sample: ignored; --compare runs each strategy it lists" in result.stderr
     assert "--temperature, --top-k: --compare greedy,beam picks tokens by score" in result.stderr
+    seeded = gen(str(ckpt), "Hi", "-s", "greedy", "--seed", "3", "-n", "2")
+    assert "--seed: greedy search picks tokens by score, not by sampling" in seeded.stderr
     assert "seed" not in result.stderr
     beams = gen(str(ckpt), "Hi", "--compare", "greedy,sample", "--num-beams", "3", "-n", "3")
     assert "--num-beams: only beam search uses beams (this is --compare greedy,sample)" in (

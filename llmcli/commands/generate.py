@@ -170,7 +170,8 @@ def command(
             info(padding)
         settings = dataclasses.replace(gen.recipe.generate,
                                        **{k: v for k, v in given.items() if v is not None})
-        _warn_ignored(strategies or [settings.strategy], strategies is not None, given, settings)
+        _warn_ignored(strategies or [settings.strategy], strategies is not None,
+                      {**given, "seed": seed}, settings)
         stops = [as_utf8(s) for s in stop or []]
         show_prompt = True
         if instruct is not None:
@@ -253,7 +254,8 @@ def _warn_ignored(strategies: list[str], compared: bool, given: dict[str, Any],
     named = "--compare " + ",".join(strategies) if compared else f"{strategies[0]} search"
     if compared and given["strategy"] is not None:
         warn(f"--strategy {given['strategy']}: ignored; --compare runs each strategy it lists")
-    sampling = [k for k in ("temperature", "top_k", "top_p", "min_p") if given[k] is not None]
+    sampling = [k for k in ("temperature", "top_k", "top_p", "min_p", "seed")
+                if given[k] is not None]
     if "sample" not in strategies and sampling:
         flags = ", ".join("--" + k.replace("_", "-") for k in sampling)
         fix = "add sample to --compare" if compared else "use --strategy sample"

@@ -948,7 +948,11 @@ def test_a_file_of_the_same_name_from_another_source_is_not_taken_as_complete(
     fetch(second, tmp_path, backoff=0)  # the record followed the new file
     capsys.readouterr()
     (tmp_path / "same.txt").unlink()
-    (tmp_path / "same.txt").write_bytes(b"by hand")  # no record of its own: kept, said honestly
+    (tmp_path / "same.txt").write_bytes(b"by hand")  # the record is of another file now
+    assert fetch(first, tmp_path, backoff=0).read_bytes() == b"by hand"
+    assert (f"its record says it came from {second}, not {first} (the file has changed since"
+            in " ".join(capsys.readouterr().err.split()))
+    (tmp_path / ".same.txt.fetched.json").unlink()  # no record at all: kept, said honestly
     assert fetch(first, tmp_path, backoff=0).read_bytes() == b"by hand"
     assert "same.txt exists; not downloading it again (--force to redo)" in " ".join(
         capsys.readouterr().err.split())

@@ -406,6 +406,12 @@ def download(
                 if actual != sha256:
                     fail(f"{target} exists but its SHA-256 is {actual}, expected {sha256}; "
                          "delete it or pass --force to download it again")
+            recorded = None if came_from else _read_record(source).get("url")
+            if isinstance(recorded, str) and recorded != url:  # copied, touched or replaced
+                warn(f"{target} exists and its record says it came from {recorded}, not {url} "
+                     "(the file has changed since, so this is not sure); not downloading it "
+                     "again (--force to replace it)")
+                return target
             state = "is already complete" if came_from else "exists"
             info(f"{target} {state}; not downloading it again (--force to redo)")
             return target

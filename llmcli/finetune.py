@@ -346,8 +346,10 @@ def finetune(recipe: Recipe, *, run_dir: Path | None = None, device: str = "auto
             total, trainable = count_parameters(prep.model)
             if dist.is_main:
                 kind = f"LoRA rank {prep.recipe.lora.rank}" if prep.lora else "full fine-tuning"
+                source = (prep.base if Path(prep.base).exists() else
+                          f"its own checkpoint (its base {prep.base} is gone)")
                 info(f"{kind}: training {trainable:,} of {total:,} parameters "
-                     f"({trainable / total:.2%}) from {prep.base} on {dev}"
+                     f"({trainable / total:.2%}) from {source} on {dev}"
                      f"{dist.describe(prep.recipe.train.parallel)}; run directory {run_dir}")
                 if resume_path is not None:
                     info(f"resuming from {resume_path}")

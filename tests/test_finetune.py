@@ -350,7 +350,7 @@ def test_resume_keeps_its_base_and_refuses_another(base, records, tmp_path, lora
         assert run.base.resolve() == base.resolve() and run.result.step == 5
 
 
-def test_a_full_fine_tune_resumes_after_its_base_moved_or_went(base, records, tmp_path):
+def test_a_full_fine_tune_resumes_after_its_base_moved_or_went(base, records, tmp_path, capsys):
     """A full fine-tune holds every weight, yet its resume loaded the base: once the base moved,
     the old path was "not found" and the new one "not the base"; a LoRA resume still needs
     its base, said in one line, and finds it at its new place by its bytes."""
@@ -371,6 +371,8 @@ def test_a_full_fine_tune_resumes_after_its_base_moved_or_went(base, records, tm
                 old = finetune(make_recipe(base, records, lora, "train.max_iters=4"),
                                run_dir=run, device="cpu", resume=True)
                 assert old.result.step == 4 and old.base.resolve() == base.resolve()
+                said = " ".join(capsys.readouterr().err.split())
+                assert "from its own checkpoint (its base " in said and "is gone)" in said
                 meta = read_metadata(old.result.checkpoint)
                 assert meta["base"].endswith("base/step-00000010.safetensors")
                 assert meta["base_sha256"] == digest

@@ -132,6 +132,10 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
+    """Said by one process of a group (rank 0): the others of `--nproc N` / torchrun meet the
+    same inputs and would only repeat it."""
+    if not _group_voice():
+        return
     err.print(Text.assemble(("warning:", "yellow"), " ", message))
 
 

@@ -277,3 +277,16 @@ def test_a_narrow_columns_does_not_cut_results_written_to_a_file():
     result = subprocess.run([sys.executable, "-m", "llmcli", "scaling", "--params", "140M"],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "140.0M" in result.stdout and "…" not in result.stdout
+
+
+def test_a_warning_is_said_by_rank_0_of_a_group_only(monkeypatch, capsys) -> None:
+    """Every rank of `--nproc 2` read the same folder and each named its skipped files."""
+    from llmcli.console import warn
+
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        warn("a folder skipped b.md")
+        assert ("warning: a folder skipped b.md" in capsys.readouterr().err) is said
+    monkeypatch.delenv("RANK")
+    warn("no group at all")
+    assert "warning: no group at all" in capsys.readouterr().err

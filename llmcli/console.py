@@ -126,9 +126,9 @@ def first_line(exc: BaseException) -> str:
 
 
 def info(message: str) -> None:
-    """A progress or log line on stderr, silenced by --quiet."""
+    """A progress or log line on stderr, silenced by --quiet; one line whatever paths it names."""
     if not settings["quiet"]:
-        err.print(message)
+        err.print(one_line(message))
 
 
 def warn(message: str) -> None:
@@ -136,7 +136,7 @@ def warn(message: str) -> None:
     same inputs and would only repeat it."""
     if not _group_voice():
         return
-    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+    err.print(Text.assemble(("warning:", "yellow"), " ", one_line(message)))
 
 
 # Every character str.splitlines() breaks at (and terminals may): shown escaped, as repr() would.

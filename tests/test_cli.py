@@ -290,3 +290,21 @@ def test_a_warning_is_said_by_rank_0_of_a_group_only(monkeypatch, capsys) -> Non
     monkeypatch.delenv("RANK")
     warn("no group at all")
     assert "warning: no group at all" in capsys.readouterr().err
+
+
+def test_a_path_with_a_line_break_is_printed_on_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """`-o $'odd\\nname.tokens'` printed its result and warnings over two lines."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("hello world\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "llmcli", "tokenize", "t.txt", "-o",
+                           "odd\nname.tokens", "--tokenizer", "bytes"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "odd\nname.tokens").is_file()
+    assert proc.stdout.splitlines()[0] == "wrote odd\\nname.tokens (bytes)"
+    from llmcli.console import info, warn
+
+    warn("odd\nname.tokens: a warning")
+    info("odd\nname.tokens: a progress line")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: odd\\nname.tokens: a warning", "odd\\nname.tokens: a progress line"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from llmcli.commands.common import path_text
-from llmcli.console import fail, out, run_guarded
+from llmcli.console import fail, one_line, out, run_guarded
 
 FORMATS = ("hf",)
 
@@ -41,8 +41,8 @@ def command(
 
         result = export_hf(checkpoint, output, overwrite=overwrite)
         eos = f"end-of-text {result.eos_id}" if result.eos_id is not None else "no end-of-text"
-        out.print(f"wrote {result.out} ({result.cls}, {result.parameters:,} parameters, "
-                  f"{result.dtype}) from {result.checkpoint}")
+        out.print(one_line(f"wrote {result.out} ({result.cls}, {result.parameters:,} "
+                           f"parameters, {result.dtype}) from {result.checkpoint}"))
         out.print(f"  files      {', '.join(result.files)}")
         out.print(f"  tokenizer  {result.tokenizer} ({eos})")
         out.print(f"  load with  AutoModelForCausalLM.from_pretrained({str(result.out)!r}) and "

@@ -13,6 +13,7 @@ from llmcli.console import (
     check_range,
     check_readable,
     fail,
+    one_line,
     out,
     run_guarded,
     warn,
@@ -69,7 +70,7 @@ def command(
                 warn(f"{source} is a local path, used where it is: --output-dir only places "
                      "downloads")
         path = fetch(source, directory, sha256=sha256, force=force, retries=retries)
-        out.print(str(path), markup=False)
+        out.print(one_line(str(path)), markup=False)
 
     run_guarded(body)
 

@@ -22,7 +22,7 @@ from llmcli.commands.common import (
     recipe_first,
     split_resume,
 )
-from llmcli.console import check_output, check_range, check_readable, fail, run_guarded
+from llmcli.console import check_output, check_range, check_readable, fail, one_line, run_guarded
 from llmcli.device import DEVICE_HELP
 
 
@@ -76,7 +76,7 @@ def command(
                 check_output(out, "--out", file=None)  # a folder gets merged.safetensors
             from llmcli.finetune import merge_adapter
 
-            stdout.print(f"merged checkpoint: {merge_adapter(recipe_path, out)}")
+            stdout.print(one_line(f"merged checkpoint: {merge_adapter(recipe_path, out)}"))
             return
         if recipe_path.suffix == ".safetensors":
             fail(f"{recipe_path}: a checkpoint, not a recipe; add --merge to merge a LoRA "
@@ -106,9 +106,9 @@ def command(
                      f"{r.best_step}); trained {run.trainable:,} of {run.total:,} parameters")
         if r.checkpoint is not None:
             kind = "adapter" if run.lora else "checkpoint"
-            stdout.print(f"{kind}: {r.checkpoint}")
+            stdout.print(one_line(f"{kind}: {r.checkpoint}"))
         if run.merged is not None:
-            stdout.print(f"merged checkpoint: {run.merged}")
+            stdout.print(one_line(f"merged checkpoint: {run.merged}"))
 
     run_guarded(body)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmcli.console import as_utf8, check_output, check_range, clip, fail, run_guarded
+from llmcli.console import as_utf8, check_output, check_range, clip, fail, one_line, run_guarded
 from llmcli.device import DEVICE_HELP
 from llmcli.imagine import (  # llmcli.imagine imports diffusers only when it runs
     DEFAULT_MODEL,
@@ -89,7 +89,7 @@ def command(
 
         def show(saved: SavedImage) -> None:
             if not json_out:
-                stdout.print(f"{saved.path}  seed {saved.seed}  {saved.seconds:.2f} s",
+                stdout.print(one_line(f"{saved.path}  seed {saved.seed}  {saved.seconds:.2f} s"),
                              markup=False)
 
         result = imagine(request, out=out, model=model, device=device, dtype=dtype,

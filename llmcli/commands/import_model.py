@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from llmcli.commands.common import path_text
-from llmcli.console import out, run_guarded
+from llmcli.console import one_line, out, run_guarded
 
 
 def command(
@@ -37,7 +37,7 @@ def command(
         result = import_hf(source, output, overwrite=overwrite, tokenizer=tokenizer)
         m = result.recipe.model
         eos = f", end-of-text {result.eos}" if result.eos else ""
-        out.print(f"wrote {result.path} ({result.cls} from {result.source})")
+        out.print(one_line(f"wrote {result.path} ({result.cls} from {result.source})"))
         mixed = (f"; the file mixes {' and '.join(result.stored)}, each held exactly"
                  if len(result.stored) > 1 else "")
         out.print(f"  parameters {result.parameters:,} ({result.dtype}{mixed})")

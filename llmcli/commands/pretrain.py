@@ -22,7 +22,15 @@ from llmcli.commands.common import (
     recipe_first,
     split_resume,
 )
-from llmcli.console import check_output, check_range, check_readable, fail, out, run_guarded
+from llmcli.console import (
+    check_output,
+    check_range,
+    check_readable,
+    fail,
+    one_line,
+    out,
+    run_guarded,
+)
 from llmcli.device import DEVICE_HELP
 
 
@@ -197,5 +205,5 @@ def _print_result(result: Any) -> None:
     from llmcli.train.distributed import from_env
 
     if from_env().is_main:
-        out.print(", ".join(parts) + (f"; checkpoint {result.checkpoint}"
-                                      if result.checkpoint else ""))
+        out.print(one_line(", ".join(parts) + (f"; checkpoint {result.checkpoint}"
+                                               if result.checkpoint else "")))

@@ -9,7 +9,16 @@ from pathlib import Path
 import typer
 
 from llmcli.commands.common import path_text
-from llmcli.console import as_utf8, check_output, check_range, fail, out, run_guarded, warn
+from llmcli.console import (
+    as_utf8,
+    check_output,
+    check_range,
+    fail,
+    one_line,
+    out,
+    run_guarded,
+    warn,
+)
 
 MAX_HEAD = 100_000  # tokens --head renders: more is no longer something to read
 MAX_CONTEXT = 1_048_576  # as model.context_length allows
@@ -181,11 +190,11 @@ def command(
             ("speed", f"{size / 1e6 / max(seconds, 1e-9):.1f} MB/s ({seconds:.2f} s)"),
         ]
         if "shards" in meta:
-            out.print(f"wrote {written}/ ({len(meta['shards']):,} shards of up to "
-                      f"{meta['shard_tokens']:,} tokens, index {written / 'index.json'}; "
-                      f"{meta['tokenizer']})")
+            out.print(one_line(f"wrote {written}/ ({len(meta['shards']):,} shards of up to "
+                               f"{meta['shard_tokens']:,} tokens, index {written / 'index.json'}; "
+                               f"{meta['tokenizer']})"))
         else:
-            out.print(f"wrote {written} ({meta['tokenizer']})")
+            out.print(one_line(f"wrote {written} ({meta['tokenizer']})"))
         for key, value in rows:
             out.print(f"  {key:<16}{value}")
 

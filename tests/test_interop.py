@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -514,6 +515,50 @@ def test_a_sequence_starts_with_the_bos_the_tokenizer_adds(tmp_path):
                                   template="Q: {instruction}\nA: ", context_length=64)
     prompt = ours.encode_start("Q: Colour?\nA: ")
     assert example.ids == [*prompt, *ours.encode("red"), 0]  # the answer gets no BOS
+
+
+@pytest.mark.parametrize("bos", [0, 5])  # end-of-text itself (id 0), or a token of its own
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_pretraining_document_starts_with_the_bos_the_tokenizer_adds(tmp_path, bos,
+                                                                          workers):
+    """Documents tokenized with an imported Llama tokenizer lacked its BOS, unlike the
+    prompts and records the model then saw, and unlike how Llama was trained."""
+    from llmcli.data.token_cache import find_tokens, sidecar_path
+    from llmcli.data.tokenize import tokenize_files
+
+    source = hf_folder(tmp_path / "src", "llama")
+    name = json.loads((source / "tokenizer.json").read_text())["model"]["vocab"]
+    token = next(t for t, i in name.items() if i == bos)  # any token serves as a BOS
+    with_post_processor(source, {**BOS_TEMPLATE,
+                                 "single": [{"SpecialToken": {"id": token, "type_id": 0}},
+                                            {"Sequence": {"id": "A", "type_id": 0}}],
+                                 "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                                          {"Sequence": {"id": "B", "type_id": 1}}],
+                                 "special_tokens": {token: {"id": token, "ids": [bos],
+                                                            "tokens": [token]}}})
+    import_hf(str(source), Path("run"))
+    tok = get_tokenizer(Checkpoint.open("run").tokenizer)
+    assert tok.start_ids == (bos,) and tok.eot_id == 0
+    texts = ["The quick brown fox", "Colour red"]
+    files = []
+    for i, text in enumerate(texts):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    out = tmp_path / "c.tokens"
+    meta = tokenize_files(files, out, tokenizer=tok.name, workers=workers)
+    ids = np.fromfile(out, dtype="<u4").tolist()
+    between = [0] if bos == 0 else [0, bos]
+    assert ids == [bos, *tok.encode(texts[0]), *between, *tok.encode(texts[1])]
+    assert meta["start_ids"] == [bos] and meta["documents"] == 2
+    assert find_tokens(files, tok.name, tmp_path) is None  # named c.tokens, not the cache's
+    cached = tmp_path / "token-cache"
+    cached.mkdir()
+    tokenize_files(files, cached / "0+1.tokens", tokenizer=tok.name)
+    assert find_tokens(files, tok.name, cached) is not None
+    side = json.loads(sidecar_path(cached / "0+1.tokens").read_text())
+    del side["start_ids"]  # made before documents began with the BOS: made again
+    sidecar_path(cached / "0+1.tokens").write_text(json.dumps(side))
+    assert find_tokens(files, tok.name, cached) is None
 
 
 def test_post_processors_llm_cannot_reproduce_are_refused_at_import(tmp_path):

@@ -211,6 +211,8 @@ def _describes(path: Path, files: list[Path], tokenizer: str) -> Cached | None:
         return None
     if not path.is_file() or path.stat().st_size != 4 * int(meta.get("num_tokens") or -1):
         return None
+    if not _same_document_starts(meta, tokenizer):
+        return None
     recorded = meta.get("sources")
     if not isinstance(recorded, list) or len(recorded) != len(files):
         return None
@@ -227,6 +229,19 @@ def _describes(path: Path, files: list[Path], tokenizer: str) -> Cached | None:
             entry["mtime_ns"] = stat.st_mtime_ns  # same bytes, newer time: remember it
             touched = True
     return Cached(path, meta, touched)
+
+
+def _same_document_starts(meta: dict, tokenizer: str) -> bool:
+    """Whether the token file's documents begin as the tokenizer's do now: files made before
+    documents began with an imported tokenizer's BOS lack it (cl100k_base and bytes have none)."""
+    if not tokenizer.startswith("hf-"):
+        return True
+    from llmcli.data.tokenizer import get_tokenizer
+
+    try:
+        return meta.get("start_ids", []) == list(get_tokenizer(tokenizer).start_ids)
+    except Exception:  # noqa: BLE001 - a tokenizer we cannot load is refused where it is used
+        return False
 
 
 def read_json_object(path: Path) -> dict | None:

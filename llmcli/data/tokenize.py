@@ -262,8 +262,19 @@ class _Counter:
             self.seen[ids] = True
 
 
+def document_marks(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """What begins the first document (the tokenizer's start ids: an imported Llama's BOS, as
+    it was trained; nothing for cl100k_base), and what begins each later one: end-of-text,
+    then the start ids (once, when they are end-of-text itself). The second ends with the
+    first."""
+    lead = list(tok.start_ids)
+    between = lead if lead == [tok.eot_id] else [tok.eot_id, *lead]
+    return np.array(lead, dtype=np.uint32), np.array(between, dtype=np.uint32)
+
+
 def _encoder(tok: Tokenizer) -> Callable[[_Job], np.ndarray]:
-    eot = np.array([tok.eot_id], dtype=np.uint32)
+    """A job's ids, without the start ids of its first document (the writer puts those)."""
+    between = document_marks(tok)[1]
 
     def encode(job: _Job) -> np.ndarray:
         if isinstance(job.text, str):
@@ -271,7 +282,7 @@ def _encoder(tok: Tokenizer) -> Callable[[_Job], np.ndarray]:
         parts: list[np.ndarray] = []
         for i, text in enumerate(job.text):
             if i:
-                parts.append(eot)
+                parts.append(between)
             parts.append(tok.encode_array(text))
         return np.concatenate(parts)
 
@@ -317,12 +328,13 @@ def head_tokens(inputs: list[Path], n: int, tokenizer: str = "cl100k_base",
     """The first `n` tokens `tokenize_files` would write, reading only as much as needed."""
     tok = get_tokenizer(tokenizer)
     encode = _encoder(tok)
+    lead, between = document_marks(tok)
     ids: list[int] = []
     block = max(4096, 8 * n)
     for job in _jobs(expand_inputs(inputs), errors, _Reading(), block, lambda _n: None,
                      text_field):
-        if job.new_document and ids:
-            ids.append(tok.eot_id)
+        if job.new_document:
+            ids.extend(int(i) for i in (between if ids else lead))
         ids.extend(int(i) for i in encode(job))
         if len(ids) >= n:
             break
@@ -564,15 +576,15 @@ def _tokenize_part(job: tuple[str, str, str, int, str, str]) -> dict:
     path, tokenizer, errors, block, text_field, part = job
     try:
         tok = get_tokenizer(tokenizer)
-        eot = np.array([tok.eot_id], dtype="<u4")
+        lead, between = (mark.astype("<u4") for mark in document_marks(tok))
         reading = _Reading()
         counts = {"tokens": 0, "documents": 0}
         with open(part, "wb", buffering=BLOCK) as fh:
             def emit(new_document: bool, ids: np.ndarray) -> None:
                 if new_document:
-                    if counts["documents"]:
-                        fh.write(eot.data)
-                        counts["tokens"] += 1
+                    mark = between if counts["documents"] else lead
+                    fh.write(mark.data)
+                    counts["tokens"] += len(mark)
                     counts["documents"] += 1
                 fh.write(np.ascontiguousarray(ids, dtype="<u4").data)
                 counts["tokens"] += len(ids)
@@ -656,7 +668,7 @@ def tokenize_files(
     tok = get_tokenizer(tokenizer)
     workers = max(1, min(int(workers), len(files)))
     counter = _Counter(tok.n_vocab)
-    eot = np.array([tok.eot_id], dtype=np.uint32)
+    lead, between = document_marks(tok)
     total_bytes = sum(p.stat().st_size for p in files)
     if shard_tokens is not None:
         target = shard_folder_path(out)
@@ -688,8 +700,9 @@ def tokenize_files(
 
                 def emit(new_document: bool, ids: np.ndarray) -> None:
                     if new_document:
-                        if written["documents"]:
-                            put(eot)
+                        mark = between if written["documents"] else lead
+                        if len(mark):
+                            put(mark)
                         written["documents"] += 1
                     put(ids)
 
@@ -708,8 +721,8 @@ def tokenize_files(
                     if "error" in result:
                         fail(result["error"], result["exit_code"])
                     if result["tokens"]:
-                        if counter.count:
-                            put(eot)
+                        if counter.count and len(between) > len(lead):  # the part has `lead`
+                            put(between[:len(between) - len(lead)])
                         for ids in _read_part(part):
                             put(ids)
                     elif len(files) > 1:
@@ -730,6 +743,8 @@ def tokenize_files(
                 "val_fraction": val_fraction, "val_start": start, "documents": documents,
                 "text_bytes": text_bytes, "text_field": text_field, "sources": sources,
             }
+            if tok.start_ids:  # what each document begins with (the cache checks it)
+                meta["start_ids"] = list(tok.start_ids)
             sink._close()
             if shard_tokens is None:
                 meta["compact_vocab_ids"] = compact_vocab_ids(sink.tmp, start, tok)

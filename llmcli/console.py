@@ -307,6 +307,11 @@ def _describe(exc: BaseException) -> tuple[str, int]:
         shown = os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path)
         code = EXIT_FAILURE if disk_full(exc) else EXIT_USAGE
         return f"{shown}: {_os_fix(exc)}", code
+    if (lost_peer(exc) and os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+            and WORKER_ERRORS_ENV not in os.environ):  # `--nproc`'s launcher finds the cause
+        return (f"another process of the group (WORLD_SIZE={os.environ['WORLD_SIZE']}) stopped, "
+                f"so this one (RANK={os.environ.get('RANK', '?')}) stops too; its own output says "
+                "why"), EXIT_FAILURE
     message = str(exc).strip()
     detail = f": {clip(one_line(message))}" if message else ""
     return f"{type(exc).__name__}{detail} (rerun with --debug for the traceback)", EXIT_FAILURE

@@ -592,3 +592,22 @@ def test_a_failed_rendezvous_is_one_line(tmp_path):
     assert proc.stderr.startswith(f"error: --rdzv-endpoint 127.0.0.1:{port}: the processes "
                                   "could not meet there"), proc.stderr[-3000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+
+
+def test_a_group_started_by_hand_says_another_process_stopped_not_gloos_words(monkeypatch):
+    """RANK/WORLD_SIZE by hand, rank 1 refused its data.source: rank 0 ended with gloo's
+    'Connection closed by peer ... GLHF!' as a RuntimeError."""
+    from llmcli.console import WORKER_ERRORS_ENV, _describe
+
+    gloo = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:49840. This is "
+                        "typically caused by a remote worker crashing. GLHF!")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv(WORKER_ERRORS_ENV, raising=False)
+    assert _describe(gloo) == ("another process of the group (WORLD_SIZE=2) stopped, so this "
+                               "one (RANK=0) stops too; its own output says why", 1)
+    monkeypatch.setenv(WORKER_ERRORS_ENV, "/tmp/errors")  # `--nproc`: the launcher finds why
+    assert _describe(gloo)[0].startswith("RuntimeError: [pair.cc:553] Connection closed")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv(WORKER_ERRORS_ENV)
+    assert _describe(gloo)[0].startswith("RuntimeError: ")

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -155,6 +156,24 @@ def interrupts_held() -> Iterator[None]:
             signal.signal(sig, handler)
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)  # the previous handler answers, as if it came now
+
+
+def replace_folder(new: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Move the finished folder `new` to `target`, replacing what is there, with interrupts
+    held until the old one is gone: a Ctrl-C between the two renames left neither under the
+    name, and one during the removal left the old one hidden beside it."""
+    target = Path(target)
+    with interrupts_held():
+        if not (target.exists() or target.is_symlink()):
+            os.replace(new, target)
+            return
+        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+        os.replace(target, old)
+        os.replace(new, target)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 class Busy(Exception):

@@ -362,6 +362,35 @@ def test_a_run_started_in_the_target_meanwhile_is_not_replaced(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_ctrl_c_while_an_export_replaces_the_old_one_loses_neither(tmp_path, monkeypatch):
+    """Ctrl-C between the two renames left the old export hidden as .out.XXXX.old and removed
+    the new one: nothing under -o at all."""
+    import os
+    import signal
+
+    from llmcli.interop.staging import staged_folder
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        renames.append(dst)
+        if len(renames) == 1:
+            signal.raise_signal(signal.SIGINT)  # arrives right after the first rename
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr("llmcli.interop.staging.check_target", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt), staged_folder(target, True, "export") as tmp:
+        (tmp / "config.json").write_text("new")
+    assert len(renames) == 2  # the interrupt waited for the swap
+    assert (target / "config.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no hidden old or staged folder
+
+
 # ---------------------------------------------------------------------------------------------
 # Import
 

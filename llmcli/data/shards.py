@@ -36,7 +36,7 @@ import numpy as np
 from llmcli.console import DiskFull, disk_full, fail
 from llmcli.data.token_cache import SHARD_INDEX as INDEX_NAME
 from llmcli.data.token_cache import description_problem
-from llmcli.files import interrupts_held
+from llmcli.files import replace_folder
 
 INDEX_FORMAT = "llmcli-shards/1"
 SHARD_NAME = "shard-{:05d}.tokens"
@@ -121,17 +121,10 @@ class ShardWriter:
         index = {**meta, "format": INDEX_FORMAT, "shard_tokens": self.shard_tokens,
                  "val_rule": VAL_RULE, "shards": self.shards}
         (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=1), encoding="utf-8")
-        old = None
         if (self.folder.exists() or self.folder.is_symlink()) and not is_shard_folder(self.folder):
             self.abort()
             fail(f"{self.folder}: exists and is not a sharded corpus; choose another -o")
-        with interrupts_held():  # never a moment without a corpus under the name, for Ctrl-C
-            if self.folder.exists() or self.folder.is_symlink():
-                old = self.folder.with_name(f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old")
-                os.replace(self.folder, old)
-            os.replace(self.tmp, self.folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self.tmp, self.folder)  # never a moment without a corpus under the name
         return index
 
     def abort(self) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Literal
 from llmcli.checkpoint import raw_metadata, run_files, step_path
 from llmcli.console import DiskFull, check_output, disk_full, fail, first_line
 from llmcli.constants import RUN_TOKENIZERS
+from llmcli.files import replace_folder
 
 Kind = Literal["export", "import"]
 # What `llm export` writes, and the other files of a transformers model folder
@@ -129,13 +129,7 @@ def staged_folder(target: Path, overwrite: bool, kind: Kind) -> Iterator[Path]:
     try:
         yield tmp
         check_target(target, overwrite, kind)
-        if target.exists():
-            old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_folder(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(exc):  # named after the folder asked for, not the one just removed

@@ -233,12 +233,33 @@ def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
     return result
 
 
+def finetune_keys(recipe: Recipe) -> list[str]:
+    """The finetune.* and lora.* keys the recipe sets: `llm finetune`'s, unused by pretraining."""
+    return [key for key, _, origin in recipe.rows()
+            if key.split(".")[0] in ("finetune", "lora") and origin != "default"]
+
+
+def check_pretrain_keys(recipe: Recipe) -> None:
+    """A fine-tuning key typed on `llm pretrain`'s command line is a mistake: it would train a
+    new model from scratch, with no base and no adapters, and say nothing."""
+    unused = set(finetune_keys(recipe))
+    typed = [item for key, item in recipe.override_items.items() if key in unused]
+    if typed:
+        fail(f"{typed[0]}: `llm pretrain` trains a new model from scratch and uses no "
+             f"finetune.* or lora.* key; to fine-tune, run `llm finetune RECIPE "
+             f"{' '.join(typed)}`")
+
+
 def _warn_unused(recipe: Recipe) -> None:
-    """data.records is fine-tuning's: pretraining reads every record of its sources, which the
-    key's presence in the data section would otherwise hide."""
+    """Keys a pretraining run does not use, said: data.records (it reads every record of its
+    sources) and the fine-tuning sections a recipe may carry for a later `llm finetune`."""
     if recipe.data.records is not None:
         warn(f"data.records {recipe.data.records!r} selects the records `llm finetune` uses; "
              "`llm pretrain` reads every record of data.source (drop the key, or cut the file)")
+    unused = finetune_keys(recipe)
+    if unused:
+        warn(f"{', '.join(unused)}: `llm finetune`'s key(s), unused by `llm pretrain`, which "
+             "trains a new model from scratch (fine-tune with `llm finetune RECIPE`)")
 
 
 def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: str | Path | bool | None =

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from helpers_train import make_project, markov_tokens, one_thread, write_tokens
 from typer.testing import CliRunner
 
@@ -237,6 +238,29 @@ def test_data_records_is_said_to_be_unused_by_the_run_and_the_dry_run(project):
         assert warnings == ["warning: data.records '0:10' selects the records `llm finetune` "
                             "uses; `llm pretrain` reads every record of data.source (drop the "
                             "key, or cut the file)"], result.stderr
+
+
+def test_fine_tuning_keys_are_refused_on_the_command_line_and_said_unused_in_a_file(project):
+    """`llm pretrain R lora.rank=8 finetune.init=runs/base` trained a full model from scratch,
+    with no base and no adapters, and said nothing."""
+    result = llm("pretrain", "mini.yaml", "data.source=corpus.tokens", "lora.rank=8",
+                 "finetune.init=runs/base")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: lora.rank=8: `llm pretrain` trains a new model from "
+                                    "scratch and uses no finetune.* or lora.* key; to fine-tune, "
+                                    "run `llm finetune RECIPE lora.rank=8 finetune.init=runs/base`")
+    assert not (project / "checkpoints").exists()
+    recipe = yaml.safe_load((project / "mini.yaml").read_text())
+    (project / "both.yaml").write_text(yaml.safe_dump(
+        {**recipe, "lora": {"rank": 4}, "finetune": {"template": "alpaca-short"}}))
+    for extra in (("--dry-run",), ("-o", "both")):
+        result = llm("pretrain", "both.yaml", "data.source=corpus.tokens", "train.max_iters=2",
+                     *extra)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert warnings == ["warning: finetune.template, lora.rank: `llm finetune`'s key(s), "
+                            "unused by `llm pretrain`, which trains a new model from scratch "
+                            "(fine-tune with `llm finetune RECIPE`)"], result.stderr
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -90,6 +90,9 @@ def command(
         from llmcli.recipe import load_recipe
 
         loaded = load_recipe(recipe_path, items)  # checked once, before any worker starts
+        from llmcli.pretrain import check_pretrain_keys
+
+        check_pretrain_keys(loaded)
         launch = launch_options(nproc, nnodes, node_rank, rdzv_endpoint, master_addr,
                                 master_port)
         if dry_run:  # reported for the processes asked for, by this one alone

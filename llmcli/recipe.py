@@ -227,7 +227,7 @@ class Bound:
 # 10^8) from hanging, overflowing or allocating terabytes before anything fails. Every int and
 # float key of every section has a row (a test checks); None and 'auto' skip the check.
 LIMITS: dict[str, Bound] = {
-    "data.val_fraction": Bound(0, 1, "[)"),
+    "data.val_fraction": Bound(0, 1, "()"),  # training measures held-out loss: never 0
     "model.vocab_size": Bound(1, 10_000_000),
     "model.context_length": Bound(1, 1_048_576),
     "model.d_model": Bound(1, 65_536),
@@ -236,7 +236,7 @@ LIMITS: dict[str, Bound] = {
     "model.dropout": Bound(0, 1, "[)"),
     "model.ffn_hidden": Bound(1, 1_048_576),
     "model.norm_eps": Bound(0, 1, "(]"),
-    "model.rope_theta": Bound(0, 1e9, "(]"),
+    "model.rope_theta": Bound(1, 1e9),  # far below 1, float32 powers of it give inf and NaN
     "model.init_std": Bound(0, 10, "(]"),
     "train.batch_size": Bound(1, 65_536),
     "train.grad_accum": Bound(1, 65_536),

@@ -442,8 +442,6 @@ def test_an_empty_metrics_file_is_not_a_run(project):
 
 
 @pytest.mark.parametrize("setup, words", [
-    (lambda p: write_tokens(p / "corpus.tokens", markov_tokens(4000), val_fraction=0),
-     "validation split is empty"),
     (lambda p: (p / "corpus.tokens").write_bytes(np.full(4000, 300, "<u4").tobytes()),
      "holds token id 300"),
     (lambda p: (p / "folder.tokens").mkdir(), "a folder without the index.json"),
@@ -451,8 +449,7 @@ def test_an_empty_metrics_file_is_not_a_run(project):
 def test_corpus_problems_are_one_line(project, setup, words):
     setup(project)
     source = "folder.tokens" if "folder" in words else "corpus.tokens"
-    split = ["data.val_fraction=0"] if "validation" in words else []  # a .tokens file takes it
-    result = pretrain(f"data.source={source}", *split)
+    result = pretrain(f"data.source={source}")
     assert result.exit_code == 2, result.output
     last = result.stderr.strip().splitlines()[-1]  # after the run's description, if it began
     assert last.startswith("error:") and words in last and result.stderr.count("error:") == 1

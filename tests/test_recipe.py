@@ -118,7 +118,7 @@ def test_yaml_1e_notation_in_files_is_a_number(tmp_path):
     ("model:\n  dropout: 1.0\n", (), "model.dropout: must be in [0, 1), got 1.0"),
     ("model:\n  dropout: -0.1\n", (), "model.dropout: must be in [0, 1)"),
     ("train:\n  batch_size: 0\n", (), "train.batch_size: must be in [1, 65_536], got 0"),
-    ("data:\n  val_fraction: 1.5\n", (), "data.val_fraction: must be in [0, 1)"),
+    ("data:\n  val_fraction: 1.5\n", (), "data.val_fraction: must be in (0, 1)"),
     ("data:\n  records: 'abc'\n", (), "data.records: expected 'start:stop'"),
     ("generate:\n  top_p: 1.5\n", (), "generate.top_p: must be in (0, 1]"),
     ("lora:\n  targets: [qvk]\n", (), "unknown target 'qvk' (did you mean 'qkv'?)"),

@@ -73,7 +73,8 @@ def test_keys_document_their_range():
     (("train.grad_clip=.nan",), "train.grad_clip: must be finite and in [0, 1e6], got nan"),
     (("model.norm_eps=1e20",), "model.norm_eps: must be in (0, 1], got 1e20"),
     (("model.norm_eps=0",), "model.norm_eps: must be in (0, 1]"),
-    (("model.rope_theta=.inf",), "model.rope_theta: must be finite and in (0, 1e9]"),
+    (("model.rope_theta=.inf",), "model.rope_theta: must be finite and in [1, 1e9]"),
+    (("model.rope_theta=1e-300",), "model.rope_theta: must be in [1, 1e9]"),  # made NaN
     (("model.init_std=-.inf",), "model.init_std: must be finite and in (0, 10]"),
     (("train.max_time=1e400",), "train.max_time: must be finite and in (0, 1e8]"),
     (("train.max_tokens=1e400",), "train.max_tokens: must be finite and in"),
@@ -100,7 +101,8 @@ def test_keys_document_their_range():
     (("lora.rank=5000",), "lora.rank: must be in [0, 4096]"),
     (("lora.alpha=.inf",), "lora.alpha: must be finite and in (0, 1e6]"),
     (("lora.alpha=1e7",), "lora.alpha: must be in (0, 1e6]"),
-    (("data.val_fraction=.nan",), "data.val_fraction: must be finite and in [0, 1)"),
+    (("data.val_fraction=.nan",), "data.val_fraction: must be finite and in (0, 1)"),
+    (("data.val_fraction=0",), "data.val_fraction: must be in (0, 1)"),  # was never honoured
     (("generate.max_new_tokens=1e7",), "generate.max_new_tokens: must be in [1, 1_000_000]"),
     (("generate.temperature=1e-39",), "must be in 0 or [0.01, 100], got 1e-39"),
     (("generate.temperature=1000",), "generate.temperature: must be in 0 or [0.01, 100]"),

@@ -404,9 +404,10 @@ class RecipeLoader(yaml.SafeLoader):
         prefix = self._paths.get(id(node))
         first: dict[Any, yaml.Mark] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+            if not isinstance(key_node, yaml.ScalarNode):
                 continue
-            key = self.construct_object(key_node)
+            # Two merge keys: PyYAML lets one of them win silently, as with any other key
+            key = "<<" if key_node.tag == _MERGE else self.construct_object(key_node)
             dotted = f"{prefix}.{key}" if prefix else str(key)
             if key in first:
                 raise _DuplicateKey(dotted, key_node.start_mark, first[key])

@@ -272,6 +272,8 @@ def test_validation_errors_of_file_values_still_name_the_file(tmp_path):
     ("train:\n  lr: 0.1\nmodel:\n  d_model: 64\ntrain:\n  max_iters: 3\n",
      "line 5: duplicate key 'train' (first at line 1)"),
     ("model: {d_model: 64, 'd_model': 32}\n", "line 1: duplicate key 'model.d_model'"),
+    ("model:\n  <<: {num_blocks: 2}\n  <<: {num_blocks: 7}\n",  # one of them won silently
+     "line 3: duplicate key 'model.<<' (first at line 2)"),
 ])
 def test_duplicate_keys_are_refused_naming_key_and_line(tmp_path, text, expected):
     path = write(tmp_path, text)

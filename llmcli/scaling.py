@@ -110,7 +110,8 @@ FIT_ALIASES = {"hoffmann": "chinchilla", "besiroglu": "epoch"}
 def get_fit(name: str) -> Fit:
     key = FIT_ALIASES.get(name.lower(), name.lower())
     if key not in FITS:
-        fail(f"--fit {name!r}: unknown fit{_suggest(key, FITS)}; choose {' or '.join(FITS)}")
+        fail(f"--fit {name!r}: unknown fit{_suggest(key, [*FITS, *FIT_ALIASES])}; choose "
+             f"{' or '.join(FITS)}")
     return FITS[key]
 
 

@@ -355,6 +355,7 @@ def test_cli_json_is_complete_and_alone_on_stdout():
     (["--tokens", "0"], "must be positive"),
     ([], "nothing to plan"),
     (["--params", "1B", "--fit", "kaplan"], "unknown fit"),
+    (["--params", "1B", "--fit", "hoffman"], "did you mean 'hoffmann'"),  # an alias
     (["--params", "1B", "--gpu", "h1000"], "did you mean 'h100'"),
     (["--params", "1B", "--mfu", "140"], "--mfu '140'"),
     (["--params", "1B", "--num-gpus", "0"], "--num-gpus '0'"),

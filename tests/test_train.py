@@ -516,12 +516,34 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, mode):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda net, **kw: seen.append((net, kw)) or net)
     recipe, model, batches = setup([f"train.compile_mode={mode}"], compile=True)
-    net = Trainer(recipe, model, batches, tmp_path, torch.device("cpu"), None, None).training_net()
+    try:
+        net = Trainer(recipe, model, batches, tmp_path, torch.device("cpu"), None,
+                      None).training_net()
+    finally:
+        torch.use_deterministic_algorithms(False)  # what compiling on the CPU turns on
     assert isinstance(net, FusedLoss) and seen == [(net, {"mode": None if mode == "default"
                                                           else mode})]
     plain = setup([f"train.compile_mode={mode}"])
     Trainer(*plain, tmp_path / "plain", torch.device("cpu"), None, None).training_net()
     assert len(seen) == 1  # compile: false ignores the mode
+
+
+def test_cpu_kernels_are_compiled_deterministic(tmp_path, monkeypatch):
+    """Two compiled CPU runs with the same seed differed by 1e-7 (inductor's multi-threaded
+    atomic adds), so `--resume` of a compiled run was not exact. (Compiling for real takes a
+    minute here: the real runs were compared by hand, bit-identical once deterministic.)"""
+    from llmcli.train.loop import Trainer
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: seen.append(
+        torch.are_deterministic_algorithms_enabled()) or net)
+    torch.use_deterministic_algorithms(False)
+    try:
+        Trainer(*setup([], compile=True), tmp_path, torch.device("cpu"), None,
+                None).training_net()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [True]
 
 
 def test_an_unknown_compile_mode_is_a_one_line_error():

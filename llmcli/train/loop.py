@@ -329,9 +329,15 @@ class Trainer:
         return self.compiled(net)
 
     def compiled(self, net: torch.nn.Module) -> torch.nn.Module:
-        """`net` under torch.compile in the recipe's mode, when the recipe asks."""
+        """`net` under torch.compile in the recipe's mode, when the recipe asks. On the CPU the
+        compiled kernels are made deterministic: their multi-threaded gradient sums (atomic
+        adds) differed from run to run by 1e-7, so a run and its resume were no longer equal
+        bit for bit, as eager ones are. (It stays on for the process: a later compile in it
+        must agree.)"""
         if not self.cfg.compile:
             return net
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
         mode = self.cfg.compile_mode
         return torch.compile(net, mode=None if mode == "default" else mode)
 

@@ -48,7 +48,34 @@ def _check_stdout() -> None:
         sys.exit(2)
 
 
+def _writable(fd: int) -> bool:
+    """Whether `fd` is open for writing. A closed one may not stay closed: a launcher script
+    (pyenv's shim) can open a file of its own there before Python starts."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return True
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:
+        return False
+
+
+def _quiet_closed_stderr() -> None:
+    """A closed standard error (`2>&-`) made the first progress line fail, and the error about
+    that failed too: exit 1 with nothing said and the results lost. Messages go to /dev/null
+    instead (what was closed was asked not to be seen); results and exit codes are kept."""
+    if _writable(2) and sys.stderr is not None:
+        return
+    fd = os.open(os.devnull, os.O_WRONLY)
+    if fd != 2:  # over whatever holds 2 (nothing, or a launcher's read-only file)
+        os.dup2(fd, 2)
+        os.close(fd)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+
+
 def main() -> None:
+    _quiet_closed_stderr()
     previous = signal.signal(signal.SIGINT, _leave)
     _check_stdout()
     _tolerant_stdout()

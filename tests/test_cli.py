@@ -81,6 +81,21 @@ def test_a_closed_standard_output_is_refused_before_any_work():
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("closing", ["2>&-", "2</dev/null"])  # closed; or a read-only file
+def test_a_closed_standard_error_keeps_the_results_and_the_exit_code(tmp_path, closing):
+    """`llm tokenize t.txt 2>&-` exited 1 with nothing printed: its first progress line failed,
+    then the error about it. (A launcher script such as pyenv's shim leaves a read-only file
+    of its own where standard error was.)"""
+    (tmp_path / "t.txt").write_text("hello world\n", encoding="utf-8")
+    command = f"'{sys.executable}' -m llmcli tokenize t.txt -o t.tokens --tokenizer bytes"
+    result = subprocess.run(f"{command} {closing}", shell=True, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("wrote t.tokens (bytes)\n")
+    result = subprocess.run(f"{command.replace('t.txt', 'missing.txt')} {closing}", shell=True,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+
+
 @pytest.mark.parametrize(("argv", "hint"), [
     (["generate", "--top-k", "many"], "(see llm generate --help)"),
     (["inspect", "attention", "--no-such-option"], "(see llm inspect attention --help)"),

@@ -139,15 +139,18 @@ def warn(message: str) -> None:
     err.print(Text.assemble(("warning:", "yellow"), " ", one_line(message)))
 
 
-# Every character str.splitlines() breaks at (and terminals may): shown escaped, as repr() would.
-_LINE_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
-_LINE_BREAKS_TABLE = str.maketrans(_LINE_BREAKS)
+# Control characters (C0, DEL, C1) and the line and paragraph separators: what str.splitlines()
+# breaks at and what a terminal acts on (ESC starts a colour or a screen clear), shown escaped
+# as repr() would.
+_CONTROLS = [*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029"]
+_CONTROLS_TABLE = str.maketrans({c: repr(c)[1:-1] for c in _CONTROLS})
 
 
 def one_line(message: str) -> str:
-    """Errors are one line whatever the user's text held (newlines shown as \\n), and
-    printable whatever bytes it held (argv's undecodable bytes shown as \\udcff)."""
-    return message.translate(_LINE_BREAKS_TABLE).encode("utf-8", "backslashreplace").decode()
+    """Messages are one line whatever the user's text held (newlines shown as \\n), inert
+    (an ESC in a path shown as \\x1b, never acted on by the terminal), and printable whatever
+    bytes it held (argv's undecodable bytes shown as \\udcff)."""
+    return message.translate(_CONTROLS_TABLE).encode("utf-8", "backslashreplace").decode()
 
 
 def as_utf8(text: str) -> str:

@@ -307,19 +307,22 @@ def test_a_warning_is_said_by_rank_0_of_a_group_only(monkeypatch, capsys) -> Non
     assert "warning: no group at all" in capsys.readouterr().err
 
 
-def test_a_path_with_a_line_break_is_printed_on_one_line(tmp_path, monkeypatch, capsys) -> None:
-    """`-o $'odd\\nname.tokens'` printed its result and warnings over two lines."""
+def test_a_path_with_control_characters_is_printed_inert_on_one_line(tmp_path, monkeypatch,
+                                                                     capsys) -> None:
+    """`-o $'odd\\nna\\e[31mme.tokens'` printed its result over two lines and turned the
+    terminal red; so did warnings, progress lines and table titles."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.txt").write_text("hello world\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "llmcli", "tokenize", "t.txt", "-o",
-                           "odd\nname.tokens", "--tokenizer", "bytes"],
-                          capture_output=True, text=True, timeout=120)
+    name = "odd\nna\x1b[31mme\t.tokens"
+    proc = subprocess.run([sys.executable, "-m", "llmcli", "tokenize", "t.txt", "-o", name,
+                           "--tokenizer", "bytes"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "odd\nname.tokens").is_file()
-    assert proc.stdout.splitlines()[0] == "wrote odd\\nname.tokens (bytes)"
+    assert (tmp_path / name).is_file()
+    assert proc.stdout.splitlines()[0] == "wrote odd\\nna\\x1b[31mme\\t.tokens (bytes)"
     from llmcli.console import info, warn
 
-    warn("odd\nname.tokens: a warning")
-    info("odd\nname.tokens: a progress line")
+    warn("odd\nname\x1b[2J.tokens: a warning")
+    info("odd\x07name\x9b.tokens: a progress line")
     assert capsys.readouterr().err.splitlines() == [
-        "warning: odd\\nname.tokens: a warning", "odd\\nname.tokens: a progress line"]
+        "warning: odd\\nname\\x1b[2J.tokens: a warning",
+        "odd\\x07name\\x9b.tokens: a progress line"]

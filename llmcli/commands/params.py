@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from llmcli.commands.common import DEVICE_MEMORY_HELP, NPROC_MEMORY_HELP, print_device_memory
-from llmcli.console import check_range, check_readable, info, out, run_guarded
+from llmcli.console import check_range, check_readable, info, one_line, out, run_guarded
 
 MAX_PROCESSES = 10_000_000
 
@@ -67,7 +67,7 @@ def print_report(report: dict[str, Any]) -> None:
     from llmcli.scaling import format_bytes
 
     total = report["total"]
-    table = Table(title=f"{report['name']} ({report['kind']}: {report['source']})",
+    table = Table(title=one_line(f"{report['name']} ({report['kind']}: {report['source']})"),
                   title_justify="left")
     table.add_column("part")
     table.add_column("parameters", justify="right")

@@ -157,7 +157,7 @@ def _print_dry_run(report: Any, json_out: bool) -> None:
     for key, value, origin in report.rows:
         if key.split(".")[0] in ("finetune", "lora", "generate") and origin == "default":
             continue  # not used by pretraining; `--keys` lists them
-        table.add_row(key, str(value), origin)
+        table.add_row(key, one_line(str(value)), one_line(origin))
     out.print(table)
     mem = report.memory
     gib = 1024**3

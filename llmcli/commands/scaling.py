@@ -9,7 +9,15 @@ from typing import Any
 import typer
 
 from llmcli.commands.common import DEVICE_MEMORY_HELP, path_text, print_device_memory
-from llmcli.console import check_png_output, check_readable, fail, info, out, run_guarded
+from llmcli.console import (
+    check_png_output,
+    check_readable,
+    fail,
+    info,
+    one_line,
+    out,
+    run_guarded,
+)
 
 MAX_GPUS = 10_000_000  # more than any cluster: a bound, so typos fail rather than overflow
 
@@ -161,7 +169,7 @@ def print_recipe(facts: dict[str, Any]) -> None:
 
     from llmcli.scaling import format_count, format_ratio
 
-    table = Table(title=f"recipe {facts['name']} ({facts['path']})", title_justify="left",
+    table = Table(title=one_line(f"recipe {facts['name']} ({facts['path']})"), title_justify="left",
                   show_header=False)
     table.add_column("")
     table.add_column("")

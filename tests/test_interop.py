@@ -744,7 +744,7 @@ BAD_VALUES = [  # (config, the one line's specific part): null, wrong types, out
     (LLAMA_CONFIG, {"max_position_embeddings": 0}, "max_position_embeddings is 0"),
     (LLAMA_CONFIG, {"vocab_size": None}, "vocab_size is null"),
     (LLAMA_CONFIG, {"rope_parameters": {"rope_theta": None}},
-     "rope_parameters.rope_theta is null; expected a number in (0, "),
+     "rope_parameters.rope_theta is null; expected a number in [1, "),
     (LLAMA_CONFIG, {"rope_parameters": [10000]}, "rope_parameters is [10000] (a list)"),
     (LLAMA_CONFIG, {"rope_scaling": {"rope_type": 2}}, "rope_scaling.rope_type is 2"),
     (LLAMA_CONFIG, {"hidden_act": None}, None),  # null: transformers' default, silu

@@ -23,7 +23,7 @@ from typing import Any, Literal, NoReturn, Union
 
 import yaml
 
-from llmcli.console import fail
+from llmcli.console import check_readable, fail
 from llmcli.data.templates import TEMPLATES, template_problem
 
 Auto = Literal["auto"]
@@ -429,6 +429,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
              "recipes/tiny.yaml")
     if path.is_dir():
         fail(f"{where}: is a directory, not a recipe; give a YAML file such as recipes/tiny.yaml")
+    check_readable(path)  # a pipe would block the read forever, every caller's
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

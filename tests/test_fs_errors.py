@@ -77,6 +77,9 @@ FIFO_CASES = [
     ("params", "m.safetensors"),
     ("export", "m.safetensors", "-o", "exported"),
     ("inspect", "positions", "m.safetensors"),
+    ("inspect", "positions", "f.yaml"),  # a recipe: read by load_recipe, for every command
+    ("params", "f.yaml"),
+    ("pretrain", "f.yaml", "--dry-run"),
     ("finetune", "--merge", "m.safetensors"),
     ("pretrain", "mini.yaml", "data.source=corpus.tokens", "--resume", "m.safetensors", "-o",
      "run2"),
@@ -89,7 +92,7 @@ FIFO_CASES = [
 
 @pytest.mark.parametrize("args", FIFO_CASES, ids=lambda a: " ".join(a[:2]))
 def test_a_pipe_is_refused_at_once_as_input_or_output(project, args):
-    names = ["m.safetensors", "p.png", "m.safetensors.tokens"]  # the last: tokenize's output
+    names = ["m.safetensors", "p.png", "m.safetensors.tokens", "f.yaml"]  # 3rd: tokenize's output
     with watched([project / n for n in names]):
         started = time.monotonic()
         result = llm(*args)

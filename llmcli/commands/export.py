@@ -35,8 +35,8 @@ def command(
 
     def body() -> None:
         if fmt not in FORMATS:
-            fail(f"--format {fmt}: use hf (gguf is not available: the gguf package is not "
-                 "installed)")
+            fail(f"--format {fmt}: the only format is hf (a transformers folder); use --format "
+                 "hf or leave it out")
         from llmcli.interop.hf_export import export_hf
 
         result = export_hf(checkpoint, output, overwrite=overwrite)

@@ -502,15 +502,24 @@ def build_recipe(
     return recipe
 
 
-def check_name(name: Any, where: str = "recipe") -> str:
+def check_name(name: Any, where: str = "recipe", fix: str = "e.g. name: my-run") -> str:
     """The name picks checkpoints/<name>: it must be one safe path component, never a path."""
     if name is None or isinstance(name, bool) or not isinstance(name, (str, int, float)):
         fail(f"{where}: name: expected a string, got {_show(name)}; write e.g. name: my-run")
     huge = isinstance(name, int) and name.bit_length() > 400  # str() fails past 4300 digits
     text = _show(name) if huge else str(name)
-    problem = (
+    problem = f"is longer than {MAX_NAME} characters" if huge else name_problem(text)
+    if problem:
+        fail(f"{where}: name {_show(text)} {problem}; the name becomes the directory "
+             f"checkpoints/<name>, so use letters, digits, - and _, {fix}")
+    return text
+
+
+def name_problem(text: str) -> str:
+    """What keeps `text` from being a run name (one safe path component), or '' when nothing."""
+    return (
         "is empty" if not text.strip()
-        else f"is longer than {MAX_NAME} characters" if huge or len(text) > MAX_NAME
+        else f"is longer than {MAX_NAME} characters" if len(text) > MAX_NAME
         else "contains / or \\" if "/" in text or "\\" in text
         else "is . or .." if text in (".", "..")
         else "contains a control character" if any(ord(c) < 32 or ord(c) == 127 for c in text)
@@ -518,10 +527,6 @@ def check_name(name: Any, where: str = "recipe") -> str:
         else "is a drive or absolute path" if PureWindowsPath(text).anchor
         else ""
     )
-    if problem:
-        fail(f"{where}: name {_show(text)} {problem}; the name becomes the directory "
-             "checkpoints/<name>, so use letters, digits, - and _, e.g. name: my-run")
-    return text
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

@@ -324,6 +324,24 @@ def test_the_current_directory_is_never_an_output(tmp_path, monkeypatch, where):
     assert [p.name for p in cwd.iterdir()] == (["notes.txt"] if where == "full" else [])
 
 
+def test_import_o_is_a_path_whatever_its_folder_is_named(tmp_path):
+    """-o /x/-dash was refused: "name '-dash' starts with -; the name becomes the directory
+    checkpoints/<name>", though the directory is -o itself (llm pretrain -o takes it). Only a
+    default output, checkpoints/<source's name>, needs the name to be a run name."""
+    ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
+    export_hf(ckpt, tmp_path / "exported")
+    code, output = invoke("import", str(tmp_path / "exported"), "-o", str(tmp_path / "-dash"))
+    assert code == 0, output
+    assert Checkpoint.open(tmp_path / "-dash").recipe.name == "exported"  # the source's name
+    assert "llm generate ./-again" in invoke("import", str(tmp_path / "exported"), "-o",
+                                             "-again")[1]  # a command to paste, not an option
+    odd = tmp_path / "-odd"
+    (tmp_path / "exported").rename(odd)
+    code, output = invoke("import", str(odd))
+    assert code == 2 and output.count("\n") == 1 and "give the run directory with -o" in output
+    assert not Path("checkpoints/-odd").exists()
+
+
 def test_outputs_that_cannot_be_folders_are_one_line(tmp_path):
     ckpt = llm_checkpoint(tmp_path / "run", **ARCHS["gpt2"])
     Path("file").write_text("mine")

@@ -47,6 +47,7 @@ def command(
                   f"{m.num_heads} head{'s' * (m.num_heads != 1)}, "
                   f"{m.positions}, {m.norm}, {m.activation}, tied {str(m.tie_embeddings).lower()}")
         run = str(result.path.parent)  # quoted: the lines are to be pasted into a shell
+        run = f"./{run}" if run.startswith("-") else run  # a path, not an option
         out.print(f"  next       llm generate {shlex.quote(run)} \"Hello\"  ·  llm finetune "
                   f"RECIPE {shlex.quote(f'finetune.init={run}')}")
 

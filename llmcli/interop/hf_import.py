@@ -32,7 +32,7 @@ from llmcli.interop.mapping import (
     zero_biases,
 )
 from llmcli.interop.staging import check_target, staged_folder
-from llmcli.recipe import Recipe, build_recipe, check_name
+from llmcli.recipe import Recipe, build_recipe, check_name, name_problem
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_CHOICES = ("auto", "cl100k_base", "bytes")
@@ -189,6 +189,16 @@ def default_output(source: str, folder: Path) -> Path:
     return CHECKPOINTS_DIR / (name or folder.resolve().name)
 
 
+def run_name(out: Path, given: bool, source: str, folder: Path) -> str:
+    """The imported run's recipe name. The default output is checkpoints/<name>, so that name
+    must be a run name; -o is a path, as for llm pretrain (any name the file system takes),
+    and the run is named after its folder when that is a run name, else after the source."""
+    if not given:
+        return check_name(out.name, source, "or give the run directory with -o DIR")
+    names = (out.name, default_output(source, folder).name)
+    return next((name for name in names if not name_problem(name)), "imported")
+
+
 def build_model(tensors: dict[str, Any], recipe: Recipe, where: str) -> Any:
     """Our model holding `tensors` (our names) as they are: built on `meta`, then assigned, so
     nothing is allocated twice and the stored dtype is kept."""
@@ -247,9 +257,10 @@ def import_hf(source: str, out: Path | None = None, *, overwrite: bool = False,
 
     folder = locate(source)
     where = str(folder)
-    out = Path(out) if out is not None else default_output(source, folder)
+    given = out is not None
+    out = Path(out) if given else default_output(source, folder)
     check_target(out, overwrite, "import")  # first: "-o ." is the current directory
-    name = check_name(out.name, f"-o {out}")
+    name = run_name(out, given, source, folder)
     config = read_config(folder)
     cls = import_class(config, str(folder / "config.json"))
     keys = model_keys(config, cls, str(folder / "config.json"))

@@ -346,6 +346,33 @@ def test_builtin_checks_a_given_sha256(tmp_path: Path) -> None:
         fetch("builtin", tmp_path, sha256="0" * 64)
 
 
+def test_builtin_never_replaces_a_file_llm_did_not_write(tmp_path: Path, monkeypatch) -> None:
+    """`llm fetch builtin` (and data.source=builtin) replaced a user's own python-reference.txt
+    with the corpus, without a word, wherever its bytes differed from it."""
+    mine = tmp_path / "python-reference.txt"
+    mine.write_text("my own notes\n")
+    with pytest.raises(UserError, match="not this Python's built-in corpus.*--force"):
+        fetch("builtin", tmp_path)
+    with pytest.raises(UserError, match="not this Python's built-in corpus"):
+        resolve_source("builtin", tmp_path)  # pretrain's and finetune's way there
+    assert mine.read_text() == "my own notes\n"
+    assert fetch("builtin", tmp_path, force=True) == mine
+    assert mine.read_text() == fetch_mod.builtin_text()
+    monkeypatch.setattr(fetch_mod, "builtin_text", lambda: "another Python's corpus\n")
+    assert fetch("builtin", tmp_path).read_text() == "another Python's corpus\n"  # llm's own
+    with mine.open("a") as fh:  # edited since llm wrote it: the user's now
+        fh.write("my note\n")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="not this Python's built-in corpus"):
+        fetch("builtin", tmp_path)
+    (tmp_path / "x.txt").write_text("a download")
+    fetch_mod._write_source(fetch_mod.source_record(mine), "https://host/x.txt", tmp_path / "x.txt")
+    (tmp_path / "x.txt").rename(mine)
+    with pytest.raises(UserError, match="came from https://host/x.txt"):
+        fetch("builtin", tmp_path)
+    assert mine.read_text() == "a download"
+
+
 def test_unreachable_host_says_what_failed(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

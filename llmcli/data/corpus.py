@@ -11,10 +11,7 @@ licence.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from llmcli.console import fail
-from llmcli.files import atomic_open
 
 FILENAME = "python-reference.txt"
 DESCRIPTION = "Python's language reference topics (pydoc_data, ships with Python; offline)"
@@ -29,14 +26,3 @@ def builtin_text() -> str:
              "Python lacks; pass a local text file instead (e.g. data.source=path/to/text.txt)")
     sections = [topics[name].strip("\n") for name in sorted(topics)]
     return "\n\n\n".join(s for s in sections if s.strip()) + "\n"
-
-
-def write_builtin(data_dir: Path = Path("data")) -> Path:
-    """Write the built-in corpus into `data_dir` (kept untouched when already identical)."""
-    target = Path(data_dir) / FILENAME
-    data = builtin_text().encode("utf-8")
-    if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
-        return target  # unchanged: token caches keyed on size and mtime stay valid
-    with atomic_open(target, "wb") as fh:
-        fh.write(data)
-    return target

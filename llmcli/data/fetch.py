@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import shlex
 import socket
 import stat
 import time
@@ -54,8 +55,16 @@ from llmcli.console import (
     writing,
 )
 from llmcli.data.corpus import FILENAME as BUILTIN_FILENAME
-from llmcli.data.corpus import write_builtin
-from llmcli.files import CLOEXEC, NOFOLLOW, locked, publish, sha256_file, write_json
+from llmcli.data.corpus import builtin_text
+from llmcli.files import (
+    CLOEXEC,
+    NOFOLLOW,
+    atomic_path,
+    locked,
+    publish,
+    sha256_file,
+    write_json,
+)
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 SCHEMES = ("http", "https", "hf")
@@ -166,7 +175,7 @@ def fetch(
     expected = _check_sha256(sha256) if sha256 is not None else None  # '' is an error too
     preset = PRESETS.get(source)
     if preset is not None and not preset.source:
-        path = write_builtin(data_dir)
+        path = write_builtin(data_dir, force=force)
         if expected and (actual := sha256_file(path)) != expected:
             fail(f"{path}: SHA-256 is {actual}, expected {expected}; the built-in corpus is "
                  "written from this Python's own documentation, so its checksum follows the "
@@ -368,6 +377,56 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_SafeRedirects)
 
 
+BUILTIN = "builtin"  # the source a record names for the built-in corpus
+
+
+def write_builtin(data_dir: Path, *, force: bool = False) -> Path:
+    """Write the built-in corpus into `data_dir`, recording it as a download's source is.
+
+    A file already holding this Python's corpus is kept untouched (token files keyed on its
+    size and time stay valid); an older one llm wrote (its record says so) is refreshed; any
+    other file of that name is someone's own, and only `force` replaces it."""
+    target = data_dir / BUILTIN_FILENAME
+    data = builtin_text().encode("utf-8")
+    if _holds(target, data):
+        return target
+    _refuse_directory(target, "the built-in corpus")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = source_record(target)
+    with locked(_family(target)):
+        if _holds(target, data):  # another process wrote it meanwhile
+            return target
+        if os.path.lexists(target) and not force:
+            _refuse_not_builtin(target, source)
+        with atomic_path(target) as staged:
+            staged.write_bytes(data)
+            _write_source(source, BUILTIN, staged)
+    return target
+
+
+def _holds(target: Path, data: bytes) -> bool:
+    """Whether `target` is a regular file of exactly these bytes (a pipe is never read)."""
+    return (target.is_file() and target.stat().st_size == len(data)
+            and target.read_bytes() == data)
+
+
+def _refuse_not_builtin(target: Path, source: Path) -> None:
+    """Refuse to write the built-in corpus over a file llm fetch did not write as one."""
+    came_from = _source_of(target, source)
+    if came_from == BUILTIN:
+        return
+    what = (f"came from {came_from}" if came_from is not None
+            else "is not this Python's built-in corpus, and no record says llm fetch wrote it")
+    where = "" if target.parent == Path("data") else f" -o {shlex.quote(str(target.parent))}"
+    fail(f"{target} {what}; it is kept: move it away, or replace it with llm fetch builtin"
+         f"{where} --force")
+
+
+def _refuse_directory(target: Path, what: str) -> None:
+    if target.is_dir():
+        fail(f"{target} is a directory, where {what} should go; move it away or {_PICK}")
+
+
 @_os_errors()
 def download(
     url: str,
@@ -387,9 +446,7 @@ def download(
     """
     target = Path(target)
     sha256 = _check_sha256(sha256) if sha256 is not None else None
-    if target.is_dir():
-        fail(f"{target} is a directory, where the downloaded file should go; move it away or "
-             f"{_PICK}")
+    _refuse_directory(target, "the downloaded file")
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     meta = target.with_name(target.name + ".part.json")

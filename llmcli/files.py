@@ -205,10 +205,12 @@ def locked(target: str | os.PathLike[str], *, wait: bool = True) -> Iterator[Non
         yield
         return
     # Through its symlinks: `-o link` to a run directory in use must meet that run's lock.
-    target = Path(os.path.realpath(target))
-    path = target.with_name(f".{target.name}.lock")
+    real = Path(os.path.realpath(target))
+    path = real.with_name(f".{real.name}.lock")
+    folder = Path(target).parent
+    shown = folder if os.path.realpath(folder) == str(real.parent) else real.parent
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
+        fd = _open_lock(path, shown)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -228,6 +230,22 @@ def locked(target: str | os.PathLike[str], *, wait: bool = True) -> Iterator[Non
                 return
         finally:
             os.close(fd)  # releases the lock
+
+
+# Errors that say the folder takes no new file (read-only, no permission, full, missing)
+_FOLDER_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
+                  errno.ENOENT, errno.ENOTDIR)
+
+
+def _open_lock(path: Path, folder: Path) -> int:
+    """Open (or create) the lock file `path`. A folder that takes no new file is the error,
+    named as the user gave it: the hidden `.NAME.lock` is a name they never asked for."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in _FOLDER_ERRORS:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, os.fspath(folder)) from None
 
 
 def _umask() -> int:

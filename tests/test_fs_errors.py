@@ -144,12 +144,13 @@ def test_tokenize_replaces_only_its_own_earlier_output(tmp_path, monkeypatch, na
 # A full disk: a real one, a tmpfs of 300 kB mounted in a private mount namespace
 
 
-def on_full_disk(cwd: Path, args: list[str], fill_kb: int = 0) -> tuple[str, int, list[str]]:
+def on_full_disk(cwd: Path, args: list[str], fill_kb: int = 0,
+                 options: str = "size=300k") -> tuple[str, int, list[str]]:
     """(stderr, exit code, what the disk holds after) of `llm ARGS` writing to ./mnt/."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("mounting a small tmpfs needs root and unshare")
     (cwd / "mnt").mkdir()
-    script = ('mount -t tmpfs -o size=300k tmpfs mnt || exit 99; '
+    script = (f'mount -t tmpfs -o {options} tmpfs mnt || exit 99; '
               f'[ {fill_kb} = 0 ] || dd if=/dev/zero of=mnt/fill bs=1k count={fill_kb} '
               '2>/dev/null; '
               '"$@"; rc=$?; echo "LEFT $(ls -A mnt | tr "\\n" " ")"; exit $rc')
@@ -201,6 +202,24 @@ def test_a_download_on_a_full_disk_names_its_file(tmp_path):
         server.shutdown()
     assert code == 1
     assert "error: mnt/big.txt.part: no space left on the device" in stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["fetch", "http://127.0.0.1:9/small.txt", "-o", "mnt"],
+     "mnt: read-only file system: use another directory (llm fetch -o DIR)"),
+    (["fetch", "http://127.0.0.1:9/small.txt", "-o", "mnt/data"],
+     "mnt/data: read-only file system: use another directory (llm fetch -o DIR)"),
+    (["fetch", "builtin", "-o", "mnt"],
+     "mnt: read-only file system: use another directory (llm fetch -o DIR)"),
+    (["pretrain", "mini.yaml", "data.source=corpus.tokens", "-o", "mnt/run"],
+     "mnt: read-only file system; write elsewhere"),
+], ids=["fetch", "fetch-mkdir", "builtin", "pretrain"])
+def test_a_read_only_folder_is_named_once(project, args, line):
+    """"error: mnt/.small.txt.lock: Read-only file system; read-only file system: use another
+    directory": said twice, and about the lock file, a name the user never gave."""
+    stderr, code, left = on_full_disk(project, args, options="ro")
+    assert code == 2 and stderr.strip() == f"error: {line}", stderr
+    assert left == []
 
 
 def test_safetensors_disk_full_is_named_without_a_path_too():

@@ -141,7 +141,7 @@ def _os_errors() -> Iterator[None]:
             raise
         where = exc.filename if exc.filename is not None else "?"
         code = EXIT_FAILURE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_USAGE
-        raise UserError(f"{where}: {exc.strerror or exc}; {hint}", code) from None
+        raise UserError(f"{where}: {hint}", code) from None  # the hint says what, too
 
 
 _PICK = "use another directory (llm fetch -o DIR)"

@@ -152,17 +152,22 @@ def check_gpus(num_gpus: int) -> None:
 def make_hardware(
     gpu: str | None = None,
     num_gpus: int = 1,
-    mfu: float = DEFAULT_MFU,
+    mfu: float | None = None,
     tokens_per_second: float | None = None,
     measured_params: float | None = None,
 ) -> Hardware:
     """The throughput behind wall-clock estimates.
 
     A measured tokens/s belongs to one model size (`measured_params`); it is turned into model
-    FLOPs per second (6N per token) so that plans with other sizes can be timed with it too.
-    Without a GPU or a measurement the estimate assumes one H100, and says so.
+    FLOPs per second (6N per token) so that plans with other sizes can be timed with it too,
+    and it replaces the assumed `mfu` (DEFAULT_MFU when None), so the two are never given
+    together. Without a GPU or a measurement the estimate assumes one H100, and says so.
     """
     check_gpus(num_gpus)
+    if mfu is not None and tokens_per_second is not None:
+        fail("--mfu and --tokens-per-second: a measured throughput replaces the assumed "
+             "utilisation (with --gpu it shows the MFU it implies); give one of them")
+    mfu = DEFAULT_MFU if mfu is None else mfu
     if not MIN_MFU <= mfu <= 1:
         fail(f"--mfu {mfu:g}: utilisation must be from 0.1% to 100% (a fraction like 0.4, or a "
              "percentage like 40%)")
@@ -330,7 +335,7 @@ def analyse(
     fit: str = "chinchilla",
     gpu: str | None = None,
     num_gpus: int = 1,
-    mfu: float = DEFAULT_MFU,
+    mfu: float | None = None,
     tokens_per_second: float | None = None,
     device_bytes: int | None = None,
 ) -> dict[str, Any]:
@@ -340,6 +345,9 @@ def analyse(
     with `num_gpus` processes (`device_memory`)."""
     law = get_fit(fit)
     check_gpus(num_gpus)
+    if device_bytes is not None and recipe is None and params is None:
+        fail("--device-memory: the memory per GPU needs the model's size; add --params N or "
+             "--recipe")
     report: dict[str, Any] = {"fit": law.to_dict()}
     if recipe is not None:
         if params is not None or tokens is not None or flops is not None:

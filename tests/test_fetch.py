@@ -595,6 +595,22 @@ def test_cli_fetch_list_and_errors(tmp_path: Path) -> None:
     assert none.exit_code == EXIT_USAGE and "--list" in none.stderr
 
 
+def test_cli_fetch_says_which_options_a_source_does_not_use(tmp_path: Path) -> None:
+    """`--list builtin` listed the presets and dropped SOURCE; `fetch FILE --force` (a local
+    path) and `builtin --retries 3` (written offline) dropped theirs without a word."""
+    listed = run_cli("fetch", "--list", "builtin")
+    assert listed.exit_code == EXIT_USAGE and listed.stdout == ""
+    assert listed.stderr.startswith("error: SOURCE: not used with --list")
+    local = tmp_path / "mine.txt"
+    local.write_text("text\n")
+    kept = run_cli("fetch", str(local), "--force")
+    assert kept.exit_code == 0 and kept.stdout.strip() == str(local)
+    assert "warning: --force: ignored; " in kept.stderr and "local path" in kept.stderr
+    offline = run_cli("fetch", "builtin", "-o", str(tmp_path), "--retries", "3")
+    assert offline.exit_code == 0 and "warning: --retries: ignored; builtin is written " \
+        "offline" in offline.stderr
+
+
 def test_cli_fetch_url(server: Server, tmp_path: Path) -> None:
     server.files["/c.txt"] = b"abc\n"
     result = run_cli("fetch", f"{server.url}/c.txt", "-o", str(tmp_path),

@@ -479,12 +479,20 @@ def test_lora_run_is_inspected_merged(tmp_path, tiny_model_cfg):
     (["score", "{ckpt}", "--file", "/dev/zero"], "--file /dev/zero: more than 64 MiB of text"),
     (["score", "{ckpt}", "--file", "{ckpt}"], "not UTF-8 text"),
     (["positions", "{missing}"], "checkpoint not found"),
+    # options a combination does not use: once dropped in silence
+    (["embeddings", "{ckpt}", "--count", "5"], "--count: not used without --png"),
+    (["embeddings", "{ckpt}", "-k", "3", "--png", "{png}"], "--top: not used without --near"),
+    (["positions", "{ckpt}", "--json", "--rows", "3"], "--rows: not used with --json"),
+    (["score", "{ckpt}", "abc", "--json", "--limit", "2"], "--limit: not used with --json"),
+    (["norms", "{ckpt}", "abc", "--json", "--block", "2", "--dims", "3"],
+     "--block, --dims: not used with --json"),
 ])
 def test_bad_input_is_one_line(tmp_path, ckpt, tiny_model_cfg, args, words):
     compact = make_checkpoint(tmp_path / "c" / "step-00000000.safetensors", tiny_model_cfg,
                               vocab_size=len(set(TEXT.encode())) + 1,
                               vocab_map=sorted(set(TEXT.encode())))
-    paths = {"ckpt": str(ckpt), "compact": str(compact), "missing": str(tmp_path / "no.txt")}
+    paths = {"ckpt": str(ckpt), "compact": str(compact), "missing": str(tmp_path / "no.txt"),
+             "png": str(tmp_path / "e.png")}
     line = error_line(llm(*(a.format(**paths) for a in args)))
     assert words in line, line
 

@@ -627,3 +627,19 @@ def test_fsdp_needs_the_whole_fp32_model_on_each_device_at_start():
     roomy = device_memory(6_700_000_000, 64, block=200_000_000, blocks=32,
                           device_bytes=40 * 2**30)
     assert roomy["fsdp"]["fits"] and "use train.parallel=fsdp" in roomy["verdict"]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--params", "140M", "--tokens-per-second", "1000", "--gpu", "a100", "--mfu", "50%"],
+     "--mfu and --tokens-per-second: a measured throughput replaces the assumed utilisation"),
+    (["--list-gpus", "--params", "1B", "--num-gpus", "1"],
+     "--params, --num-gpus: not used with --list-gpus"),
+    (["--flops", "1e21", "--device-memory", "80G"],
+     "--device-memory: the memory per GPU needs the model's size"),
+])
+def test_an_option_the_plan_would_not_use_is_refused(args, words):
+    """--mfu 50% beside --tokens-per-second was dropped (the report showed the 0.3% MFU the
+    measurement implies); --list-gpus and --device-memory without N dropped theirs too."""
+    result = scaling(*args)
+    assert result.exit_code == 2 and words in result.stderr, result.output
+    assert result.stderr.count("\n") == 1 and result.stdout == ""

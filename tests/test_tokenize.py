@@ -365,6 +365,21 @@ def run_cli(*args: str) -> object:
     return CliRunner().invoke(app, list(args))
 
 
+@pytest.mark.parametrize("args", [
+    ["--show", "hi", "-o", "s"],
+    ["text.txt", "--head", "3", "-o", "h", "--workers", "2"],
+    ["--show", "hi", "--errors", "replace"],
+])
+def test_show_and_head_refuse_the_options_of_writing(tmp_path: Path, monkeypatch, args) -> None:
+    """`--show hi -o s.tokens` ended 0, wrote nothing and said nothing about -o."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("some text to read", encoding="utf-8")
+    result = run_cli("tokenize", *args, "-t", "bytes")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "not used with --" in result.stderr and "writes nothing" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
 def test_cli_builtin_offline_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     fetched = run_cli("fetch", "builtin")

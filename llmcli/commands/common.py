@@ -27,6 +27,23 @@ def path_text(value: str) -> Path:
     return Path(value)
 
 
+def given(ctx: typer.Context, *names: str) -> list[str]:
+    """The options (and arguments) among `names` that the command line sets, as the user knows
+    them (`--count`, `SOURCE`): one left at its default says nothing, whatever its value."""
+    return [param.opts[0] if param.param_type_name == "option" else param.name.upper()
+            for param in ctx.command.params
+            if param.name in names
+            and getattr(ctx.get_parameter_source(param.name), "name", "") == "COMMANDLINE"]
+
+
+def refuse_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
+    """Refuse in one line the options among `names` given where they do nothing (`why` says
+    why and how to fix it): an option dropped in silence is a result nobody asked for."""
+    flags = given(ctx, *names)
+    if flags:
+        fail(f"{', '.join(flags)}: {why}")
+
+
 def recipe_first(recipe: Path, items: list[str], resume: bool) -> tuple[Path, list[str]]:
     """The recipe and the other positionals, with the recipe the YAML one: `--resume auto R`
     put the checkpoint (`auto`) where the recipe is expected."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from llmcli.commands.common import path_text
+from llmcli.commands.common import given, path_text, refuse_unused
 from llmcli.console import (
     check_output,
     check_range,
@@ -23,6 +23,7 @@ MAX_RETRIES = 100
 
 
 def command(
+    ctx: typer.Context,
     source: str = typer.Argument(
         None, help="A preset (see --list), an http(s):// URL, hf://datasets/OWNER/NAME/PATH, "
         "or a local path.", show_default=False,
@@ -56,6 +57,9 @@ def command(
 
         check_range("--retries", retries, 0, MAX_RETRIES, "e.g. --retries 5")
         if list_presets:
+            refuse_unused(ctx, ("source", "output_dir", "sha256", "force", "retries"),
+                          "not used with --list, which lists the presets and fetches nothing; "
+                          "to fetch, leave out --list")
             _print_presets(PRESETS)
             return
         if not source:
@@ -66,13 +70,22 @@ def command(
         if "://" not in source:
             local = Path(source).expanduser()
             check_readable(local, "SOURCE")
-            if output_dir is not None and source not in PRESETS and local.exists():
-                warn(f"{source} is a local path, used where it is: --output-dir only places "
-                     "downloads")
+            if source not in PRESETS and local.exists():
+                _warn_unused(given(ctx, "output_dir", "force", "retries"),
+                             f"{source} is a local path, used where it is")
+            elif source in PRESETS and not PRESETS[source].source:
+                _warn_unused(given(ctx, "retries"), f"{source} is written offline")
         path = fetch(source, directory, sha256=sha256, force=force, retries=retries)
         out.print(one_line(str(path)), markup=False)
 
     run_guarded(body)
+
+
+def _warn_unused(flags: list[str], why: str) -> None:
+    """Say so when download options meet a source that downloads nothing."""
+    if flags:
+        warn(f"{', '.join(flags)}: ignored; {why}, and only downloads use "
+             f"{'them' if len(flags) > 1 else 'it'}")
 
 
 def _print_presets(presets: dict) -> None:

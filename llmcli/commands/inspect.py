@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from llmcli.commands.common import path_text
+from llmcli.commands.common import path_text, refuse_unused
 from llmcli.console import (
     as_utf8,
     check_png_output,
@@ -92,6 +92,7 @@ def _pick(value: int | None, count: int, what: str) -> list[int]:
 
 @command.command("embeddings")
 def embeddings(
+    ctx: typer.Context,
     checkpoint: str = CHECKPOINT,
     tokens: str = typer.Option(None, "--tokens", "-t", help="Show the rows of this text's "
                                "tokens (default: the first and last ids).", show_default=False,
@@ -118,6 +119,12 @@ def embeddings(
     """
 
     def body() -> None:
+        if near is None:
+            refuse_unused(ctx, ("top",), "not used without --near, whose neighbours it counts; "
+                          "add --near TOKEN")
+        if png is None:
+            refuse_unused(ctx, ("count",), "not used without --png, whose PCA map it fills; "
+                          "add --png FILE.png")
         if png is not None:
             check_png_output(png, "--png")
         from llmcli.inspect import embeddings as emb
@@ -155,6 +162,7 @@ def embeddings(
 
 @command.command("positions")
 def positions(
+    ctx: typer.Context,
     target: str = typer.Argument(..., help="Recipe YAML (no weights needed) or checkpoint "
                                  "(a learned table needs one).", show_default=False),
     rows: int = typer.Option(16, "--rows", min=1, help="Positions to print (then the last)."),
@@ -170,6 +178,9 @@ def positions(
     """
 
     def body() -> None:
+        if json_out:
+            refuse_unused(ctx, ("rows",), "not used with --json, which gives every position; "
+                          "to print some, leave out --json")
         if png is not None:
             check_png_output(png, "--png")
         from llmcli.inspect import render
@@ -255,6 +266,7 @@ def attention(
 
 @command.command("score")
 def score(
+    ctx: typer.Context,
     checkpoint: str = CHECKPOINT,
     text: str = typer.Argument(None, help="The text to score (or --file).", show_default=False,
                                parser=as_utf8),
@@ -276,6 +288,10 @@ def score(
         from llmcli.inspect.score import score_text
 
         started = time.perf_counter()
+        if json_out:
+            refuse_unused(ctx, ("limit",), "not used with --json, which gives every token's "
+                          "probability and first choices; to list wrong guesses, leave out "
+                          "--json")
         if text is None and file is None:
             fail("score: no text given; give the text to score as TEXT or with --file FILE")
         if text is not None and file is not None:
@@ -335,6 +351,7 @@ def lens(
 
 @command.command("norms")
 def norms(
+    ctx: typer.Context,
     checkpoint: str = CHECKPOINT,
     prompt: str = PROMPT,
     position: int = POSITION,
@@ -356,6 +373,9 @@ def norms(
         from llmcli.inspect.tokens import position_index, prompt_ids
 
         started = time.perf_counter()
+        if json_out:
+            refuse_unused(ctx, ("block", "dims"), "not used with --json, which gives every "
+                          "norm in full; for one norm's walk-through, leave out --json")
         gen = _load(checkpoint, device)
         blocks = int(gen.recipe.model.num_blocks)
         if not 0 <= block <= blocks:

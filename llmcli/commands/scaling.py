@@ -8,7 +8,12 @@ from typing import Any
 
 import typer
 
-from llmcli.commands.common import DEVICE_MEMORY_HELP, path_text, print_device_memory
+from llmcli.commands.common import (
+    DEVICE_MEMORY_HELP,
+    path_text,
+    print_device_memory,
+    refuse_unused,
+)
 from llmcli.console import (
     check_png_output,
     check_readable,
@@ -22,7 +27,12 @@ from llmcli.console import (
 MAX_GPUS = 10_000_000  # more than any cluster: a bound, so typos fail rather than overflow
 
 
+PLAN_OPTIONS = ("overrides", "params", "tokens", "flops", "recipe", "fit", "gpu", "num_gpus",
+                "mfu", "tokens_per_second", "plot", "device_memory")
+
+
 def command(
+    ctx: typer.Context,
     overrides: list[str] = typer.Argument(
         None, help="Recipe overrides section.key=value (with --recipe), e.g. "
         "train.max_iters=100000.", show_default=False,
@@ -53,7 +63,8 @@ def command(
     ),
     num_gpus: str = typer.Option("1", "--num-gpus", help="GPUs training together."),
     mfu: str = typer.Option(
-        "40%", "--mfu", help="Assumed model FLOPs utilisation of the GPU's dense peak."
+        None, "--mfu", help="Assumed model FLOPs utilisation of the GPU's dense peak (default "
+        "40%; not with --tokens-per-second, which measures it).", show_default=False,
     ),
     tokens_per_second: str = typer.Option(
         None, "--tokens-per-second", help="Measured training throughput per GPU, for the model "
@@ -97,13 +108,15 @@ def command(
         if gpus != int(gpus) or gpus > MAX_GPUS:
             fail(f"--num-gpus {num_gpus!r}: must be a whole number of GPUs, at most "
                  f"{MAX_GPUS:,}")
-        fraction = parse_fraction(mfu, "--mfu")
+        fraction = None if mfu is None else parse_fraction(mfu, "--mfu")
         device_bytes = None
         if device_memory is not None:
             from llmcli.scaling import parse_bytes
 
             device_bytes = parse_bytes(device_memory)
         if list_gpus:
+            refuse_unused(ctx, PLAN_OPTIONS, "not used with --list-gpus, which lists the "
+                          "known GPUs and plans nothing; to plan, leave out --list-gpus")
             print_gpus(json_out)
             return
         if plot is not None:

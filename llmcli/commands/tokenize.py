@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmcli.commands.common import path_text
+from llmcli.commands.common import path_text, refuse_unused
 from llmcli.console import (
     as_utf8,
     check_output,
@@ -26,7 +26,12 @@ MAX_SHARD_TOKENS = 1 << 36  # 256 GiB of uint32 in one shard: more is a typo
 MAX_WORKERS = 1024
 
 
+# What only writing a token file uses: --show and --head render tokens and write nothing
+WRITING_OPTIONS = ("output", "val_fraction", "context_length", "shard_tokens", "workers")
+
+
 def command(
+    ctx: typer.Context,
     inputs: list[Path] = typer.Argument(
         None, help="Text files (.txt, streamed), Alpaca records (.json/.jsonl), directories of "
         ".txt files; each file or record is one document.", show_default=False, parser=path_text,
@@ -104,6 +109,10 @@ def command(
         if show is not None or head is not None:
             if show is not None and (inputs or head is not None):
                 fail("--show renders the given TEXT; use --head N with input files instead")
+            shown = "--show" if show is not None else "--head"
+            refuse_unused(ctx, WRITING_OPTIONS + (("errors", "text_field") if show else ()),
+                          f"not used with {shown}, which renders tokens and writes nothing; "
+                          f"to write a token file, leave out {shown}")
             tok = get_tokenizer(tokenizer)
             if show is not None:
                 ids = tok.encode(show)

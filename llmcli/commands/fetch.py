@@ -36,7 +36,8 @@ def command(
         None, "--sha256", help="Expected SHA-256 of the file (presets carry their own).",
         show_default=False,
     ),
-    force: bool = typer.Option(False, "--force", help="Download again even if the file exists."),
+    force: bool = typer.Option(False, "--force", help="Download again even if the file exists "
+                               "(builtin: write it over a file of its name llm did not write)."),
     list_presets: bool = typer.Option(False, "--list", help="List the presets and exit."),
     retries: int = typer.Option(
         5, "--retries", help="Retries in a row that get no further (0: fail at once)."

@@ -44,8 +44,40 @@ def _results_width() -> int | None:
     return max(int(columns), 80) if piped and columns.isdigit() else None
 
 
+def stderr_to_devnull() -> None:
+    """Send standard error (fd 2 and sys.stderr) to /dev/null: for messages nobody can read
+    (`2>&-`, a reader that left), which must not end the command or lose its results."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    if fd != 2:  # over whatever holds 2 (a closed pipe, a launcher's read-only file)
+        os.dup2(fd, 2)
+        os.close(fd)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+
+
+class _Messages:
+    """Standard error as the message console writes it: a reader that goes away (`llm
+    pretrain 2>&1 >/dev/null | head -2`) silences the messages, not the run; a failed write
+    there ended training mid-run, after --overwrite had cleared the earlier run."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except BrokenPipeError:
+            stderr_to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except BrokenPipeError:
+            stderr_to_devnull()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the real stream's
+        return getattr(sys.stderr, name)
+
+
 out = Console(highlight=False, soft_wrap=True, markup=False, width=_results_width())
-err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+err = Console(file=_Messages(), highlight=False, markup=False, soft_wrap=True)  # type: ignore[arg-type]
 
 # Set by the CLI's global options; library code reads them through the helpers below.
 settings: dict[str, bool] = {"quiet": False, "debug": False}
@@ -151,6 +183,19 @@ def one_line(message: str) -> str:
     (an ESC in a path shown as \\x1b, never acted on by the terminal), and printable whatever
     bytes it held (argv's undecodable bytes shown as \\udcff)."""
     return message.translate(_CONTROLS_TABLE).encode("utf-8", "backslashreplace").decode()
+
+
+def shell_word(text: str) -> str:
+    """`text` quoted to be pasted into a shell as one word, on one line: shlex's quoting, or
+    bash's $'...' when it holds a control character (a newline would split the command)."""
+    import shlex
+
+    if text.isprintable():
+        return shlex.quote(text)
+    body = "".join(c if c.isprintable() and c not in "\\'" else
+                   f"\\{c}" if c in "\\'" else one_line(c) if ord(c) < 0x80 else
+                   f"\\u{ord(c):04x}" for c in text)
+    return f"$'{body}'"
 
 
 def as_utf8(text: str) -> str:

@@ -67,11 +67,9 @@ def _quiet_closed_stderr() -> None:
     instead (what was closed was asked not to be seen); results and exit codes are kept."""
     if _writable(2) and sys.stderr is not None:
         return
-    fd = os.open(os.devnull, os.O_WRONLY)
-    if fd != 2:  # over whatever holds 2 (nothing, or a launcher's read-only file)
-        os.dup2(fd, 2)
-        os.close(fd)
-    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    from llmcli.console import stderr_to_devnull
+
+    stderr_to_devnull()
 
 
 def main() -> None:

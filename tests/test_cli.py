@@ -326,3 +326,20 @@ def test_a_path_with_control_characters_is_printed_inert_on_one_line(tmp_path, m
     assert capsys.readouterr().err.splitlines() == [
         "warning: odd\\nname\\x1b[2J.tokens: a warning",
         "odd\\x07name\\x9b.tokens: a progress line"]
+
+
+@pytest.mark.parametrize("text", ["plain", "a b", "it's", "a\nb\x1b[31mc", "tab\there\\",
+                                  "z\u2028y\x85"])
+def test_a_command_to_paste_is_one_line_and_means_the_path(text) -> None:
+    """llm import's "next" line quoted a path with a newline for the shell, over two lines."""
+    import shutil
+
+    from llmcli.console import shell_word
+
+    word = shell_word(text)
+    assert word.isprintable()
+    if shutil.which("bash") is None:
+        pytest.skip("no bash to read the word back")
+    back = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True,
+                          text=True, timeout=30)
+    assert back.stdout == text

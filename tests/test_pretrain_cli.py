@@ -240,6 +240,26 @@ def test_data_records_is_said_to_be_unused_by_the_run_and_the_dry_run(project):
                             "key, or cut the file)"], result.stderr
 
 
+def test_a_reader_of_the_messages_that_goes_away_does_not_end_the_run(project):
+    """`llm pretrain ... 2>&1 >/dev/null | head -2`: the third message line met a closed pipe,
+    and the run ended with exit 1 and nothing said, after --overwrite had cleared the old run."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "pretrain", "mini.yaml",
+                             "data.source=corpus.tokens", "train.max_iters=6",
+                             "train.eval_interval=1", "train.log_interval=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stderr.readline()  # the reader takes one line and leaves
+    proc.stderr.close()
+    stdout = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0
+    assert stdout.startswith("step 6, train loss"), stdout
+    assert [s for s, _ in step_checkpoints(project / "checkpoints" / "mini")][-1] == 6
+
+
 def test_fine_tuning_keys_are_refused_on_the_command_line_and_said_unused_in_a_file(project):
     """`llm pretrain R lora.rank=8 finetune.init=runs/base` trained a full model from scratch,
     with no base and no adapters, and said nothing."""

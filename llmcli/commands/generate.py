@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,9 +18,11 @@ from llmcli.console import (
     check_range,
     fail,
     info,
+    one_line,
     out,
     read_text_input,
     run_guarded,
+    shell_word,
     warn,
 )
 
@@ -236,7 +237,7 @@ def _positionals(checkpoint: str | None, prompt: str | None) -> tuple[str | None
         "/" in checkpoint and not spaced)
     if prompt is None and names_a_file and not exists:
         fail(f"{checkpoint}: no such checkpoint; to continue it as a prompt, name the "
-             f"checkpoint first: llm generate RUN {shlex.quote(checkpoint)}")
+             f"checkpoint first: llm generate RUN {shell_word(checkpoint)}")
     if prompt is None and not names_a_file:
         runs = sorted(p.name for p in CHECKPOINTS_DIR.glob("*/") if p.is_dir())
         close = difflib.get_close_matches(checkpoint, runs, n=1) if not spaced else []
@@ -415,7 +416,7 @@ class _Run:
             })
             return
         if self.show_prompt:
-            _write(f"prompt: {text}\n")
+            _write(f"prompt: {one_line(text)}\n")
         out.print(compare_table([(name, r.text, r.generation) for name, r in rows],
                                 width=out.width))
         if sampled:

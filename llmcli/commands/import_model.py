@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import typer
 
 from llmcli.commands.common import path_text
-from llmcli.console import one_line, out, run_guarded
+from llmcli.console import one_line, out, run_guarded, shell_word
 
 
 def command(
@@ -48,7 +47,7 @@ def command(
                   f"{m.positions}, {m.norm}, {m.activation}, tied {str(m.tie_embeddings).lower()}")
         run = str(result.path.parent)  # quoted: the lines are to be pasted into a shell
         run = f"./{run}" if run.startswith("-") else run  # a path, not an option
-        out.print(f"  next       llm generate {shlex.quote(run)} \"Hello\"  ·  llm finetune "
-                  f"RECIPE {shlex.quote(f'finetune.init={run}')}")
+        out.print(f"  next       llm generate {shell_word(run)} \"Hello\"  ·  llm finetune "
+                  f"RECIPE {shell_word(f'finetune.init={run}')}")
 
     run_guarded(body)

@@ -100,7 +100,7 @@ def print_report(report: dict[str, Any]) -> None:
     if report.get("device_memory"):
         print_device_memory(report["device_memory"])
     for note in report["notes"]:
-        out.print(f"note: {note}")
+        out.print(one_line(f"note: {note}"))
 
 
 def _share(part: int, total: int) -> str:

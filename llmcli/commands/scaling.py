@@ -199,11 +199,12 @@ def print_recipe(facts: dict[str, Any]) -> None:
         table.add_row("  capped", f"by train.max_tokens {facts['max_tokens']:,}: "
                       f"{facts['steps']:,} of {facts['max_iters']:,} steps")
     if facts.get("corpus_tokens"):
-        table.add_row("corpus", f"{format_count(facts['corpus_tokens'])} training tokens in "
-                      f"{facts['corpus']}: {format_ratio(facts['epochs'])} epochs")
+        table.add_row("corpus", one_line(f"{format_count(facts['corpus_tokens'])} training "
+                                         f"tokens in {facts['corpus']}: "
+                                         f"{format_ratio(facts['epochs'])} epochs"))
     out.print(table)
     for note in facts["notes"]:
-        out.print(f"note: {note}")
+        out.print(one_line(f"note: {note}"))
 
 
 def planned_tokens_row(facts: dict[str, Any]) -> tuple[str, str]:

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import re
-import shlex
 import socket
 import stat
 import time
@@ -51,6 +50,7 @@ from llmcli.console import (
     byte_progress,
     fail,
     info,
+    shell_word,
     warn,
     writing,
 )
@@ -417,7 +417,7 @@ def _refuse_not_builtin(target: Path, source: Path) -> None:
         return
     what = (f"came from {came_from}" if came_from is not None
             else "is not this Python's built-in corpus, and no record says llm fetch wrote it")
-    where = "" if target.parent == Path("data") else f" -o {shlex.quote(str(target.parent))}"
+    where = "" if target.parent == Path("data") else f" -o {shell_word(str(target.parent))}"
     fail(f"{target} {what}; it is kept: move it away, or replace it with llm fetch builtin"
          f"{where} --force")
 

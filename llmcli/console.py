@@ -164,9 +164,9 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    """Said by one process of a group (rank 0): the others of `--nproc N` / torchrun meet the
-    same inputs and would only repeat it."""
-    if not _group_voice():
+    """Said by one process per machine (local rank 0): the others there meet the same inputs
+    and would only repeat it, while another machine's may differ (its own data folder)."""
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) != "0":
         return
     err.print(Text.assemble(("warning:", "yellow"), " ", one_line(message)))
 

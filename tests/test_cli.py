@@ -294,15 +294,20 @@ def test_a_narrow_columns_does_not_cut_results_written_to_a_file():
     assert result.returncode == 0 and "140.0M" in result.stdout and "…" not in result.stdout
 
 
-def test_a_warning_is_said_by_rank_0_of_a_group_only(monkeypatch, capsys) -> None:
+def test_a_warning_is_said_once_per_machine(monkeypatch, capsys) -> None:
     """Every rank of `--nproc 2` read the same folder and each named its skipped files."""
     from llmcli.console import warn
 
-    for rank, said in (("1", False), ("0", True)):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for rank, local, said in (("1", None, False), ("0", None, True), ("3", "1", False),
+                              ("2", "0", True)):  # by hand; then the second of two machines
         monkeypatch.setenv("RANK", rank)
+        if local is not None:
+            monkeypatch.setenv("LOCAL_RANK", local)
         warn("a folder skipped b.md")
         assert ("warning: a folder skipped b.md" in capsys.readouterr().err) is said
     monkeypatch.delenv("RANK")
+    monkeypatch.delenv("LOCAL_RANK")
     warn("no group at all")
     assert "warning: no group at all" in capsys.readouterr().err
 

@@ -17,14 +17,12 @@ the libraries would fill with random values) is refused before anything is drawn
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import logging
 import os
 import re
 import secrets
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,7 +38,6 @@ from llmcli.console import (
     fail,
     first_line,
     info,
-    is_interactive,
     progress,
     settings,
     warn,
@@ -50,7 +47,7 @@ DEFAULT_MODEL = "stabilityai/sdxl-turbo"
 IMAGES_DIR = CHECKPOINTS_DIR / "images"
 MAX_SIDE = 4096
 MAX_SEED = 2**63 - 1
-HUB_PROBE_SECONDS = 8.0
+USE = "pass --model DIR"  # how imagine takes a folder downloaded by hand
 DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
@@ -316,47 +313,9 @@ def _hub_offline() -> bool:
 
 
 def how_to_get(model: str) -> str:
-    return (f"on a connected machine run `hf download {model} --local-dir DIR` (older "
-            f"huggingface_hub: `huggingface-cli download {model} --local-dir DIR`), copy DIR "
-            f"here and pass --model DIR, or fill the Hugging Face cache ({_hub_cache_dir()})")
+    from llmcli.interop.hub import how_to_get as hub_how_to_get
 
-
-def probe_hub(repo_id: str, timeout: float = HUB_PROBE_SECONDS,
-              label: str | None = None) -> str | None:
-    """None when the Hub answers for `repo_id`; otherwise why it cannot be used (missing and
-    gated repositories are one-line errors here, named by `label`).
-
-    Runs in a daemon thread with a deadline, because a stalled DNS lookup ignores HTTP timeouts.
-    Shared with `llm import` (llmcli.interop.hub).
-    """
-    from huggingface_hub import model_info
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    label = label or f"--model {repo_id}"
-    outcome: dict[str, Exception | None] = {}
-
-    def ask() -> None:
-        try:
-            model_info(repo_id, timeout=timeout)
-            outcome["error"] = None
-        except Exception as exc:  # reported to the caller below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    if "error" not in outcome:
-        return f"no answer within {timeout:g} s"
-    error = outcome["error"]
-    if error is None:
-        return None
-    if isinstance(error, GatedRepoError):
-        fail(f"{label}: this model is gated; accept its licence on "
-             f"https://huggingface.co/{repo_id} and log in with `hf auth login`", EXIT_FAILURE)
-    if isinstance(error, RepositoryNotFoundError):
-        fail(f"{label}: no such model on the Hugging Face Hub (or it is private: log in "
-             f"with `hf auth login`); check the id, e.g. openai-community/gpt2 or {DEFAULT_MODEL}")
-    return first_line(error) or type(error).__name__
+    return hub_how_to_get(model, USE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,18 +355,15 @@ def _quiet_libraries() -> Iterator[None]:
         yield
         return
     from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import disable_progress_bars
-    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
-    hub_logging.set_verbosity_error()  # "Retrying in 8s [Retry 5/5]" and the like
+    from llmcli.interop.hub import quiet_hub
+
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity(logging.CRITICAL)
     diffusers_logging.disable_progress_bar()
-    if not is_interactive():
-        disable_progress_bars()  # downloads keep their bars on a terminal
-    with warnings.catch_warnings():
+    with quiet_hub(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
 
@@ -415,13 +371,17 @@ def _quiet_libraries() -> Iterator[None]:
 def _from_pretrained(name: str, dtype: Any, variants: tuple[str | None, ...],
                      local_only: bool) -> tuple[Any, str | None, list[WeightReport]]:
     """Try each weight variant; raise the first failure if none loads."""
+    from safetensors import SafetensorError
+
+    from llmcli.interop.hub import network_failure
+
     first: Exception | None = None
     for variant in variants:
         try:
             pipe, reports = _load_variant(name, dtype, variant, local_only)
             return pipe, variant, reports
-        except (OSError, ValueError) as exc:
-            if _network_failure(exc) is not None:
+        except (OSError, ValueError, SafetensorError) as exc:
+            if network_failure(exc) is not None:
                 raise  # the next variant would only wait for the network again
             first = first or exc
     assert first is not None
@@ -434,7 +394,9 @@ def _load_variant(name: str, dtype: Any, variant: str | None,
     from diffusers import AutoPipelineForText2Image
 
     reports: list[WeightReport] = []
-    with _library_log(WEIGHT_REPORT_LOGGERS,
+    from llmcli.interop.hub import library_log
+
+    with library_log(WEIGHT_REPORT_LOGGERS,
                       lambda record: reports.extend(_weight_reports(record.getMessage()))):
         pipe = AutoPipelineForText2Image.from_pretrained(
             name, dtype=dtype, variant=variant, use_safetensors=True, local_files_only=local_only)
@@ -473,38 +435,6 @@ def _weight_reports(message: str) -> list[WeightReport]:
         if found:
             reports.append(WeightReport(status, part, found[1].strip()))
     return reports
-
-
-class _Relay(logging.Handler):
-    """Passes each record to a function (which may raise, to stop the library where it logs)."""
-
-    def __init__(self, on_record: Callable[[logging.LogRecord], None]) -> None:
-        super().__init__()
-        self.on_record = on_record
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.on_record(record)
-
-
-@contextlib.contextmanager
-def _library_log(names: tuple[str, ...], on_record: Callable[[logging.LogRecord], None],
-                 level: int = logging.WARNING) -> Iterator[None]:
-    """Hand these library loggers' records to `on_record`: some news (weights left random, a
-    request that got no answer) the libraries only log. Only --debug also prints them."""
-    handler = _Relay(on_record)
-    loggers = [logging.getLogger(name) for name in names]
-    saved = [(logger.level, logger.propagate) for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(level)
-        logger.propagate = settings["debug"]
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for logger, (old_level, propagate) in zip(loggers, saved, strict=True):
-            logger.removeHandler(handler)
-            logger.setLevel(old_level)
-            logger.propagate = propagate
 
 
 def _check_loaded(model: str, source: ModelSource, pipe: Any,
@@ -561,8 +491,29 @@ def _meta_weight(part: Any) -> str | None:
     return next((name for name, param in part.named_parameters() if param.is_meta), None)
 
 
+def damaged_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of a pipeline folder that cannot be read (a safetensors header or a JSON
+    file cut short or overwritten), with why: the libraries' own errors do not name it."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*/*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as exc:
+            return path, first_line(exc)
+    return None
+
+
 def _folder_error(folder: str, exc: Exception) -> str:
     """One line for a pipeline folder that would not load, with the likely fix."""
+    if (damaged := damaged_file(Path(folder))) is not None:
+        path, why = damaged
+        return (f"--model {folder}: {path.relative_to(folder)}: cannot read it ({why}); the "
+                "file is damaged or cut short: copy or download it again")
     for part in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
         names = [f.name for f in part.iterdir() if f.suffix in WEIGHT_SUFFIXES]
         if names and not any(n.endswith(".safetensors") for n in names):
@@ -592,66 +543,34 @@ def _use_sdpa(pipe: Any) -> bool:
     return fused and hasattr(pipe, "unet")
 
 
-# Where huggingface_hub says that a request got no answer, before it tries again (up to five
-# times, with pauses of up to 8 s, each try waiting its whole timeout, for every file).
-HUB_LOGGERS = ("huggingface_hub.file_download", "huggingface_hub.utils._http")
-
-
-class HubStalled(BaseException):
-    """The Hub stopped answering during a download. A BaseException, as KeyboardInterrupt is, so
-    that the libraries' retries and broad `except Exception` blocks let it through at once."""
-
-
-def _stop_when_unanswered(record: logging.LogRecord) -> None:
-    """End the download at the Hub's first unanswered request: a bounded wait (one timeout,
-    HF_HUB_ETAG_TIMEOUT or HF_HUB_DOWNLOAD_TIMEOUT) instead of minutes of retries."""
-    from huggingface_hub import constants
-
-    message = record.getMessage()
-    if message.startswith("No local file found. Retrying"):  # a HEAD for a file went unanswered
-        raise HubStalled(f"no answer to a file request within {constants.HF_HUB_ETAG_TIMEOUT} s")
-    if (("thrown while requesting" in message and not message.startswith("HTTP Error"))
-            or message.startswith("Error while downloading")):
-        raise HubStalled(message)
-
-
-def _network_failure(exc: BaseException) -> BaseException | None:
-    """The transport failure (no answer, refused, cut off) behind `exc`, if any: the libraries
-    wrap it (diffusers in an OSError saying the file does not exist)."""
-    errors: list[type[BaseException]] = [TimeoutError, ConnectionError]
-    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP library, by version
-        with contextlib.suppress(ImportError):
-            errors.append(importlib.import_module(module).TransportError)
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, tuple(errors)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _hub_stopped(model: str, detail: str) -> NoReturn:
-    fail(f"--model {model}: the Hugging Face Hub stopped answering during the download "
-         f"({clip(detail, 200)}); check the network and run again (what has arrived is kept), "
-         f"or {how_to_get(model)}", EXIT_FAILURE)
-
-
 def _download_pipeline(model: str, dtype: Any, variants: tuple[str | None, ...],
                        local_error: Exception | None) -> tuple[Any, str | None, list[WeightReport]]:
-    """Download what is missing and load it; any network failure is one line, exit 1."""
+    """Download what is missing and load it; a Hub failure is one line, exit 1 (the one way
+    every command downloads: llmcli.interop.hub.download)."""
+    from safetensors import SafetensorError
+
+    from llmcli.interop.hub import download
+
     try:
-        with _library_log(HUB_LOGGERS, _stop_when_unanswered, logging.INFO):
-            return _from_pretrained(model, dtype, variants, False)
-    except HubStalled as exc:
-        _hub_stopped(model, first_line(exc))
-    except Exception as exc:
-        if (failure := _network_failure(exc)) is not None:
-            _hub_stopped(model, first_line(failure))
-        if not isinstance(exc, (OSError, ValueError)):
-            raise
+        return download(lambda: _from_pretrained(model, dtype, variants, False), model,
+                        f"--model {model}", USE)
+    except (OSError, ValueError, SafetensorError) as exc:
+        _damaged_in_cache(model)
         cached = f" (cached copy: {first_line(local_error)})" if local_error else ""
         fail(f"--model {model}: download or load failed: {first_line(exc)}{cached}",
              EXIT_FAILURE)
+
+
+def _damaged_in_cache(model: str) -> None:
+    """A damaged file in the Hugging Face cache fails every later run (the library never checks
+    a cached file again): name it and say how to clear it."""
+    from llmcli.interop.hub import cached_snapshot, damaged_cache_advice
+
+    snapshot = cached_snapshot(model)
+    if snapshot is not None and (damaged := damaged_file(snapshot)) is not None:
+        path, why = damaged
+        fail(f"--model {model}: {path}: cannot read it ({why}); "
+             f"{damaged_cache_advice(path, model)}", EXIT_FAILURE)
 
 
 def _require_hub(model: str, partly_cached: bool) -> None:
@@ -661,7 +580,9 @@ def _require_hub(model: str, partly_cached: bool) -> None:
         fail(f"--model {model}: {state} in the Hugging Face cache and HF_HUB_OFFLINE is set; "
              f"{how_to_get(model)}", EXIT_FAILURE)
     info(f"looking up {model} on the Hugging Face Hub")
-    reason = probe_hub(model)
+    from llmcli.interop.hub import probe
+
+    _, reason = probe(model, f"--model {model}", USE)
     if reason is not None:
         fail(f"--model {model}: {state} on this machine and the Hugging Face Hub cannot be "
              f"reached ({reason}); {how_to_get(model)}", EXIT_FAILURE)
@@ -674,7 +595,19 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
     A folder or a cached hub id loads without touching the network; only what is missing is
     fetched, and only after the Hub has answered.
     """
+    from llmcli.interop.hub import leave_on_interrupt
+
+    with leave_on_interrupt():  # nothing is written while loading: Ctrl-C may end it at once
+        return _load_pipeline(model, device, dtype)
+
+
+def _load_pipeline(model: str, device: Any, dtype: str) -> LoadedPipeline:
+    from safetensors import SafetensorError
+
     from llmcli.device import resolve_device
+
+    LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError,  # noqa: N806
+                   SafetensorError)
 
     if isinstance(device, str):
         device = resolve_device(device)
@@ -692,13 +625,14 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: Any = "auto",
         if source.is_dir or source.cached:
             try:
                 pipe, variant, reports = _from_pretrained(source.name, torch_dtype, variants, True)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                # the last three: a folder whose configs have the wrong shape, read unchecked
+            except LOAD_ERRORS as exc:
+                # KeyError, TypeError, AttributeError: configs of the wrong shape, read unchecked
                 if source.is_dir:
                     fail(_folder_error(source.name, exc))
                 local_error = exc
         if pipe is None:
             if source.cached:
+                _damaged_in_cache(model)
                 _require_hub(model, partly_cached=True)
             pipe, variant, reports = _download_pipeline(model, torch_dtype, variants,
                                                         local_error)
@@ -742,6 +676,19 @@ def draw(loaded: LoadedPipeline, request: ImageRequest, seed: int,
     with _quiet_libraries(), torch.inference_mode():
         result = pipe(**kwargs)
     return result.images[0]
+
+
+def check_size(loaded: LoadedPipeline, request: ImageRequest) -> None:
+    """Refuse a size the pipeline cannot make: it floors width and height to a multiple of its
+    VAE's scale factor, and the PNG would be smaller than asked (and than its metadata says)."""
+    factor = getattr(loaded.pipe, "vae_scale_factor", 8)
+    if not isinstance(factor, int) or factor < 2:
+        return
+    for name, value in (("--width", request.width), ("--height", request.height)):
+        if value % factor:
+            near = min(-(-value // factor) * factor, MAX_SIDE // factor * factor)
+            fail(f"{name} {value}: {type(loaded.pipe).__name__} ({loaded.model}) makes sides in "
+                 f"multiples of {factor}; use e.g. {name} {near}")
 
 
 def warn_cut_prompts(pipe: Any, request: ImageRequest) -> None:
@@ -788,6 +735,7 @@ def imagine(request: ImageRequest, out: str | Path | None = None, model: str = D
     attention = ", SDPA attention" if loaded.sdpa else ""
     info(f"loaded {type(loaded.pipe).__name__} in {loaded.seconds:.2f} s")
     info(f"on {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}{weights}{attention}")
+    check_size(loaded, request)
     warn_cut_prompts(loaded.pipe, request)
     result = ImagineResult(loaded=loaded, request=request)
     with progress() as bar:

@@ -520,3 +520,67 @@ def test_partly_cached_model_offline_is_one_line(tiny_sd, tmp_path, monkeypatch)
     line = _one_error_line(result)
     assert "someone/tiny-turbo: is only partly in the Hugging Face cache" in line
     assert "hf download someone/tiny-turbo" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files, sizes the pipeline cannot make, and what the Hub answered
+
+
+@pytest.mark.parametrize("part", ["text_encoder/model.safetensors",
+                                  "unet/diffusion_pytorch_model.safetensors",
+                                  "tokenizer/tokenizer.json"])
+def test_a_damaged_file_is_named(part, tiny_sd, tmp_path):
+    """A text encoder cut short was "error: SafetensorError: ..." (exit 1, no file named), a
+    tokenizer file "cannot load this pipeline: Expecting ..." without its name."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_sd, folder)
+    damaged = folder / part
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    result = _imagine("a sea", "--model", str(folder), "-o", str(tmp_path / "a.png"))
+    assert result.exit_code == 2, result.output
+    assert _one_error_line(result) .startswith(
+        f"error: --model {folder}: {part}: cannot read it (")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_a_size_the_pipeline_would_floor_is_refused(tiny_sd, tmp_path, monkeypatch):
+    """A pipeline whose VAE scales by 16 drew 40x72 as 32x64 while the PNG said 40x72."""
+    import llmcli.imagine as imagine
+
+    real = imagine.load_pipeline
+
+    def scale_16(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded.pipe.vae_scale_factor = 16
+        return loaded
+
+    monkeypatch.setattr(imagine, "load_pipeline", scale_16)
+    result = _imagine("a sea", "--model", str(tiny_sd), "--width", "40", "--height", "32",
+                      "-o", str(tmp_path / "a.png"))
+    assert result.exit_code == 2, result.output
+    assert "--width 40: StableDiffusionPipeline" in _one_error_line(result)
+    assert "multiples of 16; use e.g. --width 48" in _one_error_line(result)
+    assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("files, api, expected", [
+    ({"*": "gated"}, "ok", "me/pipe: this model is gated; accept its licence on http://127.0.0.1"),
+    ({}, "500", "me/pipe: the Hugging Face Hub answered 500 Internal Server Error for the model "
+     "lookup; try again later"),
+    ({"unet/*": "500"}, "ok", "me/pipe: the Hugging Face Hub answered 500 Internal Server Error "
+     "for unet/"),
+])
+def test_what_the_hub_answered_is_said(files, api, expected, tiny_sd, tmp_path):
+    """A gated repository (its files answer 403 GatedRepo) was "401 Client Error" or "not a
+    valid model identifier"; an error answer was "cannot be reached" or "no answer"."""
+    from helpers_hub import FakeHub
+
+    hub = FakeHub(tiny_sd, files, api)
+    try:
+        proc = _run_llm(["a sea", "--model", "me/pipe", "-o", str(tmp_path / "a.png")],
+                        tmp_path / "hf", timeout=120, HF_ENDPOINT=hub.url)
+    finally:
+        hub.close()
+    assert proc.returncode == 1, proc.stderr
+    assert _error_line(proc).startswith(f"error: --model {expected}"), proc.stderr
+    assert "Retrying" not in proc.stderr and not (tmp_path / "a.png").exists()

@@ -910,7 +910,8 @@ def test_a_partly_cached_hub_model_is_downloaded_or_said_to_be_incomplete(tmp_pa
         shutil.copy(source / name, snap / name)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     asked = []
-    monkeypatch.setattr(hub, "probe", lambda repo_id: asked.append(repo_id) or "test: offline")
+    monkeypatch.setattr(hub, "probe",
+                        lambda repo_id, label: (None, asked.append(repo_id) or "test: offline"))
     code, output = invoke("import", "llm-tests/tiny")
     assert code == 1 and asked == ["llm-tests/tiny"], output
     assert "only partly in the Hugging Face cache (model.safetensors missing" in output, output
@@ -927,6 +928,121 @@ def test_a_partly_cached_hub_model_is_downloaded_or_said_to_be_incomplete(tmp_pa
     shutil.copy(source / "model.safetensors", snap / "model.safetensors")
     code, output = invoke("import", "llm-tests/tiny")  # complete: the cache is the model
     assert code == 0 and len(asked) == 1, output
+
+
+# A Hub that stalls, fails or gates (a fresh process each: the hub reads its env at import)
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    """A function (files modes, api mode, folder) -> a FakeHub serving a tiny GPT-2."""
+    from helpers_hub import FakeHub
+
+    hubs: list[FakeHub] = []
+
+    def start(files: dict[str, str] | None = None, api: str = "ok",
+              folder: Path | None = None) -> FakeHub:
+        hubs.append(FakeHub(folder or hf_folder(tmp_path / "repo", "gpt2"), files, api))
+        return hubs[-1]
+
+    yield start
+    for hub in hubs:
+        hub.close()
+
+
+def llm_process(args: list[str], hub_url: str, home: Path, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    environ.update(HF_HOME=str(home), HF_ENDPOINT=hub_url, OMP_NUM_THREADS="1", **env)
+    return subprocess.Popen([sys.executable, "-m", "llmcli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=environ)
+
+
+def test_ctrl_c_while_the_hub_stalls_a_download_ends_the_import_at_once(fake_hub, tmp_path):
+    """The download's worker threads kept retrying after Ctrl-C: it ran on until killed."""
+    import signal
+
+    hub = fake_hub({"*.safetensors": "stall"})
+    proc = llm_process(["import", "me/tiny", "-o", str(tmp_path / "run")], hub.url,
+                       tmp_path / "hf")
+    assert hub.file_asked.wait(120), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess_timeout():
+        proc.kill()
+        raise AssertionError("llm import went on after Ctrl-C") from None
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def subprocess_timeout() -> type[Exception]:
+    import subprocess
+
+    return subprocess.TimeoutExpired
+
+
+@pytest.mark.parametrize("files, api, expected", [
+    ({"*.safetensors": "stall"}, "ok",
+     "me/tiny: the Hugging Face Hub stopped answering during the download (no answer to a file "
+     "request within 1 s)"),
+    ({"*.safetensors": "500"}, "ok",
+     "me/tiny: the Hugging Face Hub answered 500 Internal Server Error for model.safetensors; "
+     "try again later"),
+    ({}, "500", "me/tiny: the Hugging Face Hub answered 500 Internal Server Error for the model "
+     "lookup"),
+    ({"*": "gated"}, "ok", "me/tiny: this model is gated; accept its licence on "
+     "http://127.0.0.1:"),
+    ({}, "403", "me/tiny: the Hugging Face Hub answered 403 Forbidden for the model lookup; "
+     "log in"),
+])
+def test_a_hub_that_stalls_fails_or_gates_is_one_line_after_one_try(fake_hub, tmp_path, files,
+                                                                    api, expected):
+    """import waited through 6 tries (minutes), printed the library's retry lines and bars, and
+    called every error answer "cannot be reached" or "download failed"."""
+    hub = fake_hub(files, api)
+    proc = llm_process(["import", "me/tiny", "-o", str(tmp_path / "run")], hub.url,
+                       tmp_path / "hf", HF_HUB_ETAG_TIMEOUT="1", HF_HUB_DOWNLOAD_TIMEOUT="1")
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess_timeout():
+        proc.kill()
+        raise AssertionError("llm import kept retrying") from None
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), stderr
+    for chatter in ("Retrying", "thrown while requesting", "Fetching", "Traceback"):
+        assert chatter not in stderr, stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_download_shows_no_library_bars_off_a_terminal(fake_hub, tmp_path):
+    hub = fake_hub()
+    proc = llm_process(["import", "me/tiny", "-o", str(tmp_path / "run")], hub.url,
+                       tmp_path / "hf")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "Fetching" not in stderr and "%|" not in stderr, stderr
+
+
+def test_a_hub_repository_with_only_pickled_weights_is_refused_before_downloading(fake_hub,
+                                                                                  tmp_path):
+    """It was downloaded without weights and then said "…/snapshots/<sha>: no model.safetensors;
+    give the folder save_pretrained wrote"."""
+    folder = hf_folder(tmp_path / "repo", "gpt2")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    hub = fake_hub(folder=folder)
+    proc = llm_process(["import", "me/tiny", "-o", str(tmp_path / "run")], hub.url,
+                       tmp_path / "hf")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert stderr.startswith("looking up me/tiny"), stderr
+    assert "error: me/tiny: the repository has only pickled weights (pytorch_model.bin)" in stderr
+    assert not hub.file_asked.is_set()
 
 
 def test_imported_tokenizer_names_are_checked(tmp_path):

@@ -41,7 +41,7 @@ from llmcli.console import (
     warn,
 )
 from llmcli.constants import RUN_TENSORBOARD, TOKENIZER_VOCAB
-from llmcli.files import Busy, locked
+from llmcli.files import Busy, locked, utf8_path
 from llmcli.recipe import HF_TOKENIZER, Recipe, build_recipe
 
 FORMAT = "llmcli-checkpoint/1"
@@ -572,7 +572,7 @@ class Checkpoint:
         """Tensor shapes as stored (counting parameters without loading them)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.path), framework="pt") as fh:
+        with safe_open(utf8_path(self.path), framework="pt") as fh:
             return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
 
     def stored_dtype(self) -> Any:
@@ -581,7 +581,7 @@ class Checkpoint:
         from safetensors import safe_open
 
         dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-        with safe_open(str(self.path), framework="pt") as fh:
+        with safe_open(utf8_path(self.path), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118
                 return dtypes.get(fh.get_slice(key).get_dtype(), torch.float32)
         return torch.float32
@@ -695,7 +695,7 @@ def damage(path: Path) -> str | None:
 
     check_readable(path)  # not damage: a pipe (would hang) or no permission, said as such
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(utf8_path(path), framework="pt") as fh:
             raw = fh.metadata() or {}
             keys = list(fh.keys())  # noqa: SIM118
             if keys:  # the last tensor's bytes are inside the file
@@ -716,7 +716,7 @@ def raw_metadata(path: Path) -> dict[str, str]:
     if not_regular(path):  # a pipe would hang safe_open
         return {}
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(utf8_path(path), framework="pt") as fh:
             return fh.metadata() or {}
     except (SafetensorError, OSError, ValueError):
         return {}
@@ -748,7 +748,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
              f"by `llm pretrain` or `llm finetune`{_import_hint(path.parent)}")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
+    with safe_open(utf8_path(path), framework="pt") as fh:
         raw = fh.metadata() or {}
     meta: dict[str, Any] = {}
     for key, value in raw.items():
@@ -882,7 +882,7 @@ def read_tensors(path: Path, device: Any = "cpu") -> dict[str, Any]:
 
     check_readable(path)
     try:
-        return load_file(str(path), device=str(device))
+        return load_file(utf8_path(path), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as exc:
         fail(f"{path}: cannot read its tensors ({first_line(exc)}); was it fully written?")
 
@@ -1038,7 +1038,7 @@ def load_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
              "resume from a step-*.safetensors that has a .trainer.safetensors beside it")
     check_readable(path)
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(utf8_path(path), framework="pt") as fh:
             raw = fh.metadata() or {}
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:

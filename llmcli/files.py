@@ -105,8 +105,38 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
 
 
+_LINKS: list[str] = []  # the private folder of utf8_path's links, made on first use
+
+
+def utf8_path(path: str | os.PathLike[str]) -> str:
+    """`path` as safetensors (Rust) can open it: itself, or, when it holds bytes that are not
+    UTF-8 (a folder named in another encoding), a link with a UTF-8 name to it in a private
+    temporary folder removed at exit. Such a checkpoint was called damaged."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    if not _LINKS:
+        import atexit
+
+        _LINKS.append(tempfile.mkdtemp(prefix="llm-links-"))
+        atexit.register(shutil.rmtree, _LINKS[0], True)
+    link = os.path.join(_LINKS[0], f"{len(os.listdir(_LINKS[0]))}{Path(text).suffix}")
+    os.symlink(os.path.abspath(text), link)
+    return link
+
+
 def write_json(target: str | os.PathLike[str], data: Any) -> None:
-    write_text(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """Readable UTF-8 JSON; escaped (\\udcff) where a path held bytes that are not UTF-8, which
+    UTF-8 cannot write (a token file was left without its sidecar)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(data, indent=2)
+    write_text(target, text + "\n")
 
 
 def append_line(target: str | os.PathLike[str], line: str) -> None:

@@ -191,6 +191,22 @@ def read_raw_meta(path):
         return dict(fh.metadata())
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a folder name in bytes that are not UTF-8")
+def test_a_folder_named_in_another_encoding_holds_runs_and_token_files(tmp_path):
+    """Under a folder named b'u\\xff' a checkpoint was called damaged ('Path ... is not valid
+    UTF-8': safetensors' words), and a token file was left without its sidecar."""
+    from llmcli.data.tokenize import read_sidecar, tokenize_files
+
+    folder = tmp_path / os.fsdecode(b"u\xff")
+    folder.mkdir()
+    path = write_checkpoint(folder / "step-00000001.safetensors", step=1)
+    assert Checkpoint.open(folder).load() is not None
+    (folder / "a.txt").write_text("hello world", encoding="utf-8")
+    tokenize_files([folder / "a.txt"], folder / "a.tokens", tokenizer="bytes")
+    assert read_sidecar(folder / "a.tokens")["sources"][0]["path"] == str(folder / "a.txt")
+    assert path.is_file()
+
+
 def test_weights_with_nan_are_refused_at_load(tmp_path):
     def poison(model):
         with torch.no_grad():

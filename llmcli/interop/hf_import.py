@@ -22,6 +22,7 @@ from typing import Any
 from llmcli.checkpoint import CHECKPOINTS_DIR, save_model, step_path
 from llmcli.console import check_readable, fail, first_line, info, warn
 from llmcli.constants import RUN_TOKENIZERS
+from llmcli.files import utf8_path
 from llmcli.interop.hub import INDEX, fetch, looks_like_hub_id
 from llmcli.interop.mapping import (
     LLAMA,
@@ -127,7 +128,7 @@ def read_weights(files: list[Path]) -> dict[str, Any]:
     for path in files:
         check_readable(path)  # a pipe would hang load_file; no permission is not "missing"
         try:
-            part = load_file(str(path))
+            part = load_file(utf8_path(path))
         except (SafetensorError, OSError, RuntimeError) as exc:
             fail(f"{path}: cannot read its tensors ({first_line(exc)}); was it fully written?")
         clash = next((k for k in part if k in tensors), None)

@@ -22,6 +22,8 @@ def check_device(spec: str = "auto"):
     launches `--nproc N` workers checks what they will use ("cuda" without an index)."""
     import torch
 
+    if spec is not None and not spec.strip():  # `--device "$DEV"` with DEV unset: not "auto"
+        fail(f"--device {spec!r}: empty; use {DEVICE_HELP}")
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():

@@ -34,6 +34,7 @@ from llmcli.checkpoint import CHECKPOINTS_DIR
 from llmcli.console import (
     EXIT_FAILURE,
     check_png_output,
+    check_range,
     clip,
     fail,
     first_line,
@@ -46,6 +47,7 @@ from llmcli.console import (
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
 IMAGES_DIR = CHECKPOINTS_DIR / "images"
 MAX_SIDE = 4096
+MAX_GUIDANCE = 100.0
 MAX_SEED = 2**63 - 1
 USE = "pass --model DIR"  # how imagine takes a folder downloaded by hand
 DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
@@ -67,13 +69,19 @@ class ImageRequest:
     seed: int = 0
     num_images: int = 1
 
+    @property
+    def used_negative(self) -> str | None:
+        """The negative prompt, when it shapes the image (guidance above 1): what the PNG and
+        the report record, which say only what made the image."""
+        return self.negative if self.guidance > 1.0 else None
+
     def validate(self) -> None:
         if not self.prompt.strip():
             fail("PROMPT is empty; describe the image, e.g. llm imagine \"a calm sea at dawn\"")
         if self.steps < 1:
             fail(f"--steps {self.steps}: must be at least 1 (turbo models need 1 to 4)")
-        if not self.guidance >= 0.0:
-            fail(f"--guidance {self.guidance}: must be 0 or more (0 for turbo models, 5-8 others)")
+        check_range("--guidance", self.guidance, 0, MAX_GUIDANCE, "0 for turbo models, 5-8 "
+                    "others")
         for name, value in (("--width", self.width), ("--height", self.height)):
             if value < 8 or value > MAX_SIDE or value % 8:
                 fail(f"{name} {value}: must be a multiple of 8 from 8 to {MAX_SIDE} "
@@ -121,7 +129,7 @@ class ImagineResult:
             "sdpa": loaded.sdpa,
             "load_seconds": round(loaded.seconds, 3),
             "prompt": request.prompt,
-            "negative": request.negative,
+            "negative": request.used_negative,
             "steps": request.steps,
             "guidance": request.guidance,
             "width": request.width,
@@ -201,7 +209,7 @@ def png_metadata(request: ImageRequest, seed: int, model: str) -> dict[str, str]
 
     return {
         "prompt": request.prompt,
-        "negative_prompt": request.negative or "",
+        "negative_prompt": request.used_negative or "",
         "seed": str(seed),
         "steps": str(request.steps),
         "guidance": f"{request.guidance:g}",

@@ -123,6 +123,8 @@ def test_negative_prompt_steers_with_guidance(tiny_sd, tmp_path):
         assert image.text["negative_prompt"] == "the sea" and image.text["guidance"] == "7.5"
     quiet = _imagine(*common[:-1], "0", "--negative", "x", "-o", str(tmp_path / "q.png"))
     assert quiet.exit_code == 0 and "--negative needs --guidance above 1" in quiet.stderr
+    with Image.open(tmp_path / "q.png") as image:  # it shaped nothing: not recorded as if it had
+        assert image.text["negative_prompt"] == ""
 
 
 def test_a_prompt_past_the_text_encoders_window_is_a_warning(tiny_sdxl, tmp_path):
@@ -330,7 +332,9 @@ def test_an_image_never_replaces_a_file_that_is_not_a_png(tmp_path):
     (["--width", "100"], "--width 100: must be a multiple of 8"),
     (["--height", "0"], "--height 0: must be a multiple of 8"),
     (["--steps", "0"], "--steps 0: must be at least 1"),
-    (["--guidance", "-1"], "--guidance -1.0: must be 0 or more"),
+    (["--guidance", "-1"], "--guidance -1.0: must be in [0, 100]"),
+    (["--guidance", "nan"], "--guidance nan: must be finite and in [0, 100]"),  # as inf says
+    (["--device", ""], "--device '': empty; use auto, cpu"),  # was taken as auto
     (["-n", "0"], "--num-images 0: must be at least 1"),
     (["--seed", "-3"], "--seed -3: must be from 0"),
     (["-o", "out.jpg"], "use a name ending in .png"),

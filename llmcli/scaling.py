@@ -182,7 +182,7 @@ def make_hardware(
         implied = None
         if card is not None:
             implied = sustained / (num_gpus * card.tflops * 1e12)
-            label += f" on {gpus}{card.name} ({implied:.1%} MFU)"
+            label += f" on {gpus}{card.name} ({format_ratio(implied * 100)}% MFU)"
         elif num_gpus > 1:
             label += f" × {num_gpus} GPUs"
         return Hardware(label, sustained, card, num_gpus, implied, tokens_per_second)

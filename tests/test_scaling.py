@@ -643,3 +643,11 @@ def test_an_option_the_plan_would_not_use_is_refused(args, words):
     result = scaling(*args)
     assert result.exit_code == 2 and words in result.stderr, result.output
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_the_mfu_a_measured_throughput_implies_keeps_its_digits():
+    """5,000 tokens/s of a 1M model on an H100 was shown as '0.0% MFU'."""
+    from llmcli.scaling import make_hardware
+
+    label = make_hardware("h100", tokens_per_second=5000, measured_params=1e6).label
+    assert "(0.00303% MFU)" in label, label

@@ -930,6 +930,30 @@ def test_a_partly_cached_hub_model_is_downloaded_or_said_to_be_incomplete(tmp_pa
     assert code == 0 and len(asked) == 1, output
 
 
+def test_a_damaged_weights_file_in_the_hub_cache_says_to_delete_it(tmp_path, monkeypatch):
+    """huggingface_hub never checks a cached file again: "was it fully written?" for ever."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    source = hf_folder(tmp_path / "src", "gpt2")
+    cache = tmp_path / "hub-cache"
+    repo = cache / "models--llm-tests--tiny"
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, snap / name)
+    (snap / "model.safetensors").write_bytes(b"\0" * 64)  # right place, wrong bytes
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, output = invoke("import", "llm-tests/tiny")
+    assert code == 2 and output.count("error:") == 1, output
+    assert "the Hugging Face cache holds a damaged copy; delete" in output
+    assert "hf cache rm model/llm-tests/tiny" in output
+
+
 # A Hub that stalls, fails or gates (a fresh process each: the hub reads its env at import)
 
 

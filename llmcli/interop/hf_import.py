@@ -23,7 +23,14 @@ from llmcli.checkpoint import CHECKPOINTS_DIR, save_model, step_path
 from llmcli.console import check_readable, fail, first_line, info, warn
 from llmcli.constants import RUN_TOKENIZERS
 from llmcli.files import utf8_path
-from llmcli.interop.hub import INDEX, fetch, looks_like_hub_id
+from llmcli.interop.hub import (
+    INDEX,
+    cached_repo_id,
+    damaged_cache_advice,
+    fetch,
+    in_cache,
+    looks_like_hub_id,
+)
 from llmcli.interop.mapping import (
     LLAMA,
     from_hf,
@@ -130,7 +137,10 @@ def read_weights(files: list[Path]) -> dict[str, Any]:
         try:
             part = load_file(utf8_path(path))
         except (SafetensorError, OSError, RuntimeError) as exc:
-            fail(f"{path}: cannot read its tensors ({first_line(exc)}); was it fully written?")
+            repo = cached_repo_id(path) if in_cache(path) else None
+            fix = (damaged_cache_advice(path, repo) if repo is not None  # mended by deleting it
+                   else "was it fully written?")
+            fail(f"{path}: cannot read its tensors ({first_line(exc)}); {fix}")
         clash = next((k for k in part if k in tensors), None)
         if clash is not None:
             fail(f"{path}: tensor {clash} is also in another shard; the shards do not fit")

@@ -108,6 +108,12 @@ def in_cache(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def cached_repo_id(path: str | os.PathLike[str]) -> str | None:
+    """The model id whose cache folder (models--OWNER--NAME) holds `path`, if one does."""
+    folder = next((p for p in Path(path).parts if p.startswith("models--")), None)
+    return folder.removeprefix("models--").replace("--", "/") if folder else None
+
+
 def damaged_cache_advice(path: str | os.PathLike[str], repo_id: str) -> str:
     """What to do about a damaged file in the cache: huggingface_hub never checks a cached file
     again, so every later run would fail on it."""

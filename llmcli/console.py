@@ -360,9 +360,24 @@ def _describe(exc: BaseException) -> tuple[str, int]:
         return (f"another process of the group (WORLD_SIZE={os.environ['WORLD_SIZE']}) stopped, "
                 f"so this one (RANK={os.environ.get('RANK', '?')}) stops too; its own output says "
                 "why"), EXIT_FAILURE
+    if out_of_memory(exc):
+        return (f"out of memory ({clip(first_line(exc), 200)}); use smaller sizes (batch, "
+                "context, model or image), fewer processes, or a device with more memory"), \
+            EXIT_FAILURE
     message = str(exc).strip()
     detail = f": {clip(one_line(message))}" if message else ""
     return f"{type(exc).__name__}{detail} (rerun with --debug for the traceback)", EXIT_FAILURE
+
+
+_NO_MEMORY = ("can't allocate memory", "Cannot allocate memory", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed (torch's CPU allocator, CUDA, MPS)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return "OutOfMemoryError" in names or (
+        isinstance(exc, (RuntimeError, MemoryError))
+        and (isinstance(exc, MemoryError) or any(t in str(exc) for t in _NO_MEMORY)))
 
 
 def _print_error(message: str) -> None:

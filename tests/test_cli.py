@@ -348,3 +348,20 @@ def test_a_command_to_paste_is_one_line_and_means_the_path(text) -> None:
     back = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True,
                           text=True, timeout=30)
     assert back.stdout == text
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate "
+                 "memory)"),
+    MemoryError(),
+])
+def test_an_allocation_that_fails_says_out_of_memory_and_what_helps(exc) -> None:
+    """`llm imagine --width 4096 --height 4096` under a memory limit ended in the allocator's
+    '[enforce fail at alloc_cpu.cpp:127]' as a RuntimeError, with no way out suggested."""
+    from llmcli.console import _describe
+
+    message, code = _describe(exc)
+    assert code == 1 and message.startswith("out of memory (")
+    assert message.endswith("use smaller sizes (batch, context, model or image), fewer "
+                            "processes, or a device with more memory")

@@ -889,6 +889,21 @@ def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
         assert code == 2 and "not a Hugging Face model id" in output, (malformed, output)
 
 
+def partial_snapshot(cache: Path, source: Path) -> Path:
+    """The Hub cache's snapshot of llm-tests/tiny as an interrupted download leaves it:
+    config and tokenizer, no weights."""
+    import shutil
+
+    repo = cache / "models--llm-tests--tiny"
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, snap / name)
+    return snap
+
+
 def test_a_partly_cached_hub_model_is_downloaded_or_said_to_be_incomplete(tmp_path,
                                                                          monkeypatch):
     """A cache snapshot an interrupted download left (config and tokenizer, no weights) was
@@ -901,13 +916,7 @@ def test_a_partly_cached_hub_model_is_downloaded_or_said_to_be_incomplete(tmp_pa
 
     source = hf_folder(tmp_path / "src", "gpt2")
     cache = tmp_path / "hub-cache"
-    repo = cache / "models--llm-tests--tiny"
-    snap = repo / "snapshots" / "0123abc"
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(source / name, snap / name)
+    snap = partial_snapshot(cache, source)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     asked = []
     monkeypatch.setattr(hub, "probe",
@@ -932,19 +941,11 @@ def test_a_partly_cached_hub_model_is_downloaded_or_said_to_be_incomplete(tmp_pa
 
 def test_a_damaged_weights_file_in_the_hub_cache_says_to_delete_it(tmp_path, monkeypatch):
     """huggingface_hub never checks a cached file again: "was it fully written?" for ever."""
-    import shutil
-
     from huggingface_hub import constants
 
     source = hf_folder(tmp_path / "src", "gpt2")
     cache = tmp_path / "hub-cache"
-    repo = cache / "models--llm-tests--tiny"
-    snap = repo / "snapshots" / "0123abc"
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(source / name, snap / name)
+    snap = partial_snapshot(cache, source)
     (snap / "model.safetensors").write_bytes(b"\0" * 64)  # right place, wrong bytes
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -467,7 +467,7 @@ def _raise(exc: BaseException) -> None:
 
 @pytest.mark.parametrize(("exc", "code", "words"), [
     (_Panic("called `Result::unwrap()`\non an `Err`"), 1, "_Panic: called"),
-    (MemoryError(), 1, "MemoryError (rerun with --debug"),
+    (MemoryError(), 1, "out of memory (MemoryError); use smaller sizes"),
     (IsADirectoryError(21, "Is a directory", "out.tokens"), 2, "out.tokens: is a directory"),
     (OSError(36, "File name too long", "n" * 300), 2, "file name too long"),
     (OSError(5, "Input/output error"), 1, "OSError: [Errno 5]"),

@@ -611,3 +611,12 @@ def test_a_group_started_by_hand_says_another_process_stopped_not_gloos_words(mo
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.delenv(WORKER_ERRORS_ENV)
     assert _describe(gloo)[0].startswith("RuntimeError: ")
+
+
+def test_one_process_says_that_train_parallel_fsdp_goes_unused():
+    """train.parallel=fsdp in a single-process run was silently ignored."""
+    from llmcli.train.distributed import Dist
+
+    assert Dist().describe("fsdp") == " (one process: train.parallel=fsdp unused)"
+    assert Dist().describe("ddp") == ""
+    assert Dist(0, 2, 0).describe("fsdp") == " x 2 processes (fsdp)"

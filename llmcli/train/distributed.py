@@ -67,8 +67,11 @@ class Dist:
         return self.local_rank == 0
 
     def describe(self, parallel: str) -> str:
-        """' x N processes (ddp)' for a run's start line; '' for one process."""
-        return f" x {self.world_size} processes ({parallel})" if self.enabled else ""
+        """' x N processes (ddp)' for a run's start line; '' for one process, which trains
+        plainly (and says so when the recipe asks for fsdp, which it then does not use)."""
+        if self.enabled:
+            return f" x {self.world_size} processes ({parallel})"
+        return " (one process: train.parallel=fsdp unused)" if parallel == "fsdp" else ""
 
 
 def _env_int(name: str, lo: int, default: int | None = None) -> int:

@@ -230,7 +230,23 @@ def prepare(recipe: Recipe, dist: distributed.Dist, resume: Path | None,
         warn(f"the corpus is not the one {resume} was trained on (its text or tokens changed): "
              "training continues on the new data, so the run is no longer the one an "
              "uninterrupted run would have given")
+        _warn_unknown_starts(result[0], result[1], resume)
     return result
+
+
+def _warn_unknown_starts(recipe: Recipe, corpus: Corpus, resume: Path | None) -> None:
+    """A run begun before documents began with the tokenizer's BOS has no id for it in its
+    compact vocabulary: every document start of the remade corpus becomes the unknown id."""
+    from llmcli.data.tokenizer import get_tokenizer
+
+    starts = get_tokenizer(recipe.data.tokenizer).start_ids
+    if corpus.vocab is None or not starts:
+        return
+    missing = [i for i in starts if corpus.vocab.to_dense([i])[1]]
+    if missing:
+        warn(f"{resume}: its compact vocabulary has no id for the tokenizer's start id(s) "
+             f"{', '.join(map(str, missing))}, which now begin every document: each maps to "
+             "the unknown id (start a new run to learn them)")
 
 
 def finetune_keys(recipe: Recipe) -> list[str]:

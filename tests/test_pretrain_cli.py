@@ -356,3 +356,21 @@ def test_a_list_of_sources_is_one_mixed_corpus(project):
     mixed_with_tokens = llm("pretrain", "mini.yaml", "data.source=[a.txt, corpus.tokens]",
                             "-o", "runs/mixed")
     assert mixed_with_tokens.exit_code == 2 and "cannot be mixed" in mixed_with_tokens.stderr
+
+
+def test_a_resume_whose_vocabulary_lacks_the_new_document_start_says_so(monkeypatch, capsys):
+    """A compact run begun before documents began with an imported tokenizer's BOS: resumed,
+    its remade corpus mapped every document start to the unknown id without a word."""
+    from types import SimpleNamespace
+
+    from llmcli import pretrain
+    from llmcli.data import tokenizer
+    from llmcli.data.vocab import CompactVocab
+
+    monkeypatch.setattr(tokenizer, "get_tokenizer", lambda name: SimpleNamespace(start_ids=(9,)))
+    recipe = SimpleNamespace(data=SimpleNamespace(tokenizer="hf-test"))
+    for ids, said in (([0, 5, 7], True), ([0, 5, 9], False)):
+        pretrain._warn_unknown_starts(recipe, SimpleNamespace(vocab=CompactVocab(ids)), "run/x")
+        err = capsys.readouterr().err
+        assert ("run/x: its compact vocabulary has no id for the tokenizer's start id(s) 9"
+                in " ".join(err.split())) is said, err

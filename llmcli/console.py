@@ -374,10 +374,10 @@ _NO_MEMORY = ("can't allocate memory", "Cannot allocate memory", "out of memory"
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is an allocation that failed (torch's CPU allocator, CUDA, MPS)."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return "OutOfMemoryError" in names or (
-        isinstance(exc, (RuntimeError, MemoryError))
-        and (isinstance(exc, MemoryError) or any(t in str(exc) for t in _NO_MEMORY)))
+    if isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError"
+                                           for c in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _NO_MEMORY)
 
 
 def _print_error(message: str) -> None:

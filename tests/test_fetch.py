@@ -557,6 +557,18 @@ def test_resolve_source_local_builtin_and_unknown(tmp_path: Path) -> None:
         resolve_source("corpora/missing.txt", tmp_path / "data")
 
 
+def test_a_data_folder_training_cannot_write_says_what_training_can_do(tmp_path: Path) -> None:
+    """pretrain/finetune data.source=builtin where data/ cannot be made said "use another
+    directory (llm fetch -o DIR)", an option the training commands do not have."""
+    (tmp_path / "afile").write_text("a file")
+    with pytest.raises(UserError) as info:
+        resolve_source("builtin", tmp_path / "afile" / "data")
+    assert str(info.value).endswith(
+        "part of this path is a file, not a directory: run from a folder you can write to "
+        "(training fetches into its data/), or fetch it with llm fetch -o DIR and give that "
+        "file as data.source")
+
+
 def test_download_keeps_nothing_half_written_on_failure(server: Server, tmp_path: Path) -> None:
     server.status["/never.bin"] = 500
     with pytest.raises(UserError):

@@ -126,7 +126,12 @@ def resolve_source(source: str, data_dir: Path = Path("data")) -> Path:
     local = Path(source).expanduser()
     if local.exists():
         return local
-    return fetch(source, data_dir)
+    try:
+        return fetch(source, data_dir)
+    except UserError as exc:  # `llm fetch -o DIR` is not an option of the training commands
+        if _PICK not in str(exc):
+            raise
+        raise UserError(str(exc).replace(_PICK, _PICK_FOR_TRAINING), exc.exit_code) from None
 
 
 @contextlib.contextmanager
@@ -145,6 +150,8 @@ def _os_errors() -> Iterator[None]:
 
 
 _PICK = "use another directory (llm fetch -o DIR)"
+_PICK_FOR_TRAINING = ("run from a folder you can write to (training fetches into its data/), "
+                      "or fetch it with llm fetch -o DIR and give that file as data.source")
 _OS_HINTS: dict[int, str] = {
     errno.ENOTDIR: f"part of this path is a file, not a directory: {_PICK}",
     errno.EEXIST: f"a file is where a directory should be: {_PICK}",

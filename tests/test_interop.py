@@ -995,20 +995,22 @@ def test_ctrl_c_while_the_hub_stalls_a_download_ends_the_import_at_once(fake_hub
                        tmp_path / "hf")
     assert hub.file_asked.wait(120), proc.communicate()
     proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=60)
-    except subprocess_timeout():
-        proc.kill()
-        raise AssertionError("llm import went on after Ctrl-C") from None
+    stderr = stderr_when_ended(proc, 60, "llm import went on after Ctrl-C")
     assert proc.returncode == 130, stderr
     assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr
     assert not (tmp_path / "run").exists()
 
 
-def subprocess_timeout() -> type[Exception]:
+def stderr_when_ended(proc, seconds: float, otherwise: str) -> str:
+    """The process's standard error once it has ended; killed, and `otherwise` raised, if it
+    has not within `seconds`."""
     import subprocess
 
-    return subprocess.TimeoutExpired
+    try:
+        return proc.communicate(timeout=seconds)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(otherwise) from None
 
 
 @pytest.mark.parametrize("files, api, expected", [
@@ -1032,11 +1034,7 @@ def test_a_hub_that_stalls_fails_or_gates_is_one_line_after_one_try(fake_hub, tm
     hub = fake_hub(files, api)
     proc = llm_process(["import", "me/tiny", "-o", str(tmp_path / "run")], hub.url,
                        tmp_path / "hf", HF_HUB_ETAG_TIMEOUT="1", HF_HUB_DOWNLOAD_TIMEOUT="1")
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    except subprocess_timeout():
-        proc.kill()
-        raise AssertionError("llm import kept retrying") from None
+    stderr = stderr_when_ended(proc, 120, "llm import kept retrying")
     assert proc.returncode == 1, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), stderr
